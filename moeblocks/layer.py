@@ -1,0 +1,147 @@
+"""MoELayer: router + dispatcher + expert bank + auxiliary losses.
+
+Legend: T tokens (all leading dims flattened), D model dim, E experts, K experts per
+token, R grouped rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from moeblocks.dispatch import Dispatcher
+from moeblocks.experts import ExpertBank
+from moeblocks.losses import AuxLoss
+from moeblocks.routers import Router
+from moeblocks.routing import MoEOutput
+
+__all__ = ["MoELayer"]
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts feed-forward layer composed from independent blocks.
+
+    ``forward`` flattens the leading dims into tokens, routes them, groups the routed
+    copies by expert, runs the expert bank, combines the outputs with the routing
+    weights and restores the input shape. Nothing is kept on ``self`` between calls.
+
+    Args:
+        router: Chooses experts and combine weights.
+        dispatcher: Groups routed copies by expert and combines them back.
+        experts: The expert bank; its ``dim`` and ``num_experts`` must match the router.
+        losses: Named auxiliary losses; each value is multiplied by the loss's ``weight``.
+        check_finite: Raise ``ValueError`` on NaN or inf in the input. This reads a flag
+            on the host (one device sync per call), so it is off by default.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        dispatcher: Dispatcher,
+        experts: ExpertBank,
+        losses: Mapping[str, AuxLoss] | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a moeblocks.Router, got {type(router).__name__}")
+        if not isinstance(dispatcher, Dispatcher):
+            raise TypeError(
+                f"dispatcher must implement permute/unpermute, got {type(dispatcher).__name__}"
+            )
+        if not isinstance(experts, nn.Module) or not isinstance(experts, ExpertBank):
+            raise TypeError(
+                f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
+            )
+        if experts.dim != router.dim or experts.num_experts != router.num_experts:
+            raise ValueError(
+                f"experts (dim={experts.dim}, num_experts={experts.num_experts}) do not match "
+                f"router (dim={router.dim}, num_experts={router.num_experts})"
+            )
+        losses = dict(losses or {})
+        for name, loss in losses.items():
+            if not isinstance(name, str) or not isinstance(loss, AuxLoss):
+                raise TypeError(f"losses must map str names to AuxLoss, got {name!r}: {loss!r}")
+        self.router = router
+        self.dispatcher = dispatcher
+        self.experts = experts
+        self.losses = nn.ModuleDict(
+            {n: l for n, l in losses.items() if isinstance(l, nn.Module)}
+        )
+        # Losses that are plain callables are kept outside the module tree.
+        self._plain_losses = {n: l for n, l in losses.items() if not isinstance(l, nn.Module)}
+        self.check_finite = bool(check_finite)
+
+    @property
+    def dim(self) -> int:
+        """Model dimension D."""
+        return self.router.dim
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.router.num_experts
+
+    def _validate(self, x: Tensor, mask: Tensor | None) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim < 2 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must have shape [*batch, {self.dim}] with at least one batch dim, "
+                f"got {tuple(x.shape)}"
+            )
+        param = next(self.experts.parameters(), None)
+        if param is not None and param.device != x.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {param.device}")
+        if param is not None and param.dtype != x.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the expert weights are {param.dtype}; "
+                "cast the layer or the input so they match"
+            )
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"mask must be a bool tensor of shape {tuple(x.shape[:-1])}, "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            if mask.device != x.device:
+                raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf (check_finite=True)")
+
+    def forward(
+        self,
+        x: Float[Tensor, "*batch D"],
+        k: int | None = None,
+        mask: Bool[Tensor, "*batch"] | None = None,
+    ) -> MoEOutput:
+        """Apply the layer.
+
+        Args:
+            x: Input of any leading shape; zero tokens give an empty output.
+            k: Experts per token; ``None`` takes the router's schedule.
+            mask: True for real tokens; padding is left out of the auxiliary losses
+                (it is still routed, so the output shape is unchanged).
+
+        Returns:
+            :class:`~moeblocks.routing.MoEOutput` with the output, the weighted aux
+            losses and the routing record.
+        """
+        self._validate(x, mask)
+        tokens_TD = x.reshape(-1, self.dim)
+        mask_T = None if mask is None else mask.reshape(-1)
+        routing = self.router(tokens_TD, k=k)
+        grouped_RD, layout = self.dispatcher.permute(tokens_TD, routing)
+        expert_out_RD = self.experts(grouped_RD, layout.group_sizes)
+        out_TD = self.dispatcher.unpermute(expert_out_RD, layout, routing.weights)
+        all_losses = {**dict(self.losses.items()), **self._plain_losses}
+        aux = {
+            name: loss.weight * loss(routing, self.router, mask_T)
+            for name, loss in all_losses.items()
+        }
+        return MoEOutput(out_TD.reshape(x.shape), aux, routing)

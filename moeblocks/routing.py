@@ -1,0 +1,105 @@
+"""Typed records passed between the stages of an MoE layer.
+
+Legend: T tokens, E experts, K experts per token (top-k), N = T·K routed slots,
+R rows of the grouped tensor (N plus any alignment padding), D model dim.
+
+A *slot* is one (token, choice) pair, numbered ``n = t·K + j`` for token ``t`` and its
+``j``-th chosen expert. Every record is a frozen dataclass: stages hand records to each
+other and never keep them on ``self``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["Layout", "MoEOutput", "Routing"]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router decided for a batch of tokens.
+
+    Attributes:
+        scores: Raw router scores (logits) before the softmax, float32.
+        probs: ``softmax(scores)`` over all experts, float32; rows sum to 1.
+        experts: Indices of the K chosen experts per token, ordered by probability.
+        weights: Combine weights of the chosen experts. For K > 1 they are the chosen
+            probabilities renormalised to sum to 1; for K = 1 the raw top probability,
+            so the router still receives gradient.
+    """
+
+    scores: Float[Tensor, "T E"]
+    probs: Float[Tensor, "T E"]
+    experts: Int[Tensor, "T K"]
+    weights: Float[Tensor, "T K"]
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the number of routed tokens."""
+        return self.experts.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        """E, the number of experts the router chose from."""
+        return self.probs.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        """K, the number of experts chosen per token."""
+        return self.experts.shape[1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every routed slot sits in the expert-grouped tensor.
+
+    Rows of the grouped tensor are ordered by expert; inside one expert they follow slot
+    order (the sort is stable). A segment may end in padding rows when the dispatcher
+    aligns segments to a block size.
+
+    Attributes:
+        row_of_slot: Grouped row that holds slot ``n = t·K + j``.
+        slot_of_row: Slot held by grouped row ``r``, or -1 for a padding row.
+        counts: Routed slots per expert (without padding); sums to N.
+        group_sizes: Rows per expert segment in the grouped tensor (counts rounded up to
+            the alignment); sums to R. This is what an expert bank is given.
+        offsets: Start row of each expert segment, with R appended: ``offsets[e+1] -
+            offsets[e] == group_sizes[e]``.
+    """
+
+    row_of_slot: Int[Tensor, " N"]
+    slot_of_row: Int[Tensor, " R"]
+    counts: Int[Tensor, " E"]
+    group_sizes: Int[Tensor, " E"]
+    offsets: Int[Tensor, " E+1"]
+
+    @property
+    def num_rows(self) -> int:
+        """R, the number of rows in the grouped tensor."""
+        return self.slot_of_row.shape[0]
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """What an :class:`~moeblocks.MoELayer` returns.
+
+    Attributes:
+        out: The layer output, same shape and dtype as the input.
+        aux_losses: Named auxiliary losses, each already multiplied by its weight, so a
+            training loop adds ``sum(aux_losses.values())`` to its task loss.
+        routing: The routing record of this call, for inspection and metrics.
+    """
+
+    out: Float[Tensor, "*batch D"]
+    aux_losses: dict[str, Float[Tensor, ""]]
+    routing: Routing
+
+    def total_aux_loss(self) -> Float[Tensor, ""]:
+        """Sum of all weighted auxiliary losses (a zero tensor when there are none)."""
+        total = self.out.new_zeros((), dtype=self.routing.probs.dtype)
+        for value in self.aux_losses.values():
+            total = total + value
+        return total

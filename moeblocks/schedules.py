@@ -1,0 +1,132 @@
+"""k schedules: how many experts each token uses at a given training step.
+
+A schedule is a small module whose only state is the current step, kept in a persistent
+buffer so that ``state_dict`` round trips (and resumed runs) keep their k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ConstantK", "KSchedule", "StepK"]
+
+
+def _check_k(name: str, k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {k!r}")
+    return k
+
+
+class KSchedule(nn.Module):
+    """Base class: maps a training step to the number of experts per token.
+
+    Subclasses implement :meth:`k_at` and :attr:`max_k`. The current step is a persistent
+    int64 buffer ``step``; a Python mirror of it avoids a device sync on every forward.
+    """
+
+    step: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._step = 0
+
+    def k_at(self, step: int) -> int:
+        """The k in force at ``step``."""
+        raise NotImplementedError
+
+    @property
+    def max_k(self) -> int:
+        """The largest k this schedule ever returns."""
+        raise NotImplementedError
+
+    @property
+    def k(self) -> int:
+        """The k in force at the current step."""
+        return self.k_at(self._step)
+
+    def set_step(self, step: int) -> None:
+        """Move the schedule to training step ``step`` (>= 0)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self._step = step
+        self.step.fill_(step)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._step = int(self.step)
+
+
+class ConstantK(KSchedule):
+    """The same k at every step.
+
+    Args:
+        k: Experts per token, >= 1.
+    """
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self._k = _check_k("k", k)
+
+    def k_at(self, step: int) -> int:
+        """Always ``k``."""
+        return self._k
+
+    @property
+    def max_k(self) -> int:
+        """``k``."""
+        return self._k
+
+    def extra_repr(self) -> str:
+        return f"k={self._k}"
+
+
+class StepK(KSchedule):
+    """A piecewise-constant curriculum, e.g. ``StepK({0: 1, 2000: 4})`` for K=1→4.
+
+    Args:
+        milestones: Maps the first step of each phase to its k. Must contain step 0.
+    """
+
+    def __init__(self, milestones: Mapping[int, int]) -> None:
+        super().__init__()
+        if not isinstance(milestones, Mapping) or not milestones:
+            raise ValueError(f"milestones must be a non-empty mapping step -> k, got {milestones!r}")
+        for step, k in milestones.items():
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"milestone steps must be ints >= 0, got {step!r}")
+            _check_k(f"milestones[{step}]", k)
+        if 0 not in milestones:
+            raise ValueError(f"milestones must contain step 0, got steps {sorted(milestones)}")
+        self._milestones = sorted(milestones.items())
+
+    def k_at(self, step: int) -> int:
+        """The k of the last milestone at or before ``step``."""
+        k = self._milestones[0][1]
+        for start, phase_k in self._milestones:
+            if step >= start:
+                k = phase_k
+        return k
+
+    @property
+    def max_k(self) -> int:
+        """The largest k of any phase."""
+        return max(k for _, k in self._milestones)
+
+    def extra_repr(self) -> str:
+        return f"milestones={dict(self._milestones)}"
