@@ -11,7 +11,7 @@ into token order. A dispatcher keeps nothing on ``self`` between the two calls.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -44,9 +44,7 @@ def _check_pad_to(pad_to: int) -> None:
         raise ValueError(f"pad_to must be an int >= 1, got {pad_to!r}")
 
 
-def build_layout(
-    experts: Int[Tensor, "T K"], num_experts: int, pad_to: int = 1
-) -> Layout:
+def build_layout(experts: Int[Tensor, "T K"], num_experts: int, pad_to: int = 1) -> Layout:
     """Build the grouped order of all slots from the chosen experts.
 
     A stable argsort of the flattened expert ids keeps slots of one expert in slot
@@ -151,10 +149,9 @@ class TorchDispatcher:
         return torch.bmm(w_T1K, slots_TKD).squeeze(1)
 
 
-DispatcherName = Literal["auto", "torch", "triton"]
 
 
-def make_dispatcher(name: DispatcherName = "auto", pad_to: int = 1) -> Dispatcher:
+def make_dispatcher(name: str = "auto", pad_to: int = 1) -> Dispatcher:
     """Build a dispatcher by name.
 
     Args:
@@ -169,5 +166,7 @@ def make_dispatcher(name: DispatcherName = "auto", pad_to: int = 1) -> Dispatche
     if name in ("triton", "auto"):
         from moeblocks.triton_dispatch import AutoDispatcher, TritonDispatcher
 
-        return TritonDispatcher(pad_to=pad_to) if name == "triton" else AutoDispatcher(pad_to=pad_to)
+        return (
+            TritonDispatcher(pad_to=pad_to) if name == "triton" else AutoDispatcher(pad_to=pad_to)
+        )
     raise ValueError(f"dispatcher name must be 'auto', 'torch' or 'triton', got {name!r}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from moeblocks.grouped import GroupedBackend, grouped_mm
+from moeblocks.grouped import grouped_mm
 
 __all__ = ["ExpertBank", "GELUExperts", "SwiGLUExperts"]
 
@@ -51,7 +51,7 @@ def _init_stacked(w: Tensor, fan_in: int) -> None:
 class _StackedMLP(nn.Module):
     """Shared validation and repr of the banks; not public."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, backend: GroupedBackend) -> None:
+    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str) -> None:
         super().__init__()
         _check_dims(num_experts, dim, hidden)
         if backend not in ("auto", "torch", "loop"):
@@ -59,7 +59,7 @@ class _StackedMLP(nn.Module):
         self.num_experts = num_experts
         self.dim = dim
         self.hidden = hidden
-        self.backend: GroupedBackend = backend
+        self.backend = backend
 
     def _check(self, grouped: Tensor, group_sizes: Tensor) -> None:
         if grouped.ndim != 2 or grouped.shape[1] != self.dim:
@@ -92,7 +92,7 @@ class SwiGLUExperts(_StackedMLP):
     """
 
     def __init__(
-        self, num_experts: int, dim: int, hidden: int, backend: GroupedBackend = "auto"
+        self, num_experts: int, dim: int, hidden: int, backend: str = "auto"
     ) -> None:
         super().__init__(num_experts, dim, hidden, backend)
         self.w_in_EDF2 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
@@ -121,7 +121,7 @@ class GELUExperts(_StackedMLP):
     """
 
     def __init__(
-        self, num_experts: int, dim: int, hidden: int, backend: GroupedBackend = "auto"
+        self, num_experts: int, dim: int, hidden: int, backend: str = "auto"
     ) -> None:
         super().__init__(num_experts, dim, hidden, backend)
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))

@@ -14,35 +14,35 @@ expert ``e``. It is the compute seam of the expert banks; backends are chosen by
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["GroupedBackend", "grouped_mm", "torch_grouped_mm_supported"]
+__all__ = ["grouped_mm", "torch_grouped_mm_supported"]
 
-GroupedBackend = Literal["auto", "torch", "loop"]
 
 
 def torch_grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     """Whether ``torch._grouped_mm`` serves these operands well on this install.
 
-    CUDA needs bf16 on compute capability 9.0+ with rows of 16-byte aligned width. On
-    CPU only float32 is taken: there the bf16/fp16 kernels measured ~70x slower than
-    float32 (torch 2.13, 2 cores), slower than the loop.
+    Both operands need row strides of a multiple of 16 bytes. CUDA needs bf16 on compute
+    capability 9.0+. On CPU only eager float32 is taken: there the bf16/fp16 kernels
+    measured ~70x slower than float32 (torch 2.13, 2 cores), slower than the loop.
     """
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
+    aligned = all((t.stride(-2) * t.element_size()) % 16 == 0 for t in (x, w)) and all(
+        (t.shape[-1] * t.element_size()) % 16 == 0 for t in (x, w)
+    )
+    if not aligned:
+        return False
     if x.device.type == "cpu":
-        return x.dtype == torch.float32
+        # torch._grouped_mm's fake kernel accepts bf16 only, so under torch.compile the
+        # CPU float32 call cannot be traced.
+        return x.dtype == torch.float32 and not torch.compiler.is_compiling()
     if x.device.type == "cuda":
-        aligned = x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
-        return (
-            x.dtype == torch.bfloat16
-            and aligned
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)
-        )
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
     return False
 
 
@@ -61,15 +61,18 @@ class _ContiguousGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx: object, x: Tensor) -> Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx: object, grad: Tensor) -> Tensor:
         return grad.contiguous()
 
 
 def _torch(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor) -> Tensor:
+    if x_RI.shape[0] == 0:
+        # The fused backward rejects the degenerate strides of empty gradients.
+        return x_RI @ w_EIO.sum(0) * 0 if w_EIO.shape[0] else x_RI.new_empty(0, w_EIO.shape[-1])
     offs_E = group_sizes_E.cumsum(0).to(torch.int32)
     return _ContiguousGrad.apply(torch._grouped_mm(x_RI, w_EIO, offs=offs_E))
 
@@ -78,7 +81,7 @@ def grouped_mm(
     x_RI: Float[Tensor, "R I"],
     w_EIO: Float[Tensor, "E I O"],
     group_sizes_E: Int[Tensor, " E"],
-    backend: GroupedBackend = "auto",
+    backend: str = "auto",
 ) -> Float[Tensor, "R O"]:
     """Multiply each expert's contiguous rows by that expert's weight matrix.
 

@@ -67,7 +67,9 @@ def _token_weights(routing: Routing, mask: Tensor | None) -> tuple[Tensor, Tenso
     return m_T, m_T.sum().clamp(min=1.0)
 
 
-def mean_expert_probs(routing: Routing, mask: Bool[Tensor, " T"] | None = None) -> Float[Tensor, " E"]:
+def mean_expert_probs(
+    routing: Routing, mask: Bool[Tensor, " T"] | None = None
+) -> Float[Tensor, " E"]:
     """``P_e``: the mean router probability of each expert over the real tokens."""
     m_T, n = _token_weights(routing, mask)
     return (m_T @ routing.probs) / n
@@ -122,7 +124,11 @@ class CVSquaredLoss(_Loss):
         P_E = mean_expert_probs(routing, mask)
         mean = P_E.mean()
         # With no real token P is all zeros: the clamp keeps the result 0, not NaN.
-        return P_E.var(unbiased=False) / mean.square().clamp(min=1e-12) if P_E.numel() > 1 else P_E.sum() * 0
+        return (
+            P_E.var(unbiased=False) / mean.square().clamp(min=1e-12)
+            if P_E.numel() > 1
+            else P_E.sum() * 0
+        )
 
 
 class ZLoss(_Loss):
@@ -170,10 +176,13 @@ class BandpassLoss(_Loss):
         self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
     ) -> Float[Tensor, ""]:
         """The unweighted loss."""
-        P_E = mean_expert_probs(routing, mask)
+        m_T, n = _token_weights(routing, mask)
+        P_E = (m_T @ routing.probs) / n
         below_E = F.relu(self.floor - P_E).square()
         above_E = F.relu(P_E - self.ceiling).square()
-        return routing.num_experts**2 * (below_E + above_E).mean()
+        # With no real token there is no usage to judge (P would read as all zeros).
+        has_tokens = (m_T.sum() > 0).to(P_E.dtype)
+        return has_tokens * routing.num_experts**2 * (below_E + above_E).mean()
 
     def extra_repr(self) -> str:
         return f"floor={self.floor}, ceiling={self.ceiling}, weight={self.weight}"

@@ -10,7 +10,7 @@ the scorer), top-k on the probabilities, and combine weights renormalised for K 
 from __future__ import annotations
 
 import math
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,6 @@ from moeblocks.schedules import ConstantK, KSchedule
 
 __all__ = ["CosineScorer", "LinearScorer", "Router", "Scorer"]
 
-AnchorInit = Literal["orthogonal", "kaiming", "batch"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -89,7 +88,7 @@ class CosineScorer(nn.Module):
         self,
         dim: int,
         num_experts: int,
-        init: AnchorInit = "orthogonal",
+        init: str = "orthogonal",
         temperature: float = 10.0,
     ) -> None:
         super().__init__()
@@ -149,7 +148,9 @@ class Router(nn.Module):
             the clean scores; ``probs`` and the choice use the noisy ones.
     """
 
-    def __init__(self, scorer: Scorer, schedule: KSchedule | int = 1, noise_std: float = 0.0) -> None:
+    def __init__(
+        self, scorer: Scorer, schedule: KSchedule | int = 1, noise_std: float = 0.0
+    ) -> None:
         super().__init__()
         if not isinstance(scorer, nn.Module) or not isinstance(scorer, Scorer):
             raise TypeError(
@@ -159,7 +160,9 @@ class Router(nn.Module):
         if isinstance(schedule, int) and not isinstance(schedule, bool):
             schedule = ConstantK(schedule)
         if not isinstance(schedule, KSchedule):
-            raise TypeError(f"schedule must be a KSchedule or an int, got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule must be a KSchedule or an int, got {type(schedule).__name__}"
+            )
         if schedule.max_k > scorer.num_experts:
             raise ValueError(
                 f"schedule reaches k={schedule.max_k} but the scorer has only "

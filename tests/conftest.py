@@ -1,0 +1,40 @@
+"""Test configuration: runtime shape checking and hypothesis profiles.
+
+Every moeblocks module except the Triton kernels is imported through jaxtyping's import
+hook, so each annotated function and record checks tensor shapes and dtypes with
+beartype at run time. The kernels are left out because ``triton.jit`` reads the source
+of the functions it decorates.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from jaxtyping import install_import_hook
+
+_ROOT = Path(__file__).resolve().parent.parent
+_HOOKED = sorted(
+    "moeblocks." + ".".join(p.relative_to(_ROOT / "moeblocks").with_suffix("").parts)
+    for p in (_ROOT / "moeblocks").rglob("*.py")
+    if p.name != "__init__.py"
+)
+_HOOKED = [m.removesuffix(".__init__") for m in _HOOKED] + ["moeblocks"]
+assert "moeblocks" not in sys.modules, "moeblocks was imported before the jaxtyping hook"
+install_import_hook(_HOOKED, "beartype.beartype")
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

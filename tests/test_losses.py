@@ -1,0 +1,124 @@
+"""Auxiliary losses: hand-computed values, masks, corridor and gradient direction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moeblocks as mb
+
+
+def routing_from_probs(probs: list[list[float]], experts: list[list[int]]) -> mb.Routing:
+    probs_TE = torch.tensor(probs)
+    experts_TK = torch.tensor(experts)
+    weights_TK = probs_TE.gather(1, experts_TK)
+    return mb.Routing(probs_TE.log(), probs_TE, experts_TK, weights_TK / weights_TK.sum(1, keepdim=True))
+
+
+ROUTER = mb.Router(mb.LinearScorer(4, 2))  # unused by the probability-based losses
+
+
+def test_load_balance_hand_computed() -> None:
+    r = routing_from_probs([[0.8, 0.2], [0.6, 0.4]], [[0], [0]])
+    # f = [1, 0], P = [0.7, 0.3]: E · Σ f·P = 2 · 0.7.
+    assert mb.LoadBalanceLoss()(r, ROUTER).item() == pytest.approx(1.4)
+    uniform = routing_from_probs([[0.5, 0.5], [0.5, 0.5]], [[0], [1]])
+    assert mb.LoadBalanceLoss()(uniform, ROUTER).item() == pytest.approx(1.0)
+
+
+def test_load_balance_counts_every_slot_for_k2() -> None:
+    r = routing_from_probs([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], [[0, 1], [1, 2]])
+    # f = [1, 2, 1] / 4, P = [0.3, 0.45, 0.25]: 3 · (0.075 + 0.225 + 0.0625).
+    assert mb.LoadBalanceLoss()(r, ROUTER).item() == pytest.approx(3 * 0.3625)
+
+
+def test_cv_squared_hand_computed() -> None:
+    r = routing_from_probs([[0.8, 0.2], [0.6, 0.4]], [[0], [0]])
+    # P = [0.7, 0.3]: population variance 0.04 over mean² 0.25.
+    assert mb.CVSquaredLoss()(r, ROUTER).item() == pytest.approx(0.16)
+
+
+def test_z_loss_hand_computed() -> None:
+    scores = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    probs = scores.softmax(-1)
+    r = mb.Routing(scores, probs, torch.tensor([[0], [1]]), torch.tensor([[0.5], [0.73]]))
+    z = [math.log(2), math.log(math.e + math.e**2)]
+    assert mb.ZLoss()(r, ROUTER).item() == pytest.approx((z[0] ** 2 + z[1] ** 2) / 2, rel=1e-6)
+
+
+def test_bandpass_hand_computed_and_zero_inside_corridor() -> None:
+    loss = mb.BandpassLoss(floor=0.1, ceiling=0.4)
+    r = routing_from_probs([[0.05, 0.25, 0.25, 0.45]], [[3]])
+    # One expert 0.05 below the floor, one 0.05 above the ceiling: 16 · (2 · 0.0025) / 4.
+    assert loss(r, ROUTER).item() == pytest.approx(0.02, rel=1e-5)
+    inside = routing_from_probs([[0.1, 0.2, 0.3, 0.4]], [[3]])
+    assert loss(inside, ROUTER).item() == 0.0
+
+
+def test_dispersion_hand_computed() -> None:
+    router = mb.Router(mb.CosineScorer(4, 3))
+    with torch.no_grad():
+        router.scorer.anchors_ED.copy_(torch.eye(3, 4))
+    r = routing_from_probs([[0.2, 0.3, 0.5]], [[2]])
+    assert mb.DispersionLoss()(r, router).item() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        router.scorer.anchors_ED.copy_(torch.tensor([[1.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    # Pairs: cos(a0,a1)=1, the other two 0; mean over the 6 ordered off-diagonal pairs.
+    assert mb.DispersionLoss()(r, router).item() == pytest.approx(2 / 6)
+    with pytest.raises(TypeError, match="CosineScorer"):
+        mb.DispersionLoss()(r, ROUTER)
+
+
+LOSSES = [mb.LoadBalanceLoss(), mb.CVSquaredLoss(), mb.ZLoss(), mb.BandpassLoss(0.2, 0.3)]
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda l: type(l).__name__)
+def test_mask_equals_dropping_the_padding(loss: mb.AuxLoss) -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(6, 4)
+    probs = scores.softmax(-1)
+    w, e = probs.topk(2, dim=-1)
+    full = mb.Routing(scores, probs, e, w)
+    keep = torch.tensor([True, False, True, True, False, True])
+    kept = mb.Routing(scores[keep], probs[keep], e[keep], w[keep])
+    torch.testing.assert_close(loss(full, ROUTER, keep), loss(kept, ROUTER))
+    assert loss(full, ROUTER, torch.zeros(6, dtype=torch.bool)).item() == 0.0
+
+
+@pytest.mark.parametrize("loss", LOSSES + [mb.DispersionLoss()], ids=lambda l: type(l).__name__)
+def test_zero_tokens_give_zero(loss: mb.AuxLoss) -> None:
+    router = mb.Router(mb.CosineScorer(4, 3))
+    empty = router(torch.zeros(0, 4))
+    value = loss(empty, router)
+    assert value.shape == () and torch.isfinite(value)
+    if not isinstance(loss, mb.DispersionLoss):
+        assert value.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "loss", [mb.LoadBalanceLoss(), mb.CVSquaredLoss(), mb.BandpassLoss(0.2, 0.3)], ids=lambda l: type(l).__name__
+)
+def test_gradient_pushes_under_used_up_and_over_used_down(loss: mb.AuxLoss) -> None:
+    torch.manual_seed(0)
+    # Expert 0 is over-used, expert 3 under-used; logits are the free parameters.
+    logits = (torch.randn(32, 4) * 0.1 + torch.tensor([2.0, 0.5, 0.5, -2.0])).requires_grad_()
+    probs = logits.softmax(-1)
+    w, e = probs.topk(1, dim=-1)
+    before = probs.mean(0).detach()
+    loss(mb.Routing(logits, probs, e, w), ROUTER).backward()
+    with torch.no_grad():
+        after = (logits - 1.0 * logits.grad).softmax(-1).mean(0)
+    assert after[0] < before[0], "over-used expert was not pushed down"
+    assert after[3] > before[3], "under-used expert was not pushed up"
+
+
+def test_loss_arguments_are_validated() -> None:
+    with pytest.raises(ValueError, match="floor"):
+        mb.BandpassLoss(floor=0.5, ceiling=0.1)
+    with pytest.raises(ValueError, match="weight"):
+        mb.ZLoss(weight=-1.0)
+    r = routing_from_probs([[0.5, 0.5]], [[0]])
+    with pytest.raises(ValueError, match="mask"):
+        mb.CVSquaredLoss()(r, ROUTER, torch.ones(3, dtype=torch.bool))
