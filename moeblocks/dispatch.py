@@ -149,8 +149,6 @@ class TorchDispatcher:
         return torch.bmm(w_T1K, slots_TKD).squeeze(1)
 
 
-
-
 def make_dispatcher(name: str = "auto", pad_to: int = 1) -> Dispatcher:
     """Build a dispatcher by name.
 

@@ -72,6 +72,7 @@ class _StackedMLP(nn.Module):
             )
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
             f"backend={self.backend!r}"
@@ -91,9 +92,7 @@ class SwiGLUExperts(_StackedMLP):
         backend: Grouped-matmul backend, see :func:`moeblocks.grouped.grouped_mm`.
     """
 
-    def __init__(
-        self, num_experts: int, dim: int, hidden: int, backend: str = "auto"
-    ) -> None:
+    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto") -> None:
         super().__init__(num_experts, dim, hidden, backend)
         self.w_in_EDF2 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -120,9 +119,7 @@ class GELUExperts(_StackedMLP):
         backend: Grouped-matmul backend, see :func:`moeblocks.grouped.grouped_mm`.
     """
 
-    def __init__(
-        self, num_experts: int, dim: int, hidden: int, backend: str = "auto"
-    ) -> None:
+    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto") -> None:
         super().__init__(num_experts, dim, hidden, backend)
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))

@@ -14,13 +14,11 @@ expert ``e``. It is the compute seam of the expert banks; backends are chosen by
 
 from __future__ import annotations
 
-
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = ["grouped_mm", "torch_grouped_mm_supported"]
-
 
 
 def torch_grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -50,7 +48,9 @@ def _loop(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor) -> Tensor:
     sizes = group_sizes_E.tolist()  # host sync: split needs Python ints
     # unbind/split (not w[e] / x[a:b]) so the backward stacks the per-expert gradients
     # instead of adding E full-size zero tensors.
-    outs = [x_rI @ w_IO for x_rI, w_IO in zip(torch.split(x_RI, sizes), w_EIO.unbind(0))]
+    outs = [
+        x_rI @ w_IO for x_rI, w_IO in zip(torch.split(x_RI, sizes), w_EIO.unbind(0), strict=True)
+    ]
     return torch.cat(outs) if outs else x_RI.new_empty(0, w_EIO.shape[-1])
 
 

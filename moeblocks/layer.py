@@ -68,11 +68,9 @@ class MoELayer(nn.Module):
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
-        self.losses = nn.ModuleDict(
-            {n: l for n, l in losses.items() if isinstance(l, nn.Module)}
-        )
+        self.losses = nn.ModuleDict({n: f for n, f in losses.items() if isinstance(f, nn.Module)})
         # Losses that are plain callables are kept outside the module tree.
-        self._plain_losses = {n: l for n, l in losses.items() if not isinstance(l, nn.Module)}
+        self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
         self.check_finite = bool(check_finite)
 
     @property

@@ -81,6 +81,7 @@ class _Loss(nn.Module):
         self.weight = _check_weight(weight)
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return f"weight={self.weight}"
 
 
@@ -185,6 +186,7 @@ class BandpassLoss(_Loss):
         return has_tokens * routing.num_experts**2 * (below_E + above_E).mean()
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return f"floor={self.floor}, ceiling={self.ceiling}, weight={self.weight}"
 
 

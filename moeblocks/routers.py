@@ -23,7 +23,6 @@ from moeblocks.schedules import ConstantK, KSchedule
 __all__ = ["CosineScorer", "LinearScorer", "Router", "Scorer"]
 
 
-
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -62,6 +61,7 @@ class LinearScorer(nn.Module):
         return (tokens @ self.weight_ED.to(tokens.dtype).t()).float()
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return f"dim={self.dim}, num_experts={self.num_experts}"
 
 
@@ -134,6 +134,7 @@ class CosineScorer(nn.Module):
         self._seeded = bool(self.seeded)
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return f"dim={self.dim}, num_experts={self.num_experts}, init={self.init!r}"
 
 

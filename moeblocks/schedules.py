@@ -93,6 +93,7 @@ class ConstantK(KSchedule):
         return self._k
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return f"k={self._k}"
 
 
@@ -106,7 +107,9 @@ class StepK(KSchedule):
     def __init__(self, milestones: Mapping[int, int]) -> None:
         super().__init__()
         if not isinstance(milestones, Mapping) or not milestones:
-            raise ValueError(f"milestones must be a non-empty mapping step -> k, got {milestones!r}")
+            raise ValueError(
+                f"milestones must be a non-empty mapping step -> k, got {milestones!r}"
+            )
         for step, k in milestones.items():
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise ValueError(f"milestone steps must be ints >= 0, got {step!r}")
@@ -129,4 +132,5 @@ class StepK(KSchedule):
         return max(k for _, k in self._milestones)
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr."""
         return f"milestones={dict(self._milestones)}"

@@ -101,7 +101,8 @@ def test_deterministic_repeated_calls() -> None:
         out.square().sum().backward()
         results.append((out.detach(), x.grad.clone()))
     for out, grad in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(grad, results[0][1])
 
 
 def test_bad_pad_to() -> None:

@@ -15,10 +15,14 @@ import moeblocks as mb
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_layer(dim: int = 8, num_experts: int = 4, k: int = 2, check_finite: bool = False) -> mb.MoELayer:
+def make_layer(
+    dim: int = 8, num_experts: int = 4, k: int = 2, check_finite: bool = False
+) -> mb.MoELayer:
     router = mb.Router(mb.CosineScorer(dim, num_experts), schedule=k)
     losses = {"balance": mb.LoadBalanceLoss(weight=0.5), "z": mb.ZLoss()}
-    return mb.MoELayer(router, mb.TorchDispatcher(), mb.SwiGLUExperts(num_experts, dim, 16), losses, check_finite)
+    return mb.MoELayer(
+        router, mb.TorchDispatcher(), mb.SwiGLUExperts(num_experts, dim, 16), losses, check_finite
+    )
 
 
 @pytest.mark.parametrize(
@@ -91,7 +95,9 @@ def test_aux_losses_are_weighted_and_masked() -> None:
     res = layer(x, mask=mask)
     raw = mb.LoadBalanceLoss()(res.routing, layer.router, mask.reshape(-1))
     torch.testing.assert_close(res.aux_losses["balance"], 0.5 * raw)
-    torch.testing.assert_close(res.total_aux_loss(), res.aux_losses["balance"] + res.aux_losses["z"])
+    torch.testing.assert_close(
+        res.total_aux_loss(), res.aux_losses["balance"] + res.aux_losses["z"]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -101,7 +107,8 @@ def test_dtypes(dtype: torch.dtype) -> None:
     res = layer(x)
     assert res.out.dtype == dtype
     res.out.float().sum().backward()
-    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    assert x.grad.dtype == dtype
+    assert torch.isfinite(x.grad).all()
 
 
 _COMPILE_SCRIPT = """
@@ -118,10 +125,13 @@ compiled = torch.compile(layer)(x)
 # Inductor may fuse and reorder float32 reductions: a few ulps.
 torch.testing.assert_close(compiled.out, eager.out, rtol=1e-5, atol=1e-5)
 for name in eager.aux_losses:
-    torch.testing.assert_close(compiled.aux_losses[name], eager.aux_losses[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        compiled.aux_losses[name], eager.aux_losses[name], rtol=1e-5, atol=1e-6
+    )
 assert torch.equal(compiled.routing.experts, eager.routing.experts)
 g = torch.randn_like(x)
-grads = [torch.autograd.grad((r.out * g).sum(), list(layer.parameters())) for r in (eager, compiled)]
+params = list(layer.parameters())
+grads = [torch.autograd.grad((r.out * g).sum(), params) for r in (eager, compiled)]
 for a, b in zip(*grads):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 print("compiled ok")

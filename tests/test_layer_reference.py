@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import layer_forward
 
 import moeblocks as mb
-from reference import layer_forward
 
 # Float32 layers are compared with a float64 reference, so the tolerance only has to
 # cover float32 rounding of sums over D and F (<= 64 terms). Half-precision layers round
@@ -21,18 +21,30 @@ REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 ABS_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_close_rel(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().item() if expected.numel() else 0.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= REL_TOL[dtype] * scale + ABS_TOL[dtype], f"{what}: max error {err:.3g}, scale {scale:.3g}"
+    assert err <= REL_TOL[dtype] * scale + ABS_TOL[dtype], (
+        f"{what}: max error {err:.3g}, scale {scale:.3g}"
+    )
 
 
-def build_layer(dim: int, num_experts: int, k: int, scorer: str, bank: str, pad_to: int) -> mb.MoELayer:
-    s = mb.CosineScorer(dim, num_experts) if scorer == "cosine" else mb.LinearScorer(dim, num_experts)
+def build_layer(
+    dim: int, num_experts: int, k: int, scorer: str, bank: str, pad_to: int
+) -> mb.MoELayer:
+    s = (
+        mb.CosineScorer(dim, num_experts)
+        if scorer == "cosine"
+        else mb.LinearScorer(dim, num_experts)
+    )
     router = mb.Router(s, schedule=k)
     cls = mb.SwiGLUExperts if bank == "swiglu" else mb.GELUExperts
-    return mb.MoELayer(router, mb.TorchDispatcher(pad_to=pad_to), cls(num_experts, dim, 2 * dim + 3))
+    return mb.MoELayer(
+        router, mb.TorchDispatcher(pad_to=pad_to), cls(num_experts, dim, 2 * dim + 3)
+    )
 
 
 @st.composite
@@ -56,7 +68,9 @@ def layer_cases(draw: st.DrawFn) -> dict:
 def test_layer_matches_per_token_reference(case: dict) -> None:
     torch.manual_seed(case["seed"])
     dtype = case["dtype"]
-    layer = build_layer(case["dim"], case["num_experts"], case["k"], case["scorer"], case["bank"], case["pad_to"])
+    layer = build_layer(
+        case["dim"], case["num_experts"], case["k"], case["scorer"], case["bank"], case["pad_to"]
+    )
     if case["skew"] and case["scorer"] == "linear":
         # Route (almost) everything to one expert: many experts get no token.
         with torch.no_grad():
@@ -69,7 +83,8 @@ def test_layer_matches_per_token_reference(case: dict) -> None:
 
     res = layer(x)
     expected = layer_forward(reference, x_ref, res.routing.experts)
-    assert res.out.shape == x.shape and res.out.dtype == dtype
+    assert res.out.shape == x.shape
+    assert res.out.dtype == dtype
     assert_close_rel(res.out, expected, dtype, "output")
 
     # The router chose the top-k of its own probabilities.
@@ -82,7 +97,7 @@ def test_layer_matches_per_token_reference(case: dict) -> None:
     res.out.backward(grad_out.to(dtype))
     expected.backward(grad_out)
     assert_close_rel(x.grad, x_ref.grad, dtype, "grad x")
-    for (name, p), p_ref in zip(layer.named_parameters(), reference.parameters()):
+    for (name, p), p_ref in zip(layer.named_parameters(), reference.parameters(), strict=False):
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         g_ref = p_ref.grad if p_ref.grad is not None else torch.zeros_like(p_ref)
         assert_close_rel(g, g_ref, dtype, f"grad {name}")

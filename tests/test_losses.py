@@ -14,7 +14,9 @@ def routing_from_probs(probs: list[list[float]], experts: list[list[int]]) -> mb
     probs_TE = torch.tensor(probs)
     experts_TK = torch.tensor(experts)
     weights_TK = probs_TE.gather(1, experts_TK)
-    return mb.Routing(probs_TE.log(), probs_TE, experts_TK, weights_TK / weights_TK.sum(1, keepdim=True))
+    return mb.Routing(
+        probs_TE.log(), probs_TE, experts_TK, weights_TK / weights_TK.sum(1, keepdim=True)
+    )
 
 
 ROUTER = mb.Router(mb.LinearScorer(4, 2))  # unused by the probability-based losses
@@ -64,7 +66,9 @@ def test_dispersion_hand_computed() -> None:
     r = routing_from_probs([[0.2, 0.3, 0.5]], [[2]])
     assert mb.DispersionLoss()(r, router).item() == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
-        router.scorer.anchors_ED.copy_(torch.tensor([[1.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        router.scorer.anchors_ED.copy_(
+            torch.tensor([[1.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 1.0, 0, 0]])
+        )
     # Pairs: cos(a0,a1)=1, the other two 0; mean over the 6 ordered off-diagonal pairs.
     assert mb.DispersionLoss()(r, router).item() == pytest.approx(2 / 6)
     with pytest.raises(TypeError, match="CosineScorer"):
@@ -74,7 +78,7 @@ def test_dispersion_hand_computed() -> None:
 LOSSES = [mb.LoadBalanceLoss(), mb.CVSquaredLoss(), mb.ZLoss(), mb.BandpassLoss(0.2, 0.3)]
 
 
-@pytest.mark.parametrize("loss", LOSSES, ids=lambda l: type(l).__name__)
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: type(loss).__name__)
 def test_mask_equals_dropping_the_padding(loss: mb.AuxLoss) -> None:
     torch.manual_seed(0)
     scores = torch.randn(6, 4)
@@ -87,18 +91,23 @@ def test_mask_equals_dropping_the_padding(loss: mb.AuxLoss) -> None:
     assert loss(full, ROUTER, torch.zeros(6, dtype=torch.bool)).item() == 0.0
 
 
-@pytest.mark.parametrize("loss", LOSSES + [mb.DispersionLoss()], ids=lambda l: type(l).__name__)
+@pytest.mark.parametrize(
+    "loss", [*LOSSES, mb.DispersionLoss()], ids=lambda loss: type(loss).__name__
+)
 def test_zero_tokens_give_zero(loss: mb.AuxLoss) -> None:
     router = mb.Router(mb.CosineScorer(4, 3))
     empty = router(torch.zeros(0, 4))
     value = loss(empty, router)
-    assert value.shape == () and torch.isfinite(value)
+    assert value.shape == ()
+    assert torch.isfinite(value)
     if not isinstance(loss, mb.DispersionLoss):
         assert value.item() == 0.0
 
 
 @pytest.mark.parametrize(
-    "loss", [mb.LoadBalanceLoss(), mb.CVSquaredLoss(), mb.BandpassLoss(0.2, 0.3)], ids=lambda l: type(l).__name__
+    "loss",
+    [mb.LoadBalanceLoss(), mb.CVSquaredLoss(), mb.BandpassLoss(0.2, 0.3)],
+    ids=lambda loss: type(loss).__name__,
 )
 def test_gradient_pushes_under_used_up_and_over_used_down(loss: mb.AuxLoss) -> None:
     torch.manual_seed(0)

@@ -10,8 +10,16 @@ from hypothesis import strategies as st
 import moeblocks as mb
 
 
-@given(st.integers(0, 40), st.integers(1, 16), st.integers(1, 33), st.integers(1, 8), st.integers(0, 99))
-def test_router_record_invariants(tokens: int, dim: int, num_experts: int, k: int, seed: int) -> None:
+@given(
+    st.integers(0, 40),
+    st.integers(1, 16),
+    st.integers(1, 33),
+    st.integers(1, 8),
+    st.integers(0, 99),
+)
+def test_router_record_invariants(
+    tokens: int, dim: int, num_experts: int, k: int, seed: int
+) -> None:
     k = min(k, num_experts)
     torch.manual_seed(seed)
     router = mb.Router(mb.CosineScorer(dim, num_experts), schedule=k)
@@ -101,7 +109,8 @@ def test_step_k_curriculum_and_state_dict() -> None:
     fresh = mb.Router(mb.LinearScorer(4, 8), schedule=mb.StepK({0: 1, 100: 2, 300: 4}))
     assert fresh.schedule.k == 1
     fresh.load_state_dict(router.state_dict())
-    assert fresh.schedule.k == 2 and int(fresh.schedule.step) == 150
+    assert fresh.schedule.k == 2
+    assert int(fresh.schedule.step) == 150
     assert fresh(torch.randn(3, 4), k=5).top_k == 5, "an explicit k overrides the schedule"
 
 
@@ -119,7 +128,7 @@ def test_step_k_curriculum_and_state_dict() -> None:
         (lambda: mb.ConstantK(2).set_step(-1), "step"),
     ],
 )
-def test_bad_arguments(make, match: str) -> None:  # noqa: ANN001
+def test_bad_arguments(make, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
 
