@@ -21,7 +21,7 @@ _HOOKED = sorted(
     for p in (_ROOT / "moeblocks").rglob("*.py")
     if p.name != "__init__.py"
 )
-_HOOKED = [m.removesuffix(".__init__") for m in _HOOKED] + ["moeblocks"]
+_HOOKED = [m.removesuffix(".__init__") for m in _HOOKED]
 assert "moeblocks" not in sys.modules, "moeblocks was imported before the jaxtyping hook"
 install_import_hook(_HOOKED, "beartype.beartype")
 

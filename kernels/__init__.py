@@ -1,0 +1,21 @@
+"""Triton kernels for moving routed tokens, registered as PyTorch ops.
+
+Legend: T tokens, E experts, K experts per token, N = T·K slots, R grouped rows (N plus
+padding), D model dim.
+
+Importable as ``moeblocks.kernels``; importing it imports Triton and registers
+``torch.ops.moeblocks.{build_index, permute, unpermute, slot_dot}``. Tensors in, tensors
+out: nothing here imports the rest of moeblocks. The kernels run on CUDA tensors, or on
+CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this
+package is first imported. :mod:`.reference` holds the plain-PyTorch equivalents.
+"""
+
+from . import autograd as _autograd  # noqa: F401  (registers the backward passes)
+from . import reference as reference
+from .index import SlotIndex as SlotIndex
+from .index import build_index as build_index
+from .permute import permute as permute
+from .slot_dot import slot_dot as slot_dot
+from .unpermute import unpermute as unpermute
+
+__all__ = ["SlotIndex", "build_index", "permute", "reference", "slot_dot", "unpermute"]

@@ -1,0 +1,144 @@
+"""Permute: gather the K copies of every token into expert-grouped rows.
+
+Legend: T tokens, E experts, K experts per token, N = T·K slots, R grouped rows (N plus
+padding), D model dim.
+
+``grouped[r] = w[s] · x[s // K]`` for the slot ``s = slot_of_row[r]`` (``w = 1`` when no
+weights are given), and zero for padding rows (``s = -1``). Every output row is written
+by exactly one program, so the op is deterministic. The optional per-slot scale makes
+the op the exact transpose of :mod:`.unpermute`, which is what their backward passes use.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._checks import check_float, check_launchable, check_same_device, check_slot_index
+from ._tiles import NUM_WARPS, accumulator, tile_sizes
+
+__all__ = ["permute"]
+
+
+@triton.jit
+def _permute(
+    x_ptr,
+    w_ptr,
+    slot_of_row_ptr,
+    out_ptr,
+    R,
+    D,
+    K,
+    HAS_WEIGHTS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    slot = tl.load(slot_of_row_ptr + rows, mask=row_ok, other=-1)
+    filled = row_ok & (slot >= 0)
+    token = tl.where(filled, slot // K, 0)
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + slot, mask=filled, other=0).to(ACC)
+    # Any D: walk the row in BLOCK_D pieces, masking the tail.
+    for first in range(0, D, BLOCK_D):
+        cols = first + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        # Padding rows load nothing and store zeros.
+        v = tl.load(
+            x_ptr + token[:, None] * D + cols[None, :],
+            mask=filled[:, None] & col_ok[None, :],
+            other=0,
+        )
+        if HAS_WEIGHTS:
+            v = v.to(ACC) * w[:, None]  # one rounding, after the product
+        tl.store(
+            out_ptr + rows[:, None] * D + cols[None, :],
+            v.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
+
+
+@torch.library.custom_op("moeblocks::permute", mutates_args=())
+def _permute_op(
+    x: Tensor, weights: Tensor | None, row_of_slot: Tensor, slot_of_row: Tensor, top_k: int
+) -> Tensor:
+    R, D = slot_of_row.shape[0], x.shape[1]
+    out_RD = x.new_empty(R, D)
+    if R == 0 or D == 0:
+        return out_RD
+    block_r, block_d = tile_sizes(D)
+    w = weights.contiguous() if weights is not None else x  # x: a placeholder, never read
+    _permute[(triton.cdiv(R, block_r),)](
+        x.contiguous(),
+        w,
+        slot_of_row.contiguous(),
+        out_RD,
+        R,
+        D,
+        top_k,
+        HAS_WEIGHTS=weights is not None,
+        ACC=accumulator(x.dtype),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=NUM_WARPS,
+    )
+    return out_RD
+
+
+@_permute_op.register_fake
+def _(
+    x: Tensor, weights: Tensor | None, row_of_slot: Tensor, slot_of_row: Tensor, top_k: int
+) -> Tensor:
+    return x.new_empty(slot_of_row.shape[0], x.shape[1])
+
+
+def permute(
+    x: Tensor,
+    row_of_slot: Tensor,
+    slot_of_row: Tensor,
+    top_k: int,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Gather token copies into expert-grouped rows, optionally scaled per slot.
+
+    Registered as ``torch.ops.moeblocks.permute`` with autograd: the gradient of ``x``
+    is :func:`unpermute` of the output gradient (the K copies summed, scaled by the same
+    weights), the gradient of ``weights`` the row-wise dot :func:`slot_dot`.
+
+    Args:
+        x: ``[T, D]`` token vectors (float16, bfloat16, float32 or float64).
+        row_of_slot: ``[N]`` grouped row of each slot, from :func:`build_index`.
+        slot_of_row: ``[R]`` slot of each grouped row, -1 for padding.
+        top_k: K, copies per token; ``N == T·K``.
+        weights: Optional ``[T, K]`` scale of each copy, applied in float32 (float64
+            for float64 ``x``) before the single rounding to ``x.dtype``.
+
+    Returns:
+        ``[R, D]`` grouped copies in ``x.dtype``; padding rows are zero.
+
+    Example:
+        Tokens ``a, b`` with top-2 experts ``[[1, 0], [1, 1]]`` have slots
+        ``a0 a1 b0 b1``; grouped by expert that is ``a1 | a0 b0 b1``::
+
+            >>> x = torch.tensor([[1.0], [2.0]])
+            >>> idx = build_index(torch.tensor([[1, 0], [1, 1]]), num_experts=2)
+            >>> idx.slot_of_row.tolist()
+            [1, 0, 2, 3]
+            >>> permute(x, idx.row_of_slot, idx.slot_of_row, top_k=2).flatten().tolist()
+            [1.0, 1.0, 2.0, 2.0]
+    """
+    check_float(x, "x", 2)
+    check_slot_index(row_of_slot, slot_of_row, x.shape[0], top_k)
+    check_same_device(x, "x", (row_of_slot, "row_of_slot"), (slot_of_row, "slot_of_row"))
+    if weights is not None:
+        check_float(weights, "weights", 2)
+        check_same_device(x, "x", (weights, "weights"))
+        if tuple(weights.shape) != (x.shape[0], top_k):
+            raise ValueError(
+                f"weights must have shape (T, K) = {(x.shape[0], top_k)}, "
+                f"got {tuple(weights.shape)}"
+            )
+    check_launchable(_permute, x, "x")
+    return torch.ops.moeblocks.permute(x, weights, row_of_slot, slot_of_row, top_k)

@@ -1,0 +1,191 @@
+"""Dispatchers backed by the Triton kernels of :mod:`moeblocks.kernels`.
+
+Legend: T tokens, E experts, K experts per token, N = T·K slots, R grouped rows (N plus
+padding), D model dim.
+
+Triton is imported when a dispatcher first moves tensors, never when this module is
+imported, so ``import moeblocks`` works on machines without Triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from jaxtyping import Float
+from torch import Tensor
+
+from moeblocks.dispatch import TorchDispatcher, _check_pad_to
+from moeblocks.routing import Layout, Routing
+
+__all__ = ["AutoDispatcher", "TritonDispatcher"]
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class TritonDispatcher:
+    """The :class:`~moeblocks.dispatch.Dispatcher` protocol on Triton kernels.
+
+    Returns the same grouped tensor and the same :class:`~moeblocks.routing.Layout` as
+    :class:`~moeblocks.dispatch.TorchDispatcher` (bitwise for the layout and for
+    float32), with a histogram-and-prefix-sum index build instead of an argsort and a
+    weighted combine that sums the K copies of a token in a fixed order.
+
+    It runs on CUDA tensors, and on CPU tensors only through Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before the kernels are first imported). Anywhere else
+    it raises instead of falling back to another backend.
+
+    Costs: with ``pad_to == 1`` sizes are known in advance; ``pad_to > 1`` reads the
+    padded row count back to the host once per :meth:`permute`. In eager mode the expert
+    ids are range-checked, which reads one scalar back (skipped under ``torch.compile``).
+
+    Args:
+        pad_to: Round every expert segment up to a multiple of this many rows (filled
+            with zeros), for grouped GEMMs that want aligned segments. 1 means no padding.
+
+    Raises:
+        RuntimeError: If Triton is not installed.
+    """
+
+    def __init__(self, pad_to: int = 1) -> None:
+        _check_pad_to(pad_to)
+        if not _triton_installed():
+            raise RuntimeError(
+                "TritonDispatcher needs the 'triton' package, which is not installed; "
+                "pip install 'moeblocks[triton]' (Linux x86-64 with CUDA) or use "
+                "TorchDispatcher / make_dispatcher('torch')."
+            )
+        self.pad_to = pad_to
+
+    def __repr__(self) -> str:
+        return f"TritonDispatcher(pad_to={self.pad_to})"
+
+    def permute(
+        self, tokens: Float[Tensor, "T D"], routing: Routing
+    ) -> tuple[Float[Tensor, "R D"], Layout]:
+        """Gather the K copies of every token into expert-grouped rows.
+
+        Args:
+            tokens: Token vectors.
+            routing: The router's decision for these tokens.
+
+        Returns:
+            The grouped copies (padding rows are zero) and their :class:`Layout`.
+
+        Raises:
+            ValueError: If shapes, devices or expert ids do not fit together.
+            TypeError: If ``tokens`` is not floating or the expert ids are not integers.
+            RuntimeError: If Triton cannot run on the tensors' device.
+        """
+        from moeblocks import kernels
+
+        experts_TK = routing.experts
+        if experts_TK.dim() != 2 or tokens.dim() != 2 or experts_TK.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                "tokens must be (T, D) and routing.experts (T, K) with the same T, got "
+                f"tokens {tuple(tokens.shape)} and routing.experts {tuple(experts_TK.shape)}"
+            )
+        if experts_TK.device != tokens.device:
+            raise ValueError(
+                f"routing.experts is on {experts_TK.device} but tokens is on "
+                f"{tokens.device}; expected both on the same device"
+            )
+        index = kernels.build_index(experts_TK, routing.num_experts, self.pad_to)
+        K = routing.top_k
+        grouped_RD = kernels.permute(tokens, index.row_of_slot, index.slot_of_row, K)
+        layout = Layout(
+            row_of_slot=index.row_of_slot,
+            slot_of_row=index.slot_of_row,
+            counts=index.counts,
+            group_sizes=index.group_sizes,
+            offsets=index.offsets,
+        )
+        return grouped_RD, layout
+
+    def unpermute(
+        self, grouped: Float[Tensor, "R D"], layout: Layout, weights: Float[Tensor, "T K"]
+    ) -> Float[Tensor, "T D"]:
+        """Combine expert outputs: ``out[t] = Σ_j weights[t, j] · grouped[row(t·K + j)]``.
+
+        The K products are summed in float32, in the order j = 0 … K-1, then rounded
+        once to ``grouped.dtype``. ``weights`` keeps its own dtype (it is not rounded to
+        ``grouped.dtype`` first, unlike the torch reference) and gets a gradient of it.
+
+        Args:
+            grouped: Expert outputs in grouped order.
+            layout: The layout returned by :meth:`permute`.
+            weights: Combine weights per token and choice.
+
+        Returns:
+            One vector per token, in ``grouped.dtype``.
+        """
+        from moeblocks import kernels
+
+        if weights.dim() != 2:
+            raise ValueError(f"weights must be (T, K), got shape {tuple(weights.shape)}")
+        return kernels.unpermute(
+            grouped, layout.row_of_slot, layout.slot_of_row, weights.shape[1], weights
+        )
+
+
+class AutoDispatcher:
+    """Triton kernels for CUDA tensors, the torch reference for everything else.
+
+    The backend is picked per call from the device of the tensors, so one model moves
+    between CPU and GPU without rebuilding its layers. Both backends produce the same
+    :class:`~moeblocks.routing.Layout`, so either can unpermute what the other
+    permuted. CUDA tensors without Triton installed raise ``RuntimeError`` rather than
+    falling back silently: install ``moeblocks[triton]`` or choose ``"torch"``.
+
+    Args:
+        pad_to: Segment alignment, see :class:`TritonDispatcher`.
+    """
+
+    def __init__(self, pad_to: int = 1) -> None:
+        _check_pad_to(pad_to)
+        self.pad_to = pad_to
+        self._torch = TorchDispatcher(pad_to=pad_to)
+        self._triton = TritonDispatcher(pad_to=pad_to) if _triton_installed() else None
+
+    def __repr__(self) -> str:
+        return f"AutoDispatcher(pad_to={self.pad_to})"
+
+    def _backend(self, tensor: Tensor) -> TorchDispatcher | TritonDispatcher:
+        if tensor.device.type != "cuda":
+            return self._torch
+        if self._triton is None:
+            raise RuntimeError(
+                "AutoDispatcher got CUDA tensors but Triton is not installed; install "
+                "'moeblocks[triton]' or use make_dispatcher('torch')"
+            )
+        return self._triton
+
+    def permute(
+        self, tokens: Float[Tensor, "T D"], routing: Routing
+    ) -> tuple[Float[Tensor, "R D"], Layout]:
+        """Gather the K copies of every token into expert-grouped rows.
+
+        Args:
+            tokens: Token vectors.
+            routing: The router's decision for these tokens.
+
+        Returns:
+            The grouped copies (padding rows are zero) and their :class:`Layout`.
+        """
+        return self._backend(tokens).permute(tokens, routing)
+
+    def unpermute(
+        self, grouped: Float[Tensor, "R D"], layout: Layout, weights: Float[Tensor, "T K"]
+    ) -> Float[Tensor, "T D"]:
+        """Weight the expert outputs and sum the K copies of each token back.
+
+        Args:
+            grouped: Expert outputs in grouped order.
+            layout: The layout returned by :meth:`permute`.
+            weights: Combine weights per token and choice.
+
+        Returns:
+            One vector per token.
+        """
+        return self._backend(grouped).unpermute(grouped, layout, weights)
