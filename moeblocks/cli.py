@@ -1,37 +1,220 @@
-"""The ``moeblocks`` command line (placeholder until the SRA trainer lands)."""
+"""The ``moeblocks`` command line: ``demo``, ``train`` and ``eval`` of the SRA transformer.
+
+``inspect`` and ``experiment`` come from :mod:`moeblocks.inspect.cli`.
+
+Bad input (a missing data path, an unknown preset, a checkpoint from another config...)
+prints one line to stderr and exits with status 2; Ctrl-C during training saves a
+checkpoint and exits with status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from moeblocks._version import __version__
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _error(message: str) -> int:
+    print(f"moeblocks: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The run config: preset (or the checkpoint's, when resuming) plus CLI overrides."""
+    from moeblocks.sra.checkpoint import find_checkpoint
+    from moeblocks.sra.config import preset
+
+    ckpt = find_checkpoint(Path(args.out)) if args.resume and Path(args.out).is_dir() else None
+    if args.preset is None:
+        base = ckpt.config if ckpt is not None else preset("tiny")
+    else:
+        base = preset(args.preset)
+    changes = {
+        name: getattr(args, name)
+        for name in ("steps", "seed", "ffn")
+        if getattr(args, name) is not None
+    }
+    return base.replace(**changes)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from moeblocks.sra.train import train
+
+    result = train(
+        _config(args),
+        args.data,
+        Path(args.out),
+        resume=args.resume,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(
+        f"step {result.step}: validation perplexity {result.val_ppl:.2f} "
+        f"(loss {result.val_loss:.4f}); checkpoint in {result.run_dir}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from moeblocks.sra.data import load_corpus
+    from moeblocks.sra.evaluate import evaluate_run, format_run_eval, load_run
+    from moeblocks.sra.tokenizer import encode
+
+    model, tok, ckpt = load_run(Path(args.run), args.device)
+    import torch
+
+    tokens = torch.from_numpy(encode(tok, load_corpus(ckpt.data).valid))
+    ev = evaluate_run(model, tokens, ckpt, max_tokens=args.max_tokens)
+    print(format_run_eval(ev, ckpt.config.k_final))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    import moeblocks as mb
+    from moeblocks.sra.config import preset
+    from moeblocks.sra.data import load_corpus
+    from moeblocks.sra.evaluate import evaluate_run, expert_top_tokens, format_run_eval, load_run
+    from moeblocks.sra.report import ExpertTokens, format_expert_tokens, write_report
+    from moeblocks.sra.tokenizer import encode
+    from moeblocks.sra.train import run_summary, train
 
-    torch.manual_seed(0)
-    router = mb.Router(mb.CosineScorer(dim=64, num_experts=8), schedule=2)
-    layer = mb.MoELayer(router, mb.TorchDispatcher(), mb.SwiGLUExperts(8, 64, 128),
-                        losses={"bandpass": mb.BandpassLoss(floor=0.05, ceiling=0.25)})
-    x = torch.randn(4, 32, 64)
-    res = layer(x)
-    (res.out.square().mean() + res.total_aux_loss()).backward()
-    print(f"forward+backward ok: out {tuple(res.out.shape)}, aux {float(res.total_aux_loss()):.4f}")
+    start = time.perf_counter()
+    out = Path(args.out)
+    config = preset("tiny")
+    if args.steps is not None:
+        config = config.replace(steps=args.steps)
+    print(
+        f"training the `tiny` SRA model ({config.n_layers} layers, {config.num_experts} "
+        f"cosine-routed experts, k {config.k_start}->{config.k_final}) on CPython's pydoc "
+        f"topics for {config.steps} steps"
+    )
+    train(config, "pydoc", out, device=args.device, progress=not args.quiet, overwrite=True)
+
+    model, tok, ckpt = load_run(out, args.device)
+    tokens = torch.from_numpy(encode(tok, load_corpus(ckpt.data).valid))
+    ev = evaluate_run(model, tokens, ckpt)
+    print(format_run_eval(ev, config.k_final))
+
+    # A few experts of the last MoE layer, spread from the busiest to the quietest.
+    layer = len(model.moe_layers) - 1
+    top = expert_top_tokens(model, tokens, layer, config.batch_size, n=6)
+    counts_E = ev.result.counts[layer]
+    order = counts_E.argsort(descending=True).tolist()
+    picks = [
+        order[i] for i in sorted({0, 1, len(order) // 4, len(order) // 2, 3 * len(order) // 4})
+    ]
+    total = max(1, int(counts_E.sum()))
+    experts = [
+        ExpertTokens(layer, e, int(counts_E[e]) / total, [(tok.decode([i]), c) for i, c in top[e]])
+        for e in picks
+    ]
+    print("tokens routed most often to a few experts:")
+    print(format_expert_tokens(experts))
+    seconds = time.perf_counter() - start
+    report = write_report(out, ev, run_summary(out)["train"], experts, seconds)
+    print(f"report: {report}   (demo took {seconds:.0f} s)")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``moeblocks`` console script."""
-    parser = argparse.ArgumentParser(prog="moeblocks", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeblocks", description="Mixture-of-Experts blocks: the reference SRA model's CLI."
+    )
     parser.add_argument("--version", action="version", version=f"moeblocks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="build a layer and run a forward/backward")
-    args = parser.parse_args(argv)
-    return _demo(args)
+
+    demo = sub.add_parser(
+        "demo", help="train the tiny SRA model on CPython's docs and report (~2 min, 2-core CPU)"
+    )
+    demo.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the tiny preset's)"
+    )
+    demo.add_argument(
+        "--out", default="runs/demo", help="run folder (default: runs/demo; rewritten)"
+    )
+    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(handler=_demo)
+
+    tr = sub.add_parser("train", help="train an SRA model")
+    tr.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    tr.add_argument(
+        "--preset",
+        default=None,
+        help="tiny, small or paper (default: tiny, or the checkpoint's with --resume)",
+    )
+    tr.add_argument(
+        "--data",
+        default=None,
+        help="pydoc (default), synthetic, a text file, or a folder with train/valid files",
+    )
+    tr.add_argument(
+        "--steps", type=int, default=None, help="total training steps (default: the preset's)"
+    )
+    tr.add_argument("--seed", type=int, default=None, help="seed of the init and the data order")
+    tr.add_argument(
+        "--ffn",
+        default=None,
+        choices=["cosine", "linear", "dense"],
+        help="FFN kind: cosine-routed MoE (SRA), linear-routed MoE, or dense baseline",
+    )
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(handler=_train)
+
+    ev = sub.add_parser("eval", help="validation perplexity, dead experts and k-sweep of a run")
+    ev.add_argument("run", help="run folder (or a checkpoint folder)")
+    ev.add_argument(
+        "--max-tokens", type=int, default=0, help="evaluate only this many tokens (0 = all)"
+    )
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    ev.set_defaults(handler=_eval)
+
+    # `inspect` and `experiment routing-ablation` (moeblocks.inspect imports torch only).
+    from moeblocks.inspect.cli import add_inspect_commands
+
+    add_inspect_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moeblocks`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from moeblocks.sra.config import UsageError
+
+    try:
+        return args.handler(args)
+    except UsageError as err:
+        return _error(str(err))
+    except ImportError as err:
+        if "moeblocks[" not in str(err):  # not a missing extra: a real bug, keep the trace
+            raise
+        return _error(str(err))
+    except KeyboardInterrupt:
+        print(f"\nmoeblocks: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    from moeblocks.sra.checkpoint import find_checkpoint
+
+    out = getattr(args, "out", None)
+    ckpt = find_checkpoint(Path(out)) if out and Path(out).is_dir() else None
+    if ckpt is None:
+        return " before the first checkpoint"
+    return f"; step {ckpt.step} saved (continue: moeblocks train --out {out} --resume)"
 
 
 if __name__ == "__main__":

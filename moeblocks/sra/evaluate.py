@@ -1,0 +1,220 @@
+"""Evaluation of a trained SRA model: perplexity, dead experts, inference-time k-sweep.
+
+Legend: W validation windows, S sequence length, V vocabulary, L MoE layers, E experts.
+
+A *dead* expert receives no token (in any of a token's k slots) over the evaluation
+set. The k-sweep re-evaluates with every MoE layer forced to k = 1 … k_train + 2; the
+SRA paper reports a free gain from running above the training k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from moeblocks.sra.checkpoint import Checkpoint, find_checkpoint, load_weights
+from moeblocks.sra.config import UsageError
+from moeblocks.sra.data import eval_windows
+from moeblocks.sra.model import SRATransformer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+__all__ = [
+    "EvalResult",
+    "RunEval",
+    "evaluate",
+    "evaluate_run",
+    "expert_top_tokens",
+    "format_run_eval",
+    "load_run",
+]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Validation metrics at one k.
+
+    Attributes:
+        loss: Mean next-token cross-entropy, nats per token.
+        ppl: Perplexity, ``exp(loss)``.
+        tokens: Number of predicted tokens.
+        k: Experts per token used (None: the schedule's current k).
+        counts: Routed slots per expert and MoE layer, int64 ``[L, E]`` (``[0, E]``
+            for a dense model).
+    """
+
+    loss: float
+    ppl: float
+    tokens: int
+    k: int | None
+    counts: Tensor
+
+    @property
+    def dead_per_layer(self) -> list[float]:
+        """Fraction of experts of each MoE layer that received no token."""
+        return [(row == 0).float().mean().item() for row in self.counts]
+
+
+def _batches(tokens: Int[Tensor, " N"], seq_len: int, batch_size: int, max_tokens: int):  # type: ignore[no-untyped-def]
+    x_WS, y_WS = eval_windows(tokens, seq_len, max_tokens)
+    for i in range(0, len(x_WS), batch_size):
+        yield x_WS[i : i + batch_size], y_WS[i : i + batch_size]
+
+
+@torch.no_grad()
+def evaluate(
+    model: SRATransformer,
+    tokens: Int[Tensor, " N"],
+    batch_size: int,
+    max_tokens: int = 0,
+    k: int | None = None,
+) -> EvalResult:
+    """Cross-entropy, perplexity and expert usage over validation windows.
+
+    Args:
+        model: The model (put in eval mode for the call, restored after).
+        tokens: Validation tokens (on any device).
+        batch_size: Windows per forward pass.
+        max_tokens: Evaluate about this many tokens from the start (0 = all).
+        k: Force every MoE layer to this k; None follows the schedule.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    L, E = len(model.moe_layers), model.config.num_experts
+    counts_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+    total, n = 0.0, 0
+    try:
+        for x_BS, y_BS in _batches(tokens, model.config.seq_len, batch_size, max_tokens):
+            x_BS, y_BS = x_BS.to(device), y_BS.to(device)
+            res = model(x_BS, k=k)
+            total += F.cross_entropy(
+                res.logits.flatten(0, 1).float(), y_BS.flatten(), reduction="sum"
+            ).item()
+            n += y_BS.numel()
+            for layer, routing in enumerate(res.routings):
+                counts_LE[layer] += torch.bincount(routing.experts.flatten(), minlength=E)
+    finally:
+        model.train(was_training)
+    loss = total / n
+    return EvalResult(loss, math.exp(loss), n, k, counts_LE.cpu())
+
+
+@torch.no_grad()
+def expert_top_tokens(
+    model: SRATransformer,
+    tokens: Int[Tensor, " N"],
+    layer: int,
+    batch_size: int,
+    max_tokens: int = 0,
+    n: int = 8,
+) -> list[list[tuple[int, int]]]:
+    """For every expert of one MoE layer, the input tokens routed to it most often.
+
+    A token counts once per slot (any of its k choices) that picks the expert.
+
+    Returns:
+        Per expert, up to ``n`` ``(token_id, count)`` pairs, most frequent first.
+    """
+    layers = model.moe_layers
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer must be in [0, {len(layers)}), got {layer}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    E, V = model.config.num_experts, model.config.vocab_size
+    counts_EV = torch.zeros(E * V, dtype=torch.long, device=device)
+    try:
+        for x_BS, _ in _batches(tokens, model.config.seq_len, batch_size, max_tokens):
+            x_BS = x_BS.to(device)
+            routing = model(x_BS).routings[layer]
+            ids_TK = x_BS.reshape(-1, 1).expand_as(routing.experts)
+            counts_EV += torch.bincount((routing.experts * V + ids_TK).flatten(), minlength=E * V)
+    finally:
+        model.train(was_training)
+    top_counts, top_ids = counts_EV.view(E, V).cpu().topk(min(n, V), dim=-1)
+    return [
+        [(int(i), int(c)) for i, c in zip(ids, cs, strict=False) if c > 0]
+        for ids, cs in zip(top_ids, top_counts, strict=False)
+    ]
+
+
+def load_run(path: Path, device: str = "cpu") -> tuple[SRATransformer, Tokenizer, Checkpoint]:
+    """Rebuild the model and tokeniser of a run folder (or a checkpoint folder).
+
+    Raises:
+        UsageError: When the folder holds no checkpoint.
+    """
+    from moeblocks.sra.tokenizer import load_tokenizer
+    from moeblocks.sra.train import resolve_device
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"run folder {path} does not exist")
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise UsageError(f"{path} holds no checkpoint (no checkpoint.json); train it first")
+    model = SRATransformer(ckpt.config).to(resolve_device(device))
+    load_weights(model, ckpt, ckpt.config)
+    return model, load_tokenizer(ckpt.path / "tokenizer.json"), ckpt
+
+
+@dataclass(frozen=True)
+class RunEval:
+    """Everything ``moeblocks eval`` reports about a run.
+
+    Attributes:
+        checkpoint: The evaluated checkpoint.
+        result: Metrics at the training k (the schedule's k at the checkpoint's step).
+        sweep: Metrics at k = 1 … k_train + 2 (empty for a dense model).
+    """
+
+    checkpoint: Checkpoint
+    result: EvalResult
+    sweep: tuple[EvalResult, ...]
+
+
+def evaluate_run(
+    model: SRATransformer, tokens: Int[Tensor, " N"], ckpt: Checkpoint, max_tokens: int = 0
+) -> RunEval:
+    """Validation metrics of a loaded run plus its inference-time k-sweep."""
+    cfg = ckpt.config
+    result = evaluate(model, tokens, cfg.batch_size, max_tokens)
+    sweep: tuple[EvalResult, ...] = ()
+    if model.moe_layers:
+        ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1)
+        sweep = tuple(evaluate(model, tokens, cfg.batch_size, max_tokens, k=k) for k in ks)
+    return RunEval(ckpt, result, sweep)
+
+
+def format_run_eval(ev: RunEval, k_train: int) -> str:
+    """Plain-text report: perplexity, dead experts per layer, k-sweep table."""
+    r, cfg = ev.result, ev.checkpoint.config
+    lines = [
+        f"checkpoint {ev.checkpoint.path} (step {ev.checkpoint.step}, ffn {cfg.ffn}, "
+        f"{cfg.num_experts} experts, k {cfg.k_start}->{cfg.k_final})",
+        f"validation: loss {r.loss:.4f} nats/token, perplexity {r.ppl:.2f} over {r.tokens} tokens",
+    ]
+    if len(r.counts):
+        E = r.counts.shape[1]
+        dead = "  ".join(
+            f"layer {i}: {int((row == 0).sum())}/{E} ({100 * f:.1f}%)"
+            for i, (row, f) in enumerate(zip(r.counts, r.dead_per_layer, strict=False))
+        )
+        lines.append(f"dead experts: {dead}")
+        lines.append("k-sweep (inference-time experts per token):")
+        lines.append("    k   perplexity   vs k_train")
+        base = next((s.ppl for s in ev.sweep if s.k == k_train), r.ppl)
+        for s in ev.sweep:
+            mark = "*" if s.k == k_train else " "
+            lines.append(f"  {mark}{s.k:2d}   {s.ppl:10.2f}   {s.ppl - base:+8.2f}")
+        lines.append("  (* = k used at the end of training)")
+    return "\n".join(lines)

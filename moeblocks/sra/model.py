@@ -1,0 +1,271 @@
+"""The reference Semantic Resonance Architecture (SRA) transformer.
+
+Legend: B batch, S sequence length, D model dim, H heads, Dh head dim (D / H),
+V vocabulary, T tokens (B·S), E experts, K experts per token, L layers.
+
+A pre-LayerNorm decoder in the style of nanoGPT: token embedding, rotary position
+embedding (RoPE) inside causal multi-head attention, and every feed-forward network
+replaced by a :class:`~moeblocks.MoELayer` whose router scores tokens by cosine
+similarity to learnable expert anchors (the paper's "Chamber of Semantic Resonance").
+``config.ffn`` swaps in a linear router or a dense FFN, the paper's baselines.
+
+The forward pass returns an :class:`SRAOutput` record: logits plus, per MoE layer, the
+routing record and the weighted auxiliary losses. Nothing is collected on ``self``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+import moeblocks as mb
+from moeblocks.sra.config import SRAConfig
+
+__all__ = ["SRAOutput", "SRATransformer", "build_losses", "build_schedule"]
+
+
+@dataclass(frozen=True)
+class SRAOutput:
+    """What :class:`SRATransformer` returns.
+
+    Attributes:
+        logits: Next-token logits.
+        routings: One routing record per MoE block, in depth order (empty for a dense
+            model). Token order is the flattened ``[B, S]`` order.
+        aux_losses: One dict of weighted auxiliary losses per MoE block.
+    """
+
+    logits: Float[Tensor, "B S V"]
+    routings: tuple[mb.Routing, ...]
+    aux_losses: tuple[dict[str, Float[Tensor, ""]], ...]
+
+    def total_aux_loss(self) -> Float[Tensor, ""]:
+        """Sum of every block's weighted auxiliary losses (zero when there are none)."""
+        total = self.logits.new_zeros((), dtype=torch.float32)
+        for losses in self.aux_losses:
+            for value in losses.values():
+                total = total + value
+        return total
+
+
+def build_schedule(config: SRAConfig) -> mb.KSchedule:
+    """The k curriculum: ``k_start`` until ``k_switch · steps``, then ``k_final``."""
+    switch = config.k_switch_step
+    if config.k_start == config.k_final or switch == 0:
+        return mb.ConstantK(config.k_final if switch == 0 else config.k_start)
+    return mb.StepK({0: config.k_start, switch: config.k_final})
+
+
+def build_losses(config: SRAConfig) -> dict[str, mb.AuxLoss]:
+    """The auxiliary losses a config asks for, keyed by name."""
+    losses: dict[str, mb.AuxLoss] = {}
+    w = config.balance_weight
+    if config.balance == "bandpass":
+        losses["bandpass"] = mb.BandpassLoss(config.band_floor, config.band_ceiling, weight=w)
+    elif config.balance == "cv":
+        losses["cv"] = mb.CVSquaredLoss(weight=w)
+    elif config.balance == "switch":
+        losses["switch"] = mb.LoadBalanceLoss(weight=w)
+    if config.z_loss_weight > 0:
+        losses["z"] = mb.ZLoss(weight=config.z_loss_weight)
+    if config.dispersion_weight > 0 and config.ffn == "cosine":
+        losses["dispersion"] = mb.DispersionLoss(weight=config.dispersion_weight)
+    return losses
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotates channel pairs by a position-dependent angle.
+
+    Args:
+        head_dim: Dh, even.
+        max_len: Longest sequence the cached cos/sin tables cover.
+        base: Frequency base (10000 as in RoFormer).
+    """
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles_SF = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # Not persistent: derived from the config, so checkpoints stay small.
+        self.register_buffer("cos_SF", angles_SF.cos(), persistent=False)
+        self.register_buffer("sin_SF", angles_SF.sin(), persistent=False)
+
+    def forward(self, x: Float[Tensor, "B H S Dh"]) -> Float[Tensor, "B H S Dh"]:
+        """Rotate the two halves of the last dim as (real, imaginary) pairs."""
+        S = x.shape[-2]
+        cos, sin = self.cos_SF[:S].to(x.dtype), self.sin_SF[:S].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE on queries and keys."""
+
+    def __init__(self, config: SRAConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.rotary = Rotary(config.d_model // config.n_heads, config.seq_len)
+
+    def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
+        """Attend causally over the sequence."""
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × [B, S, D]
+        q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k = self.rotary(q), self.rotary(k)  # [B, H, S, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, Dh]
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class DenseFFN(nn.Module):
+    """The dense baseline: one SwiGLU or GELU MLP applied to every token."""
+
+    def __init__(self, config: SRAConfig) -> None:
+        super().__init__()
+        hidden = config.dense_width
+        self.swiglu = config.expert == "swiglu"
+        self.w_in = nn.Linear(config.d_model, (2 if self.swiglu else 1) * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
+        """Apply the MLP token-wise."""
+        h = self.w_in(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.w_out(F.silu(gate) * up)
+        return self.w_out(F.gelu(h))
+
+
+def build_moe(config: SRAConfig) -> mb.MoELayer:
+    """One MoE feed-forward layer: router (cosine or linear) + dispatcher + experts."""
+    if config.ffn == "cosine":
+        scorer: nn.Module = mb.CosineScorer(
+            config.d_model,
+            config.num_experts,
+            init=config.anchor_init,
+            temperature=config.temperature,
+        )
+    else:
+        scorer = mb.LinearScorer(config.d_model, config.num_experts)
+    router = mb.Router(scorer, schedule=build_schedule(config), noise_std=config.router_noise)
+    bank = mb.SwiGLUExperts if config.expert == "swiglu" else mb.GELUExperts
+    experts = bank(config.num_experts, config.d_model, config.d_expert)
+    return mb.MoELayer(router, mb.make_dispatcher(config.dispatcher), experts, build_losses(config))
+
+
+class Block(nn.Module):
+    """Pre-LN decoder block: ``x + attn(ln(x))``, then ``x + ffn(ln(x))``."""
+
+    def __init__(self, config: SRAConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_ffn = nn.LayerNorm(config.d_model)
+        self.ffn: nn.Module = DenseFFN(config) if config.ffn == "dense" else build_moe(config)
+
+    def forward(
+        self, x: Float[Tensor, "B S D"], k: int | None, mask: Bool[Tensor, "B S"] | None
+    ) -> tuple[Float[Tensor, "B S D"], mb.MoEOutput | None]:
+        """Apply the block; also return the MoE layer's output record (None if dense)."""
+        x = x + self.attn(self.ln_attn(x))
+        h = self.ln_ffn(x)
+        if isinstance(self.ffn, mb.MoELayer):
+            moe = self.ffn(h, k=k, mask=mask)
+            return x + moe.out, moe
+        return x + self.ffn(h), None
+
+
+class SRATransformer(nn.Module):
+    """Decoder-only language model whose FFNs are mixtures of experts.
+
+    Args:
+        config: Model settings (the training fields are ignored here, except ``steps``
+            and ``k_switch`` which place the k curriculum).
+    """
+
+    def __init__(self, config: SRAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_out = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied input/output embedding, as in GPT-2
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 init for the dense parts; the MoE blocks keep the library's own init.
+        # Residual projections are scaled down by sqrt(2L) so the stream's variance does
+        # not grow with depth.
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=0.02)
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layers))
+            if isinstance(block.ffn, DenseFFN):
+                nn.init.normal_(block.ffn.w_in.weight, std=0.02)
+                nn.init.normal_(
+                    block.ffn.w_out.weight, std=0.02 / math.sqrt(2 * self.config.n_layers)
+                )
+
+    @property
+    def moe_layers(self) -> list[mb.MoELayer]:
+        """The MoE layers in depth order (empty for a dense model)."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, mb.MoELayer)]
+
+    def set_step(self, step: int) -> None:
+        """Move every router's k schedule to training step ``step``."""
+        for layer in self.moe_layers:
+            layer.router.schedule.set_step(step)
+
+    @property
+    def k(self) -> int:
+        """The k currently in force (``k_final`` width for a dense model)."""
+        layers = self.moe_layers
+        return layers[0].router.schedule.k if layers else self.config.k_final
+
+    def forward(
+        self,
+        idx: Int[Tensor, "B S"],
+        k: int | None = None,
+        mask: Bool[Tensor, "B S"] | None = None,
+    ) -> SRAOutput:
+        """Run the model.
+
+        Args:
+            idx: Token ids, ``S <= config.seq_len``.
+            k: Experts per token for every MoE layer; ``None`` follows the schedule
+                (an explicit k serves inference-time k-sweeps).
+            mask: True for real tokens; padding is excluded from the aux losses. Causal
+                attention already keeps trailing padding from touching real tokens.
+
+        Returns:
+            :class:`SRAOutput` with logits, routing records and weighted aux losses.
+        """
+        seq = idx.shape[1]
+        if seq > self.config.seq_len:
+            raise ValueError(f"idx has {seq} positions but config.seq_len is {self.config.seq_len}")
+        x = self.embed(idx)  # [B, S, D]
+        routings: list[mb.Routing] = []
+        aux: list[dict[str, Tensor]] = []
+        for block in self.blocks:
+            x, moe = block(x, k, mask)
+            if moe is not None:
+                routings.append(moe.routing)
+                aux.append(moe.aux_losses)
+        logits = self.head(self.ln_out(x))  # [B, S, V]
+        return SRAOutput(logits, tuple(routings), tuple(aux))
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count; with ``active``, count only ``k_final`` experts per layer."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            for layer in self.moe_layers:
+                bank = sum(p.numel() for p in layer.experts.parameters())
+                total -= bank - bank * self.config.k_final // self.config.num_experts
+        return total
