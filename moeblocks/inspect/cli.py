@@ -1,0 +1,83 @@
+"""Subcommands ``moeblocks inspect`` and ``moeblocks experiment routing-ablation``.
+
+:func:`add_inspect_commands` adds both to the ``moeblocks`` parser's subparsers; each
+sets ``handler`` to a function ``(args) -> exit status`` as the other commands do.
+Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_inspect_commands", "run_ablation", "run_inspect"]
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Handler of ``moeblocks inspect RUN``: print the tables, write ``report.md`` + PNGs."""
+    from moeblocks.inspect.probe import load_probes
+    from moeblocks.inspect.report import format_inspection, inspect_run, write_inspect_report
+
+    probes = load_probes(args.probes) if args.probes else None
+    ins = inspect_run(
+        Path(args.run),
+        text=args.text,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        k_sweep=not args.no_k_sweep,
+        probes=probes,
+    )
+    print(format_inspection(ins))
+    out = Path(args.out) if args.out else Path(args.run) / "inspect"
+    print(f"report: {write_inspect_report(ins, out)}")
+    return 0
+
+
+def run_ablation(args: argparse.Namespace) -> int:
+    """Handler of ``moeblocks experiment routing-ablation``."""
+    from moeblocks.inspect.ablation import routing_ablation
+
+    if args.name != "routing-ablation":
+        raise SystemExit(f"unknown experiment {args.name!r}")
+    rows = routing_ablation(
+        Path(args.out),
+        preset=args.preset,
+        seeds=args.seeds,
+        data=args.data,
+        steps=args.steps,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        progress=False,
+    )
+    print(f"{len(rows)} runs; table in {Path(args.out) / 'ablation.md'}")
+    return 0
+
+
+def add_inspect_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``inspect`` and ``experiment`` to the ``moeblocks`` subparsers."""
+    ins = sub.add_parser(
+        "inspect", help="routing metrics, probes and plots of a trained run (writes report.md)"
+    )
+    ins.add_argument("run", help="run folder, e.g. runs/NAME")
+    ins.add_argument("--text", default=None, help="sentence to trace token by token")
+    ins.add_argument(
+        "--max-tokens", type=int, default=8192, help="validation tokens to inspect (default 8192)"
+    )
+    ins.add_argument("--probes", default=None, help="JSONL overlap-probe set (default: built-in)")
+    ins.add_argument("--out", default=None, help="report folder (default: RUN/inspect)")
+    ins.add_argument("--no-k-sweep", action="store_true", help="skip the k-sweep evaluation")
+    ins.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    ins.set_defaults(handler=run_inspect)
+
+    ex = sub.add_parser("experiment", help="named experiments, e.g. routing-ablation")
+    ex.add_argument("name", choices=["routing-ablation"], help="which experiment")
+    ex.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    ex.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (default: 0)")
+    ex.add_argument("--data", default="pydoc", help="corpus (default: pydoc)")
+    ex.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    ex.add_argument(
+        "--max-tokens", type=int, default=16384, help="validation tokens per measurement"
+    )
+    ex.add_argument("--out", default="runs/routing-ablation", help="folder for the runs")
+    ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    ex.set_defaults(handler=run_ablation)

@@ -1,0 +1,314 @@
+"""``moeblocks inspect``: routing inspection of a trained SRA run, as tables and a report.
+
+Legend: L MoE layers, E experts, C word classes, T tokens, V vocabulary.
+
+:func:`inspect_run` loads a run folder, collects the routing records of every MoE layer
+over (the start of) its validation split and computes the metrics of
+:mod:`moeblocks.inspect`; :func:`format_inspection` prints them and
+:func:`write_inspect_report` writes ``report.md`` with PNG plots. The SRA modules are
+imported inside these functions: the metrics themselves know no model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from moeblocks.inspect.anchors import (
+    AnchorTrace,
+    anchor_similarity,
+    anchor_traces,
+    format_trace,
+    layer_temperatures,
+)
+from moeblocks.inspect.collect import collect_routing, sra_forward
+from moeblocks.inspect.metrics import (
+    Coherence,
+    LayerSummary,
+    class_counts,
+    expert_token_counts,
+    npmi,
+    purity,
+    subtoken_coherence,
+    summarise_layer,
+    top_tokens,
+    vocabulary_entropy,
+)
+from moeblocks.inspect.probe import BUILTIN_PROBES, OverlapTest, ProbeItem, run_overlap_probe
+from moeblocks.routers import CosineScorer
+
+__all__ = [
+    "RunInspection",
+    "format_inspection",
+    "inspect_run",
+    "word_ids_from_pieces",
+    "write_inspect_report",
+]
+
+_MARKERS = "ĠĊĉ"  # byte-level BPE's printable stand-ins for space, newline and tab
+
+
+def word_ids_from_pieces(pieces: Sequence[str]) -> Int[Tensor, " T"]:
+    """Word index of every byte-level BPE piece, or -1 for pieces outside words.
+
+    A piece continues the current word when it starts with a letter or digit, carries no
+    leading space/newline marker (``Ġ``, ``Ċ``, ``ĉ``) and follows a piece that ended
+    inside a word; any other piece starting with a letter or digit opens a new word;
+    punctuation and whitespace pieces get -1.
+    """
+    out, word, prev_wordy = [], -1, False
+    for p in pieces:
+        core = p.lstrip(_MARKERS)
+        wordy = bool(core) and core[0].isalnum()
+        if wordy and not (prev_wordy and p == core):
+            word += 1
+        out.append(word if wordy else -1)
+        prev_wordy = wordy and core[-1].isalnum()
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _token_classes(
+    pieces: Sequence[str], word_ids: Tensor, word_classes: dict[str, str]
+) -> tuple[Tensor, list[str]]:
+    """Class of each token: the class of the whole word it belongs to (-1 if unknown)."""
+    classes = sorted(set(word_classes.values()))
+    words: dict[int, str] = {}
+    for p, w in zip(pieces, word_ids.tolist(), strict=True):
+        if w >= 0:
+            words[w] = words.get(w, "") + p.lstrip(_MARKERS)
+    out = []
+    for p, w in zip(pieces, word_ids.tolist(), strict=True):
+        name = words[w] if w >= 0 else p.strip(_MARKERS + " ")
+        out.append(classes.index(word_classes[name]) if name in word_classes else -1)
+    return torch.tensor(out, dtype=torch.long), classes
+
+
+@dataclass(frozen=True)
+class RunInspection:
+    """Everything ``moeblocks inspect`` reports about a run.
+
+    Attributes:
+        run: The run folder.
+        title: One line describing model and data.
+        num_tokens: Evaluation tokens the metrics were computed on.
+        summaries: Per layer: utilisation, dead experts, saturation, entropies.
+        coherence: Per layer: word-level subtoken coherence.
+        vocab_entropy: Per layer: mean vocabulary entropy of the live experts, nats.
+        top_tokens: Per layer and expert: its most frequent tokens as ``(text, count)``.
+        classes: Word-class names where the corpus has known classes, else empty.
+        purity: Per layer: overall expert purity over classes (empty without classes).
+        npmi: Per layer: NPMI of experts × classes (empty without classes).
+        probe_name: Which probe set ran (empty if none fitted the tokeniser).
+        probe: Per layer: the overlap permutation test.
+        k_sweep: ``(k, perplexity)`` pairs; the training k is ``k_train``.
+        k_train: k at the end of training.
+        anchor_sims: Per cosine-routed layer: anchor similarity matrix.
+        sentence: Pieces of the traced sentence.
+        trace: Anchor–token trace of the sentence.
+    """
+
+    run: Path
+    title: str
+    num_tokens: int
+    summaries: list[LayerSummary]
+    coherence: list[Coherence]
+    vocab_entropy: list[float]
+    top_tokens: list[list[list[tuple[str, int]]]]
+    classes: list[str]
+    purity: list[float]
+    npmi: list[Tensor]
+    probe_name: str
+    probe: list[OverlapTest]
+    k_sweep: list[tuple[int, float]]
+    k_train: int
+    anchor_sims: list[Tensor]
+    sentence: list[str]
+    trace: AnchorTrace
+
+
+def _probe(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[OverlapTest]:
+    try:
+        return run_overlap_probe(forward, encode, items, num_permutations=1000)
+    except ValueError:  # the tokeniser merges a target with its neighbours
+        return []
+
+
+@torch.no_grad()
+def inspect_run(
+    run: Path,
+    text: str | None = None,
+    max_tokens: int = 8192,
+    device: str = "cpu",
+    k_sweep: bool = True,
+    probes: Sequence[ProbeItem] | None = None,
+) -> RunInspection:
+    """Collect routing over a run's validation split and compute every metric.
+
+    Args:
+        run: Run folder (or checkpoint folder) written by ``moeblocks train``.
+        text: Sentence to trace token by token (default: the first validation line).
+        max_tokens: Validation tokens to collect routing on (and to evaluate the k-sweep).
+        device: Where to run the model.
+        k_sweep: Also evaluate perplexity at k = 1 … k_final + 2 (one pass per k).
+        probes: Overlap-probe items (default: the built-in ``synthetic`` set for the
+            synthetic corpus, else the ``english`` set).
+    """
+    from moeblocks.sra.data import WORD_CLASSES, eval_windows, load_corpus
+    from moeblocks.sra.evaluate import evaluate, load_run
+    from moeblocks.sra.tokenizer import encode
+
+    model, tok, ckpt = load_run(Path(run), device)
+    model.eval()
+    cfg = ckpt.config
+    if not model.moe_layers:
+        from moeblocks.sra.config import UsageError
+
+        raise UsageError(f"{run} is a dense model: there is no routing to inspect")
+    corpus = load_corpus(ckpt.data)
+    tokens = torch.from_numpy(encode(tok, corpus.valid)).long()
+    x_WS, _ = eval_windows(tokens, cfg.seq_len, max_tokens)
+    forward = sra_forward(model)
+    rs = collect_routing(forward, x_WS.split(cfg.batch_size))
+    ids = rs.token_ids.tolist()
+    piece_of = {i: tok.id_to_token(i) or "" for i in set(ids)}
+    pieces = [piece_of[i] for i in ids]
+    word_ids = word_ids_from_pieces(pieces)
+    V = cfg.vocab_size
+
+    summaries, coherence, vent, tops, pur, npm = [], [], [], [], [], []
+    synthetic = ckpt.data == "synthetic"
+    cls_T, class_names = _token_classes(pieces, word_ids, WORD_CLASSES) if synthetic else (None, [])
+    for r in rs.layers:
+        summaries.append(summarise_layer(r))
+        coherence.append(subtoken_coherence(r, word_ids))
+        counts_EV = expert_token_counts(r, rs.token_ids, V, top1=False)
+        h_E = vocabulary_entropy(counts_EV)
+        live = ~torch.isnan(h_E)
+        vent.append(h_E[live].mean().item() if live.any() else math.nan)
+        tops.append([[(tok.decode([i]), c) for i, c in row] for row in top_tokens(counts_EV, 5)])
+        if cls_T is not None:
+            c_EC = class_counts(r, cls_T, len(class_names))
+            pur.append(purity(c_EC)[1])
+            npm.append(npmi(c_EC))
+
+    def enc(s: str) -> list[int]:
+        return encode(tok, s).tolist()
+
+    probe_name = "synthetic" if synthetic else "english"
+    if probes is not None:
+        probe_name = "custom"
+    probe = _probe(forward, enc, BUILTIN_PROBES[probe_name] if probes is None else probes)
+    sweep: list[tuple[int, float]] = []
+    if k_sweep:
+        ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1)
+        sweep = [(k, evaluate(model, tokens, cfg.batch_size, max_tokens, k=k).ppl) for k in ks]
+    sims = [
+        anchor_similarity(m.router.scorer)
+        for m in model.moe_layers
+        if isinstance(m.router.scorer, CosineScorer)
+    ]
+    if text is None:
+        text = next((ln for ln in corpus.valid.splitlines() if ln.strip()), "")
+    sent_ids = enc(text)[: cfg.seq_len] or [0]
+    sent_routings = forward(torch.tensor([sent_ids], dtype=torch.long))
+    trace = anchor_traces(sent_routings, layer_temperatures(model))
+    title = (
+        f"{cfg.n_layers} layers, FFN `{cfg.ffn}`, {cfg.num_experts} experts, "
+        f"k {cfg.k_start}->{cfg.k_final}, step {ckpt.step}, data `{ckpt.data}`"
+    )
+    return RunInspection(
+        Path(run), title, rs.num_tokens, summaries, coherence, vent, tops, class_names, pur,
+        npm, probe_name if probe else "", probe, sweep, cfg.k_final, sims,
+        [tok.id_to_token(i) or "" for i in sent_ids], trace,
+    )  # fmt: skip
+
+
+def _layer_table(ins: RunInspection) -> list[str]:
+    lines = [
+        "layer  dead      saturation  entropy/logE  usage-H/logE  vocab-H  "
+        "coherence top1 (shuffled)  jaccard (shuffled)" + ("  purity" if ins.purity else ""),
+    ]
+    for i, s in enumerate(ins.summaries):
+        c = ins.coherence[i]
+        E = len(s.utilisation)
+        row = (
+            f"{i:5d}  {len(s.dead):3d}/{E:<4d} {s.saturation:10.3f}  "
+            f"{s.entropy / s.max_entropy:12.3f}  {s.usage_entropy / s.max_entropy:12.3f}  "
+            f"{ins.vocab_entropy[i]:7.2f}  "
+            f"{c.top1_agreement:14.3f} ({c.baseline_top1:.3f})  "
+            f"{c.jaccard:7.3f} ({c.baseline_jaccard:.3f})"
+        )
+        if ins.purity:
+            row += f"  {ins.purity[i]:6.3f}"
+        lines.append(row)
+    return lines
+
+
+def format_inspection(ins: RunInspection, experts_shown: int = 6) -> str:
+    """Plain-text tables of a :class:`RunInspection`."""
+    lines = [f"{ins.run}: {ins.title}", f"routing collected over {ins.num_tokens} tokens", ""]
+    lines += _layer_table(ins)
+    lines.append(
+        "(saturation: mean top-1 probability; entropies normalised by log E; vocab-H: "
+        "mean per-expert token entropy, nats; coherence over adjacent pieces of one word)"
+    )
+    if ins.probe:
+        lines += ["", f"overlap probe ({ins.probe_name}, {ins.probe[0].num_items} items):"]
+        for i, p in enumerate(ins.probe):
+            lines.append(
+                f"  layer {i}: same-word Jaccard {p.observed:.3f} vs re-paired "
+                f"{p.null_mean:.3f}, permutation p = {p.p_value:.4f}"
+            )
+    if ins.k_sweep:
+        lines += ["", "k-sweep:  " + "  ".join(f"k={k}: {p:.2f}" for k, p in ins.k_sweep)]
+    lines += ["", "busiest experts and their top tokens:"]
+    for i, s in enumerate(ins.summaries):
+        for e in s.utilisation.argsort(descending=True)[:experts_shown].tolist():
+            toks = "  ".join(f"{t!r}×{c}" for t, c in ins.top_tokens[i][e])
+            lines.append(f"  L{i} e{e:<3d} {100 * float(s.utilisation[e]):5.1f}%  {toks}")
+    lines += ["", "sentence trace (expert:weight per layer, nearest anchors by cosine):"]
+    lines.append(format_trace(ins.trace, ins.sentence))
+    return "\n".join(lines)
+
+
+def write_inspect_report(ins: RunInspection, out: Path) -> Path:
+    """Write ``report.md`` and its PNG plots into the folder ``out``; return the report path."""
+    from moeblocks.inspect import plots
+    from moeblocks.sra.checkpoint import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# Routing inspection: `{ins.run}`", "", ins.title, ""]
+    parts += ["```", *_layer_table(ins), "```", ""]
+    util = torch.stack([s.utilisation for s in ins.summaries])
+    plots.plot_utilisation(util, out / "utilisation.png")
+    parts += ["## Expert utilisation", "", "![utilisation](utilisation.png)", ""]
+    if ins.anchor_sims:
+        plots.plot_anchor_similarity(ins.anchor_sims, out / "anchors.png")
+        parts += ["## Anchor similarity", "", "![anchor similarity](anchors.png)", ""]
+    if ins.npmi:
+        parts += ["## Experts × word classes (NPMI)", ""]
+        for i, m in enumerate(ins.npmi):
+            name = f"classes_layer{i}.png"
+            plots.plot_class_heatmap(m, ins.classes, out / name, f"layer {i}: NPMI")
+            parts += [f"![experts x classes, layer {i}]({name})"]
+        parts += [""]
+    if ins.k_sweep:
+        ks, ppls = zip(*ins.k_sweep, strict=True)
+        plots.plot_k_sweep(ks, ppls, ins.k_train, out / "k_sweep.png")
+        parts += ["## Inference-time k-sweep", "", "![k sweep](k_sweep.png)", ""]
+    top1_LT = torch.stack([e[:, 0] for e in ins.trace.experts])
+    E = len(ins.summaries[0].utilisation)
+    plots.plot_routing_map(top1_LT, ins.sentence, out / "routing_map.png", E)
+    parts += ["## One sentence, token by layer", "", "![routing map](routing_map.png)", ""]
+    parts += ["## All tables", "", "```", format_inspection(ins), "```"]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return path
