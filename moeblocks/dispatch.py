@@ -11,7 +11,7 @@ into token order. A dispatcher keeps nothing on ``self`` between the two calls.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -87,12 +87,77 @@ def build_layout(experts: Int[Tensor, "T K"], num_experts: int, pad_to: int = 1)
     return Layout(row_of_slot_N, slot_of_row_R, counts_E, group_sizes_E, offsets)
 
 
-class TorchDispatcher:
-    """The readable reference dispatcher, in plain PyTorch indexing.
+class _Permute(torch.autograd.Function):
+    """``grouped[r] = tokens[slot_of_row[r] // K]``, zero on padding rows.
 
-    Both directions are gathers whose backward passes scatter to distinct rows, and the
-    K copies of a token are summed by a fixed-order reduction, so results and gradients
-    are deterministic on every device.
+    Both directions are gathers: the backward reads each token's K rows back through
+    ``row_of_slot`` and sums them in a fixed order, instead of scattering with atomics.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, tokens_TD: Tensor, slot_of_row_R: Tensor, row_of_slot_N: Tensor, top_k: int
+    ) -> Tensor:
+        ctx.save_for_backward(row_of_slot_N)
+        ctx.top_k = top_k
+        grouped_RD = tokens_TD.index_select(0, slot_of_row_R.clamp(min=0) // top_k)
+        if slot_of_row_R.shape[0] != row_of_slot_N.shape[0]:  # padded: zero the pad rows
+            grouped_RD = grouped_RD.masked_fill((slot_of_row_R < 0).unsqueeze(1), 0)
+        return grouped_RD
+
+    @staticmethod
+    def backward(ctx: Any, grad_RD: Tensor) -> tuple[Tensor, None, None, None]:
+        (row_of_slot_N,) = ctx.saved_tensors
+        T = row_of_slot_N.shape[0] // ctx.top_k
+        grad_TKD = grad_RD.index_select(0, row_of_slot_N).view(T, ctx.top_k, grad_RD.shape[-1])
+        return grad_TKD.sum(1), None, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    """``out[t] = Σ_j w[t, j] · grouped[row_of_slot[t·K + j]]``, gathers both ways."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        grouped_RD: Tensor,
+        weights_TK: Tensor,
+        row_of_slot_N: Tensor,
+        slot_of_row_R: Tensor,
+    ) -> Tensor:
+        ctx.save_for_backward(grouped_RD, weights_TK, row_of_slot_N, slot_of_row_R)
+        T, K = weights_TK.shape
+        copies_TKD = grouped_RD.index_select(0, row_of_slot_N).view(T, K, grouped_RD.shape[-1])
+        # bmm accumulates the K products in float32 even for half inputs.
+        w_T1K = weights_TK.to(grouped_RD.dtype).unsqueeze(1)
+        return torch.bmm(w_T1K, copies_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        grouped_RD, weights_TK, row_of_slot_N, slot_of_row_R = ctx.saved_tensors
+        T, K = weights_TK.shape
+        grad_grouped = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            # Row r holds slot s: its gradient is w[s] · grad[s // K]; padding rows get 0
+            # because their weight is read as 0.
+            slot_R = slot_of_row_R.clamp(min=0)
+            w_R = weights_TK.to(grad_TD.dtype).reshape(-1).index_select(0, slot_R)
+            w_R = w_R.masked_fill(slot_of_row_R < 0, 0)
+            grad_grouped = grad_TD.index_select(0, slot_R // K) * w_R.unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            # Recomputed rather than saved: the [T, K, D] copies are the largest tensor here.
+            copies_TKD = grouped_RD.index_select(0, row_of_slot_N).view(T, K, grouped_RD.shape[-1])
+            grad_weights = torch.bmm(copies_TKD, grad_TD.unsqueeze(2)).squeeze(2)
+            grad_weights = grad_weights.to(weights_TK.dtype)
+        return grad_grouped, grad_weights, None, None
+
+
+class TorchDispatcher:
+    """The reference dispatcher, in plain PyTorch indexing.
+
+    Permute and unpermute are gathers in both directions (their backward passes read
+    rows through the layout's inverse index instead of scattering), and the K copies of
+    a token are summed in a fixed order, so results and gradients are deterministic on
+    every device and no ``index_put_`` accumulation is needed.
 
     Args:
         pad_to: Round every expert segment up to a multiple of this many rows (filled
@@ -119,15 +184,8 @@ class TorchDispatcher:
             The grouped copies (padding rows are zero) and their :class:`Layout`.
         """
         layout = build_layout(routing.experts, routing.num_experts, self.pad_to)
-        T, D = tokens.shape
-        K = routing.top_k
-        slots_ND = tokens.unsqueeze(1).expand(T, K, D).reshape(T * K, D)
-        if self.pad_to == 1:
-            return slots_ND[layout.slot_of_row], layout
-        # Padding rows point at an appended zero row.
-        padded_ND = torch.cat([slots_ND, slots_ND.new_zeros(1, D)])
-        index_R = torch.where(layout.slot_of_row < 0, T * K, layout.slot_of_row)
-        return padded_ND[index_R], layout
+        grouped = _Permute.apply(tokens, layout.slot_of_row, layout.row_of_slot, routing.top_k)
+        return grouped, layout
 
     def unpermute(
         self, grouped: Float[Tensor, "R D"], layout: Layout, weights: Float[Tensor, "T K"]
@@ -142,11 +200,7 @@ class TorchDispatcher:
         Returns:
             One vector per token.
         """
-        T, K = weights.shape
-        slots_TKD = grouped[layout.row_of_slot].view(T, K, grouped.shape[-1])
-        # bmm accumulates the K products in float32 even for half inputs.
-        w_T1K = weights.to(grouped.dtype).unsqueeze(1)
-        return torch.bmm(w_T1K, slots_TKD).squeeze(1)
+        return _Unpermute.apply(grouped, weights, layout.row_of_slot, layout.slot_of_row)
 
 
 def make_dispatcher(name: str = "auto", pad_to: int = 1) -> Dispatcher:
