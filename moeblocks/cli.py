@@ -10,6 +10,7 @@ checkpoint and exits with status 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,10 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
         progress=not args.quiet,
+        expert_parallel=args.expert_parallel,
     )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     print(
         f"step {result.step}: validation perplexity {result.val_ppl:.2f} "
         f"(loss {result.val_loss:.4f}); checkpoint in {result.run_dir}"
@@ -171,6 +175,14 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
     tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    tr.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="P",
+        help="spread the experts over P ranks; launch with torchrun --nproc-per-node W, "
+        "P dividing W (default under torchrun: P = W)",
+    )
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(handler=_train)
 

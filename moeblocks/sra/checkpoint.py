@@ -12,6 +12,11 @@ A run folder looks like this::
         tokenizer.json         the same tokeniser, so a checkpoint stands alone
         state.pt               optimizer state, step, RNG state
 
+An expert-parallel run (``torchrun`` with ``--expert-parallel``) writes the same files
+from rank 0: the weights and the optimizer state are gathered into the form one process
+holding every expert would have (:func:`moeblocks.distributed.full_state_dict`), so its
+checkpoints resume on any world size; ``state.pt`` adds each rank's RNG state.
+
 Every file is written to a temporary name and moved into place with ``os.replace``; a
 checkpoint folder is filled under a temporary name and renamed whole, and only then does
 ``checkpoint.json`` point at it. A crash at any moment leaves the previous checkpoint
@@ -24,12 +29,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moeblocks._version import __version__
 from moeblocks.sra.config import SRAConfig, UsageError
@@ -87,10 +93,27 @@ def save_checkpoint(
     config: SRAConfig,
     data: str,
     tokenizer_json: str,
+    *,
+    weights: Mapping[str, Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    extra_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint for ``step`` and point ``checkpoint.json`` at it.
 
     Older checkpoint folders are removed once the pointer has moved on.
+
+    Args:
+        run_dir: The run folder.
+        step: Completed optimizer steps.
+        model: The model (its weights are saved unless ``weights`` is given).
+        optimizer: Its optimizer (state saved unless ``optimizer_state`` is given).
+        config: The run's config.
+        data: The data spec.
+        tokenizer_json: The tokeniser, serialised.
+        weights: The state dict to save instead of ``model``'s (an expert-parallel
+            model's full state dict); tensors that share storage are stored once.
+        optimizer_state: Saved instead of ``optimizer.state_dict()``.
+        extra_state: More entries for ``state.pt`` (e.g. every rank's RNG state).
 
     Returns:
         The new checkpoint folder.
@@ -106,15 +129,19 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step-{step:07d}-"))
     try:
         tmp.chmod(0o755)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        if weights is None:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        else:
+            _save_weights(weights, tmp / "model.safetensors", {"step": str(step)})
         meta = {"config": config.to_dict(), "data": data, "step": step, "moeblocks": __version__}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
         torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "rng": rng}, tmp / "state.pt"
+            {"step": step, "optimizer": opt, "rng": rng, **(extra_state or {})}, tmp / "state.pt"
         )
         if final.exists():
             # Same step saved again (e.g. interrupted right after a resume): move the old
@@ -136,6 +163,27 @@ def save_checkpoint(
         if old.is_dir() and old != final and not old.name.startswith(".tmp-"):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_weights(weights: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_model`` for a state dict: tied tensors stored once.
+
+    Of the names that share one tensor (the tied embedding) the first is kept and the
+    others are recorded in the metadata, as ``save_model`` does; ``load_model`` (see
+    :func:`load_weights`) restores the ties from the model.
+    """
+    from safetensors.torch import save_file
+
+    kept: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    tensors: dict[str, Tensor] = {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and key in kept:  # empty tensors may all report data_ptr 0
+            metadata[name] = kept[key]
+        else:
+            kept[key] = name
+            tensors[name] = t.detach().contiguous()
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def find_checkpoint(run_dir: Path) -> Checkpoint | None:
