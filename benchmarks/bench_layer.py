@@ -44,6 +44,8 @@ def build(variant: str, args: argparse.Namespace):
         x = torch.randn(T * K, D, requires_grad=True)
 
         def step() -> None:
+            for t in (w_in, w_out, x):  # as optimizer.zero_grad(set_to_none=True) does
+                t.grad = None
             gate, up = (x @ w_in).chunk(2, dim=-1)
             ((F.silu(gate) * up) @ w_out).sum().backward()
 
@@ -57,6 +59,8 @@ def build(variant: str, args: argparse.Namespace):
     x = torch.randn(T, D, requires_grad=True)
 
     def step() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
         layer(x).out.sum().backward()
 
     return step

@@ -135,19 +135,23 @@ class _Unpermute(torch.autograd.Function):
     def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         grouped_RD, weights_TK, row_of_slot_N, slot_of_row_R = ctx.saved_tensors
         T, K = weights_TK.shape
-        grad_grouped = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            # Row r holds slot s: its gradient is w[s] · grad[s // K]; padding rows get 0
-            # because their weight is read as 0.
-            slot_R = slot_of_row_R.clamp(min=0)
-            w_R = weights_TK.to(grad_TD.dtype).reshape(-1).index_select(0, slot_R)
-            w_R = w_R.masked_fill(slot_of_row_R < 0, 0)
-            grad_grouped = grad_TD.index_select(0, slot_R // K) * w_R.unsqueeze(1)
+        # Everything happens in grouped order: row r holds slot s, so it needs grad[s // K].
+        slot_R = slot_of_row_R.clamp(min=0)
+        grad_RD = grad_TD.index_select(0, slot_R // K)
+        grad_weights = None
         if ctx.needs_input_grad[1]:
-            # Recomputed rather than saved: the [T, K, D] copies are the largest tensor here.
-            copies_TKD = grouped_RD.index_select(0, row_of_slot_N).view(T, K, grouped_RD.shape[-1])
-            grad_weights = torch.bmm(copies_TKD, grad_TD.unsqueeze(2)).squeeze(2)
-            grad_weights = grad_weights.to(weights_TK.dtype)
+            # d out[t] / d w[t, j] = <grouped[row of slot t·K + j], grad[t]>: a row-wise dot
+            # in grouped order, then read back per slot (einsum runs it as one batched mm).
+            dots_R = torch.einsum("rd,rd->r", grouped_RD, grad_RD)
+            grad_weights = dots_R.index_select(0, row_of_slot_N).view(T, K).to(weights_TK.dtype)
+        grad_grouped = None
+        if ctx.needs_input_grad[0]:
+            # Padding rows read a weight of 0, so their gradient is 0.
+            w_R1 = weights_TK.to(grad_TD.dtype).reshape(-1).index_select(0, slot_R)
+            w_R1 = w_R1.masked_fill(slot_of_row_R < 0, 0).unsqueeze(1)
+            # In place saves a fresh [R, D] buffer, unless a double backward needs grad_RD.
+            in_place = not torch.is_grad_enabled()
+            grad_grouped = grad_RD.mul_(w_R1) if in_place else grad_RD * w_R1
         return grad_grouped, grad_weights, None, None
 
 

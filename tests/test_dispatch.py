@@ -111,3 +111,20 @@ def test_bad_pad_to() -> None:
     with pytest.raises(ValueError, match="dispatcher name"):
         mb.make_dispatcher("cuda")
     assert isinstance(mb.make_dispatcher("torch"), mb.TorchDispatcher)
+
+
+@pytest.mark.parametrize("pad_to", [1, 4])
+def test_gradcheck_float64(pad_to: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    experts = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]])
+    routing = mb.Routing(torch.zeros(5, 3), torch.zeros(5, 3), experts, w.detach().float())
+    d = mb.TorchDispatcher(pad_to=pad_to)
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        grouped, layout = d.permute(x, routing)
+        return d.unpermute(grouped * grouped, layout, w)  # a non-linear expert in between
+
+    assert torch.autograd.gradcheck(f, (x, w))
+    assert torch.autograd.gradgradcheck(f, (x, w))
