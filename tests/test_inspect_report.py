@@ -71,6 +71,7 @@ def test_inspect_command_writes_report_with_pngs(tiny_run, capsys):
     assert args.handler(args) == 0
     printed = capsys.readouterr().out
     assert "overlap probe (synthetic, 16 items)" in printed
+    assert "condition contrast (synthetic-swap, 6 'similar' vs 6 'dissimilar'" in printed
     assert "k-sweep:" in printed
     assert "purity" in printed
     assert "sentence trace" in printed

@@ -39,17 +39,21 @@ from moeblocks.inspect.metrics import usage_entropy as usage_entropy
 from moeblocks.inspect.metrics import utilisation as utilisation
 from moeblocks.inspect.metrics import vocabulary_entropy as vocabulary_entropy
 from moeblocks.inspect.probe import BUILTIN_PROBES as BUILTIN_PROBES
+from moeblocks.inspect.probe import ConditionTest as ConditionTest
 from moeblocks.inspect.probe import OverlapTest as OverlapTest
 from moeblocks.inspect.probe import ProbeItem as ProbeItem
+from moeblocks.inspect.probe import condition_permutation_test as condition_permutation_test
 from moeblocks.inspect.probe import load_probes as load_probes
 from moeblocks.inspect.probe import locate_word as locate_word
 from moeblocks.inspect.probe import overlap_permutation_test as overlap_permutation_test
+from moeblocks.inspect.probe import run_condition_probe as run_condition_probe
 from moeblocks.inspect.probe import run_overlap_probe as run_overlap_probe
 
 __all__ = [
     "BUILTIN_PROBES",
     "AnchorTrace",
     "Coherence",
+    "ConditionTest",
     "EditedRouter",
     "LayerSummary",
     "OverlapTest",
@@ -62,6 +66,7 @@ __all__ = [
     "class_counts",
     "collect_routing",
     "concat_routings",
+    "condition_permutation_test",
     "dead_experts",
     "expert_counts",
     "expert_token_counts",
@@ -76,6 +81,7 @@ __all__ = [
     "purity",
     "router_saturation",
     "routing_entropy",
+    "run_condition_probe",
     "run_overlap_probe",
     "sra_forward",
     "subtoken_coherence",

@@ -9,9 +9,17 @@ two sets. A permutation test asks whether matched pairs overlap more than pairs 
 *different* targets: the null distribution re-pairs context A of item i with context B
 of item π(i) for random permutations π.
 
+A *condition contrast* compares two kinds of pairs instead: items labelled, e.g.,
+``"same-sense"`` against ``"different-sense"`` (one word in two senses), or a word
+swapped for a ``"similar"`` against a ``"dissimilar"`` word (``target_b`` names the word
+of context B). Its permutation test shuffles the condition labels
+(:func:`condition_permutation_test`, :func:`run_condition_probe`).
+
 Probe sets are JSONL files, one ``{"target": ..., "context_a": ..., "context_b": ...}``
-per line (:func:`load_probes`); :data:`BUILTIN_PROBES` holds two small sets written for
-this project: ``"synthetic"`` (the synthetic corpus's language) and ``"english"``.
+per line, optionally with ``"target_b"`` and ``"condition"`` (:func:`load_probes`).
+:data:`BUILTIN_PROBES` holds small sets written for this project: ``"synthetic"`` and
+``"english"`` (matched pairs), ``"english-senses"`` (same vs different sense) and
+``"synthetic-swap"`` (similar vs dissimilar word class).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from moeblocks.inspect.collect import ForwardFn
@@ -31,27 +39,51 @@ from moeblocks.inspect.metrics import topk_jaccard
 
 __all__ = [
     "BUILTIN_PROBES",
+    "ConditionTest",
     "OverlapTest",
     "ProbeItem",
+    "condition_permutation_test",
     "load_probes",
     "locate_word",
     "overlap_permutation_test",
+    "run_condition_probe",
     "run_overlap_probe",
 ]
 
 
 @dataclass(frozen=True)
 class ProbeItem:
-    """One target word in two contexts (the word must occur in both)."""
+    """A target word in context A and a word (the same one by default) in context B.
+
+    Attributes:
+        target: The word probed in ``context_a``.
+        context_a: A text containing ``target``.
+        context_b: A text containing ``target_b`` (or ``target``).
+        target_b: The word probed in ``context_b`` when it differs (swap probes).
+        condition: Label of the pair for condition contrasts, e.g. ``"same-sense"``.
+    """
 
     target: str
     context_a: str
     context_b: str
+    target_b: str | None = None
+    condition: str = ""
+
+    @property
+    def word_b(self) -> str:
+        """The word probed in ``context_b``."""
+        return self.target if self.target_b is None else self.target_b
 
 
 def _items(table: str) -> tuple[ProbeItem, ...]:
     rows = (line.split(" | ") for line in table.strip().splitlines())
     return tuple(ProbeItem(t.strip(), a.strip(), b.strip()) for t, a, b in rows)
+
+
+def _contrast_items(table: str) -> tuple[ProbeItem, ...]:
+    # condition | target | context A | target B | context B
+    rows = ([c.strip() for c in line.split(" | ")] for line in table.strip().splitlines())
+    return tuple(ProbeItem(t, a, b, tb, cond) for cond, t, a, tb, b in rows)
 
 
 # One item per line: target | context A | context B.
@@ -92,12 +124,51 @@ water | She drank a glass of water. | The water in the lake was cold.
 music | They listened to music all evening. | His music was played on the radio.
 """
     ),
+    "english-senses": _contrast_items(
+        """
+same-sense | bank | She sat on the river bank. | bank | The boat drifted to the muddy bank.
+different-sense | bank | She sat on the river bank. | bank | He opened an account at the bank.
+same-sense | light | Turn on the light in the hall. | light | The lamp gave a warm light.
+different-sense | light | Turn on the light in the hall. | light | The box was light to carry.
+same-sense | key | He lost the key to the door. | key | The key turned in the old lock.
+different-sense | key | He lost the key to the door. | key | Each key in the dict maps to a value.
+same-sense | string | Convert the number to a string. | string | A raw string keeps its backslashes.
+different-sense | string | Convert the number to a string. | string | She tied it up with string.
+same-sense | table | They ate dinner at the table. | table | He put the cups on the kitchen table.
+different-sense | table | They ate dinner at the table. | table | The table lists every opcode.
+same-sense | class | The class attribute is shared. | class | Define a class with two methods.
+different-sense | class | The class attribute is shared. | class | The class went on a school trip.
+same-sense | return | The function will return None. | return | A generator may return a value.
+different-sense | return | The function will return None. | return | They return home next week.
+same-sense | spring | The flowers bloom in spring. | spring | The spring rain filled the garden.
+different-sense | spring | The flowers bloom in spring. | spring | The spring in the clock broke.
+"""
+    ),
+    "synthetic-swap": _contrast_items(
+        """
+similar | cat | yesterday , the cat chased a dog . | fox | yesterday , the fox chased a dog .
+dissimilar | cat | yesterday , the cat chased a dog . | seven | yesterday , the seven chased a dog .
+similar | red | now , a red bird sees the cat . | blue | now , a blue bird sees the cat .
+dissimilar | red | now , a red bird sees the cat . | chased | now , a chased bird sees the cat .
+similar | chased | yesterday , the fox chased a cat . | found | yesterday , the fox found a cat .
+dissimilar | chased | yesterday , the fox chased a cat . | green | yesterday , the fox green a cat .
+similar | three | now , a cat sees a dog three times . | five | now , a cat sees a dog five times .
+dissimilar | three | now , a cat sees a dog three times . | owl | now , a cat sees a dog owl times .
+similar | sees | today , a cow sees the horse . | likes | today , a cow likes the horse .
+dissimilar | sees | today , a cow sees the horse . | near | today , a cow near the horse .
+similar | tiger | now , a tiger sees the sheep . | wolf | now , a wolf sees the sheep .
+dissimilar | tiger | now , a tiger sees the sheep . | helped | now , a helped sees the sheep .
+"""
+    ),
 }
 """Small built-in probe sets, keyed by the corpus they suit."""
 
 
 def load_probes(path: str | Path) -> tuple[ProbeItem, ...]:
     """Read a JSONL probe set: one ``{"target", "context_a", "context_b"}`` object per line.
+
+    Optional keys: ``"target_b"`` (the word of context B, for swap probes) and
+    ``"condition"`` (a label for :func:`run_condition_probe`).
 
     Raises:
         ValueError: On a line that is not such an object, or whose contexts lack the
@@ -109,14 +180,21 @@ def load_probes(path: str | Path) -> tuple[ProbeItem, ...]:
             continue
         try:
             row = json.loads(line)
-            item = ProbeItem(str(row["target"]), str(row["context_a"]), str(row["context_b"]))
+            target_b = row.get("target_b")
+            item = ProbeItem(
+                str(row["target"]),
+                str(row["context_a"]),
+                str(row["context_b"]),
+                None if target_b is None else str(target_b),
+                str(row.get("condition", "")),
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(
                 f"{path}:{n}: expected an object with target, context_a, context_b ({err})"
             ) from err
-        for ctx in (item.context_a, item.context_b):
-            if _find(ctx, item.target) is None:
-                raise ValueError(f"{path}:{n}: context {ctx!r} lacks target {item.target!r}")
+        for ctx, word in ((item.context_a, item.target), (item.context_b, item.word_b)):
+            if _find(ctx, word) is None:
+                raise ValueError(f"{path}:{n}: context {ctx!r} lacks target {word!r}")
         items.append(item)
     return tuple(items)
 
@@ -205,7 +283,106 @@ def overlap_permutation_test(
     return OverlapTest(observed, null.mean().item(), p, n)
 
 
+@dataclass(frozen=True)
+class ConditionTest:
+    """Result of the condition contrast at one layer.
+
+    Attributes:
+        first: Label of the condition expected to overlap more, e.g. ``"same-sense"``.
+        second: Label of the other condition.
+        mean_first: Mean Jaccard overlap of the ``first`` pairs, in [0, 1].
+        mean_second: Mean Jaccard overlap of the ``second`` pairs, in [0, 1].
+        p_value: One-sided permutation p-value of ``mean_first − mean_second`` under
+            shuffled labels, ``(1 + #{null ≥ observed}) / (1 + permutations)``.
+        num_first: Pairs in ``first``.
+        num_second: Pairs in ``second``.
+    """
+
+    first: str
+    second: str
+    mean_first: float
+    mean_second: float
+    p_value: float
+    num_first: int
+    num_second: int
+
+
+def condition_permutation_test(
+    overlaps: Float[Tensor, " n"],
+    conditions: Sequence[str],
+    first: str,
+    second: str,
+    num_permutations: int = 2000,
+    seed: int = 0,
+) -> ConditionTest:
+    """Permutation test of whether ``first`` pairs overlap more than ``second`` pairs.
+
+    The statistic is the difference of the two conditions' mean overlaps; the null
+    shuffles the labels among the pairs of both conditions (pairs of other conditions
+    are left out).
+
+    Args:
+        overlaps: Jaccard overlap of each pair.
+        conditions: Condition label of each pair.
+        first: The condition expected to overlap more.
+        second: The condition to compare against.
+        num_permutations: Random label shuffles of the null distribution.
+        seed: Seed of the shuffles.
+
+    Raises:
+        ValueError: When the lengths differ or a condition has no pair.
+    """
+    if len(conditions) != overlaps.shape[0]:
+        raise ValueError(
+            f"conditions has {len(conditions)} labels for {overlaps.shape[0]} overlaps"
+        )
+    keep = [i for i, c in enumerate(conditions) if c in (first, second)]
+    is_first = torch.tensor([conditions[i] == first for i in keep])
+    values = overlaps[keep].double()
+    n_first, n_second = int(is_first.sum()), int((~is_first).sum())
+    if n_first == 0 or n_second == 0:
+        raise ValueError(
+            f"need pairs of both conditions, got {n_first} {first!r} and {n_second} {second!r}"
+        )
+
+    def diff(mask: Tensor) -> Tensor:  # mask [..., n] -> difference of means [...]
+        m = mask.double()
+        return (values * m).sum(-1) / n_first - (values * (1 - m)).sum(-1) / n_second
+
+    observed = diff(is_first).item()
+    g = torch.Generator().manual_seed(seed)
+    shuffled = torch.stack(
+        [is_first[torch.randperm(len(keep), generator=g)] for _ in range(num_permutations)]
+    )
+    null = diff(shuffled)
+    p = (1 + int((null >= observed - 1e-12).sum())) / (1 + num_permutations)
+    mean_first = values[is_first].mean().item()
+    mean_second = values[~is_first].mean().item()
+    return ConditionTest(first, second, mean_first, mean_second, p, n_first, n_second)
+
+
 @torch.no_grad()
+def _target_sets(
+    forward: ForwardFn, encode: Callable[[str], Sequence[int]], items: Sequence[ProbeItem]
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer: the top-k experts of each item's word in context A and in context B."""
+    sets: list[list[list[Tensor]]] = []  # [side][layer][item] -> K experts
+    for side in ("a", "b"):
+        per_layer: list[list[Tensor]] = []
+        for item in items:
+            text, word = (
+                (item.context_a, item.target) if side == "a" else (item.context_b, item.word_b)
+            )
+            ids, pos = locate_word(encode, text, word)
+            routings = forward(torch.tensor([ids], dtype=torch.long))
+            if not per_layer:
+                per_layer = [[] for _ in routings]
+            for store, r in zip(per_layer, routings, strict=True):
+                store.append(r.experts[pos[-1]].cpu())
+        sets.append(per_layer)
+    return [(torch.stack(a), torch.stack(b)) for a, b in zip(sets[0], sets[1], strict=True)]
+
+
 def run_overlap_probe(
     forward: ForwardFn,
     encode: Callable[[str], Sequence[int]],
@@ -222,20 +399,42 @@ def run_overlap_probe(
         num_permutations: Permutations of the null.
         seed: Seed of the permutations.
     """
-    sets: list[list[list[Tensor]]] = []  # [side][layer][item] -> K experts
-    for side in ("context_a", "context_b"):
-        per_layer: list[list[Tensor]] = []
-        for item in items:
-            ids, pos = locate_word(encode, getattr(item, side), item.target)
-            routings = forward(torch.tensor([ids], dtype=torch.long))
-            if not per_layer:
-                per_layer = [[] for _ in routings]
-            for store, r in zip(per_layer, routings, strict=True):
-                store.append(r.experts[pos[-1]].cpu())
-        sets.append(per_layer)
     out = []
-    for layer_a, layer_b in zip(sets[0], sets[1], strict=True):
-        a, b = torch.stack(layer_a), torch.stack(layer_b)
+    for a, b in _target_sets(forward, encode, items):
         E = int(max(a.max(), b.max())) + 1
         out.append(overlap_permutation_test(a, b, E, num_permutations, seed))
+    return out
+
+
+def run_condition_probe(
+    forward: ForwardFn,
+    encode: Callable[[str], Sequence[int]],
+    items: Sequence[ProbeItem],
+    first: str,
+    second: str,
+    num_permutations: int = 2000,
+    seed: int = 0,
+) -> list[ConditionTest]:
+    """Run a condition contrast through a model: one :class:`ConditionTest` per MoE layer.
+
+    Example: ``run_condition_probe(fwd, enc, BUILTIN_PROBES["english-senses"],
+    "same-sense", "different-sense")``.
+
+    Args:
+        forward: ``ids_BS -> routings`` (e.g. :func:`~moeblocks.inspect.sra_forward`).
+        encode: Text to token ids (the model's tokeniser).
+        items: Labelled probe items, both conditions present.
+        first: The condition expected to overlap more.
+        second: The condition to compare against.
+        num_permutations: Label shuffles of the null.
+        seed: Seed of the shuffles.
+    """
+    conditions = [item.condition for item in items]
+    out = []
+    for a, b in _target_sets(forward, encode, items):
+        E = int(max(a.max(), b.max())) + 1
+        overlaps = topk_jaccard(a, b, E)
+        out.append(
+            condition_permutation_test(overlaps, conditions, first, second, num_permutations, seed)
+        )
     return out

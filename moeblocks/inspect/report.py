@@ -41,7 +41,14 @@ from moeblocks.inspect.metrics import (
     top_tokens,
     vocabulary_entropy,
 )
-from moeblocks.inspect.probe import BUILTIN_PROBES, OverlapTest, ProbeItem, run_overlap_probe
+from moeblocks.inspect.probe import (
+    BUILTIN_PROBES,
+    ConditionTest,
+    OverlapTest,
+    ProbeItem,
+    run_condition_probe,
+    run_overlap_probe,
+)
 from moeblocks.routers import CosineScorer
 
 __all__ = [
@@ -107,6 +114,10 @@ class RunInspection:
         npmi: Per layer: NPMI of experts × classes (empty without classes).
         probe_name: Which probe set ran (empty if none fitted the tokeniser).
         probe: Per layer: the overlap permutation test.
+        contrast_name: Which condition contrast ran, e.g. ``"english-senses"`` (empty if
+            none: a custom probe set without exactly two conditions, or a tokeniser
+            that merges a target with its neighbours).
+        contrast: Per layer: the condition permutation test.
         k_sweep: ``(k, perplexity)`` pairs; the training k is ``k_train``.
         k_train: k at the end of training.
         anchor_sims: Per cosine-routed layer: anchor similarity matrix.
@@ -126,11 +137,23 @@ class RunInspection:
     npmi: list[Tensor]
     probe_name: str
     probe: list[OverlapTest]
+    contrast_name: str
+    contrast: list[ConditionTest]
     k_sweep: list[tuple[int, float]]
     k_train: int
     anchor_sims: list[Tensor]
     sentence: list[str]
     trace: AnchorTrace
+
+
+def _contrast(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[ConditionTest]:
+    labels = list(dict.fromkeys(it.condition for it in items if it.condition))
+    if len(labels) != 2:
+        return []
+    try:
+        return run_condition_probe(forward, encode, items, *labels, num_permutations=1000)
+    except ValueError:  # the tokeniser merges a target with its neighbours
+        return []
 
 
 def _probe(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[OverlapTest]:
@@ -205,6 +228,11 @@ def inspect_run(
     if probes is not None:
         probe_name = "custom"
     probe = _probe(forward, enc, BUILTIN_PROBES[probe_name] if probes is None else probes)
+    # Built-in contrasts list the condition expected to overlap more first.
+    contrast_name = (
+        ("synthetic-swap" if synthetic else "english-senses") if probes is None else "custom"
+    )
+    contrast = _contrast(forward, enc, BUILTIN_PROBES[contrast_name] if probes is None else probes)
     sweep: list[tuple[int, float]] = []
     if k_sweep:
         ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1)
@@ -225,7 +253,8 @@ def inspect_run(
     )
     return RunInspection(
         Path(run), title, rs.num_tokens, summaries, coherence, vent, tops, class_names, pur,
-        npm, probe_name if probe else "", probe, sweep, cfg.k_final, sims,
+        npm, probe_name if probe else "", probe, contrast_name if contrast else "", contrast,
+        sweep, cfg.k_final, sims,
         [tok.id_to_token(i) or "" for i in sent_ids], trace,
     )  # fmt: skip
 
@@ -265,6 +294,18 @@ def format_inspection(ins: RunInspection, experts_shown: int = 6) -> str:
             lines.append(
                 f"  layer {i}: same-word Jaccard {p.observed:.3f} vs re-paired "
                 f"{p.null_mean:.3f}, permutation p = {p.p_value:.4f}"
+            )
+    if ins.contrast:
+        c0 = ins.contrast[0]
+        lines += [
+            "",
+            f"condition contrast ({ins.contrast_name}, {c0.num_first} {c0.first!r} vs "
+            f"{c0.num_second} {c0.second!r} pairs):",
+        ]
+        for i, c in enumerate(ins.contrast):
+            lines.append(
+                f"  layer {i}: Jaccard {c.first} {c.mean_first:.3f} vs {c.second} "
+                f"{c.mean_second:.3f}, permutation p = {c.p_value:.4f}"
             )
     if ins.k_sweep:
         lines += ["", "k-sweep:  " + "  ".join(f"k={k}: {p:.2f}" for k, p in ins.k_sweep)]
