@@ -15,6 +15,8 @@ from moeblocks.losses import BandpassLoss as BandpassLoss
 from moeblocks.losses import CVSquaredLoss as CVSquaredLoss
 from moeblocks.losses import DispersionLoss as DispersionLoss
 from moeblocks.losses import LoadBalanceLoss as LoadBalanceLoss
+from moeblocks.losses import TokenStatLoss as TokenStatLoss
+from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import LinearScorer as LinearScorer
@@ -48,6 +50,8 @@ __all__ = [
     "Scorer",
     "StepK",
     "SwiGLUExperts",
+    "TokenStatLoss",
+    "TokenStats",
     "TorchDispatcher",
     "ZLoss",
     "__version__",

@@ -131,3 +131,22 @@ def test_loss_arguments_are_validated() -> None:
     r = routing_from_probs([[0.5, 0.5]], [[0]])
     with pytest.raises(ValueError, match="mask"):
         mb.CVSquaredLoss()(r, ROUTER, torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: type(loss).__name__)
+def test_stats_of_two_batches_add_up_to_the_whole(loss: mb.TokenStatLoss) -> None:
+    # What the group-reduced losses of moeblocks.distributed rely on: summing the
+    # statistics of two shards and evaluating the formula equals the loss of the union.
+    torch.manual_seed(1)
+    scores = torch.randn(10, 5)
+    probs = scores.softmax(-1)
+    w, e = probs.topk(2, dim=-1)
+    mask = torch.rand(10) > 0.3
+    whole = mb.Routing(scores, probs, e, w)
+    halves = [mb.Routing(scores[s], probs[s], e[s], w[s]) for s in (slice(0, 4), slice(4, 10))]
+    vector = sum(
+        mb.TokenStats.of(h, m).to_vector()
+        for h, m in zip(halves, (mask[:4], mask[4:]), strict=True)
+    )
+    combined = loss.from_stats(mb.TokenStats.from_vector(vector))
+    torch.testing.assert_close(combined, loss(whole, ROUTER, mask))

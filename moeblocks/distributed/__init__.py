@@ -31,6 +31,7 @@ from moeblocks.distributed.groups import ExpertParallelGroups as ExpertParallelG
 from moeblocks.distributed.groups import make_expert_parallel_groups as make_expert_parallel_groups
 from moeblocks.distributed.losses import GroupReducedLoss as GroupReducedLoss
 from moeblocks.distributed.losses import global_mean_expert_probs as global_mean_expert_probs
+from moeblocks.distributed.losses import global_token_stats as global_token_stats
 from moeblocks.distributed.losses import reduce_aux_losses as reduce_aux_losses
 from moeblocks.distributed.sharding import all_reduce_gradients as all_reduce_gradients
 from moeblocks.distributed.sharding import clip_grad_norm_ as clip_grad_norm_
@@ -51,6 +52,7 @@ __all__ = [
     "expert_parallelize",
     "full_state_dict",
     "global_mean_expert_probs",
+    "global_token_stats",
     "load_full_state_dict",
     "make_expert_parallel_groups",
     "reduce_aux_losses",

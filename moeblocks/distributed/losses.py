@@ -1,14 +1,15 @@
 """Auxiliary losses whose token statistics cover every rank, not just the local batch.
 
-Legend: T tokens on this rank, E experts, K experts per token, C reduced columns.
+Legend: T tokens on this rank, E experts, K experts per token.
 
 With data or expert parallelism each rank routes its own tokens, so a balance loss
 computed from local statistics balances each rank's batch, not the global one, and
-bandpass sees a noisy ``P_e``. :class:`GroupReducedLoss` replaces the local token means
-by global ones: every rank sums its per-token columns over its real tokens, one
-differentiable all-reduce (E + E + 1 numbers at most) adds them up over the group, and the
-loss formula is evaluated on the global means. Each rank then holds the same value, the
-one a single process would compute on the concatenated batch.
+bandpass sees a noisy ``P_e``. :class:`GroupReducedLoss` replaces the local statistics
+by global ones: every rank computes its :class:`~moeblocks.losses.TokenStats` (sums over
+its real tokens), one differentiable all-reduce of 2E + 2 numbers adds them up over the
+group, and the wrapped loss's own ``from_stats`` evaluates its formula on the global
+means. Each rank then holds the same value, the one a single process would compute on
+the concatenated batch.
 
 Gradients: the all-reduce's backward sums the incoming gradients over the group, so when
 every rank adds the loss to its objective and the gradients are averaged over the W ranks
@@ -20,46 +21,32 @@ from __future__ import annotations
 
 import copy
 
-import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from moeblocks.distributed.comm import all_reduce_sum
 from moeblocks.layer import MoELayer
-from moeblocks.losses import (
-    AuxLoss,
-    BandpassLoss,
-    CVSquaredLoss,
-    DispersionLoss,
-    LoadBalanceLoss,
-    ZLoss,
-)
+from moeblocks.losses import AuxLoss, DispersionLoss, TokenStatLoss, TokenStats
 from moeblocks.routing import Routing
 
-__all__ = ["GroupReducedLoss", "global_mean_expert_probs", "reduce_aux_losses"]
+__all__ = [
+    "GroupReducedLoss",
+    "global_mean_expert_probs",
+    "global_token_stats",
+    "reduce_aux_losses",
+]
 
-_TOKEN_STAT_LOSSES = (LoadBalanceLoss, CVSquaredLoss, BandpassLoss, ZLoss)
 
+def global_token_stats(
+    routing: Routing, mask: Bool[Tensor, " T"] | None = None, group: ProcessGroup | None = None
+) -> TokenStats:
+    """:class:`~moeblocks.losses.TokenStats` summed over every rank of ``group``.
 
-def _global_token_means(
-    per_token: Float[Tensor, "T C"],
-    mask: Bool[Tensor, " T"] | None,
-    group: ProcessGroup | None,
-) -> Float[Tensor, " C"]:
-    """Mean of each column over the real tokens of every rank (0 with no real token)."""
-    T = per_token.shape[0]
-    if mask is None:
-        m_T = per_token.new_ones(T)
-    elif mask.shape != (T,):
-        raise ValueError(f"mask must have shape [{T}], got {tuple(mask.shape)}")
-    else:
-        m_T = mask.to(per_token.dtype)
-    sums = torch.cat([m_T @ per_token, m_T.sum().unsqueeze(0)])
-    total = all_reduce_sum(sums, group)
-    # Clamped so that a group with no real token gives zeros, not NaN (as losses.py does).
-    return total[:-1] / total[-1].clamp(min=1.0)
+    Differentiable and collective: every rank of ``group`` must call it.
+    """
+    total = all_reduce_sum(TokenStats.of(routing, mask).to_vector(), group)
+    return TokenStats.from_vector(total)
 
 
 def global_mean_expert_probs(
@@ -69,18 +56,17 @@ def global_mean_expert_probs(
 
     The group-wide counterpart of :func:`moeblocks.losses.mean_expert_probs`.
     """
-    return _global_token_means(routing.probs, mask, group)
+    return global_token_stats(routing, mask, group).mean_probs
 
 
 class GroupReducedLoss(nn.Module):
     """Wraps an aux loss so its token statistics are reduced over a process group.
 
-    Supported: :class:`~moeblocks.LoadBalanceLoss` (``f_e`` and ``P_e``),
-    :class:`~moeblocks.CVSquaredLoss` and :class:`~moeblocks.BandpassLoss` (``P_e``),
-    :class:`~moeblocks.ZLoss` (mean squared logsumexp), each with the formula and
-    normalisation of the wrapped class, evaluated on global means.
-    :class:`~moeblocks.DispersionLoss` depends only on the (replicated) anchors and is
-    passed through. A collective: every rank of ``group`` must call it.
+    Supported: every :class:`~moeblocks.losses.TokenStatLoss` (``LoadBalanceLoss``,
+    ``CVSquaredLoss``, ``BandpassLoss``, ``ZLoss``), whose own ``from_stats`` formula is
+    evaluated on the group's statistics. :class:`~moeblocks.DispersionLoss` depends only
+    on the (replicated) anchors and is passed through. A collective: every rank of
+    ``group`` must call it.
 
     Args:
         loss: The loss to wrap; its ``weight`` (and bandpass corridor) is used as is.
@@ -93,10 +79,10 @@ class GroupReducedLoss(nn.Module):
 
     def __init__(self, loss: AuxLoss, group: ProcessGroup | None = None) -> None:
         super().__init__()
-        if not isinstance(loss, (*_TOKEN_STAT_LOSSES, DispersionLoss)):
+        if not isinstance(loss, (TokenStatLoss, DispersionLoss)):
             raise TypeError(
-                "loss must be a LoadBalanceLoss, CVSquaredLoss, BandpassLoss, ZLoss or "
-                f"DispersionLoss, got {type(loss).__name__}"
+                "loss must be a TokenStatLoss (LoadBalanceLoss, CVSquaredLoss, BandpassLoss, "
+                f"ZLoss) or a DispersionLoss, got {type(loss).__name__}"
             )
         self.loss = loss
         self.group = group
@@ -114,28 +100,9 @@ class GroupReducedLoss(nn.Module):
         self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
     ) -> Float[Tensor, ""]:
         """The unweighted loss on global statistics (the same value on every rank)."""
-        loss, E = self.loss, routing.num_experts
-        if isinstance(loss, DispersionLoss):
-            return loss(routing, router, mask)
-        if isinstance(loss, ZLoss):
-            z2_T1 = torch.logsumexp(routing.scores, dim=-1).square().unsqueeze(1)
-            return _global_token_means(z2_T1, mask, self.group)[0]
-        if isinstance(loss, LoadBalanceLoss):
-            slots_TE = F.one_hot(routing.experts, E).to(routing.probs.dtype).sum(dim=1)
-            means = _global_token_means(
-                torch.cat([routing.probs, slots_TE / routing.top_k], dim=1), mask, self.group
-            )
-            P_E, f_E = means[:E], means[E:]
-            return E * (f_E * P_E).sum()
-        P_E = global_mean_expert_probs(routing, mask, self.group)
-        if isinstance(loss, CVSquaredLoss):
-            if E == 1:
-                return P_E.sum() * 0
-            return P_E.var(unbiased=False) / P_E.mean().square().clamp(min=1e-12)
-        assert isinstance(loss, BandpassLoss)
-        below_E = F.relu(loss.floor - P_E).square()
-        above_E = F.relu(P_E - loss.ceiling).square()
-        return E**2 * (below_E + above_E).mean()
+        if isinstance(self.loss, DispersionLoss):
+            return self.loss(routing, router, mask)
+        return self.loss.from_stats(global_token_stats(routing, mask, self.group))
 
     def extra_repr(self) -> str:
         """Name the group in the module's repr."""
