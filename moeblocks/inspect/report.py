@@ -121,7 +121,7 @@ class RunInspection:
         k_sweep: ``(k, perplexity)`` pairs; the training k is ``k_train``.
         k_train: k at the end of training.
         anchor_sims: Per cosine-routed layer: anchor similarity matrix.
-        sentence: Pieces of the traced sentence.
+        sentence: Pieces of the traced sentence, each decoded to its text.
         trace: Anchor–token trace of the sentence.
     """
 
@@ -255,7 +255,7 @@ def inspect_run(
         Path(run), title, rs.num_tokens, summaries, coherence, vent, tops, class_names, pur,
         npm, probe_name if probe else "", probe, contrast_name if contrast else "", contrast,
         sweep, cfg.k_final, sims,
-        [tok.id_to_token(i) or "" for i in sent_ids], trace,
+        [tok.decode([i]) for i in sent_ids], trace,
     )  # fmt: skip
 
 
