@@ -7,6 +7,7 @@ token, R grouped rows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 from jaxtyping import Bool, Float
@@ -72,6 +73,15 @@ class MoELayer(nn.Module):
         # Losses that are plain callables are kept outside the module tree.
         self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
         self.check_finite = bool(check_finite)
+
+    @property
+    def plain_losses(self) -> Mapping[str, AuxLoss]:
+        """The aux losses that are plain callables, kept outside the module tree.
+
+        Module losses are in ``self.losses`` (an ``nn.ModuleDict``, so they move with
+        ``.to()`` and appear in ``state_dict``).
+        """
+        return MappingProxyType(self._plain_losses)
 
     @property
     def dim(self) -> int:

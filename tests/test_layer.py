@@ -166,3 +166,24 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci_lines
     assert any("moeblocks demo" in c for c in commands)
+
+
+def test_plain_callable_losses_are_listed_read_only() -> None:
+    def entropy(routing, router, mask=None):
+        return -(routing.probs * routing.probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+    entropy.weight = 0.1  # type: ignore[attr-defined]
+    router = mb.Router(mb.LinearScorer(8, 4))
+    layer = mb.MoELayer(
+        router, mb.TorchDispatcher(), mb.GELUExperts(4, 8, 8), {"h": entropy, "z": mb.ZLoss()}
+    )
+    assert list(layer.plain_losses) == ["h"]
+    assert list(layer.losses) == ["z"]
+    with pytest.raises(TypeError):
+        layer.plain_losses["x"] = entropy  # type: ignore[index]
+    res = layer(torch.randn(3, 8))
+    torch.testing.assert_close(res.aux_losses["h"], 0.1 * entropy(res.routing, router))
+    from moeblocks.distributed import reduce_aux_losses
+
+    with pytest.raises(TypeError, match="plain-callable losses"):
+        reduce_aux_losses(layer)

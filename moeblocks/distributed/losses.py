@@ -126,9 +126,9 @@ def reduce_aux_losses(module: nn.Module, group: ProcessGroup | None = None) -> n
     for layer in module.modules():
         if not isinstance(layer, MoELayer):
             continue
-        if layer._plain_losses:
+        if layer.plain_losses:
             raise TypeError(
-                f"plain-callable losses {sorted(layer._plain_losses)} cannot be reduced "
+                f"plain-callable losses {sorted(layer.plain_losses)} cannot be reduced "
                 "across ranks; give them as nn.Module losses"
             )
         for name, loss in list(layer.losses.items()):
