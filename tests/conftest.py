@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 from jaxtyping import install_import_hook
 
@@ -38,3 +40,18 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one intra-op thread, then restore the thread count.
+
+    Tiny models gain nothing from intra-op threads, and on a busy 2-core CI machine
+    oversubscribed OpenMP threads make each step many times slower. Module scope, so a
+    module's training runs share one thread count: their results are bitwise equal only
+    then (the resume-equivalence tests compare weights exactly).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,20 +15,14 @@ from moeblocks.inspect import plots
 from moeblocks.inspect.cli import add_inspect_commands
 from moeblocks.inspect.report import word_ids_from_pieces
 
+# Tiny models on one intra-op thread: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, above all on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_word_ids_from_pieces():

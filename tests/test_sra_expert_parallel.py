@@ -28,6 +28,9 @@ from moeblocks.cli import main
 from moeblocks.sra.checkpoint import find_checkpoint
 from moeblocks.sra.model import SRATransformer
 
+# Tiny models on one intra-op thread: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 3
 LAUNCH_TIMEOUT_S = 120
 TRAIN = ["train", "--preset", "tiny", "--data", "synthetic", "--quiet"]
@@ -43,15 +46,6 @@ WEIGHT_TOL = 1e-3
 # a gradient scaled by W), measured ~5e-5 relative.
 MOMENT_TOL = 1e-3
 LOSS_TOL = 1e-5  # the logged global mean cross-entropy, relative
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain little from intra-op threads on a busy 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -13,15 +13,8 @@ import moeblocks as mb
 from moeblocks.sra import PRESETS, SRAConfig, SRATransformer, UsageError, preset
 from moeblocks.sra.model import build_schedule
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Micro models gain nothing from intra-op threads, and on a busy 2-core CI box
-    # oversubscribed OpenMP threads make each step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models on one intra-op thread: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro(**changes: object) -> SRAConfig:

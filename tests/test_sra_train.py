@@ -19,16 +19,8 @@ from moeblocks.sra.model import SRATransformer
 from moeblocks.sra.tokenizer import encode
 from moeblocks.sra.train import lr_at, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Micro models gain nothing from intra-op threads, and on a busy 2-core CI box
-    # oversubscribed OpenMP threads make each step many times slower. Module scope, so
-    # the module's runs share one thread count: results are bitwise equal only then.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models on one intra-op thread: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro(**changes: object) -> SRAConfig:
