@@ -1,13 +1,25 @@
 """moeblocks: composable, typed Mixture-of-Experts building blocks for PyTorch."""
 
 from moeblocks._version import __version__ as __version__
+from moeblocks.activations import GLU as GLU
+from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
+from moeblocks.activations import GatedActivation as GatedActivation
+from moeblocks.balancing import BiasBalancer as BiasBalancer
+from moeblocks.balancing import step_balancers as step_balancers
+from moeblocks.capacity import Capacity as Capacity
 from moeblocks.dispatch import Dispatcher as Dispatcher
 from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
 from moeblocks.dispatch import make_dispatcher as make_dispatcher
 from moeblocks.experts import ExpertBank as ExpertBank
+from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
+from moeblocks.experts import MLPExperts as MLPExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
+from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
+from moeblocks.gating import Selection as Selection
+from moeblocks.gating import TopK as TopK
+from moeblocks.gating import WeightPolicy as WeightPolicy
 from moeblocks.grouped import grouped_mm as grouped_mm
 from moeblocks.layer import MoELayer as MoELayer
 from moeblocks.losses import AuxLoss as AuxLoss
@@ -15,12 +27,14 @@ from moeblocks.losses import BandpassLoss as BandpassLoss
 from moeblocks.losses import CVSquaredLoss as CVSquaredLoss
 from moeblocks.losses import DispersionLoss as DispersionLoss
 from moeblocks.losses import LoadBalanceLoss as LoadBalanceLoss
+from moeblocks.losses import SequenceBalanceLoss as SequenceBalanceLoss
 from moeblocks.losses import TokenStatLoss as TokenStatLoss
 from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import LinearScorer as LinearScorer
 from moeblocks.routers import Router as Router
+from moeblocks.routers import RouterProtocol as RouterProtocol
 from moeblocks.routers import Scorer as Scorer
 from moeblocks.routing import Layout as Layout
 from moeblocks.routing import MoEOutput as MoEOutput
@@ -28,34 +42,50 @@ from moeblocks.routing import Routing as Routing
 from moeblocks.schedules import ConstantK as ConstantK
 from moeblocks.schedules import KSchedule as KSchedule
 from moeblocks.schedules import StepK as StepK
+from moeblocks.shared import SharedExperts as SharedExperts
 
 __all__ = [
+    "GLU",
     "AuxLoss",
     "BandpassLoss",
+    "BiasBalancer",
     "CVSquaredLoss",
+    "Capacity",
+    "ClampedSwiGLU",
     "ConstantK",
     "CosineScorer",
     "Dispatcher",
     "DispersionLoss",
     "ExpertBank",
+    "ExpertInit",
     "GELUExperts",
+    "GatedActivation",
+    "GroupLimitedTopK",
     "KSchedule",
     "Layout",
     "LinearScorer",
     "LoadBalanceLoss",
+    "MLPExperts",
     "MoELayer",
     "MoEOutput",
     "Router",
+    "RouterProtocol",
     "Routing",
     "Scorer",
+    "Selection",
+    "SequenceBalanceLoss",
+    "SharedExperts",
     "StepK",
     "SwiGLUExperts",
     "TokenStatLoss",
     "TokenStats",
+    "TopK",
     "TorchDispatcher",
+    "WeightPolicy",
     "ZLoss",
     "__version__",
     "build_layout",
     "grouped_mm",
     "make_dispatcher",
+    "step_balancers",
 ]

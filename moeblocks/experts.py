@@ -10,16 +10,17 @@ so routers and banks combine freely. Experts with no rows get exactly zero gradi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from moeblocks.activations import GLU, GatedActivation, activation_fn
 from moeblocks.grouped import grouped_mm
 
-__all__ = ["ExpertBank", "GELUExperts", "SwiGLUExperts"]
+__all__ = ["ExpertBank", "ExpertInit", "GELUExperts", "MLPExperts", "SwiGLUExperts"]
 
 
 @runtime_checkable
@@ -42,24 +43,84 @@ def _check_dims(num_experts: int, dim: int, hidden: int) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _init_stacked(w: Tensor, fan_in: int) -> None:
-    # Same scale as nn.Linear's default init, per expert.
-    bound = 1 / math.sqrt(fan_in)
-    nn.init.uniform_(w, -bound, bound)
+@dataclass(frozen=True)
+class ExpertInit:
+    """How an expert bank initialises its weights (biases always start at zero).
+
+    Args:
+        std: Normal std of every weight (0.02 in GPT-2-style recipes and SRA's paper
+            code); None keeps ``nn.Linear``'s default, uniform in ``±1/sqrt(fan_in)``.
+        out_scale: Multiplies the std (or bound) of the output projection only; the
+            "scaled output init" of GPT-2 and Megatron is ``1 / sqrt(2 · num_layers)``.
+    """
+
+    std: float | None = None
+    out_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.std is not None and not (math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"std must be None or a finite number > 0, got {self.std!r}")
+        if not (math.isfinite(self.out_scale) and self.out_scale > 0):
+            raise ValueError(f"out_scale must be a finite number > 0, got {self.out_scale!r}")
+
+    def apply(self, w: Tensor, fan_in: int, output: bool = False) -> None:
+        """Initialise one stacked weight ``[E, fan_in, fan_out]`` in place."""
+        scale = self.out_scale if output else 1.0
+        with torch.no_grad():
+            if self.std is None:
+                bound = scale / math.sqrt(fan_in)  # nn.Linear's default scale, per expert
+                nn.init.uniform_(w, -bound, bound)
+            else:
+                nn.init.normal_(w, 0.0, self.std * scale)
+
+
+def _add_row_bias(h_RO: Tensor, b_EO: Tensor | None, group_sizes_E: Tensor) -> Tensor:
+    if b_EO is None:
+        return h_RO
+    E, R = b_EO.shape[0], h_RO.shape[0]
+    # output_size keeps repeat_interleave free of a host sync.
+    expert_of_row_R = torch.repeat_interleave(
+        torch.arange(E, device=h_RO.device), group_sizes_E, output_size=R
+    )
+    return h_RO + b_EO.to(h_RO.dtype).index_select(0, expert_of_row_R)
 
 
 class _StackedMLP(nn.Module):
-    """Shared validation and repr of the banks; not public."""
+    """Shared validation, biases and repr of the banks; not public."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        backend: str,
+        bias: bool,
+        init: ExpertInit | None,
+        w_in_name: str,
+        b_in_name: str,
+        in_width: int,
+    ) -> None:
         super().__init__()
         _check_dims(num_experts, dim, hidden)
         if backend not in ("auto", "torch", "loop"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'loop', got {backend!r}")
+        init = ExpertInit() if init is None else init
+        if not isinstance(init, ExpertInit):
+            raise TypeError(f"init must be an ExpertInit, got {type(init).__name__}")
         self.num_experts = num_experts
         self.dim = dim
         self.hidden = hidden
         self.backend = backend
+        self.init = init
+        # Registered by name so each bank keeps its shape-lettered attribute names.
+        self.register_parameter(w_in_name, nn.Parameter(torch.empty(num_experts, dim, in_width)))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        init.apply(getattr(self, w_in_name), dim)
+        init.apply(self.w_out_EFD, hidden, output=True)
+        b_in = nn.Parameter(torch.zeros(num_experts, in_width)) if bias else None
+        self.register_parameter(b_in_name, b_in)
+        self.b_out_ED = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self._b_in_name = b_in_name
 
     def _check(self, grouped: Tensor, group_sizes: Tensor) -> None:
         if grouped.ndim != 2 or grouped.shape[1] != self.dim:
@@ -71,65 +132,138 @@ class _StackedMLP(nn.Module):
                 f"group_sizes must have shape [{self.num_experts}], got {tuple(group_sizes.shape)}"
             )
 
+    def _project_in(self, w_in: Tensor, grouped: Tensor, group_sizes: Tensor) -> Tensor:
+        self._check(grouped, group_sizes)
+        h = grouped_mm(grouped, w_in, group_sizes, self.backend)
+        return _add_row_bias(h, getattr(self, self._b_in_name), group_sizes)
+
+    def _project_out(self, h: Tensor, group_sizes: Tensor) -> Tensor:
+        out = grouped_mm(h, self.w_out_EFD, group_sizes, self.backend)
+        return _add_row_bias(out, self.b_out_ED, group_sizes)
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the bank has input and output biases."""
+        return self.b_out_ED is not None
+
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, bias={self.has_bias}"
         )
 
 
 class SwiGLUExperts(_StackedMLP):
-    """SwiGLU experts: ``(silu(x W_gate) ⊙ x W_up) W_out`` per expert, no biases.
+    """Gated (GLU) experts: ``(act(x W_gate + b_gate) ⊙ (x W_up + b_up)) W_out + b_out``.
 
-    The gate and up projections are stored side by side in ``w_in_EDF2`` (``[E, D, 2F]``)
-    so each expert runs one input matmul.
-
-    Args:
-        num_experts: Number of experts E.
-        dim: Model dimension D.
-        hidden: Expert hidden dimension F.
-        backend: Grouped-matmul backend, see :func:`moeblocks.grouped.grouped_mm`.
-    """
-
-    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto") -> None:
-        super().__init__(num_experts, dim, hidden, backend)
-        self.w_in_EDF2 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
-        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        _init_stacked(self.w_in_EDF2, dim)
-        _init_stacked(self.w_out_EFD, hidden)
-
-    def forward(
-        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
-    ) -> Float[Tensor, "R D"]:
-        """Run every expert on its rows."""
-        self._check(grouped, group_sizes)
-        h_RF2 = grouped_mm(grouped, self.w_in_EDF2, group_sizes, self.backend)
-        gate_RF, up_RF = h_RF2.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_RF) * up_RF, self.w_out_EFD, group_sizes, self.backend)
-
-
-class GELUExperts(_StackedMLP):
-    """GELU experts: ``gelu(x W_in) W_out`` per expert, no biases.
+    The gate and up projections are stored side by side in ``w_in_EDF2`` (``[E, D, 2F]``,
+    gate first) so each expert runs one input matmul. The default activation is SwiGLU;
+    :class:`~moeblocks.activations.ClampedSwiGLU` gives GPT-OSS's experts.
 
     Args:
         num_experts: Number of experts E.
         dim: Model dimension D.
         hidden: Expert hidden dimension F.
         backend: Grouped-matmul backend, see :func:`moeblocks.grouped.grouped_mm`.
+        activation: A :class:`~moeblocks.activations.GatedActivation`
+            (default ``GLU("silu")``, i.e. SwiGLU).
+        bias: Learnable biases ``b_in_EF2`` (``[E, 2F]``) and ``b_out_ED`` (``[E, D]``).
+        init: Weight initialisation (default: ``nn.Linear``'s scale per expert).
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto") -> None:
-        super().__init__(num_experts, dim, hidden, backend)
-        self.w_in_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        _init_stacked(self.w_in_EDF, dim)
-        _init_stacked(self.w_out_EFD, hidden)
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        backend: str = "auto",
+        *,
+        activation: GatedActivation | None = None,
+        bias: bool = False,
+        init: ExpertInit | None = None,
+    ) -> None:
+        super().__init__(
+            num_experts, dim, hidden, backend, bias, init, "w_in_EDF2", "b_in_EF2", 2 * hidden
+        )
+        activation = GLU() if activation is None else activation
+        if not isinstance(activation, GatedActivation):
+            raise TypeError(
+                f"activation must be a gated activation (gate, up) -> hidden, "
+                f"got {type(activation).__name__}"
+            )
+        self.activation = activation
 
     def forward(
         self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
     ) -> Float[Tensor, "R D"]:
         """Run every expert on its rows."""
-        self._check(grouped, group_sizes)
-        h_RF = grouped_mm(grouped, self.w_in_EDF, group_sizes, self.backend)
-        return grouped_mm(F.gelu(h_RF), self.w_out_EFD, group_sizes, self.backend)
+        gate_RF, up_RF = self._project_in(self.w_in_EDF2, grouped, group_sizes).chunk(2, dim=-1)
+        return self._project_out(self.activation(gate_RF, up_RF), group_sizes)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"{super().extra_repr()}, activation={self.activation}"
+
+
+class MLPExperts(_StackedMLP):
+    """Two-matrix experts: ``act(x W_in + b_in) W_out + b_out`` per expert.
+
+    Args:
+        num_experts: Number of experts E.
+        dim: Model dimension D.
+        hidden: Expert hidden dimension F.
+        backend: Grouped-matmul backend, see :func:`moeblocks.grouped.grouped_mm`.
+        activation: ``"gelu"`` (exact), ``"gelu_tanh"``, ``"relu"`` (Switch) or ``"silu"``.
+        bias: Learnable biases ``b_in_EF`` (``[E, F]``) and ``b_out_ED`` (``[E, D]``).
+        init: Weight initialisation (default: ``nn.Linear``'s scale per expert).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        backend: str = "auto",
+        *,
+        activation: str = "gelu",
+        bias: bool = False,
+        init: ExpertInit | None = None,
+    ) -> None:
+        activation_fn(activation)
+        super().__init__(
+            num_experts, dim, hidden, backend, bias, init, "w_in_EDF", "b_in_EF", hidden
+        )
+        self.activation = activation
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """Run every expert on its rows."""
+        h_RF = self._project_in(self.w_in_EDF, grouped, group_sizes)
+        return self._project_out(activation_fn(self.activation)(h_RF), group_sizes)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class GELUExperts(MLPExperts):
+    """:class:`MLPExperts` with a GELU (``"gelu"`` exact by default, or ``"gelu_tanh"``)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        backend: str = "auto",
+        *,
+        activation: str = "gelu",
+        bias: bool = False,
+        init: ExpertInit | None = None,
+    ) -> None:
+        if activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"GELUExperts takes 'gelu' or 'gelu_tanh', got {activation!r}")
+        super().__init__(
+            num_experts, dim, hidden, backend, activation=activation, bias=bias, init=init
+        )

@@ -1,4 +1,4 @@
-"""MoELayer: router + dispatcher + expert bank + auxiliary losses.
+"""MoELayer: router + dispatcher + expert bank (+ capacity, shared experts) + aux losses.
 
 Legend: T tokens (all leading dims flattened), D model dim, E experts, K experts per
 token, R grouped rows.
@@ -6,6 +6,7 @@ token, R grouped rows.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -13,11 +14,13 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from moeblocks.capacity import Capacity
 from moeblocks.dispatch import Dispatcher
 from moeblocks.experts import ExpertBank
 from moeblocks.losses import AuxLoss
-from moeblocks.routers import Router
+from moeblocks.routers import RouterProtocol
 from moeblocks.routing import MoEOutput
+from moeblocks.shared import SharedExperts
 
 __all__ = ["MoELayer"]
 
@@ -25,30 +28,43 @@ __all__ = ["MoELayer"]
 class MoELayer(nn.Module):
     """A mixture-of-experts feed-forward layer composed from independent blocks.
 
-    ``forward`` flattens the leading dims into tokens, routes them, groups the routed
-    copies by expert, runs the expert bank, combines the outputs with the routing
-    weights and restores the input shape. Nothing is kept on ``self`` between calls.
+    ``forward`` flattens the leading dims into tokens, routes them, applies the capacity
+    limit if any, groups the routed copies by expert, runs the expert bank, combines the
+    outputs with the routing weights, adds the shared experts' output and restores the
+    input shape. Nothing is kept on ``self`` between calls.
 
     Args:
-        router: Chooses experts and combine weights.
+        router: Chooses experts and combine weights: any ``nn.Module`` satisfying
+            :class:`~moeblocks.routers.RouterProtocol` (the stock
+            :class:`~moeblocks.Router` or your own).
         dispatcher: Groups routed copies by expert and combines them back.
         experts: The expert bank; its ``dim`` and ``num_experts`` must match the router.
         losses: Named auxiliary losses; each value is multiplied by the loss's ``weight``.
         check_finite: Raise ``ValueError`` on NaN or inf in the input. This reads a flag
             on the host (one device sync per call), so it is off by default.
+        shared: Always-on experts added to the routed output
+            (:class:`~moeblocks.shared.SharedExperts`).
+        capacity: A per-expert :class:`~moeblocks.capacity.Capacity`; overflow copies
+            are dropped (weight 0) and marked in ``Routing.dropped``.
     """
 
     def __init__(
         self,
-        router: Router,
+        router: RouterProtocol,
         dispatcher: Dispatcher,
         experts: ExpertBank,
         losses: Mapping[str, AuxLoss] | None = None,
         check_finite: bool = False,
+        *,
+        shared: SharedExperts | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(router, Router):
-            raise TypeError(f"router must be a moeblocks.Router, got {type(router).__name__}")
+        if not isinstance(router, nn.Module) or not isinstance(router, RouterProtocol):
+            raise TypeError(
+                "router must be an nn.Module with dim, num_experts and "
+                f"forward(tokens, k=None) -> Routing, got {type(router).__name__}"
+            )
         if not isinstance(dispatcher, Dispatcher):
             raise TypeError(
                 f"dispatcher must implement permute/unpermute, got {type(dispatcher).__name__}"
@@ -62,6 +78,13 @@ class MoELayer(nn.Module):
                 f"experts (dim={experts.dim}, num_experts={experts.num_experts}) do not match "
                 f"router (dim={router.dim}, num_experts={router.num_experts})"
             )
+        if shared is not None:
+            if not isinstance(shared, SharedExperts):
+                raise TypeError(f"shared must be SharedExperts, got {type(shared).__name__}")
+            if shared.dim != router.dim:
+                raise ValueError(f"shared experts have dim {shared.dim}, the router {router.dim}")
+        if capacity is not None and not isinstance(capacity, Capacity):
+            raise TypeError(f"capacity must be a Capacity, got {type(capacity).__name__}")
         losses = dict(losses or {})
         for name, loss in losses.items():
             if not isinstance(name, str) or not isinstance(loss, AuxLoss):
@@ -69,6 +92,8 @@ class MoELayer(nn.Module):
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
+        self.shared = shared
+        self.capacity = capacity
         self.losses = nn.ModuleDict({n: f for n, f in losses.items() if isinstance(f, nn.Module)})
         # Losses that are plain callables are kept outside the module tree.
         self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
@@ -144,9 +169,14 @@ class MoELayer(nn.Module):
         tokens_TD = x.reshape(-1, self.dim)
         mask_T = None if mask is None else mask.reshape(-1)
         routing = self.router(tokens_TD, k=k)
+        routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
+        if self.capacity is not None:
+            routing = self.capacity(routing)
         grouped_RD, layout = self.dispatcher.permute(tokens_TD, routing)
         expert_out_RD = self.experts(grouped_RD, layout.group_sizes)
         out_TD = self.dispatcher.unpermute(expert_out_RD, layout, routing.weights)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(tokens_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}
         aux = {
             name: loss.weight * loss(routing, self.router, mask_T)

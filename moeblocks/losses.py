@@ -12,10 +12,12 @@ With no real token a loss is zero (and still part of the graph). Statistics belo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
@@ -29,6 +31,7 @@ __all__ = [
     "CVSquaredLoss",
     "DispersionLoss",
     "LoadBalanceLoss",
+    "SequenceBalanceLoss",
     "TokenStatLoss",
     "TokenStats",
     "ZLoss",
@@ -80,12 +83,14 @@ class TokenStats:
         slot_sum: ``Σ_t (slots of t routed to e) / K``; sums to the number of real tokens.
         z2_sum: ``Σ_t logsumexp(scores[t])²`` (differentiable).
         num_tokens: The number of real tokens, as a float tensor.
+        k_sum: ``Σ_t K``, the routed slots of the real tokens (K·T for a constant K).
     """
 
     prob_sum: Float[Tensor, " E"]
     slot_sum: Float[Tensor, " E"]
     z2_sum: Float[Tensor, ""]
     num_tokens: Float[Tensor, ""]
+    k_sum: Float[Tensor, ""]
 
     @classmethod
     def of(cls, routing: Routing, mask: Bool[Tensor, " T"] | None = None) -> TokenStats:
@@ -94,19 +99,53 @@ class TokenStats:
         # Each token's K experts are distinct, so the scatter writes each cell once.
         slots_TE = torch.zeros_like(routing.probs).scatter_(1, routing.experts, 1.0)
         z2_T = torch.logsumexp(routing.scores, dim=-1).square()
-        return cls(m_T @ routing.probs, (m_T @ slots_TE) / routing.top_k, m_T @ z2_T, m_T.sum())
+        n = m_T.sum()
+        return cls(
+            m_T @ routing.probs, (m_T @ slots_TE) / routing.top_k, m_T @ z2_T, n, n * routing.top_k
+        )
+
+    @classmethod
+    def pooled(
+        cls, routings: Sequence[Routing], masks: Sequence[Bool[Tensor, " T"] | None] | None = None
+    ) -> TokenStats:
+        """Statistics of several records added up (layers of one model, micro-batches).
+
+        Hugging Face's load-balance loss pools its statistics over all layers this way
+        (see :class:`LoadBalanceLoss`).
+        """
+        if not routings:
+            raise ValueError("routings must hold at least one Routing record")
+        masks = [None] * len(routings) if masks is None else list(masks)
+        if len(masks) != len(routings):
+            raise ValueError(f"got {len(masks)} masks for {len(routings)} routing records")
+        total = cls.of(routings[0], masks[0])
+        for routing, mask in zip(routings[1:], masks[1:], strict=True):
+            total = total + cls.of(routing, mask)
+        return total
+
+    def __add__(self, other: TokenStats) -> TokenStats:
+        """Statistics of the union of both token sets."""
+        return TokenStats.from_vector(self.to_vector() + other.to_vector())
 
     def to_vector(self) -> Float[Tensor, " S"]:
-        """All statistics in one vector of ``2E + 2`` numbers, e.g. for one all-reduce."""
+        """All statistics in one vector of ``2E + 3`` numbers, e.g. for one all-reduce."""
         return torch.cat(
-            [self.prob_sum, self.slot_sum, self.z2_sum.view(1), self.num_tokens.view(1)]
+            [
+                self.prob_sum,
+                self.slot_sum,
+                self.z2_sum.view(1),
+                self.num_tokens.view(1),
+                self.k_sum.view(1),
+            ]
         )
 
     @classmethod
     def from_vector(cls, vector: Float[Tensor, " S"]) -> TokenStats:
         """Inverse of :meth:`to_vector`."""
-        E = (vector.shape[0] - 2) // 2
-        return cls(vector[:E], vector[E : 2 * E], vector[2 * E], vector[2 * E + 1])
+        E = (vector.shape[0] - 3) // 2
+        return cls(
+            vector[:E], vector[E : 2 * E], vector[2 * E], vector[2 * E + 1], vector[2 * E + 2]
+        )
 
     def _n(self) -> Tensor:
         # Clamped so that an all-padding batch gives zero, not NaN.
@@ -119,8 +158,13 @@ class TokenStats:
 
     @property
     def slot_fractions(self) -> Float[Tensor, " E"]:
-        """``f_e``, the fraction of routed slots that go to each expert."""
+        """``f_e``, the fraction of routed slots that go to each expert (sums to 1)."""
         return self.slot_sum / self._n()
+
+    @property
+    def token_fractions(self) -> Float[Tensor, " E"]:
+        """The fraction of real tokens that chose each expert (sums to K)."""
+        return self.slot_fractions * (self.k_sum / self._n())
 
     @property
     def mean_z2(self) -> Float[Tensor, ""]:
@@ -168,18 +212,87 @@ class TokenStatLoss(_Loss):
 class LoadBalanceLoss(TokenStatLoss):
     """Switch Transformer load balance: ``E · Σ_e f_e · P_e``.
 
-    ``f_e`` is the fraction of the real tokens' K·T routed slots that go to expert ``e``
-    (not differentiable), ``P_e`` the mean router probability. It equals 1 when routing
-    is perfectly uniform and grows to E when one expert takes everything.
+    ``P_e`` is the mean router probability of expert ``e`` (differentiable). ``f_e``
+    (not differentiable) counts the routed slots of expert ``e`` over the real tokens:
+
+    - ``fractions="slots"`` (default): the fraction of the K·T slots, so ``Σ f = 1``; the
+      loss is 1 for perfectly uniform routing and grows to E when one expert takes all.
+    - ``fractions="tokens"``: the fraction of tokens that chose ``e``, so ``Σ f = K``
+      (Hugging Face's ``load_balancing_loss_func``: K times the default). Evaluated on
+      ``TokenStats.pooled`` over all layers it reproduces HF's ``aux_loss``.
+
+    With a process ``group`` the counts behind ``f`` are summed over the group while
+    ``P`` stays local: the global-batch balance loss of Qwen (each rank balances towards
+    the global load, not its own micro-batch).
+
+    Args:
+        weight: Multiplier applied by the layer.
+        fractions: ``"slots"`` or ``"tokens"``, see above.
+        group: Process group for global-batch ``f``; None keeps it local.
     """
 
-    def __init__(self, weight: float = 0.01) -> None:
+    def __init__(
+        self,
+        weight: float = 0.01,
+        fractions: str = "slots",
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__(weight)
+        if fractions not in ("slots", "tokens"):
+            raise ValueError(f"fractions must be 'slots' or 'tokens', got {fractions!r}")
+        self.fractions = fractions
+        self.group = group
 
     def from_stats(self, stats: TokenStats) -> Float[Tensor, ""]:
         """``E · Σ_e f_e · P_e``."""
         E = stats.prob_sum.shape[0]
-        return E * (stats.slot_fractions * stats.mean_probs).sum()
+        counts = stats
+        if self.group is not None:
+            vector = stats.to_vector().detach().clone()
+            dist.all_reduce(vector, group=self.group)
+            counts = TokenStats.from_vector(vector)
+        f_E = counts.token_fractions if self.fractions == "tokens" else counts.slot_fractions
+        return E * (f_E.detach() * stats.mean_probs).sum()
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"weight={self.weight}, fractions={self.fractions!r}"
+
+
+class SequenceBalanceLoss(_Loss):
+    """DeepSeek-V3's sequence-wise balance loss, averaged over sequences.
+
+    Per sequence of S real tokens, with ``s'`` the router probabilities normalised to sum
+    to 1 per token (sigmoid scores do not):
+
+    ``L = Σ_e f_e · P_e``, ``f_e = E / (K · S) · Σ_t 1[e chosen by t]``,
+    ``P_e = (1/S) · Σ_t s'[t, e]``
+
+    (1 for perfectly uniform routing). Sequences come from ``Routing.batch_shape`` (the
+    last leading dim of the layer input); without it all tokens form one sequence.
+    Sequences with no real token are left out; with none at all the loss is 0.
+    """
+
+    def __init__(self, weight: float = 1e-4) -> None:
+        super().__init__(weight)
+
+    def forward(
+        self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
+    ) -> Float[Tensor, ""]:
+        """The unweighted loss."""
+        m_T = _token_weights(routing, mask)
+        B, S = routing.sequences()
+        E, K = routing.num_experts, routing.top_k
+        probs = routing.probs
+        s_TE = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
+        slots_TE = torch.zeros_like(probs).scatter_(1, routing.experts, 1.0)
+        m_BS1 = m_T.view(B, S, 1)
+        n_B = m_BS1.sum((1, 2))
+        P_BE = (s_TE.view(B, S, E) * m_BS1).sum(1) / n_B.clamp(min=1).unsqueeze(-1)
+        f_BE = (slots_TE.view(B, S, E) * m_BS1).sum(1) * E / (K * n_B.clamp(min=1).unsqueeze(-1))
+        per_seq_B = (f_BE * P_BE).sum(-1)
+        has_B = (n_B > 0).to(per_seq_B.dtype)
+        return (per_seq_B * has_B).sum() / has_B.sum().clamp(min=1)
 
 
 class CVSquaredLoss(TokenStatLoss):

@@ -3,13 +3,16 @@
 Legend: T tokens, D model dim, E experts, K experts per token.
 
 A scorer maps tokens to one score per expert. The :class:`Router` turns scores into a
-:class:`~moeblocks.routing.Routing`: a softmax over *all* experts (so K=1 still trains
-the scorer), top-k on the probabilities, and combine weights renormalised for K > 1.
+:class:`~moeblocks.routing.Routing` through the parts in :mod:`moeblocks.gating`; by
+default (SRA) a softmax over *all* experts (so K=1 still trains the scorer), top-k on the
+probabilities, and combine weights renormalised for K > 1. :class:`~moeblocks.MoELayer`
+accepts any module that satisfies :class:`RouterProtocol`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -17,10 +20,20 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from moeblocks.balancing import BiasBalancer
+from moeblocks.gating import (
+    Selection,
+    TopK,
+    WeightPolicy,
+    check_scoring,
+    gates,
+    score_probs,
+    selection_key,
+)
 from moeblocks.routing import Routing
 from moeblocks.schedules import ConstantK, KSchedule
 
-__all__ = ["CosineScorer", "LinearScorer", "Router", "Scorer"]
+__all__ = ["CosineScorer", "LinearScorer", "Router", "RouterProtocol", "Scorer"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -31,7 +44,7 @@ def _check_positive_int(name: str, value: object) -> int:
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Maps tokens to float32 scores, one per expert."""
+    """Maps tokens to scores (float32, or float64 for float64 tokens), one per expert."""
 
     dim: int
     num_experts: int
@@ -42,27 +55,43 @@ class Scorer(Protocol):
 
 
 class LinearScorer(nn.Module):
-    """Linear gate: ``scores = tokens @ Wᵀ`` (no bias), returned in float32.
+    """Linear gate: ``scores = tokens @ Wᵀ (+ b)``, returned in at least float32.
 
     Args:
         dim: Token dimension D.
         num_experts: Number of experts E.
+        bias: Add a learnable per-expert bias to the scores (GPT-OSS's router bias).
+        compute_dtype: ``"input"`` runs the matmul in the tokens' dtype (Mixtral, Qwen,
+            GPT-OSS); ``"float32"`` casts tokens and weight to float32 first (DeepSeek-V3
+            keeps its gate in float32 even in a bf16 model).
     """
 
-    def __init__(self, dim: int, num_experts: int) -> None:
+    def __init__(
+        self, dim: int, num_experts: int, bias: bool = False, compute_dtype: str = "input"
+    ) -> None:
         super().__init__()
         self.dim = _check_positive_int("dim", dim)
         self.num_experts = _check_positive_int("num_experts", num_experts)
+        if compute_dtype not in ("input", "float32"):
+            raise ValueError(f"compute_dtype must be 'input' or 'float32', got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self.weight_ED = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.kaiming_uniform_(self.weight_ED, a=math.sqrt(5))
+        self.bias_E = nn.Parameter(torch.zeros(num_experts)) if bias else None
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
-        """Score tokens; the matmul runs in the input dtype, the result is float32."""
-        return (tokens @ self.weight_ED.to(tokens.dtype).t()).float()
+        """Score tokens; float32 results, or float64 for float64 tokens."""
+        dtype = torch.float32 if self.compute_dtype == "float32" else tokens.dtype
+        bias = None if self.bias_E is None else self.bias_E.to(dtype)
+        scores_TE = F.linear(tokens.to(dtype), self.weight_ED.to(dtype), bias)
+        return scores_TE.to(torch.promote_types(scores_TE.dtype, torch.float32))
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
-        return f"dim={self.dim}, num_experts={self.num_experts}"
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, bias={self.bias_E is not None}, "
+            f"compute_dtype={self.compute_dtype!r}"
+        )
 
 
 class CosineScorer(nn.Module):
@@ -138,19 +167,64 @@ class CosineScorer(nn.Module):
         return f"dim={self.dim}, num_experts={self.num_experts}, init={self.init!r}"
 
 
+@runtime_checkable
+class RouterProtocol(Protocol):
+    """What :class:`~moeblocks.MoELayer` needs of a router: any ``nn.Module`` with these.
+
+    ``router(tokens, k=None)`` returns a :class:`~moeblocks.routing.Routing`; ``k=None``
+    means the router's own choice of k.
+    """
+
+    dim: int
+    num_experts: int
+
+    def __call__(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
+        """Route tokens."""
+        ...
+
+
 class Router(nn.Module):
-    """Scorer + softmax over all experts + top-k + renormalised combine weights.
+    """The stock router: scorer → scoring function → selection → weight policy.
+
+    ``forward`` scores the tokens, applies the scoring function (see
+    :mod:`moeblocks.gating`), adds the balancer's selection-only bias to the selection
+    key, chooses k experts per token and turns their gates into combine weights. The
+    defaults are SRA's: softmax over all experts, plain top-k, renormalise for k > 1.
 
     Args:
         scorer: Any :class:`Scorer` (``LinearScorer``, ``CosineScorer``, ...).
         schedule: A :class:`~moeblocks.schedules.KSchedule`, or an int for a constant k.
-        noise_std: Standard deviation of Gaussian noise added to the scores before the
-            softmax, in training mode only (0 disables it). ``Routing.scores`` records
-            the clean scores; ``probs`` and the choice use the noisy ones.
+        noise_std: Standard deviation of Gaussian noise added to the scores, in training
+            mode only (0 disables it). ``Routing.scores`` records the clean scores;
+            ``probs`` and the choice use the noisy ones.
+        scoring: ``"softmax"``, ``"sigmoid"`` or ``"softmax_topk"``.
+        selection: :class:`~moeblocks.gating.TopK` (default) or
+            :class:`~moeblocks.gating.GroupLimitedTopK`.
+        weights: The :class:`~moeblocks.gating.WeightPolicy` (default: renormalise for
+            k > 1, no scaling).
+        balancer: A :class:`~moeblocks.balancing.BiasBalancer` whose bias is added to
+            the selection key (not to the weights); in training mode the router reports
+            each decision's loads to it.
+        jitter: Multiplicative input jitter (Switch): in training mode the scorer sees
+            ``tokens · u`` with ``u ~ U[1 − jitter, 1 + jitter]`` per element; the
+            experts still see the clean tokens. In ``[0, 1)``.
+        routing_dtype: Dtype the scoring function runs in; None takes the scores' dtype
+            promoted to at least float32 (float64 stays float64); ``torch.float32`` pins
+            it (Mixtral and Qwen route in float32 even in a float64 model).
     """
 
     def __init__(
-        self, scorer: Scorer, schedule: KSchedule | int = 1, noise_std: float = 0.0
+        self,
+        scorer: Scorer,
+        schedule: KSchedule | int = 1,
+        noise_std: float = 0.0,
+        *,
+        scoring: str = "softmax",
+        selection: Selection | None = None,
+        weights: WeightPolicy | None = None,
+        balancer: BiasBalancer | None = None,
+        jitter: float = 0.0,
+        routing_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(scorer, nn.Module) or not isinstance(scorer, Scorer):
@@ -171,9 +245,38 @@ class Router(nn.Module):
             )
         if not (noise_std >= 0 and math.isfinite(noise_std)):
             raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
+        selection = TopK() if selection is None else selection
+        if not isinstance(selection, Selection):
+            raise TypeError(
+                f"selection must implement check() and __call__(key, k), "
+                f"got {type(selection).__name__}"
+            )
+        selection.check(scorer.num_experts, schedule.max_k)
+        weights = WeightPolicy() if weights is None else weights
+        if not isinstance(weights, WeightPolicy):
+            raise TypeError(f"weights must be a WeightPolicy, got {type(weights).__name__}")
+        if balancer is not None:
+            if not isinstance(balancer, BiasBalancer):
+                raise TypeError(f"balancer must be a BiasBalancer, got {type(balancer).__name__}")
+            if balancer.num_experts != scorer.num_experts:
+                raise ValueError(
+                    f"balancer has {balancer.num_experts} experts, the scorer {scorer.num_experts}"
+                )
+        if not (isinstance(jitter, (int, float)) and 0 <= jitter < 1):
+            raise ValueError(f"jitter must be a number in [0, 1), got {jitter!r}")
+        if routing_dtype is not None and routing_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"routing_dtype must be None, torch.float32 or torch.float64, got {routing_dtype}"
+            )
         self.scorer = scorer
         self.schedule = schedule
         self.noise_std = float(noise_std)
+        self.scoring = check_scoring(scoring)
+        self.selection = selection
+        self.weights = weights
+        self.balancer = balancer
+        self.jitter = float(jitter)
+        self.routing_dtype = routing_dtype
 
     @property
     def dim(self) -> int:
@@ -186,10 +289,56 @@ class Router(nn.Module):
         return self.scorer.num_experts
 
     def check_k(self, k: int) -> int:
-        """Validate an explicit k against the number of experts."""
+        """Validate an explicit k against the number of experts and the selection."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
             raise ValueError(f"k must be an int in [1, {self.num_experts}], got {k!r}")
+        self.selection.check(self.num_experts, k)
         return k
+
+    def score(
+        self, tokens: Float[Tensor, "T D"]
+    ) -> tuple[Float[Tensor, "T E"], Float[Tensor, "T E"]]:
+        """``(scores, logits)``: the clean scores and the ones the decision uses.
+
+        They differ only in training mode, by the jitter (which perturbs both) and the
+        additive noise (logits only).
+        """
+        if self.training and self.jitter > 0:
+            tokens = tokens * torch.empty_like(tokens).uniform_(1 - self.jitter, 1 + self.jitter)
+        scores_TE = self.scorer(tokens)
+        dtype = self.routing_dtype or torch.promote_types(scores_TE.dtype, torch.float32)
+        scores_TE = scores_TE.to(dtype)
+        if self.training and self.noise_std > 0:
+            return scores_TE, scores_TE + self.noise_std * torch.randn_like(scores_TE)
+        return scores_TE, scores_TE
+
+    def decide(
+        self,
+        scores: Float[Tensor, "T E"],
+        logits: Float[Tensor, "T E"],
+        k: int,
+        key_edit: Callable[[Tensor], Tensor] | None = None,
+    ) -> Routing:
+        """The routing decision for given logits (``scores`` is only recorded).
+
+        Args:
+            scores: Clean scores, stored in the record.
+            logits: The scores the decision uses (noisy in training).
+            k: Experts per token (already validated).
+            key_edit: Optional edit of the selection key before the choice (used by
+                interventions to force experts).
+        """
+        probs_TE = score_probs(self.scoring, logits)
+        key_TE = selection_key(self.scoring, logits, probs_TE)
+        if self.balancer is not None:
+            key_TE = key_TE + self.balancer.bias.to(key_TE.dtype)
+        if key_edit is not None:
+            key_TE = key_edit(key_TE)
+        experts_TK = self.selection(key_TE, k)
+        weights_TK = self.weights(gates(self.scoring, logits, probs_TE, experts_TK))
+        if self.balancer is not None and self.training:
+            self.balancer.observe(experts_TK)
+        return Routing(scores, probs_TE, experts_TK, weights_TK)
 
     def forward(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
         """Route tokens.
@@ -203,12 +352,12 @@ class Router(nn.Module):
             The :class:`Routing` record.
         """
         k = self.schedule.k if k is None else self.check_k(k)
-        scores_TE = self.scorer(tokens)
-        logits_TE = scores_TE
-        if self.training and self.noise_std > 0:
-            logits_TE = scores_TE + self.noise_std * torch.randn_like(scores_TE)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
-        if k > 1:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return Routing(scores_TE, probs_TE, experts_TK, weights_TK)
+        scores_TE, logits_TE = self.score(tokens)
+        return self.decide(scores_TE, logits_TE, k)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return (
+            f"scoring={self.scoring!r}, selection={self.selection}, weights={self.weights}, "
+            f"noise_std={self.noise_std}, jitter={self.jitter}"
+        )

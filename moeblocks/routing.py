@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 __all__ = ["Layout", "MoEOutput", "Routing"]
@@ -22,19 +22,35 @@ __all__ = ["Layout", "MoEOutput", "Routing"]
 class Routing:
     """What a router decided for a batch of tokens.
 
+    What ``probs`` holds depends on the router's scoring function (the aux losses read
+    it, see :mod:`moeblocks.gating`):
+
+    - ``"softmax"``: ``softmax(scores)`` over all experts; rows sum to 1.
+    - ``"softmax_topk"``: also ``softmax(scores)`` over all experts (the combine weights
+      are a softmax over the K chosen scores only, but the balance losses need a
+      distribution over every expert).
+    - ``"sigmoid"``: ``sigmoid(scores)`` per expert; rows do not sum to 1.
+
     Attributes:
-        scores: Raw router scores (logits) before the softmax, float32.
-        probs: ``softmax(scores)`` over all experts, float32; rows sum to 1.
-        experts: Indices of the K chosen experts per token, ordered by probability.
-        weights: Combine weights of the chosen experts. For K > 1 they are the chosen
-            probabilities renormalised to sum to 1; for K = 1 the raw top probability,
-            so the router still receives gradient.
+        scores: Raw router scores (logits), float32 (float64 for float64 routing).
+        probs: The scoring function applied to ``scores`` (see above), same dtype.
+        experts: Indices of the K chosen experts per token, in descending order of the
+            selection key (the probabilities plus any selection-only bias).
+        weights: Combine weights of the chosen experts, after the router's weight
+            policy (renormalised, raw or scaled) and any capacity drop.
+        dropped: True for a routed copy that a capacity limit dropped (its weight is
+            0, so it adds nothing to the output); None when no capacity applies.
+        batch_shape: Leading shape of the layer input the T tokens were flattened from
+            (set by :class:`~moeblocks.MoELayer`); sequence-wise losses and per-sequence
+            capacity read the last entry as the sequence length. None: one sequence.
     """
 
     scores: Float[Tensor, "T E"]
     probs: Float[Tensor, "T E"]
     experts: Int[Tensor, "T K"]
     weights: Float[Tensor, "T K"]
+    dropped: Bool[Tensor, "T K"] | None = None
+    batch_shape: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +66,24 @@ class Routing:
     def top_k(self) -> int:
         """K, the number of experts chosen per token."""
         return self.experts.shape[1]
+
+    @property
+    def num_dropped(self) -> Int[Tensor, ""]:
+        """How many routed copies a capacity limit dropped (0 without a limit)."""
+        if self.dropped is None:
+            return self.experts.new_zeros(())
+        return self.dropped.sum()
+
+    def sequences(self) -> tuple[int, int]:
+        """``(number of sequences, tokens per sequence)`` from ``batch_shape``.
+
+        With no ``batch_shape`` (or a 1-D one) all T tokens form one sequence.
+        """
+        T = self.num_tokens
+        if self.batch_shape is None or len(self.batch_shape) < 2:
+            return (1, T) if T else (0, 0)
+        S = self.batch_shape[-1]
+        return (T // S if S else 0, S)
 
 
 @dataclass(frozen=True)

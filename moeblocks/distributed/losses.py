@@ -6,7 +6,7 @@ With data or expert parallelism each rank routes its own tokens, so a balance lo
 computed from local statistics balances each rank's batch, not the global one, and
 bandpass sees a noisy ``P_e``. :class:`GroupReducedLoss` replaces the local statistics
 by global ones: every rank computes its :class:`~moeblocks.losses.TokenStats` (sums over
-its real tokens), one differentiable all-reduce of 2E + 2 numbers adds them up over the
+its real tokens), one differentiable all-reduce of 2E + 3 numbers adds them up over the
 group, and the wrapped loss's own ``from_stats`` evaluates its formula on the global
 means. Each rank then holds the same value, the one a single process would compute on
 the concatenated batch.

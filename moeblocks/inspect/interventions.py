@@ -81,7 +81,17 @@ class EditedRouter(Router):
         tokens: Bool[Tensor, " T"] | None = None,
         k: int | None = None,
     ) -> None:
-        super().__init__(base.scorer, base.schedule, base.noise_std)
+        super().__init__(
+            base.scorer,
+            base.schedule,
+            base.noise_std,
+            scoring=base.scoring,
+            selection=base.selection,
+            weights=base.weights,
+            balancer=base.balancer,
+            jitter=base.jitter,
+            routing_dtype=base.routing_dtype,
+        )
         self.train(base.training)
         E = self.num_experts
         self.forbid = _expert_set("forbid", forbid, E)
@@ -105,10 +115,7 @@ class EditedRouter(Router):
             k = self.k_override
         k = self.schedule.k if k is None else self.check_k(k)
         T, E = tokens.shape[0], self.num_experts
-        scores_TE = self.scorer(tokens)
-        logits_TE = scores_TE
-        if self.training and self.noise_std > 0:
-            logits_TE = scores_TE + self.noise_std * torch.randn_like(scores_TE)
+        scores_TE, logits_TE = self.score(tokens)
         if self.tokens is None:
             sel_T1 = torch.ones(T, 1, dtype=torch.bool, device=tokens.device)
         elif self.tokens.shape[0] != T:
@@ -132,15 +139,19 @@ class EditedRouter(Router):
             )
         logits_TE = logits_TE.masked_fill(sel_T1 & masked_E, float("-inf"))
         scores_TE = scores_TE.masked_fill(sel_T1 & masked_E, float("-inf"))
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        key_TE = probs_TE + 2.0 * (sel_T1 & force_E)  # forced experts rank above all others
-        _, experts_TK = key_TE.topk(k, dim=-1)
-        weights_TK = probs_TE.gather(1, experts_TK)
-        weights_TK, order_TK = weights_TK.sort(dim=-1, descending=True, stable=True)
-        experts_TK = experts_TK.gather(1, order_TK)
-        if k > 1:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return Routing(scores_TE, probs_TE, experts_TK, weights_TK)
+
+        def force_first(key_TE: Tensor) -> Tensor:
+            # Forced experts rank above all others and keep their order among themselves.
+            finite = key_TE.masked_fill(~torch.isfinite(key_TE), 0)
+            lift = 2 * finite.abs().amax() + 1 if finite.numel() else 1.0
+            return torch.where(sel_T1 & force_E, key_TE + lift, key_TE)
+
+        r = self.decide(scores_TE, logits_TE, k, key_edit=force_first)
+        gates_TK = r.probs.gather(1, r.experts)
+        order_TK = gates_TK.sort(dim=-1, descending=True, stable=True).indices
+        return Routing(
+            r.scores, r.probs, r.experts.gather(1, order_TK), r.weights.gather(1, order_TK)
+        )
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""

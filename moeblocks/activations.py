@@ -1,0 +1,96 @@
+"""Expert activations: plain ones for two-matrix MLPs, gated ones for GLU experts.
+
+A plain activation is named (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``). A gated
+activation maps the gate and up projections of a GLU expert to its hidden vector:
+
+- :class:`GLU`: ``act(gate) ⊙ up`` (SwiGLU with ``"silu"``, GEGLU with ``"gelu"``).
+- :class:`ClampedSwiGLU` (GPT-OSS): ``(clamp(up, −l, l) + 1) ⊙ g · σ(α g)`` with
+  ``g = min(gate, l)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "GLU", "ClampedSwiGLU", "GatedActivation", "activation_fn"]
+
+_PLAIN: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+ACTIVATIONS = tuple(_PLAIN)
+
+
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    """The plain activation called ``name`` (one of :data:`ACTIVATIONS`)."""
+    if name not in _PLAIN:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return _PLAIN[name]
+
+
+@runtime_checkable
+class GatedActivation(Protocol):
+    """``(gate, up) -> hidden`` for a GLU expert."""
+
+    def __call__(
+        self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
+    ) -> Float[Tensor, "R F"]:
+        """The expert's hidden vector."""
+        ...
+
+
+@dataclass(frozen=True)
+class GLU:
+    """``act(gate) ⊙ up``; ``"silu"`` gives SwiGLU.
+
+    Args:
+        activation: A plain activation name (see :data:`ACTIVATIONS`).
+    """
+
+    activation: str = "silu"
+
+    def __post_init__(self) -> None:
+        activation_fn(self.activation)
+
+    def __call__(
+        self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
+    ) -> Float[Tensor, "R F"]:
+        """``act(gate) ⊙ up``."""
+        return activation_fn(self.activation)(gate) * up
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's clamped SwiGLU: ``(clamp(up, −l, l) + 1) ⊙ g · σ(α g)``, ``g = min(gate, l)``.
+
+    Args:
+        alpha: Sigmoid slope α (GPT-OSS: 1.702).
+        limit: Clamp limit l (GPT-OSS: 7.0), > 0.
+    """
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and math.isfinite(self.limit) and self.limit > 0):
+            raise ValueError(
+                f"need finite alpha and limit > 0, got alpha={self.alpha!r}, limit={self.limit!r}"
+            )
+
+    def __call__(
+        self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
+    ) -> Float[Tensor, "R F"]:
+        """The clamped, shifted SwiGLU."""
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))

@@ -1,0 +1,104 @@
+"""Expert capacity (Switch, GShard): drop the routed copies an expert has no room for.
+
+Legend: T tokens, E experts, K experts per token, G capacity groups of S tokens.
+
+Tokens are split into groups (the whole call, or each sequence). In each group every
+expert accepts at most C routed copies; copies queue by choice rank first (all first
+choices before any second choice, as in GShard) and by token order within a rank (as in
+Switch). A copy past the capacity is *dropped*: its weight becomes 0, so it adds nothing
+to the output and receives no gradient, and the residual connection around the layer
+carries the token. ``Routing.dropped`` marks the dropped copies and
+``Routing.num_dropped`` counts them. The decision is deterministic and has no host sync.
+
+The dropped copies still pass through the dispatcher and the expert bank (their output
+is multiplied by 0), so capacity changes the result, not the compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from moeblocks.routing import Routing
+
+__all__ = ["Capacity", "capacity_positions"]
+
+
+def capacity_positions(
+    experts: Int[Tensor, "T K"], num_experts: int, num_groups: int
+) -> Int[Tensor, "T K"]:
+    """Each copy's 0-based place in its expert's queue within its group.
+
+    The T tokens form ``num_groups`` consecutive groups of equal size; queues are ordered
+    by choice rank, then token.
+    """
+    T, K = experts.shape
+    G = num_groups
+    S = T // G if G else 0
+    e_GKS = experts.view(G, S, K).transpose(1, 2)  # queue order: rank j, then token
+    group_G11 = torch.arange(G, device=experts.device).view(G, 1, 1)
+    key_N = (group_G11 * num_experts + e_GKS).reshape(-1)
+    order_N = torch.argsort(key_N, stable=True)
+    counts = torch.bincount(key_N, minlength=G * num_experts)
+    starts = counts.cumsum(0) - counts
+    sorted_key_N = key_N[order_N]
+    place_sorted_N = torch.arange(key_N.numel(), device=experts.device) - starts[sorted_key_N]
+    place_N = torch.empty_like(place_sorted_N)
+    place_N[order_N] = place_sorted_N
+    return place_N.view(G, K, S).transpose(1, 2).reshape(T, K)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A per-expert capacity for token-choice routing.
+
+    Give either ``factor`` (capacity ``C = ceil(factor · S · K / E)`` for groups of S
+    tokens) or ``limit`` (a fixed C, Hugging Face Switch's ``expert_capacity``).
+
+    Args:
+        factor: Capacity factor (Switch: 1.0–1.25 in training, 2.0 in evaluation), > 0.
+        limit: Fixed number of copies per expert and group, >= 0.
+        per: ``"batch"``: one group per layer call; ``"sequence"``: one group per
+            sequence (the last entry of the layer input's leading shape).
+    """
+
+    factor: float | None = None
+    limit: int | None = None
+    per: str = "batch"
+
+    def __post_init__(self) -> None:
+        if (self.factor is None) == (self.limit is None):
+            raise ValueError("give exactly one of factor and limit")
+        if self.factor is not None and not (math.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"factor must be a finite number > 0, got {self.factor!r}")
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0
+        ):
+            raise ValueError(f"limit must be an int >= 0, got {self.limit!r}")
+        if self.per not in ("batch", "sequence"):
+            raise ValueError(f"per must be 'batch' or 'sequence', got {self.per!r}")
+
+    def capacity(self, group_tokens: int, top_k: int, num_experts: int) -> int:
+        """C for a group of ``group_tokens`` tokens."""
+        if self.limit is not None:
+            return self.limit
+        return math.ceil(self.factor * group_tokens * top_k / num_experts)
+
+    def __call__(self, routing: Routing) -> Routing:
+        """The routing with overflow copies dropped (weight 0) and marked."""
+        if self.per == "sequence":
+            G, S = routing.sequences()
+        else:
+            G, S = (1, routing.num_tokens) if routing.num_tokens else (0, 0)
+        C = self.capacity(S, routing.top_k, routing.num_experts)
+        place_TK = capacity_positions(routing.experts, routing.num_experts, G)
+        dropped_TK: Bool[Tensor, "T K"] = place_TK >= C
+        if routing.dropped is not None:
+            dropped_TK = dropped_TK | routing.dropped
+        weights_TK = routing.weights.masked_fill(dropped_TK, 0.0)
+        return dataclasses.replace(routing, weights=weights_TK, dropped=dropped_TK)

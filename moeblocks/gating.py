@@ -1,0 +1,212 @@
+"""The parts a router is composed from: scoring function, selection, weight policy.
+
+Legend: T tokens, E experts, K experts per token, G expert groups.
+
+A router turns raw scores (logits) into a :class:`~moeblocks.routing.Routing` in three
+independent steps:
+
+1. **Scoring function** (by name) maps logits to per-expert probabilities ``probs``,
+   the *selection key* the experts are chosen by, and the raw *gates* of the chosen ones:
+
+   ==================  ======================  ==============  =============================
+   name                ``probs``               selection key   gates of the K chosen experts
+   ==================  ======================  ==============  =============================
+   ``"softmax"``       softmax over all E      ``probs``       ``probs`` of the chosen
+   ``"sigmoid"``       ``sigmoid(logits)``     ``probs``       ``probs`` of the chosen
+   ``"softmax_topk"``  softmax over all E      ``logits``      softmax over the K chosen logits
+   ==================  ======================  ==============  =============================
+
+   (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
+   ``"sigmoid"``; GPT-OSS ``"softmax_topk"``.) A selection-only bias (see
+   :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
+2. **Selection** picks K experts per token from the key: :class:`TopK`, or
+   :class:`GroupLimitedTopK` (DeepSeek-V3: first the best groups, then top-k inside them).
+3. **Weight policy** turns the gates into combine weights: :class:`WeightPolicy`
+   (renormalise always, only for K > 1, or never; then multiply by a routed scaling
+   factor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = [
+    "SCORINGS",
+    "GroupLimitedTopK",
+    "Selection",
+    "TopK",
+    "WeightPolicy",
+    "check_scoring",
+    "gates",
+    "score_probs",
+    "selection_key",
+]
+
+SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+
+
+def check_scoring(scoring: str) -> str:
+    """Validate a scoring-function name."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    return scoring
+
+
+def score_probs(scoring: str, logits: Float[Tensor, "T E"]) -> Float[Tensor, "T E"]:
+    """``probs`` of the :class:`~moeblocks.routing.Routing` record for this scoring."""
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def selection_key(
+    scoring: str, logits: Float[Tensor, "T E"], probs: Float[Tensor, "T E"]
+) -> Float[Tensor, "T E"]:
+    """What the experts are chosen by, before any selection-only bias."""
+    # softmax_topk ranks raw logits (as GPT-OSS does); the softmax is monotone, but two
+    # distinct large logits can round to one probability.
+    return logits if scoring == "softmax_topk" else probs
+
+
+def gates(
+    scoring: str,
+    logits: Float[Tensor, "T E"],
+    probs: Float[Tensor, "T E"],
+    experts: Int[Tensor, "T K"],
+) -> Float[Tensor, "T K"]:
+    """Raw gate values of the chosen experts, before the weight policy."""
+    if scoring == "softmax_topk":
+        return torch.softmax(logits.gather(1, experts), dim=-1)
+    return probs.gather(1, experts)
+
+
+@runtime_checkable
+class Selection(Protocol):
+    """Chooses K experts per token from a selection key, best first."""
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """Raise ``ValueError`` when this selection cannot serve E experts and k up to max_k."""
+        ...
+
+    def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
+        """Indices of the chosen experts, in descending order of ``key``."""
+        ...
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Plain top-k: the K experts with the largest key."""
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """Any k in [1, E] works."""
+        if max_k > num_experts:
+            raise ValueError(f"k reaches {max_k} but there are only {num_experts} experts")
+
+    def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
+        """``key.topk(k)``, sorted."""
+        return key.topk(k, dim=-1).indices
+
+
+@dataclass(frozen=True)
+class GroupLimitedTopK:
+    """Group-limited top-k (DeepSeek-V3's node-limited routing).
+
+    The E experts form ``num_groups`` contiguous groups of ``E / num_groups``. A group's
+    score is the sum of its ``group_score_k`` largest keys; each token keeps its
+    ``groups_per_token`` best groups and takes plain top-k among their experts.
+
+    Args:
+        num_groups: Number of expert groups G (``n_group``); must divide E.
+        groups_per_token: Groups each token may use (``topk_group``), in [1, G].
+        group_score_k: Keys summed per group (2 in DeepSeek-V3).
+    """
+
+    num_groups: int
+    groups_per_token: int
+    group_score_k: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_groups", "groups_per_token", "group_score_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.groups_per_token > self.num_groups:
+            raise ValueError(
+                f"groups_per_token ({self.groups_per_token}) must be <= num_groups "
+                f"({self.num_groups})"
+            )
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """Check that E splits into equal groups that can serve k up to ``max_k``."""
+        if num_experts % self.num_groups:
+            raise ValueError(
+                f"num_groups ({self.num_groups}) must divide the number of experts ({num_experts})"
+            )
+        size = num_experts // self.num_groups
+        if self.group_score_k > size:
+            raise ValueError(
+                f"group_score_k ({self.group_score_k}) exceeds the group size ({size})"
+            )
+        if max_k > self.groups_per_token * size:
+            raise ValueError(
+                f"k reaches {max_k} but {self.groups_per_token} groups of {size} experts "
+                f"hold only {self.groups_per_token * size}"
+            )
+
+    def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
+        """Top-k inside each token's best groups."""
+        T, E = key.shape
+        G = self.num_groups
+        key_TGS = key.view(T, G, E // G)
+        group_TG = key_TGS.topk(self.group_score_k, dim=-1).values.sum(-1)
+        keep_TG = group_TG.topk(self.groups_per_token, dim=-1).indices
+        allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
+        allowed_TE = allowed_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+        return key.masked_fill(~allowed_TE, -math.inf).topk(k, dim=-1).indices
+
+
+_RENORMALIZE = ("always", "k>1", "never")
+
+
+@dataclass(frozen=True)
+class WeightPolicy:
+    """How the gates of the chosen experts become combine weights.
+
+    ``weights = scale · gates / (Σ_j gates_j + eps)`` when renormalising, else
+    ``scale · gates``.
+
+    Args:
+        renormalize: ``"always"`` (Mixtral, and DeepSeek-V3 / Qwen with
+            ``norm_topk_prob``; with K = 1 the weight is exactly 1 and the router gets
+            no gradient through it), ``"k>1"`` (SRA: K = 1 keeps the raw probability so
+            the router still learns) or ``"never"`` (Qwen2-MoE, OLMoE, Switch, GPT-OSS,
+            whose softmax over the top-k already sums to 1).
+        scale: Routed scaling factor applied after renormalising (DeepSeek-V3's
+            ``routed_scaling_factor``, 2.5 there).
+        eps: Added to the denominator (DeepSeek-V3 uses 1e-20).
+    """
+
+    renormalize: str = "k>1"
+    scale: float = 1.0
+    eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.renormalize not in _RENORMALIZE:
+            raise ValueError(f"renormalize must be one of {_RENORMALIZE}, got {self.renormalize!r}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+
+    def __call__(self, gates: Float[Tensor, "T K"]) -> Float[Tensor, "T K"]:
+        """Combine weights from the chosen experts' gates."""
+        K = gates.shape[1]
+        if self.renormalize == "always" or (self.renormalize == "k>1" and K > 1):
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)
+        return gates * self.scale if self.scale != 1.0 else gates
