@@ -19,10 +19,17 @@ from moeblocks.dispatch import Dispatcher
 from moeblocks.experts import ExpertBank
 from moeblocks.losses import AuxLoss
 from moeblocks.routers import RouterProtocol
-from moeblocks.routing import MoEOutput
+from moeblocks.routing import Layout, MoEOutput, Routing
 from moeblocks.shared import SharedExperts
 
 __all__ = ["MoELayer"]
+
+
+def _row_weights(routing: Routing, layout: Layout) -> Float[Tensor, "R 1"]:
+    """The routing weight of every grouped row (0 on padding rows)."""
+    slot_R = layout.slot_of_row
+    w_R = routing.weights.reshape(-1).index_select(0, slot_R.clamp(min=0))
+    return w_R.masked_fill(slot_R < 0, 0).unsqueeze(1)
 
 
 class MoELayer(nn.Module):
@@ -46,6 +53,8 @@ class MoELayer(nn.Module):
             (:class:`~moeblocks.shared.SharedExperts`).
         capacity: A per-expert :class:`~moeblocks.capacity.Capacity`; overflow copies
             are dropped (weight 0) and marked in ``Routing.dropped``.
+        weight_inputs: Multiply each routed copy's *input* by its weight and sum the
+            expert outputs unweighted (Llama-4), instead of weighting the outputs.
     """
 
     def __init__(
@@ -58,6 +67,7 @@ class MoELayer(nn.Module):
         *,
         shared: SharedExperts | None = None,
         capacity: Capacity | None = None,
+        weight_inputs: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(router, nn.Module) or not isinstance(router, RouterProtocol):
@@ -94,6 +104,7 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.shared = shared
         self.capacity = capacity
+        self.weight_inputs = bool(weight_inputs)
         self.losses = nn.ModuleDict({n: f for n, f in losses.items() if isinstance(f, nn.Module)})
         # Losses that are plain callables are kept outside the module tree.
         self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
@@ -173,8 +184,15 @@ class MoELayer(nn.Module):
         if self.capacity is not None:
             routing = self.capacity(routing)
         grouped_RD, layout = self.dispatcher.permute(tokens_TD, routing)
+        combine_TK = routing.weights
+        if self.weight_inputs:
+            grouped_RD = grouped_RD * _row_weights(routing, layout).to(grouped_RD.dtype)
+            kept_TK = torch.ones_like(combine_TK)
+            combine_TK = (
+                kept_TK if routing.dropped is None else kept_TK.masked_fill(routing.dropped, 0)
+            )
         expert_out_RD = self.experts(grouped_RD, layout.group_sizes)
-        out_TD = self.dispatcher.unpermute(expert_out_RD, layout, routing.weights)
+        out_TD = self.dispatcher.unpermute(expert_out_RD, layout, combine_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(tokens_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}
