@@ -110,7 +110,10 @@ def _dense_glu(mlp: nn.Module, act: nn.Module) -> SwiGLUExperts:
     return bank
 
 
-def _dense_glu_back(bank: SwiGLUExperts, mlp: nn.Module) -> None:
+def _dense_glu_back(shared: SharedExperts | None, mlp: nn.Module) -> None:
+    if shared is None or not isinstance(shared.experts, SwiGLUExperts):
+        raise ValueError("to_hf: the block has a shared SwiGLU expert, the layer has none")
+    bank = shared.experts
     gate_FD, up_FD = bank.w_in_EDF2[0].t().chunk(2, dim=0)
     _copy(mlp.gate_proj.weight, gate_FD)
     _copy(mlp.up_proj.weight, up_FD)
@@ -121,12 +124,20 @@ def _mlp_act(mlp: nn.Module) -> nn.Module:
     return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn
 
 
-def _check_bank(bank: object, kind: type, block: nn.Module) -> None:
+def _check_bank(
+    layer: MoELayer, kind: type, block: nn.Module, bias: bool = False, router_bias: bool = False
+) -> None:
+    """to_hf writes only what the family has: refuse a layer with more or other parts."""
+    bank, name = layer.experts, type(block).__name__
     if not isinstance(bank, kind):
         raise TypeError(
-            f"to_hf: a {type(block).__name__} needs a layer whose bank is {kind.__name__}, "
+            f"to_hf: a {name} needs a layer whose bank is {kind.__name__}, "
             f"got {type(bank).__name__}"
         )
+    if bank.has_bias != bias:
+        raise ValueError(f"to_hf: a {name} has {'' if bias else 'no '}expert biases")
+    if (getattr(layer.router.scorer, "bias_E", None) is not None) != router_bias:
+        raise ValueError(f"to_hf: a {name} has {'a' if router_bias else 'no'} router bias")
 
 
 # --- families ---------------------------------------------------------------------------
@@ -163,13 +174,13 @@ def _from_qwen(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 def _to_concat(layer: MoELayer, block: nn.Module) -> None:
     gate = block.gate
     _copy(gate.weight, layer.router.scorer.weight_ED)
-    _check_bank(layer.experts, SwiGLUExperts, block)
+    _check_bank(layer, SwiGLUExperts, block)
     _concat_bank_back(layer.experts, block.experts)
     if getattr(block, "shared_expert", None) is not None:
-        _dense_glu_back(layer.shared.experts, block.shared_expert)
+        _dense_glu_back(layer.shared, block.shared_expert)
         _copy(block.shared_expert_gate.weight[0], layer.shared.gate_D)
     if getattr(block, "shared_experts", None) is not None:
-        _dense_glu_back(layer.shared.experts, block.shared_experts)
+        _dense_glu_back(layer.shared, block.shared_experts)
     if isinstance(getattr(gate, "e_score_correction_bias", None), Tensor):
         _copy(gate.e_score_correction_bias, layer.router.balancer.bias)
 
@@ -222,7 +233,7 @@ def _from_gpt_oss(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 
 def _to_gpt_oss(layer: MoELayer, block: nn.Module) -> None:
     r, ex, bank = block.router, block.experts, layer.experts
-    _check_bank(bank, SwiGLUExperts, block)
+    _check_bank(layer, SwiGLUExperts, block, bias=True, router_bias=True)
     _copy(r.weight, layer.router.scorer.weight_ED)
     _copy(r.bias, layer.router.scorer.bias_E)
     F = bank.hidden
@@ -255,11 +266,11 @@ def _from_llama4(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 
 
 def _to_llama4(layer: MoELayer, block: nn.Module) -> None:
-    _check_bank(layer.experts, SwiGLUExperts, block)
+    _check_bank(layer, SwiGLUExperts, block)
     _copy(block.router.weight, layer.router.scorer.weight_ED)
     _copy(block.experts.gate_up_proj, layer.experts.w_in_EDF2)
     _copy(block.experts.down_proj, layer.experts.w_out_EFD)
-    _dense_glu_back(layer.shared.experts, block.shared_expert)
+    _dense_glu_back(layer.shared, block.shared_expert)
 
 
 def _from_switch(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
@@ -285,8 +296,8 @@ def _from_switch(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 
 
 def _to_switch(layer: MoELayer, block: nn.Module) -> None:
-    _check_bank(layer.experts, MLPExperts, block)
     cls = block.router.classifier
+    _check_bank(layer, MLPExperts, block, router_bias=cls.bias is not None)
     _copy(cls.weight, layer.router.scorer.weight_ED)
     if cls.bias is not None:
         _copy(cls.bias, layer.router.scorer.bias_E)
