@@ -16,25 +16,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import transformers
 from torch import Tensor, nn
-
-pytest.importorskip("transformers")
-
-import transformers  # noqa: E402
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
-from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE  # noqa: E402
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
-from transformers.models.llama4.modeling_llama4 import Llama4TextMoe  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
-from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa: E402
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
-from transformers.models.switch_transformers.modeling_switch_transformers import (  # noqa: E402
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+from transformers.models.switch_transformers.modeling_switch_transformers import (
     SwitchTransformersSparseMLP,
 )
 
-import moeblocks as mb  # noqa: E402
-from moeblocks.hf import family_of, from_hf, to_hf  # noqa: E402
+import moeblocks as mb
+from moeblocks.hf import family_of, from_hf, to_hf
 
 D, F, E = 16, 8, 8
 
