@@ -20,7 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Optional or heavy packages that `import moeblocks` must not import (DESIGN.md: they are
 # imported inside the functions that need them), and the floors above the library.
 FORBIDDEN = ("matplotlib", "transformers", "tokenizers", "triton", "safetensors", "tqdm")
-LIBRARY_ONLY = ("moeblocks.kernels", "moeblocks.sra", "moeblocks.inspect", "moeblocks.cli")
+LIBRARY_ONLY = (
+    "moeblocks.kernels",
+    "moeblocks.sra",
+    "moeblocks.inspect",
+    "moeblocks.hf",
+    "moeblocks.cli",
+)
 # What moeblocks itself may import; whatever these import is not moeblocks' doing (torch
 # imports tqdm from torch.hub when tqdm is installed).
 DEPENDENCIES = "import torch, einops, jaxtyping, numpy"
