@@ -106,7 +106,11 @@ class TokenStats:
 
     @classmethod
     def pooled(
-        cls, routings: Sequence[Routing], masks: Sequence[Bool[Tensor, " T"] | None] | None = None
+        cls,
+        routings: Sequence[Routing],
+        # "_T": each record has its own token count, so the runtime shape check must
+        # not bind one T across the masks.
+        masks: Sequence[Bool[Tensor, " _T"] | None] | None = None,
     ) -> TokenStats:
         """Statistics of several records added up (layers of one model, micro-batches).
 

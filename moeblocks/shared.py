@@ -53,7 +53,8 @@ class SharedExperts(nn.Module):
         grouped = tokens if S == 1 else tokens.repeat(S, 1)
         out_TD = self.experts(grouped, sizes_S)
         if S > 1:
-            out_TD = out_TD.view(S, T, -1).sum(0)
+            # Not view(S, T, -1): with T = 0 the -1 would be ambiguous.
+            out_TD = out_TD.view(S, T, out_TD.shape[-1]).sum(0)
         if self.gate_D is not None:
             out_TD = torch.sigmoid(tokens @ self.gate_D.to(tokens.dtype)).unsqueeze(-1) * out_TD
         return out_TD
