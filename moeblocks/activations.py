@@ -29,6 +29,7 @@ _PLAIN: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
 }
 ACTIVATIONS = tuple(_PLAIN)
+"""The plain activation names :class:`~moeblocks.MLPExperts` and :class:`GLU` accept."""
 
 
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+"""The scoring-function names a :class:`~moeblocks.Router` accepts."""
 
 
 def check_scoring(scoring: str) -> str:

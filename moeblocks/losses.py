@@ -7,6 +7,13 @@ Every loss takes ``(routing, router, mask)`` and returns an *unweighted* scalar;
 boolean ``[T]`` tensor, True for real tokens: padding is left out of every statistic.
 With no real token a loss is zero (and still part of the graph). Statistics below use
 ``P_e``, the mean router probability of expert ``e`` over the real tokens.
+
+The balance losses built on ``P`` (:class:`LoadBalanceLoss`, :class:`CVSquaredLoss`,
+:class:`BandpassLoss`) assume ``probs`` is a distribution over the experts, as with the
+``"softmax"`` and ``"softmax_topk"`` scoring functions. With ``"sigmoid"`` scoring the
+rows do not sum to 1 and these losses can be lowered by shrinking every score rather than
+by balancing; use :class:`SequenceBalanceLoss` (which normalises per token) or a
+:class:`~moeblocks.balancing.BiasBalancer` there.
 """
 
 from __future__ import annotations

@@ -459,7 +459,8 @@ def from_hf(block: nn.Module, dispatcher: Dispatcher | None = None) -> MoELayer:
     The weights are copied (the HF block is left untouched), on the block's device and
     in its dtype. Outputs, routing and gradients match the block in eval mode; in
     training mode the jitter differs where the block perturbs the experts' input too
-    (Mixtral; moeblocks' jitter only reaches the router). A converted DeepSeek-V3 or
+    (Mixtral, and Switch whose in-place jitter reaches its experts in float32;
+    moeblocks' jitter only reaches the router). A converted DeepSeek-V3 or
     GLM-4-MoE router keeps its selection bias in a
     :class:`~moeblocks.balancing.BiasBalancer` with ``rate=0``; raise the rate to keep
     balancing it while training.
