@@ -87,14 +87,15 @@ class TokenStats:
 
     Attributes:
         prob_sum: ``Σ_t probs[t, e]`` (differentiable).
-        slot_sum: ``Σ_t (slots of t routed to e) / K``; sums to the number of real tokens.
+        slot_count: ``Σ_t (slots of t routed to e)``: routed slots per expert; sums to
+            ``k_sum``.
         z2_sum: ``Σ_t logsumexp(scores[t])²`` (differentiable).
         num_tokens: The number of real tokens, as a float tensor.
         k_sum: ``Σ_t K``, the routed slots of the real tokens (K·T for a constant K).
     """
 
     prob_sum: Float[Tensor, " E"]
-    slot_sum: Float[Tensor, " E"]
+    slot_count: Float[Tensor, " E"]
     z2_sum: Float[Tensor, ""]
     num_tokens: Float[Tensor, ""]
     k_sum: Float[Tensor, ""]
@@ -107,9 +108,7 @@ class TokenStats:
         slots_TE = torch.zeros_like(routing.probs).scatter_(1, routing.experts, 1.0)
         z2_T = torch.logsumexp(routing.scores, dim=-1).square()
         n = m_T.sum()
-        return cls(
-            m_T @ routing.probs, (m_T @ slots_TE) / routing.top_k, m_T @ z2_T, n, n * routing.top_k
-        )
+        return cls(m_T @ routing.probs, m_T @ slots_TE, m_T @ z2_T, n, n * routing.top_k)
 
     @classmethod
     def pooled(
@@ -143,7 +142,7 @@ class TokenStats:
         return torch.cat(
             [
                 self.prob_sum,
-                self.slot_sum,
+                self.slot_count,
                 self.z2_sum.view(1),
                 self.num_tokens.view(1),
                 self.k_sum.view(1),
@@ -170,12 +169,12 @@ class TokenStats:
     @property
     def slot_fractions(self) -> Float[Tensor, " E"]:
         """``f_e``, the fraction of routed slots that go to each expert (sums to 1)."""
-        return self.slot_sum / self._n()
+        return self.slot_count / self.k_sum.clamp(min=1.0)
 
     @property
     def token_fractions(self) -> Float[Tensor, " E"]:
-        """The fraction of real tokens that chose each expert (sums to K)."""
-        return self.slot_fractions * (self.k_sum / self._n())
+        """The fraction of real tokens that chose each expert (sums to the mean K)."""
+        return self.slot_count / self._n()
 
     @property
     def mean_z2(self) -> Float[Tensor, ""]:

@@ -208,7 +208,7 @@ def test_pooled_stats_equal_stats_of_the_concatenation(data: st.DataObject) -> N
     parts = [make_routing(E, k, *args) for args in drawn]
     pooled = mb.TokenStats.pooled([r for r, _ in parts], [m for _, m in parts])
     whole = mb.TokenStats.of(*_concat(parts))
-    for name in ("prob_sum", "slot_sum", "z2_sum", "num_tokens", "k_sum"):
+    for name in ("prob_sum", "slot_count", "z2_sum", "num_tokens", "k_sum"):
         # Float64 sums of at most 48 terms in another order.
         torch.testing.assert_close(
             getattr(pooled, name), getattr(whole, name), rtol=RTOL, atol=ATOL, msg=name
@@ -225,8 +225,9 @@ def test_pooled_stats_equal_stats_of_the_concatenation(data: st.DataObject) -> N
 
 
 def test_pooled_stats_with_different_k() -> None:
-    # Records with different k (e.g. an explicit k per call): every token's slots count
-    # 1/K_t each, so slot fractions still sum to 1; k_sum adds the K of every token.
+    # Records with different k (e.g. an explicit k per call): slot fractions count every
+    # routed slot once (so they sum to 1), token fractions count the tokens that chose
+    # each expert (so they sum to the mean K); k_sum adds the K of every token.
     gen = torch.Generator().manual_seed(0)
     records = []
     for T, k in ((5, 1), (7, 3)):
@@ -236,13 +237,10 @@ def test_pooled_stats_with_different_k() -> None:
     pooled = mb.TokenStats.pooled(records)
     assert pooled.num_tokens.item() == 12
     assert pooled.k_sum.item() == 5 + 21
-    slots_E = sum(
-        torch.bincount(r.experts.reshape(-1), minlength=4).double() / r.top_k for r in records
-    )
-    torch.testing.assert_close(pooled.slot_fractions, slots_E / 12)
+    chose_E = sum(torch.bincount(r.experts.reshape(-1), minlength=4).double() for r in records)
+    torch.testing.assert_close(pooled.slot_fractions, chose_E / 26)
+    torch.testing.assert_close(pooled.token_fractions, chose_E / 12)
     torch.testing.assert_close(pooled.slot_fractions.sum(), torch.tensor(1.0).double())
-    # token_fractions (slot fractions times the mean K) is the per-expert fraction of
-    # tokens only for one K across the pooled records (see test_load_balance_token_...).
     torch.testing.assert_close(pooled.token_fractions.sum(), torch.tensor(26 / 12).double())
 
 
