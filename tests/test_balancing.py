@@ -5,14 +5,11 @@ Legend: T tokens, D model dim, E experts, K experts per token.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from gloo import run_ranks
 from torch import nn
 
 import moeblocks as mb
@@ -207,41 +204,10 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_group_sums_the_loads_before_the_update(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-    }
-    root = Path(__file__).resolve().parent.parent
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RANK_CODE, str(tmp_path / f"rank{r}.pt")],
-            env={**env, "RANK": str(r)},
-            cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=60)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    outs = run_ranks(_RANK_CODE, tmp_path)
     for r in range(2):
-        result = torch.load(tmp_path / f"rank{r}.pt")
+        result = torch.load(outs[r])
         assert result["used"].tolist() == [4.0, 1.0, 0.0, 0.0]
         # Every rank applies the same update from the summed loads.
         assert result["bias"].tolist() == [-0.5, 0.5, 0.5, 0.5]

@@ -14,14 +14,11 @@ token.
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from gloo import run_ranks
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -287,40 +284,9 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_load_balance_group_uses_global_counts_and_local_probs(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-    }
-    root = Path(__file__).resolve().parent.parent
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RANK_CODE, str(tmp_path / f"rank{r}.pt")],
-            env={**env, "RANK": str(r)},
-            cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=60)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    outs = run_ranks(_RANK_CODE, tmp_path)
+    results = [torch.load(outs[r]) for r in range(2)]
     # f from the slots of both ranks together (8 + 16 slots); P from this rank alone.
     experts = [r["scores"].softmax(-1).topk(2, -1).indices for r in results]
     f_E = torch.bincount(torch.cat(experts).reshape(-1), minlength=4).double() / (2 * 13)

@@ -1,0 +1,52 @@
+"""Run a short script on two gloo ranks in fresh interpreters (for group-reduction tests).
+
+Each rank runs ``code`` with ``RANK``, ``WORLD_SIZE`` and the rendezvous variables set and
+its output path as ``sys.argv[1]``; the script saves what the test checks there.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 60) -> list[Path]:
+    """Run ``code`` on ``world`` ranks; return each rank's output path once all succeed."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+    }
+    outs = [workdir / f"rank{r}.pt" for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(outs[r])],
+            env={**env, "RANK": str(r)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0] * world, "\n".join(logs)
+    return outs
