@@ -2,8 +2,9 @@
 
 ``import moeblocks`` needs torch, einops, jaxtyping and numpy only. Everything else
 (tokenizers, safetensors and tqdm for the SRA trainer, matplotlib for plots, Triton for
-the GPU kernels) is imported inside the function that needs it, through :func:`require`,
-so a missing package fails with the ``pip install`` command that provides it::
+the GPU kernels, transformers for the Hugging Face bridge) is imported inside the function
+that needs it, through :func:`require`, so a missing package fails with the
+``pip install`` command that provides it::
 
     plt = require("matplotlib.pyplot", extra="plots", feature="moeblocks inspect --plot")
 """
@@ -16,7 +17,7 @@ from types import ModuleType
 __all__ = ["EXTRAS", "require"]
 
 #: The optional-dependency groups of pyproject.toml (a test keeps the two in step).
-EXTRAS = frozenset({"dev", "docs", "plots", "sra", "triton"})
+EXTRAS = frozenset({"dev", "docs", "hf", "plots", "sra", "triton"})
 
 
 def require(module_name: str, extra: str, feature: str) -> ModuleType:

@@ -1,6 +1,7 @@
 """The ``moeblocks`` command line: ``demo``, ``train`` and ``eval`` of the SRA transformer.
 
-``inspect`` and ``experiment`` come from :mod:`moeblocks.inspect.cli`.
+``inspect`` and ``experiment`` come from :mod:`moeblocks.inspect.cli`; ``inspect --hf
+DIR`` (a Hugging Face checkpoint) is handled here, with :mod:`moeblocks.hf.report`.
 
 Bad input (a missing data path, an unknown preset, a checkpoint from another config...)
 prints one line to stderr and exits with status 2; Ctrl-C during training saves a
@@ -78,6 +79,43 @@ def _eval(args: argparse.Namespace) -> int:
     tokens = torch.from_numpy(encode(tok, load_corpus(ckpt.data).valid))
     ev = evaluate_run(model, tokens, ckpt, max_tokens=args.max_tokens)
     print(format_run_eval(ev, ckpt.config.k_final))
+    return 0
+
+
+def _inspect_hf(args: argparse.Namespace) -> int:
+    """``moeblocks inspect --hf DIR``: the routing report of a local HF MoE checkpoint."""
+    from moeblocks.hf.report import (
+        CheckpointError,
+        format_hf_inspection,
+        inspect_hf,
+        write_hf_report,
+    )
+    from moeblocks.inspect.probe import load_probes
+    from moeblocks.sra.config import UsageError
+    from moeblocks.sra.data import load_corpus
+    from moeblocks.sra.train import resolve_device
+
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2, got {args.seq_len}")
+    corpus = load_corpus(args.data)
+    probes = load_probes(args.probes) if args.probes else None
+    try:
+        hins = inspect_hf(
+            Path(args.hf),
+            corpus.valid,
+            data_name=corpus.name,
+            text=args.text,
+            max_tokens=args.max_tokens,
+            seq_len=args.seq_len,
+            device=resolve_device(args.device),
+            k_sweep=not args.no_k_sweep,
+            probes=probes,
+        )
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
+    print(format_hf_inspection(hins))
+    out = Path(args.out) if args.out else Path(args.hf) / "inspect"
+    print(f"report: {write_hf_report(hins, out)}")
     return 0
 
 
@@ -197,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
     # `inspect` and `experiment routing-ablation` (moeblocks.inspect imports torch only).
     from moeblocks.inspect.cli import add_inspect_commands
 
-    add_inspect_commands(sub)
+    add_inspect_commands(sub, hf_handler=_inspect_hf)
     return parser
 
 

@@ -2,19 +2,38 @@
 
 :func:`add_inspect_commands` adds both to the ``moeblocks`` parser's subparsers; each
 sets ``handler`` to a function ``(args) -> exit status`` as the other commands do.
-Heavy imports happen inside the handlers.
+Heavy imports happen inside the handlers. ``inspect --hf DIR`` (a Hugging Face
+checkpoint) is handled by a function the caller passes in, so that this package imports
+no model bridge (the ``moeblocks`` command passes :mod:`moeblocks.hf`'s).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["add_inspect_commands", "run_ablation", "run_inspect"]
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """Handler of ``moeblocks inspect RUN``: print the tables, write ``report.md`` + PNGs."""
+    """Handler of ``moeblocks inspect RUN``: print the tables, write ``report.md`` + PNGs.
+
+    With ``--hf DIR`` it hands over to ``args.hf_handler``.
+    """
+    from moeblocks.sra.config import UsageError
+
+    if args.hf is not None:
+        if args.run is not None:
+            raise UsageError("give either a run folder or --hf DIR, not both")
+        if args.hf_handler is None:
+            raise UsageError("--hf needs the moeblocks command (moeblocks.cli)")
+        return args.hf_handler(args)
+    if args.run is None:
+        raise UsageError(
+            "give a run folder (moeblocks inspect RUN) or a Hugging Face checkpoint "
+            "folder (moeblocks inspect --hf DIR)"
+        )
     from moeblocks.inspect.probe import load_probes
     from moeblocks.inspect.report import format_inspection, inspect_run, write_inspect_report
 
@@ -53,21 +72,47 @@ def run_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_inspect_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``inspect`` and ``experiment`` to the ``moeblocks`` subparsers."""
+def add_inspect_commands(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    hf_handler: Callable[[argparse.Namespace], int] | None = None,
+) -> None:
+    """Add ``inspect`` and ``experiment`` to the ``moeblocks`` subparsers.
+
+    Args:
+        sub: The subparsers of the ``moeblocks`` parser.
+        hf_handler: Handler of ``inspect --hf DIR`` (None: ``--hf`` is refused).
+    """
     ins = sub.add_parser(
-        "inspect", help="routing metrics, probes and plots of a trained run (writes report.md)"
+        "inspect",
+        help="routing metrics, probes and plots of a trained run or a Hugging Face MoE "
+        "checkpoint (writes report.md)",
     )
-    ins.add_argument("run", help="run folder, e.g. runs/NAME")
+    ins.add_argument("run", nargs="?", default=None, help="run folder, e.g. runs/NAME")
+    ins.add_argument(
+        "--hf",
+        default=None,
+        metavar="DIR",
+        help="inspect a local Hugging Face checkpoint folder (save_pretrained) instead of a run",
+    )
+    ins.add_argument(
+        "--data",
+        default="pydoc",
+        help="with --hf: evaluation text: pydoc (default), synthetic, a text file or a folder",
+    )
+    ins.add_argument(
+        "--seq-len", type=int, default=128, help="with --hf: tokens per window (default 128)"
+    )
     ins.add_argument("--text", default=None, help="sentence to trace token by token")
     ins.add_argument(
         "--max-tokens", type=int, default=8192, help="validation tokens to inspect (default 8192)"
     )
     ins.add_argument("--probes", default=None, help="JSONL overlap-probe set (default: built-in)")
-    ins.add_argument("--out", default=None, help="report folder (default: RUN/inspect)")
+    ins.add_argument(
+        "--out", default=None, help="report folder (default: RUN/inspect, DIR/inspect)"
+    )
     ins.add_argument("--no-k-sweep", action="store_true", help="skip the k-sweep evaluation")
     ins.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    ins.set_defaults(handler=run_inspect)
+    ins.set_defaults(handler=run_inspect, hf_handler=hf_handler)
 
     ex = sub.add_parser("experiment", help="named experiments, e.g. routing-ablation")
     ex.add_argument("name", choices=["routing-ablation"], help="which experiment")
