@@ -322,6 +322,10 @@ class Family:
             ``[T, K]`` combine weights) or ``"flat_and_logits"`` (Llama-4: the output
             flattened to ``[T, D]`` and the ``[T, E]`` router logits).
         logits_index: Index of the router logits in the router module's output tuple.
+        build: Builds the equivalent layer (what :func:`from_hf` calls).
+        write_back: Writes a layer's weights into a block (what :func:`to_hf` calls).
+        batched_logits: Whether the router returns logits in the input's leading shape
+            (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
     """
 
     name: str
@@ -332,6 +336,7 @@ class Family:
     logits_index: int
     build: Callable[[nn.Module, Dispatcher], MoELayer]
     write_back: Callable[[MoELayer, nn.Module], None]
+    batched_logits: bool = False
 
 
 _FAMILIES = (
@@ -424,6 +429,7 @@ _FAMILIES = (
         2,
         _from_switch,
         _to_switch,
+        batched_logits=True,
     ),
 )
 _BY_CLASS = {f.block_class: f for f in _FAMILIES}

@@ -55,8 +55,6 @@ from moeblocks.layer import MoELayer
 __all__ = ["HFMoEBlock", "swap_moe_blocks", "unswap_moe_blocks"]
 
 _RETURNS = ("tensor", "tensor_and_weights", "flat_and_logits")
-# Families whose router logits keep the input's leading shape ([B, S, E], not [T, E]).
-_BATCHED_LOGITS = frozenset({"switch_transformers"})
 
 
 class _LogitsTap(nn.Module):
@@ -166,7 +164,7 @@ class HFMoEBlock(nn.Module):
         scorer = getattr(self.layer.router, "scorer", None)
         in_input_dtype = getattr(scorer, "compute_dtype", "float32") == "input"
         logits = scores.to(x.dtype) if in_input_dtype else scores
-        if self.family.name in _BATCHED_LOGITS:
+        if self.family.batched_logits:
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         return logits
 
