@@ -22,6 +22,20 @@ from torch import Tensor
 
 __all__ = ["ACTIVATIONS", "GLU", "ClampedSwiGLU", "GatedActivation", "activation_fn"]
 
+
+def _check_pair(gate: Tensor, up: Tensor) -> None:
+    # Broadcasting would silently combine mismatched halves.
+    if not isinstance(gate, Tensor) or not isinstance(up, Tensor):
+        raise TypeError(
+            f"gate and up must be tensors, got {type(gate).__name__} and {type(up).__name__}"
+        )
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"gate and up must have one shape, got gate {tuple(gate.shape)} and up "
+            f"{tuple(up.shape)}"
+        )
+
+
 _PLAIN: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -67,6 +81,7 @@ class GLU:
         self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
     ) -> Float[Tensor, "R F"]:
         """``act(gate) ⊙ up``."""
+        _check_pair(gate, up)
         return activation_fn(self.activation)(gate) * up
 
 
@@ -92,6 +107,7 @@ class ClampedSwiGLU:
         self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
     ) -> Float[Tensor, "R F"]:
         """The clamped, shifted SwiGLU."""
+        _check_pair(gate, up)
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from moeblocks._checks import check_expert_ids, check_index, check_same_device
+
 __all__ = ["BiasBalancer", "balancers", "step_balancers"]
 
 
@@ -38,13 +40,20 @@ class BiasBalancer(nn.Module):
             e.g. for a converted pretrained model.
         group: Process group whose loads are summed before each update (data or expert
             parallel); None updates from the local loads.
+        sync_checks: Also range-check the expert ids :meth:`observe` gets on a GPU, at
+            one device sync per call (CPU ids are always checked).
     """
 
     bias: Tensor
     load: Tensor
 
     def __init__(
-        self, num_experts: int, rate: float = 1e-3, group: dist.ProcessGroup | None = None
+        self,
+        num_experts: int,
+        rate: float = 1e-3,
+        group: dist.ProcessGroup | None = None,
+        *,
+        sync_checks: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
@@ -54,12 +63,23 @@ class BiasBalancer(nn.Module):
         self.num_experts = num_experts
         self.rate = float(rate)
         self.group = group
+        self.sync_checks = bool(sync_checks)
         self.register_buffer("bias", torch.zeros(num_experts))
         self.register_buffer("load", torch.zeros(num_experts))
 
     @torch.no_grad()
     def observe(self, experts: Int[Tensor, "T K"]) -> None:
-        """Add the slots of one routing decision to ``load`` (the router calls this)."""
+        """Add the slots of one routing decision to ``load`` (the router calls this).
+
+        Raises:
+            TypeError: If ``experts`` is not an integer tensor.
+            ValueError: If ``experts`` is not ``[T, K]``, is on another device than the
+                balancer, or holds an id outside ``[0, num_experts)`` (checked on CPU
+                always, on a GPU with ``sync_checks=True``).
+        """
+        check_index(experts, "experts", 2)
+        check_same_device(experts, "experts", self.load, "the balancer's load buffer")
+        check_expert_ids(experts, self.num_experts, self.sync_checks)
         flat = experts.reshape(-1)
         self.load.index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
 

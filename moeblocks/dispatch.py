@@ -7,6 +7,10 @@ padding), D model dim.
 by expert and returns a :class:`~moeblocks.routing.Layout`; ``unpermute`` takes that
 layout back, multiplies each expert output by its combine weight and sums the K copies
 into token order. A dispatcher keeps nothing on ``self`` between the two calls.
+
+Inputs are checked: shapes, dtypes and devices always; that every expert id lies in
+``[0, E)`` on CPU tensors always and on GPU tensors with ``sync_checks=True`` (one device
+sync per call).
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from moeblocks._checks import (
+    check_expert_ids,
+    check_float,
+    check_index,
+    check_int,
+    check_same_device,
+)
 from moeblocks.routing import Layout, Routing
 
 __all__ = ["Dispatcher", "TorchDispatcher", "build_layout", "make_dispatcher"]
@@ -44,7 +55,9 @@ def _check_pad_to(pad_to: int) -> None:
         raise ValueError(f"pad_to must be an int >= 1, got {pad_to!r}")
 
 
-def build_layout(experts: Int[Tensor, "T K"], num_experts: int, pad_to: int = 1) -> Layout:
+def build_layout(
+    experts: Int[Tensor, "T K"], num_experts: int, pad_to: int = 1, *, sync_checks: bool = False
+) -> Layout:
     """Build the grouped order of all slots from the chosen experts.
 
     A stable argsort of the flattened expert ids keeps slots of one expert in slot
@@ -52,14 +65,27 @@ def build_layout(experts: Int[Tensor, "T K"], num_experts: int, pad_to: int = 1)
     of ``pad_to`` rows; sizing that padded tensor reads the counts on the host (one
     device sync), so the default ``pad_to=1`` has none.
 
+    Args:
+        experts: Expert ids per token and choice, integers in ``[0, num_experts)``.
+        num_experts: E, >= 1.
+        pad_to: Segment alignment in rows, >= 1.
+        sync_checks: Also range-check the ids of GPU tensors (one device sync); CPU
+            tensors are always checked.
+
+    Raises:
+        TypeError: If ``experts`` is not an integer tensor.
+        ValueError: If ``experts`` is not ``[T, K]``, an id lies outside
+            ``[0, num_experts)``, or ``num_experts`` / ``pad_to`` is not an int >= 1.
+
     Example:
         >>> layout = build_layout(torch.tensor([[1], [0], [1]]), num_experts=2)
         >>> layout.slot_of_row.tolist(), layout.counts.tolist()
         ([1, 0, 2], [1, 2])
     """
     _check_pad_to(pad_to)
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    check_int(num_experts, "num_experts")
+    check_index(experts, "experts", 2)
+    check_expert_ids(experts, num_experts, sync_checks)
     flat_N = experts.reshape(-1)
     device = flat_N.device
     sorted_slots_N = torch.argsort(flat_N, stable=True)
@@ -166,14 +192,19 @@ class TorchDispatcher:
     Args:
         pad_to: Round every expert segment up to a multiple of this many rows (filled
             with zeros), for grouped GEMMs that want aligned segments. 1 means no padding.
+        sync_checks: Also range-check the expert ids of GPU tensors in :meth:`permute`,
+            at one device sync per call. CPU tensors are always checked; shapes, dtypes
+            and devices are always checked.
     """
 
-    def __init__(self, pad_to: int = 1) -> None:
+    def __init__(self, pad_to: int = 1, *, sync_checks: bool = False) -> None:
         _check_pad_to(pad_to)
         self.pad_to = pad_to
+        self.sync_checks = bool(sync_checks)
 
     def __repr__(self) -> str:
-        return f"TorchDispatcher(pad_to={self.pad_to})"
+        extra = ", sync_checks=True" if self.sync_checks else ""
+        return f"TorchDispatcher(pad_to={self.pad_to}{extra})"
 
     def permute(
         self, tokens: Float[Tensor, "T D"], routing: Routing
@@ -186,8 +217,23 @@ class TorchDispatcher:
 
         Returns:
             The grouped copies (padding rows are zero) and their :class:`Layout`.
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[T, D]`` with the T of ``routing``, the two
+                are on different devices, or an expert id is out of range.
         """
-        layout = build_layout(routing.experts, routing.num_experts, self.pad_to)
+        check_float(tokens, "tokens", 2)
+        check_index(routing.experts, "routing.experts", 2)
+        if tokens.shape[0] != routing.num_tokens:
+            raise ValueError(
+                f"tokens has {tokens.shape[0]} rows but routing.experts covers "
+                f"{routing.num_tokens} tokens (shape {tuple(routing.experts.shape)}); "
+                "expected one routing row per token"
+            )
+        check_same_device(routing.experts, "routing.experts", tokens, "tokens")
+        layout = build_layout(
+            routing.experts, routing.num_experts, self.pad_to, sync_checks=self.sync_checks
+        )
         grouped = _Permute.apply(tokens, layout.slot_of_row, layout.row_of_slot, routing.top_k)
         return grouped, layout
 
@@ -203,7 +249,25 @@ class TorchDispatcher:
 
         Returns:
             One vector per token.
+
+        Raises:
+            ValueError: If ``grouped`` does not have the layout's R rows, ``weights`` does
+                not hold one weight per slot, or the tensors are on different devices.
         """
+        check_float(grouped, "grouped", 2)
+        check_float(weights, "weights", 2)
+        if grouped.shape[0] != layout.num_rows:
+            raise ValueError(
+                f"grouped must have R = {layout.num_rows} rows (layout.slot_of_row), "
+                f"got shape {tuple(grouped.shape)}"
+            )
+        if weights.numel() != layout.row_of_slot.shape[0]:
+            raise ValueError(
+                f"weights must have shape [T, K] with T·K = {layout.row_of_slot.shape[0]} "
+                f"slots (layout.row_of_slot), got {tuple(weights.shape)}"
+            )
+        check_same_device(weights, "weights", grouped, "grouped")
+        check_same_device(layout.row_of_slot, "layout.row_of_slot", grouped, "grouped")
         return _Unpermute.apply(grouped, weights, layout.row_of_slot, layout.slot_of_row)
 
 

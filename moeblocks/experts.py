@@ -5,6 +5,10 @@ Legend: R grouped rows, E experts, D model dim, F expert hidden dim.
 A bank takes rows already grouped by expert (from a dispatcher) and the number of rows
 of each expert, and returns one output row per input row. It knows nothing of routing,
 so routers and banks combine freely. Experts with no rows get exactly zero gradient.
+
+A bank checks its inputs: the shapes, dtype and device of ``grouped`` and ``group_sizes``
+always; that the group sizes are >= 0 and sum to the rows (a host read) on CPU tensors
+and in the ``"loop"`` backend always, on GPU tensors with ``sync_checks=True``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from moeblocks._checks import check_float, check_index, check_same_device, value_checks
 from moeblocks.activations import GLU, GatedActivation, activation_fn
 from moeblocks.grouped import grouped_mm
 
@@ -99,6 +104,7 @@ class _StackedMLP(nn.Module):
         w_in_name: str,
         b_in_name: str,
         in_width: int,
+        sync_checks: bool = False,
     ) -> None:
         super().__init__()
         _check_dims(num_experts, dim, hidden)
@@ -112,6 +118,7 @@ class _StackedMLP(nn.Module):
         self.hidden = hidden
         self.backend = backend
         self.init = init
+        self.sync_checks = bool(sync_checks)
         # Registered by name so each bank keeps its shape-lettered attribute names.
         self.register_parameter(w_in_name, nn.Parameter(torch.empty(num_experts, dim, in_width)))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -123,6 +130,8 @@ class _StackedMLP(nn.Module):
         self._b_in_name = b_in_name
 
     def _check(self, grouped: Tensor, group_sizes: Tensor) -> None:
+        check_float(grouped, "grouped")
+        check_index(group_sizes, "group_sizes")
         if grouped.ndim != 2 or grouped.shape[1] != self.dim:
             raise ValueError(
                 f"grouped must have shape [rows, {self.dim}], got {tuple(grouped.shape)}"
@@ -131,9 +140,27 @@ class _StackedMLP(nn.Module):
             raise ValueError(
                 f"group_sizes must have shape [{self.num_experts}], got {tuple(group_sizes.shape)}"
             )
+        w_out = self.w_out_EFD
+        if grouped.dtype != w_out.dtype:
+            raise TypeError(
+                f"grouped has dtype {grouped.dtype} but the expert weights are {w_out.dtype}"
+            )
+        check_same_device(grouped, "grouped", w_out, "the expert weights")
+        check_same_device(group_sizes, "group_sizes", grouped, "grouped")
+        if value_checks(group_sizes, self.sync_checks):
+            R = grouped.shape[0]
+            sizes = group_sizes.long()
+            if bool((sizes.min() < 0) | (sizes.sum() != R)):  # host sync on a GPU
+                raise ValueError(
+                    f"group_sizes must be >= 0 and sum to the {R} rows of grouped, got "
+                    f"values in [{int(sizes.min())}, {int(sizes.max())}] summing to "
+                    f"{int(sizes.sum())}"
+                )
 
     def _project_in(self, w_in: Tensor, grouped: Tensor, group_sizes: Tensor) -> Tensor:
         self._check(grouped, group_sizes)
+        # grouped_mm repeats the value check on CPU (cheap); on a GPU it runs without
+        # sync_checks, so the bank's check above is the only sync.
         h = grouped_mm(grouped, w_in, group_sizes, self.backend)
         return _add_row_bias(h, getattr(self, self._b_in_name), group_sizes)
 
@@ -170,6 +197,8 @@ class SwiGLUExperts(_StackedMLP):
             (default ``GLU("silu")``, i.e. SwiGLU).
         bias: Learnable biases ``b_in_EF2`` (``[E, 2F]``) and ``b_out_ED`` (``[E, D]``).
         init: Weight initialisation (default: ``nn.Linear``'s scale per expert).
+        sync_checks: Also check that the group sizes of GPU tensors are >= 0 and sum to
+            the rows, at one device sync per call (CPU tensors are always checked).
     """
 
     def __init__(
@@ -182,9 +211,19 @@ class SwiGLUExperts(_StackedMLP):
         activation: GatedActivation | None = None,
         bias: bool = False,
         init: ExpertInit | None = None,
+        sync_checks: bool = False,
     ) -> None:
         super().__init__(
-            num_experts, dim, hidden, backend, bias, init, "w_in_EDF2", "b_in_EF2", 2 * hidden
+            num_experts,
+            dim,
+            hidden,
+            backend,
+            bias,
+            init,
+            "w_in_EDF2",
+            "b_in_EF2",
+            2 * hidden,
+            sync_checks,
         )
         activation = GLU() if activation is None else activation
         if not isinstance(activation, GatedActivation):
@@ -217,6 +256,8 @@ class MLPExperts(_StackedMLP):
         activation: ``"gelu"`` (exact), ``"gelu_tanh"``, ``"relu"`` (Switch) or ``"silu"``.
         bias: Learnable biases ``b_in_EF`` (``[E, F]``) and ``b_out_ED`` (``[E, D]``).
         init: Weight initialisation (default: ``nn.Linear``'s scale per expert).
+        sync_checks: Also check that the group sizes of GPU tensors are >= 0 and sum to
+            the rows, at one device sync per call (CPU tensors are always checked).
     """
 
     def __init__(
@@ -229,10 +270,20 @@ class MLPExperts(_StackedMLP):
         activation: str = "gelu",
         bias: bool = False,
         init: ExpertInit | None = None,
+        sync_checks: bool = False,
     ) -> None:
         activation_fn(activation)
         super().__init__(
-            num_experts, dim, hidden, backend, bias, init, "w_in_EDF", "b_in_EF", hidden
+            num_experts,
+            dim,
+            hidden,
+            backend,
+            bias,
+            init,
+            "w_in_EDF",
+            "b_in_EF",
+            hidden,
+            sync_checks,
         )
         self.activation = activation
 
@@ -261,9 +312,17 @@ class GELUExperts(MLPExperts):
         activation: str = "gelu",
         bias: bool = False,
         init: ExpertInit | None = None,
+        sync_checks: bool = False,
     ) -> None:
         if activation not in ("gelu", "gelu_tanh"):
             raise ValueError(f"GELUExperts takes 'gelu' or 'gelu_tanh', got {activation!r}")
         super().__init__(
-            num_experts, dim, hidden, backend, activation=activation, bias=bias, init=init
+            num_experts,
+            dim,
+            hidden,
+            backend,
+            activation=activation,
+            bias=bias,
+            init=init,
+            sync_checks=sync_checks,
         )

@@ -36,6 +36,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from moeblocks._checks import check_float
+
 __all__ = [
     "SCORINGS",
     "GroupLimitedTopK",
@@ -61,6 +63,7 @@ def check_scoring(scoring: str) -> str:
 
 def score_probs(scoring: str, logits: Float[Tensor, "T E"]) -> Float[Tensor, "T E"]:
     """``probs`` of the :class:`~moeblocks.routing.Routing` record for this scoring."""
+    check_scoring(scoring)
     if scoring == "sigmoid":
         return torch.sigmoid(logits)
     return torch.softmax(logits, dim=-1)
@@ -70,6 +73,7 @@ def selection_key(
     scoring: str, logits: Float[Tensor, "T E"], probs: Float[Tensor, "T E"]
 ) -> Float[Tensor, "T E"]:
     """What the experts are chosen by, before any selection-only bias."""
+    check_scoring(scoring)
     # softmax_topk ranks raw logits (as GPT-OSS does); the softmax is monotone, but two
     # distinct large logits can round to one probability.
     return logits if scoring == "softmax_topk" else probs
@@ -82,6 +86,12 @@ def gates(
     experts: Int[Tensor, "T K"],
 ) -> Float[Tensor, "T K"]:
     """Raw gate values of the chosen experts, before the weight policy."""
+    check_scoring(scoring)
+    if experts.ndim != 2 or experts.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"experts must have shape [T, K] with the T = {logits.shape[0]} of logits, "
+            f"got {tuple(experts.shape)}"
+        )
     if scoring == "softmax_topk":
         return torch.softmax(logits.gather(1, experts), dim=-1)
     return probs.gather(1, experts)
@@ -100,6 +110,11 @@ class Selection(Protocol):
         ...
 
 
+def _check_k(k: object, num_experts: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an int in [1, {num_experts}] (E of key), got {k!r}")
+
+
 @dataclass(frozen=True)
 class TopK:
     """Plain top-k: the K experts with the largest key."""
@@ -111,6 +126,8 @@ class TopK:
 
     def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
         """``key.topk(k)``, sorted."""
+        check_float(key, "key", 2)
+        _check_k(k, key.shape[1])
         return key.topk(k, dim=-1).indices
 
 
@@ -161,7 +178,19 @@ class GroupLimitedTopK:
             )
 
     def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
-        """Top-k inside each token's best groups."""
+        """Top-k inside each token's best groups.
+
+        Raises:
+            ValueError: If ``key`` is not ``[T, E]`` with E a multiple of ``num_groups``
+                (and groups of at least ``group_score_k``), or ``k`` exceeds the experts
+                of ``groups_per_token`` groups.
+        """
+        check_float(key, "key", 2)
+        _check_k(k, key.shape[1])
+        try:
+            self.check(key.shape[1], k)
+        except ValueError as error:
+            raise ValueError(f"key of shape {tuple(key.shape)}: {error}") from None
         T, E = key.shape
         G = self.num_groups
         key_TGS = key.view(T, G, E // G)
@@ -206,7 +235,8 @@ class WeightPolicy:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
 
     def __call__(self, gates: Float[Tensor, "T K"]) -> Float[Tensor, "T K"]:
-        """Combine weights from the chosen experts' gates."""
+        """Combine weights from the chosen experts' gates (``[T, K]``, floating)."""
+        check_float(gates, "gates", 2)
         K = gates.shape[1]
         if self.renormalize == "always" or (self.renormalize == "k>1" and K > 1):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)

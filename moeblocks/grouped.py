@@ -10,6 +10,11 @@ expert ``e``. It is the compute seam of the expert banks; backends are chosen by
 - ``"loop"``: one matmul per expert over ``torch.split`` views. It reads the group sizes
   on the host (one device sync) and works on every device and dtype.
 - ``"auto"``: ``"torch"`` where supported, else ``"loop"``.
+
+Inputs are checked before any backend runs: shapes, dtypes and devices always; that the
+group sizes are >= 0 and sum to R (which reads them on the host) on CPU tensors, in the
+``"loop"`` backend (which reads them anyway), and elsewhere with ``sync_checks=True``.
+A wrong sum would otherwise make ``torch._grouped_mm`` return uninitialised rows.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from moeblocks._checks import check_float, check_index, check_same_device, value_checks
 
 __all__ = ["grouped_mm", "torch_grouped_mm_supported"]
 
@@ -44,8 +51,41 @@ def torch_grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     return False
 
 
+def _check_sizes(sizes: list[int], rows: int) -> None:
+    if any(s < 0 for s in sizes) or sum(sizes) != rows:
+        shown = sizes if len(sizes) <= 16 else f"{sizes[:16]}... ({len(sizes)} sizes)"
+        raise ValueError(
+            f"group_sizes_E must be >= 0 and sum to R = {rows} (the rows of x_RI), "
+            f"got {shown} summing to {sum(sizes)}"
+        )
+
+
+def _check_operands(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor) -> None:
+    check_float(x_RI, "x_RI", 2)
+    check_float(w_EIO, "w_EIO", 3)
+    check_index(group_sizes_E, "group_sizes_E", 1)
+    if x_RI.shape[1] != w_EIO.shape[1]:
+        raise ValueError(
+            f"x_RI must have shape [R, {w_EIO.shape[1]}] (I of w_EIO {tuple(w_EIO.shape)}), "
+            f"got {tuple(x_RI.shape)}"
+        )
+    if group_sizes_E.shape[0] != w_EIO.shape[0]:
+        raise ValueError(
+            f"group_sizes_E must have shape [{w_EIO.shape[0]}] (one size per expert of "
+            f"w_EIO), got {tuple(group_sizes_E.shape)}"
+        )
+    if group_sizes_E.shape[0] == 0 and x_RI.shape[0] != 0:
+        _check_sizes([], x_RI.shape[0])  # no expert to take the rows
+    if x_RI.dtype != w_EIO.dtype:
+        raise TypeError(f"x_RI has dtype {x_RI.dtype} but w_EIO has {w_EIO.dtype}")
+    check_same_device(w_EIO, "w_EIO", x_RI, "x_RI")
+    check_same_device(group_sizes_E, "group_sizes_E", x_RI, "x_RI")
+
+
 def _loop(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor) -> Tensor:
     sizes = group_sizes_E.tolist()  # host sync: split needs Python ints
+    if not torch.compiler.is_compiling():
+        _check_sizes(sizes, x_RI.shape[0])
     # unbind/split (not w[e] / x[a:b]) so the backward stacks the per-expert gradients
     # instead of adding E full-size zero tensors.
     outs = [
@@ -82,15 +122,20 @@ def grouped_mm(
     w_EIO: Float[Tensor, "E I O"],
     group_sizes_E: Int[Tensor, " E"],
     backend: str = "auto",
+    *,
+    sync_checks: bool = False,
 ) -> Float[Tensor, "R O"]:
     """Multiply each expert's contiguous rows by that expert's weight matrix.
 
     Args:
         x_RI: Rows grouped by expert, ``group_sizes_E[e]`` rows for expert ``e`` in order.
         w_EIO: One ``[I, O]`` matrix per expert.
-        group_sizes_E: Rows per expert; must sum to R.
+        group_sizes_E: Rows per expert, integers >= 0 that sum to R.
         backend: ``"auto"``, ``"torch"`` or ``"loop"`` (see the module docstring).
             Asking for ``"torch"`` where it is unsupported raises ``ValueError``.
+        sync_checks: Also check the group sizes of GPU tensors for the ``"torch"``
+            backend, at the cost of one device sync (CPU tensors and the ``"loop"``
+            backend are always checked).
 
     Returns:
         ``out[r] = x[r] @ w[expert of r]``.
@@ -100,7 +145,14 @@ def grouped_mm(
         >>> w = torch.stack([torch.eye(2), 2 * torch.eye(2)])
         >>> grouped_mm(x, w, torch.tensor([1, 2]), backend="loop").tolist()
         [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
+
+    Raises:
+        TypeError: For non-tensors, non-floating operands, non-integer group sizes, or
+            operands of different dtypes.
+        ValueError: For operands whose shapes or devices do not fit together, or group
+            sizes that are negative or do not sum to R.
     """
+    _check_operands(x_RI, w_EIO, group_sizes_E)
     if backend == "auto":
         backend = "torch" if torch_grouped_mm_supported(x_RI, w_EIO) else "loop"
     if backend == "torch":
@@ -110,6 +162,10 @@ def grouped_mm(
                 f"{x_RI.dtype} on {x_RI.device} (have torch {torch.__version__}); "
                 "use backend='loop' or 'auto'"
             )
+        if group_sizes_E.numel() and value_checks(group_sizes_E, sync_checks):
+            sizes_E = group_sizes_E.long()
+            if bool((sizes_E.min() < 0) | (sizes_E.sum() != x_RI.shape[0])):  # host sync
+                _check_sizes(group_sizes_E.tolist(), x_RI.shape[0])
         return _torch(x_RI, w_EIO, group_sizes_E)
     if backend == "loop":
         return _loop(x_RI, w_EIO, group_sizes_E)

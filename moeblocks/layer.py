@@ -158,6 +158,17 @@ class MoELayer(nn.Module):
         if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf (check_finite=True)")
 
+    def _check_routing(self, routing: Routing, num_tokens: int) -> None:
+        # Shapes only (no sync): a custom router's record must fit this layer.
+        if not isinstance(routing, Routing):
+            raise TypeError(f"the router must return a Routing, got {type(routing).__name__}")
+        if routing.num_tokens != num_tokens or routing.num_experts != self.num_experts:
+            raise ValueError(
+                f"the router returned a Routing for {routing.num_tokens} tokens and "
+                f"{routing.num_experts} experts, expected {num_tokens} tokens and "
+                f"{self.num_experts} experts"
+            )
+
     def forward(
         self,
         x: Float[Tensor, "*batch D"],
@@ -180,6 +191,7 @@ class MoELayer(nn.Module):
         tokens_TD = x.reshape(-1, self.dim)
         mask_T = None if mask is None else mask.reshape(-1)
         routing = self.router(tokens_TD, k=k)
+        self._check_routing(routing, tokens_TD.shape[0])
         routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
         if self.capacity is not None:
             routing = self.capacity(routing)

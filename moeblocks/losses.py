@@ -5,6 +5,9 @@ Legend: T tokens, E experts, K experts per token.
 Every loss takes ``(routing, router, mask)`` and returns an *unweighted* scalar;
 :class:`~moeblocks.MoELayer` multiplies it by the loss's ``weight``. ``mask`` is a
 boolean ``[T]`` tensor, True for real tokens: padding is left out of every statistic.
+Padding is excluded with ``torch.where``, never by multiplying by the mask (``0 · NaN``
+is NaN), so NaN or inf in a padding token cannot reach a loss value or the gradient a
+loss sends back into the routing record: that gradient is exactly zero on padding rows.
 With no real token a loss is zero (and still part of the graph). Statistics below use
 ``P_e``, the mean router probability of expert ``e`` over the real tokens.
 
@@ -65,16 +68,41 @@ def _check_weight(weight: float) -> float:
     return float(weight)
 
 
-def _token_weights(routing: Routing, mask: Tensor | None) -> Tensor:
-    """Per-token float weights: 1 for a real token, 0 for padding."""
-    T = routing.num_tokens
+def _check_mask(routing: Routing, mask: Tensor | None) -> Tensor | None:
+    """``mask`` if it is a bool ``[T]`` tensor on the routing's device; None stays None."""
     if mask is None:
-        return routing.probs.new_ones(T)
-    if mask.shape != (T,) or mask.dtype != torch.bool:
+        return None
+    T = routing.num_tokens
+    if not isinstance(mask, Tensor) or mask.shape != (T,) or mask.dtype != torch.bool:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else repr(mask)
+        raise ValueError(f"mask must be a bool tensor of shape [{T}], got {got}")
+    if mask.device != routing.probs.device:
         raise ValueError(
-            f"mask must be a bool tensor of shape [{T}], got {mask.dtype} {tuple(mask.shape)}"
+            f"mask is on {mask.device} but routing.probs is on {routing.probs.device}; "
+            "expected both on the same device"
         )
-    return mask.to(routing.probs.dtype)
+    return mask
+
+
+def _real_rows(values: Tensor, mask: Tensor | None) -> Tensor:
+    """``values`` (``[T]`` or ``[T, E]``) with the rows of padding tokens set to 0.
+
+    A ``where``, not a product with the mask: NaN or inf in a padding row must not reach
+    the result (``0 · NaN`` is NaN), and its gradient there is exactly zero.
+    """
+    if mask is None:
+        return values
+    keep = mask if values.ndim == 1 else mask.unsqueeze(-1)
+    return torch.where(keep, values, 0.0)
+
+
+def _num_real(routing: Routing, mask: Tensor | None) -> Tensor:
+    """The number of real tokens, as a scalar tensor of the probabilities' dtype."""
+    probs = routing.probs
+    if mask is None:
+        # A sum, not new_tensor(float(T)): stays symbolic under torch.compile.
+        return probs.new_ones(routing.num_tokens).sum()
+    return mask.sum().to(probs.dtype)
 
 
 @dataclass(frozen=True)
@@ -102,13 +130,21 @@ class TokenStats:
 
     @classmethod
     def of(cls, routing: Routing, mask: Bool[Tensor, " T"] | None = None) -> TokenStats:
-        """The statistics of one routing record; ``mask`` is True for real tokens."""
-        m_T = _token_weights(routing, mask)
+        """The statistics of one routing record; ``mask`` is True for real tokens.
+
+        Padding rows are replaced by zeros before any arithmetic, so NaN or inf there
+        changes neither the sums nor their gradients.
+        """
+        mask = _check_mask(routing, mask)
+        probs_TE = _real_rows(routing.probs, mask)
         # Each token's K experts are distinct, so the scatter writes each cell once.
         slots_TE = torch.zeros_like(routing.probs).scatter_(1, routing.experts, 1.0)
-        z2_T = torch.logsumexp(routing.scores, dim=-1).square()
-        n = m_T.sum()
-        return cls(m_T @ routing.probs, m_T @ slots_TE, m_T @ z2_T, n, n * routing.top_k)
+        # Zeroed scores keep logsumexp finite on padding rows; the rows are then dropped.
+        z2_T = _real_rows(torch.logsumexp(_real_rows(routing.scores, mask), dim=-1).square(), mask)
+        n = _num_real(routing, mask)
+        return cls(
+            probs_TE.sum(0), _real_rows(slots_TE, mask).sum(0), z2_T.sum(), n, n * routing.top_k
+        )
 
     @classmethod
     def pooled(
@@ -152,6 +188,11 @@ class TokenStats:
     @classmethod
     def from_vector(cls, vector: Float[Tensor, " S"]) -> TokenStats:
         """Inverse of :meth:`to_vector`."""
+        if vector.ndim != 1 or vector.shape[0] < 5 or (vector.shape[0] - 3) % 2:
+            raise ValueError(
+                f"vector must have shape [2E + 3] with E >= 1 (from to_vector), "
+                f"got {tuple(vector.shape)}"
+            )
         E = (vector.shape[0] - 3) // 2
         return cls(
             vector[:E], vector[E : 2 * E], vector[2 * E], vector[2 * E + 1], vector[2 * E + 2]
@@ -186,8 +227,8 @@ def mean_expert_probs(
     routing: Routing, mask: Bool[Tensor, " T"] | None = None
 ) -> Float[Tensor, " E"]:
     """``P_e``: the mean router probability of each expert over the real tokens."""
-    m_T = _token_weights(routing, mask)
-    return (m_T @ routing.probs) / m_T.sum().clamp(min=1.0)
+    mask = _check_mask(routing, mask)
+    return _real_rows(routing.probs, mask).sum(0) / _num_real(routing, mask).clamp(min=1.0)
 
 
 class _Loss(nn.Module):
@@ -289,20 +330,34 @@ class SequenceBalanceLoss(_Loss):
     def forward(
         self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
     ) -> Float[Tensor, ""]:
-        """The unweighted loss."""
-        m_T = _token_weights(routing, mask)
+        """The unweighted loss.
+
+        Raises:
+            ValueError: If ``routing.batch_shape`` does not cover the routing's T tokens,
+                or ``mask`` is not a bool ``[T]`` tensor on the routing's device.
+        """
+        mask = _check_mask(routing, mask)
         B, S = routing.sequences()
+        if routing.num_tokens != B * S:
+            raise ValueError(
+                f"routing.batch_shape {routing.batch_shape} does not cover the routing's "
+                f"{routing.num_tokens} tokens; expected leading dims whose product is T"
+            )
         E, K = routing.num_experts, routing.top_k
-        probs = routing.probs
+        # Padding rows become 0 first (their normalised row is then 0 / tiny = 0).
+        probs = _real_rows(routing.probs, mask)
         s_TE = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
-        slots_TE = torch.zeros_like(probs).scatter_(1, routing.experts, 1.0)
-        m_BS1 = m_T.view(B, S, 1)
-        n_B = m_BS1.sum((1, 2))
-        P_BE = (s_TE.view(B, S, E) * m_BS1).sum(1) / n_B.clamp(min=1).unsqueeze(-1)
-        f_BE = (slots_TE.view(B, S, E) * m_BS1).sum(1) * E / (K * n_B.clamp(min=1).unsqueeze(-1))
+        slots_TE = _real_rows(torch.zeros_like(probs).scatter_(1, routing.experts, 1.0), mask)
+        if mask is None:
+            n_B = probs.new_ones(B, S).sum(1)
+        else:
+            n_B = mask.view(B, S).sum(1).to(probs.dtype)
+        n_B1 = n_B.clamp(min=1).unsqueeze(-1)
+        P_BE = s_TE.view(B, S, E).sum(1) / n_B1
+        f_BE = slots_TE.view(B, S, E).sum(1) * E / (K * n_B1)
         per_seq_B = (f_BE * P_BE).sum(-1)
-        has_B = (n_B > 0).to(per_seq_B.dtype)
-        return (per_seq_B * has_B).sum() / has_B.sum().clamp(min=1)
+        has_B = n_B > 0
+        return _real_rows(per_seq_B, has_B).sum() / has_B.sum().clamp(min=1)
 
 
 class CVSquaredLoss(TokenStatLoss):
@@ -368,8 +423,8 @@ class BandpassLoss(TokenStatLoss):
         below_E = F.relu(self.floor - P_E).square()
         above_E = F.relu(P_E - self.ceiling).square()
         # With no real token there is no usage to judge (P would read as all zeros).
-        has_tokens = (stats.num_tokens > 0).to(P_E.dtype)
-        return has_tokens * P_E.shape[0] ** 2 * (below_E + above_E).mean()
+        penalty = P_E.shape[0] ** 2 * (below_E + above_E).mean()
+        return torch.where(stats.num_tokens > 0, penalty, 0.0)
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""

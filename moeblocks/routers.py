@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from moeblocks._checks import check_float, check_tokens
 from moeblocks.balancing import BiasBalancer
 from moeblocks.gating import (
     Selection,
@@ -81,6 +82,7 @@ class LinearScorer(nn.Module):
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """Score tokens; float32 results, or float64 for float64 tokens."""
+        check_tokens(tokens, self.dim)
         dtype = torch.float32 if self.compute_dtype == "float32" else tokens.dtype
         bias = None if self.bias_E is None else self.bias_E.to(dtype)
         scores_TE = F.linear(tokens.to(dtype), self.weight_ED.to(dtype), bias)
@@ -107,7 +109,8 @@ class CosineScorer(nn.Module):
         init: Anchor initialisation: ``"orthogonal"`` (rows as orthogonal as E and D
             allow), ``"kaiming"`` (uniform), or ``"batch"`` (the anchors are seeded from
             the L2-normalised hidden states of the first training batch; with fewer
-            tokens than experts the remaining anchors keep an orthogonal init).
+            tokens than experts the remaining anchors keep an orthogonal init). A seeding
+            batch with NaN or inf raises ``ValueError`` and leaves the anchors unseeded.
         temperature: Initial value of τ.
     """
 
@@ -143,6 +146,12 @@ class CosineScorer(nn.Module):
         n = min(tokens.shape[0], self.num_experts)
         if n == 0:
             return
+        # One host sync, once per model: NaN anchors would never recover.
+        if not bool(torch.isfinite(tokens).all()):
+            raise ValueError(
+                "tokens hold NaN or inf, so they cannot seed the anchors (init='batch'); "
+                "the scorer stays unseeded until a batch of finite tokens arrives"
+            )
         pick = torch.randperm(tokens.shape[0], device=tokens.device)[:n]
         self.anchors_ED[:n] = F.normalize(tokens[pick].float(), dim=-1, eps=self.eps).to(
             self.anchors_ED.dtype
@@ -151,7 +160,14 @@ class CosineScorer(nn.Module):
         self._seeded = True
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
-        """Score tokens by temperature-scaled cosine similarity to the anchors."""
+        """Score tokens by temperature-scaled cosine similarity to the anchors.
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[T, dim]``, or (``init="batch"``, first
+                training call) holds NaN or inf: seeding reads the batch on the host
+                once, on every device.
+        """
+        check_tokens(tokens, self.dim)
         if not self._seeded and self.training:
             self._seed_from_batch(tokens)
         x_TD = F.normalize(tokens.float(), dim=-1, eps=self.eps)
@@ -302,10 +318,24 @@ class Router(nn.Module):
 
         They differ only in training mode, by the jitter (which perturbs both) and the
         additive noise (logits only).
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[T, dim]``, or the scorer returns scores
+                of another shape than ``[T, num_experts]``.
+            TypeError: If ``tokens`` is not a floating-point tensor.
         """
+        check_tokens(tokens, self.dim)
         if self.training and self.jitter > 0:
             tokens = tokens * torch.empty_like(tokens).uniform_(1 - self.jitter, 1 + self.jitter)
         scores_TE = self.scorer(tokens)
+        expected = (tokens.shape[0], self.num_experts)
+        if not isinstance(scores_TE, Tensor) or tuple(scores_TE.shape) != expected:
+            got = (
+                tuple(scores_TE.shape)
+                if isinstance(scores_TE, Tensor)
+                else type(scores_TE).__name__
+            )
+            raise ValueError(f"the scorer must return scores of shape {expected}, got {got}")
         dtype = self.routing_dtype or torch.promote_types(scores_TE.dtype, torch.float32)
         scores_TE = scores_TE.to(dtype)
         if self.training and self.noise_std > 0:
@@ -327,7 +357,17 @@ class Router(nn.Module):
             k: Experts per token (already validated).
             key_edit: Optional edit of the selection key before the choice (used by
                 interventions to force experts).
+
+        Raises:
+            ValueError: If ``scores`` and ``logits`` are not both ``[T, num_experts]``.
         """
+        check_float(scores, "scores", 2)
+        check_float(logits, "logits", 2)
+        if logits.shape[1] != self.num_experts or scores.shape != logits.shape:
+            raise ValueError(
+                f"scores and logits must both have shape [T, {self.num_experts}], got "
+                f"{tuple(scores.shape)} and {tuple(logits.shape)}"
+            )
         probs_TE = score_probs(self.scoring, logits)
         key_TE = selection_key(self.scoring, logits, probs_TE)
         if self.balancer is not None:
@@ -350,6 +390,10 @@ class Router(nn.Module):
 
         Returns:
             The :class:`Routing` record.
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[T, dim]`` or ``k`` is out of range.
+            TypeError: If ``tokens`` is not a floating-point tensor.
         """
         k = self.schedule.k if k is None else self.check_k(k)
         scores_TE, logits_TE = self.score(tokens)

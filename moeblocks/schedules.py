@@ -26,6 +26,8 @@ class KSchedule(nn.Module):
 
     Subclasses implement :meth:`k_at` and :attr:`max_k`. The current step is a persistent
     int64 buffer ``step``; a Python mirror of it avoids a device sync on every forward.
+    ``load_state_dict`` refuses a negative or non-integer step (``ValueError`` /
+    ``TypeError``) before it changes the schedule.
     """
 
     step: torch.Tensor
@@ -66,6 +68,13 @@ class KSchedule(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        key = prefix + "step"
+        step = state_dict.get(key)
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+                raise TypeError(f"state_dict[{key!r}] must be an integer step, got {step.dtype}")
+            if int(step) < 0:
+                raise ValueError(f"state_dict[{key!r}] must be a step >= 0, got {int(step)}")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from moeblocks._checks import check_tokens
 from moeblocks.experts import ExpertBank
 
 __all__ = ["SharedExperts"]
@@ -47,7 +48,13 @@ class SharedExperts(nn.Module):
         return self.experts.dim
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T D"]:
-        """The summed (and gated) output of the shared experts on every token."""
+        """The summed (and gated) output of the shared experts on every token.
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[T, dim]``.
+            TypeError: If ``tokens`` is not a floating-point tensor.
+        """
+        check_tokens(tokens, self.dim)
         T, S = tokens.shape[0], self.experts.num_experts
         sizes_S = torch.full((S,), T, dtype=torch.long, device=tokens.device)
         grouped = tokens if S == 1 else tokens.repeat(S, 1)
