@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import hf_models
 import pytest
 import torch
-import transformers
+from hf_models import D, V
 from torch import Tensor, nn
 
 import moeblocks as mb
@@ -34,64 +35,11 @@ from moeblocks.losses import LoadBalanceLoss, TokenStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-V, D = 64, 16
-COMMON = {
-    "vocab_size": V,
-    "hidden_size": D,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 64,
-}
-
-
-def _mixtral() -> nn.Module:
-    cfg = transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **COMMON)
-    return transformers.MixtralForCausalLM(cfg)
-
-
-def _qwen2() -> nn.Module:
-    cfg = transformers.Qwen2MoeConfig(
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=8,
-        shared_expert_intermediate_size=8,
-        **COMMON,
-    )
-    return transformers.Qwen2MoeForCausalLM(cfg)
-
-
-def _deepseek() -> nn.Module:
-    cfg = transformers.DeepseekV3Config(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=8,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=0,
-        q_lora_rank=None,
-        kv_lora_rank=8,
-        qk_rope_head_dim=4,
-        qk_nope_head_dim=4,
-        v_head_dim=4,
-        **{**COMMON, "num_key_value_heads": 2},
-    )
-    return transformers.DeepseekV3ForCausalLM(cfg)
-
-
-def _gpt_oss() -> nn.Module:
-    cfg = transformers.GptOssConfig(
-        num_local_experts=4, num_experts_per_tok=2, head_dim=8, **COMMON
-    )
-    return transformers.GptOssForCausalLM(cfg)
-
-
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "mixtral": _mixtral,
-    "qwen2_moe": _qwen2,
-    "deepseek_v3": _deepseek,
-    "gpt_oss": _gpt_oss,
+    "mixtral": hf_models.mixtral,
+    "qwen2_moe": hf_models.qwen2,
+    "deepseek_v3": hf_models.deepseek,
+    "gpt_oss": hf_models.gpt_oss,
 }
 
 
