@@ -3,15 +3,18 @@
 ``inspect`` and ``experiment`` come from :mod:`moeblocks.inspect.cli`; ``inspect --hf
 DIR`` (a Hugging Face checkpoint) is handled here, with :mod:`moeblocks.hf.report`.
 
-Bad input (a missing data path, an unknown preset, a checkpoint from another config...)
-prints one line to stderr and exits with status 2; Ctrl-C during training saves a
-checkpoint and exits with status 130.
+Bad input (a missing data path, an unknown preset, a checkpoint from another config or
+one that does not verify...) prints one line to stderr and exits with status 2. Ctrl-C,
+SIGTERM or SIGUSR1 during training save a checkpoint and exit with status 128 + the
+signal number (130, 143, 138); a run that diverges (too many non-finite steps in a row)
+exits with status 3, its earlier checkpoints kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +24,8 @@ from moeblocks._version import __version__
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; other signals exit with 128 + their number
 
 
 def _error(message: str) -> int:
@@ -41,7 +45,7 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         base = preset(args.preset)
     changes = {
         name: getattr(args, name)
-        for name in ("steps", "seed", "ffn")
+        for name in ("steps", "seed", "ffn", "keep_checkpoints", "max_skipped_steps")
         if getattr(args, name) is not None
     }
     return base.replace(**changes)
@@ -58,6 +62,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         expert_parallel=args.expert_parallel,
+        encoding=args.encoding,
     )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
@@ -69,14 +74,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from moeblocks.sra.data import load_corpus
-    from moeblocks.sra.evaluate import evaluate_run, format_run_eval, load_run
+    from moeblocks.sra.evaluate import evaluate_run, format_run_eval, load_run, run_corpus
     from moeblocks.sra.tokenizer import encode
 
-    model, tok, ckpt = load_run(Path(args.run), args.device)
+    model, tok, ckpt = load_run(Path(args.run), args.device, args.data, args.encoding)
     import torch
 
-    tokens = torch.from_numpy(encode(tok, load_corpus(ckpt.data).valid))
+    tokens = torch.from_numpy(encode(tok, run_corpus(ckpt).valid))
     ev = evaluate_run(model, tokens, ckpt, max_tokens=args.max_tokens)
     print(format_run_eval(ev, ckpt.config.k_final))
     return 0
@@ -97,7 +101,7 @@ def _inspect_hf(args: argparse.Namespace) -> int:
 
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2, got {args.seq_len}")
-    corpus = load_corpus(args.data)
+    corpus = load_corpus(args.data or "pydoc")
     probes = load_probes(args.probes) if args.probes else None
     try:
         hins = inspect_hf(
@@ -123,8 +127,13 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from moeblocks.sra.config import preset
-    from moeblocks.sra.data import load_corpus
-    from moeblocks.sra.evaluate import evaluate_run, expert_top_tokens, format_run_eval, load_run
+    from moeblocks.sra.evaluate import (
+        evaluate_run,
+        expert_top_tokens,
+        format_run_eval,
+        load_run,
+        run_corpus,
+    )
     from moeblocks.sra.report import ExpertTokens, format_expert_tokens, write_report
     from moeblocks.sra.tokenizer import encode
     from moeblocks.sra.train import run_summary, train
@@ -142,7 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
     train(config, "pydoc", out, device=args.device, progress=not args.quiet, overwrite=True)
 
     model, tok, ckpt = load_run(out, args.device)
-    tokens = torch.from_numpy(encode(tok, load_corpus(ckpt.data).valid))
+    tokens = torch.from_numpy(encode(tok, run_corpus(ckpt).valid))
     ev = evaluate_run(model, tokens, ckpt)
     print(format_run_eval(ev, config.k_final))
 
@@ -197,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--data",
         default=None,
-        help="pydoc (default), synthetic, a text file, or a folder with train/valid files",
+        help="pydoc (default), synthetic, a text file, or a folder with train/valid files "
+        "(with --resume: needed again when it lies outside --out)",
     )
     tr.add_argument(
         "--steps", type=int, default=None, help="total training steps (default: the preset's)"
@@ -210,7 +220,28 @@ def _parser() -> argparse.ArgumentParser:
         help="FFN kind: cosine-routed MoE (SRA), linear-routed MoE, or dense baseline",
     )
     tr.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+        "--encoding",
+        default=None,
+        help="text encoding of --data files (default: utf-8, or the checkpoint's with --resume)",
+    )
+    tr.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=None,
+        metavar="N",
+        help="verified checkpoints to keep (default: 2)",
+    )
+    tr.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N steps in a row with a non-finite loss or gradient (default: 3)",
+    )
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out that verifies",
     )
     tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     tr.add_argument(
@@ -226,6 +257,12 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="validation perplexity, dead experts and k-sweep of a run")
     ev.add_argument("run", help="run folder (or a checkpoint folder)")
+    ev.add_argument(
+        "--data",
+        default=None,
+        help="the run's data (needed when it lies outside the run folder; must hold the same text)",
+    )
+    ev.add_argument("--encoding", default=None, help="text encoding of --data (default: the run's)")
     ev.add_argument(
         "--max-tokens", type=int, default=0, help="evaluate only this many tokens (0 = all)"
     )
@@ -243,28 +280,39 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moeblocks`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     from moeblocks.sra.config import UsageError
+    from moeblocks.sra.guards import DivergedError
 
     try:
         return args.handler(args)
     except UsageError as err:
         return _error(str(err))
+    except DivergedError as err:
+        print(f"moeblocks: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except ImportError as err:
         if "moeblocks[" not in str(err):  # not a missing extra: a real bug, keep the trace
             raise
         return _error(str(err))
-    except KeyboardInterrupt:
-        print(f"\nmoeblocks: interrupted{_resume_hint(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"\nmoeblocks: interrupted ({name}){_resume_hint(args)}", file=sys.stderr)
+        return 128 + signum
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
     from moeblocks.sra.checkpoint import find_checkpoint
+    from moeblocks.sra.config import UsageError
 
     out = getattr(args, "out", None)
-    ckpt = find_checkpoint(Path(out)) if out and Path(out).is_dir() else None
+    try:
+        ckpt = find_checkpoint(Path(out)) if out and Path(out).is_dir() else None
+    except UsageError:
+        ckpt = None
     if ckpt is None:
         return " before the first checkpoint"
-    return f"; step {ckpt.step} saved (continue: moeblocks train --out {out} --resume)"
+    data = f" --data {ckpt.data}" if getattr(args, "data", None) else ""
+    return f"; step {ckpt.step} saved (continue: moeblocks train --out {out} --resume{data})"
 
 
 if __name__ == "__main__":

@@ -39,20 +39,25 @@ def test_train_eval_resume(tmp_path: Path, corpus: str, capsys: pytest.CaptureFi
     run = str(tmp_path / "run")
     assert main(["train", "--data", corpus, "--out", run, "--steps", "2", "--quiet"]) == 0
     assert "step 2: validation perplexity" in capsys.readouterr().out
-    assert main(["eval", run]) == 0
+    # The data lies outside the run folder: a path read from a checkpoint is not followed.
+    assert main(["eval", run]) == 2
+    assert f"pass --data {corpus}" in _one_line_error(capsys)
+    assert main(["eval", run, "--data", corpus]) == 0
     out = capsys.readouterr().out
     assert "dead experts: layer 0:" in out
     assert out.count("\n") >= 8  # header lines + k = 1..4 (tiny trains with k up to 2)
 
-    # Resume extends the run; the saved config and data are reused.
-    assert main(["train", "--out", run, "--resume", "--steps", "3", "--quiet"]) == 0
+    # Resume extends the run; the saved config is reused, the data confirmed.
+    args = ["train", "--out", run, "--resume", "--data", corpus, "--steps", "3", "--quiet"]
+    assert main(args) == 0
     assert "step 3:" in capsys.readouterr().out
 
     assert main(["train", "--out", run, "--resume", "--preset", "small", "--quiet"]) == 2
     assert "different config" in _one_line_error(capsys)
     assert main(["train", "--out", run, "--data", corpus, "--quiet"]) == 2
     assert "already holds a run" in _one_line_error(capsys)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000003"]
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-0000002", "step-0000003"]  # the last two (keep_checkpoints)
 
 
 @pytest.mark.parametrize(
@@ -103,3 +108,27 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "experts.png" in report
     for png in ("loss.png", "experts.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_flags_encoding_keep_and_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "latin.txt"
+    data.write_bytes(("café\n" + synthetic_text(1500, seed=5)).encode("latin-1"))
+    run = str(tmp_path / "run")
+    args = ["train", "--data", str(data), "--out", run, "--steps", "2", "--quiet"]
+    assert main(args) == 2
+    assert f"{data} is not valid utf-8 at byte 3" in _one_line_error(capsys)
+    extra = ["--encoding", "latin-1", "--keep-checkpoints", "1", "--max-skipped-steps", "5"]
+    assert main([*args, *extra]) == 0
+    assert main(["eval", run, "--data", str(data), "--max-tokens", "256"]) == 0  # its encoding
+    capsys.readouterr()
+    from moeblocks.sra.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(Path(run))
+    assert ckpt is not None
+    assert (ckpt.encoding, ckpt.config.keep_checkpoints, ckpt.config.max_skipped_steps) == (
+        "iso8859-1",
+        1,
+        5,
+    )

@@ -67,7 +67,7 @@ def test_loss_decreases_on_synthetic(tmp_path: Path) -> None:
 
 
 def test_checkpoint_round_trip(straight: Path, data_file: str) -> None:
-    model, tok, ckpt = load_run(straight)
+    model, tok, ckpt = load_run(straight, data=data_file)
     assert ckpt.step == 8
     assert ckpt.data == data_file
     assert ckpt.config == micro()
@@ -102,7 +102,7 @@ def test_resume_is_exact(straight: Path, data_file: str, tmp_path: Path) -> None
     first = train(micro(), data_file, out, stop_at=4, progress=False)
     assert first.step == 4
     assert find_checkpoint(out).step == 4
-    train(None, None, out, resume=True, progress=False)
+    train(None, data_file, out, resume=True, progress=False)
     final, reference = _weights(out), _weights(straight)
     assert final.keys() == reference.keys()
     for name in reference:
@@ -127,7 +127,7 @@ def test_ctrl_c_saves_then_resume_is_exact(
         train(micro(), data_file, out, progress=False)
     assert find_checkpoint(out).step == 3  # the running step finished, then was saved
     monkeypatch.setattr(train_module, "batch_at", real_batch_at)
-    train(None, None, out, resume=True, progress=False)
+    train(None, data_file, out, resume=True, progress=False)
     final, reference = _weights(out), _weights(straight)
     for name in reference:
         assert torch.equal(final[name], reference[name]), name

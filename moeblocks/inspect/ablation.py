@@ -53,15 +53,15 @@ class AblationRow:
 
 
 @torch.no_grad()
-def _measure(run: Path, max_tokens: int) -> tuple[float, float, float, float, float]:
+def _measure(run: Path, max_tokens: int, data: str) -> tuple[float, float, float, float, float]:
     from moeblocks.inspect.report import word_ids_from_pieces
-    from moeblocks.sra.data import eval_windows, load_corpus
-    from moeblocks.sra.evaluate import evaluate, load_run
+    from moeblocks.sra.data import eval_windows
+    from moeblocks.sra.evaluate import evaluate, load_run, run_corpus
     from moeblocks.sra.tokenizer import encode
 
-    model, tok, ckpt = load_run(run)
+    model, tok, ckpt = load_run(run, data=data)
     cfg = ckpt.config
-    tokens = torch.from_numpy(encode(tok, load_corpus(ckpt.data).valid)).long()
+    tokens = torch.from_numpy(encode(tok, run_corpus(ckpt).valid)).long()
     ppl = evaluate(model, tokens, cfg.batch_size, max_tokens, k=cfg.k_final).ppl
     model.eval()
     x_WS, _ = eval_windows(tokens, cfg.seq_len, max_tokens)
@@ -111,7 +111,7 @@ def routing_ablation(
             start = time.perf_counter()
             train(cfg, data, run, device=device, progress=progress, overwrite=True)
             seconds = time.perf_counter() - start
-            rows.append(AblationRow(name, seed, *_measure(run, max_tokens), seconds))
+            rows.append(AblationRow(name, seed, *_measure(run, max_tokens, data), seconds))
             print(format_ablation(rows[-1:], header=not rows[:-1]), flush=True)
     text = format_ablation(rows)
     (out / "ablation.md").write_text(f"```\n{text}\n```\n", encoding="utf-8")

@@ -45,6 +45,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         device=args.device,
         k_sweep=not args.no_k_sweep,
         probes=probes,
+        data=args.data,
     )
     print(format_inspection(ins))
     out = Path(args.out) if args.out else Path(args.run) / "inspect"
@@ -96,8 +97,9 @@ def add_inspect_commands(
     )
     ins.add_argument(
         "--data",
-        default="pydoc",
-        help="with --hf: evaluation text: pydoc (default), synthetic, a text file or a folder",
+        default=None,
+        help="with --hf: evaluation text: pydoc (default), synthetic, a text file or a folder; "
+        "with a run: its data, when that lies outside the run folder",
     )
     ins.add_argument(
         "--seq-len", type=int, default=128, help="with --hf: tokens per window (default 128)"

@@ -171,6 +171,7 @@ def inspect_run(
     device: str = "cpu",
     k_sweep: bool = True,
     probes: Sequence[ProbeItem] | None = None,
+    data: str | None = None,
 ) -> RunInspection:
     """Collect routing over a run's validation split and compute every metric.
 
@@ -182,19 +183,21 @@ def inspect_run(
         k_sweep: Also evaluate perplexity at k = 1 … k_final + 2 (one pass per k).
         probes: Overlap-probe items (default: the built-in ``synthetic`` set for the
             synthetic corpus, else the ``english`` set).
+        data: The run's data, when it lies outside the run folder (see
+            :func:`moeblocks.sra.evaluate.load_run`).
     """
-    from moeblocks.sra.data import WORD_CLASSES, eval_windows, load_corpus
-    from moeblocks.sra.evaluate import evaluate, load_run
+    from moeblocks.sra.data import WORD_CLASSES, eval_windows
+    from moeblocks.sra.evaluate import evaluate, load_run, run_corpus
     from moeblocks.sra.tokenizer import encode
 
-    model, tok, ckpt = load_run(Path(run), device)
+    model, tok, ckpt = load_run(Path(run), device, data)
     model.eval()
     cfg = ckpt.config
     if not model.moe_layers:
         from moeblocks.sra.config import UsageError
 
         raise UsageError(f"{run} is a dense model: there is no routing to inspect")
-    corpus = load_corpus(ckpt.data)
+    corpus = run_corpus(ckpt)
     tokens = torch.from_numpy(encode(tok, corpus.valid)).long()
     x_WS, _ = eval_windows(tokens, cfg.seq_len, max_tokens)
     forward = sra_forward(model)

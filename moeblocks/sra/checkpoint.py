@@ -1,35 +1,50 @@
-"""Atomic checkpoints of an SRA run.
+"""Verified, atomic checkpoints of an SRA run.
 
 A run folder looks like this::
 
     runs/NAME/
+      moeblocks-run.json       marker: this folder is a moeblocks run (see rundir)
       tokenizer.json           the tokeniser, trained once on the training split
       log.jsonl                one JSON record per logged step / evaluation
-      checkpoint.json          pointer to the newest complete checkpoint
+      checkpoint.json          names the newest verified checkpoint (for people and tools)
       checkpoints/step-0000600/
         model.safetensors      weights (tied embeddings stored once)
-        config.json            config, data spec, step, moeblocks version
+        config.json            config, data spec and its SHA-256, tokeniser SHA-256, step
         tokenizer.json         the same tokeniser, so a checkpoint stands alone
         state.pt               optimizer state, step, RNG state
+        manifest.json          size and SHA-256 of each file above
 
 An expert-parallel run (``torchrun`` with ``--expert-parallel``) writes the same files
 from rank 0: the weights and the optimizer state are gathered into the form one process
 holding every expert would have (:func:`moeblocks.distributed.full_state_dict`), so its
 checkpoints resume on any world size; ``state.pt`` adds each rank's RNG state.
 
-Every file is written to a temporary name and moved into place with ``os.replace``; a
-checkpoint folder is filled under a temporary name and renamed whole, and only then does
-``checkpoint.json`` point at it. A crash at any moment leaves the previous checkpoint
-intact and no half-written one that looks complete.
+How a save survives a crash at any moment:
+
+1. every file is written into ``checkpoints/.tmp-step-N-*``, ``fsync``-ed and hashed;
+   ``manifest.json`` records the hashes; the folder itself is ``fsync``-ed;
+2. the folder is renamed whole to ``step-N`` (atomic) and its parent ``fsync``-ed;
+3. the new checkpoint is read back and verified against its manifest;
+4. only then does ``checkpoint.json`` name it, and are older checkpoints beyond the
+   newest ``keep`` verified ones deleted (renamed to ``.del-*`` first, so a half-deleted
+   folder never looks like a checkpoint).
+
+A killed save leaves a ``.tmp-*`` or ``.del-*`` folder, removed when the next run starts
+(:func:`moeblocks.sra.rundir.remove_stale`). Loading verifies every file against the
+manifest; :func:`find_checkpoint` takes the newest checkpoint that verifies and records
+which newer ones it skipped and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,50 +54,64 @@ from torch import Tensor, nn
 
 from moeblocks._version import __version__
 from moeblocks.sra.config import SRAConfig, UsageError
+from moeblocks.sra.data import BUILTIN_DATA, Corpus, data_spec
+from moeblocks.sra.durable import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
     "atomic_write_text",
+    "check_corpus",
+    "checkpoint_dirs",
     "find_checkpoint",
+    "load_state",
     "load_weights",
-    "remove_run_files",
+    "note_skipped",
     "save_checkpoint",
+    "verify_checkpoint",
+    "with_data",
 ]
 
 POINTER = "checkpoint.json"
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "config.json", "tokenizer.json", "state.pt")
+MANIFEST_FORMAT = 1
+_PREFIX = "step-"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a run folder is shareable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class CheckpointError(UsageError):
+    """A checkpoint that is missing, damaged or unreadable; the message names the file."""
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Where a saved checkpoint lives and what it was trained with.
+    """Where a verified checkpoint lives and what it was trained with.
 
     Attributes:
         path: The checkpoint folder.
         step: Completed optimizer steps.
         config: The run's config.
-        data: The data spec the run trained on.
+        data: The data spec the run trained on (``pydoc``, ``synthetic`` or an absolute
+            path).
+        encoding: The text encoding of the data files.
+        data_sha256: SHA-256 of the corpus text (``Corpus.fingerprint``), None for
+            checkpoints that predate it.
+        tokenizer_sha256: SHA-256 of ``tokenizer.json``.
+        skipped: Newer checkpoints passed over because they did not verify, each as
+            ``"step-N: reason"``.
     """
 
     path: Path
     step: int
     config: SRAConfig
     data: str
+    encoding: str = "utf-8"
+    data_sha256: str | None = None
+    tokenizer_sha256: str | None = None
+    skipped: tuple[str, ...] = ()
+
+
+# --- saving -------------------------------------------------------------------------
 
 
 def save_checkpoint(
@@ -91,16 +120,15 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     config: SRAConfig,
-    data: str,
+    corpus: Corpus,
     tokenizer_json: str,
     *,
+    keep: int = 2,
     weights: Mapping[str, Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     extra_state: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` and point ``checkpoint.json`` at it.
-
-    Older checkpoint folders are removed once the pointer has moved on.
+    """Write, verify and publish the checkpoint of ``step``; then prune old ones.
 
     Args:
         run_dir: The run folder.
@@ -108,8 +136,9 @@ def save_checkpoint(
         model: The model (its weights are saved unless ``weights`` is given).
         optimizer: Its optimizer (state saved unless ``optimizer_state`` is given).
         config: The run's config.
-        data: The data spec.
+        corpus: The corpus trained on (its spec, encoding and fingerprint are recorded).
         tokenizer_json: The tokeniser, serialised.
+        keep: Verified checkpoints to keep, this one included (>= 1).
         weights: The state dict to save instead of ``model``'s (an expert-parallel
             model's full state dict); tensors that share storage are stored once.
         optimizer_state: Saved instead of ``optimizer.state_dict()``.
@@ -117,52 +146,80 @@ def save_checkpoint(
 
     Returns:
         The new checkpoint folder.
+
+    Raises:
+        CheckpointError: When the checkpoint cannot be written or does not verify once
+            written. The checkpoints saved before are left as they were.
     """
+    if keep < 1:
+        raise UsageError(f"keep must be >= 1, got {keep}")
     from moeblocks._optional import require
 
     require("safetensors", "sra", "SRA checkpoints")
     from safetensors.torch import save_model
 
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step-{step:07d}-"))
-    try:
-        tmp.chmod(0o755)
+    meta = {
+        "config": config.to_dict(),
+        "data": corpus.name,
+        "encoding": corpus.encoding,
+        "data_sha256": corpus.fingerprint,
+        "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+        "step": step,
+        "moeblocks": __version__,
+    }
+
+    def fill(folder: Path) -> None:
         if weights is None:
-            save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+            save_model(model, str(folder / "model.safetensors"), metadata={"step": str(step)})
         else:
-            _save_weights(weights, tmp / "model.safetensors", {"step": str(step)})
-        meta = {"config": config.to_dict(), "data": data, "step": step, "moeblocks": __version__}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            _save_weights(weights, folder / "model.safetensors", {"step": str(step)})
+        (folder / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
         opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
-        torch.save(
-            {"step": step, "optimizer": opt, "rng": rng, **(extra_state or {})}, tmp / "state.pt"
-        )
-        if final.exists():
-            # Same step saved again (e.g. interrupted right after a resume): move the old
-            # one aside first; its content is the state of the same step.
-            aside = ckpt_root / f".old-{final.name}"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        state = {"step": step, "optimizer": opt, "rng": rng, **(extra_state or {})}
+        torch.save(state, folder / "state.pt")
+
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"{_PREFIX}{step:07d}"
+    # Written unless a verified step-N holds it already (saved again right after a resume).
+    if _problem(final) is not None:
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            _write_folder(final, step, fill)
+        except OSError as err:
+            raise CheckpointError(f"could not write checkpoint {final}: {err}") from err
+    verify_checkpoint(final)
+    atomic_write_text(run_dir / POINTER, json.dumps({"step": step, "path": _rel(final)}))
+    _prune(ckpt_root, step, keep)
+    return final
+
+
+def _write_folder(final: Path, step: int, fill: Callable[[Path], None]) -> None:
+    """Fill a temporary folder, make it durable with its manifest, rename it to ``final``."""
+    ckpt_root = final.parent
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{final.name}-"))
+    try:
+        tmp.chmod(0o755)
+        fill(tmp)
+        files = {}
+        for name in FILES:
+            fsync_file(tmp / name)
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files,
+                    "sha256": _digest(files)}  # fmt: skip
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        fsync_file(tmp / MANIFEST)
+        fsync_dir(tmp)
+        if final.exists():  # a damaged checkpoint of the same step: replace it
+            _discard(final)
+        os.replace(tmp, final)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(
-        run_dir / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}"})
-    )
-    for old in ckpt_root.iterdir():
-        if old.is_dir() and old != final and not old.name.startswith(".tmp-"):
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _save_weights(weights: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -186,31 +243,161 @@ def _save_weights(weights: Mapping[str, Tensor], path: Path, metadata: dict[str,
     save_file(tensors, str(path), metadata=metadata)
 
 
-def find_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint of a run, or None when the run has none.
+def _prune(ckpt_root: Path, newest: int, keep: int) -> None:
+    """Keep the newest ``keep`` verified checkpoints up to step ``newest``; delete older.
 
-    Accepts a run folder or a checkpoint folder itself.
+    Checkpoints newer than ``newest`` (damaged ones a resume skipped) are left alone:
+    the run replaces each when it reaches its step.
+    """
+    kept = 0
+    for step, path in checkpoint_dirs(ckpt_root.parent):
+        if step > newest:
+            continue
+        if step == newest or (kept < keep and _problem(path) is None):  # newest: just verified
+            kept += 1
+        else:
+            _discard(path)
+
+
+def _discard(path: Path) -> None:
+    # Renamed first (atomic), so a deletion cut short leaves no half checkpoint behind.
+    aside = path.with_name(f".del-{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _rel(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+# --- verifying ----------------------------------------------------------------------
+
+
+def _digest(files: Any) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` does not verify, naming the file; None if it does."""
+    manifest = path / MANIFEST
+    if not path.is_dir():
+        return f"{path} is missing"
+    try:
+        raw = manifest.read_bytes()
+    except FileNotFoundError:
+        return f"{manifest} is missing (the folder is not a complete checkpoint)"
+    except OSError as err:
+        return f"{manifest} is unreadable: {err.strerror}"
+    try:
+        m = json.loads(raw.decode("utf-8"))
+        files = m["files"]
+        intact = (
+            m["sha256"] == _digest(files)
+            and sorted(files) == sorted(FILES)
+            and all(
+                isinstance(f["bytes"], int) and isinstance(f["sha256"], str) for f in files.values()
+            )
+        )
+    except (ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        return f"{manifest} is damaged"
+    for name in FILES:
+        file, want = path / name, files[name]
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            return f"{file} is missing"
+        if size != want["bytes"]:
+            what = "truncated" if size < want["bytes"] else "too long"
+            return f"{file} is {what}: {size} bytes, {MANIFEST} says {want['bytes']}"
+        try:
+            got = sha256_file(file)
+        except OSError as err:
+            return f"{file} is unreadable: {err.strerror}"
+        if got != want["sha256"]:
+            return f"{file} is damaged: its SHA-256 {got[:16]}... differs from {MANIFEST}'s"
+    return None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of a checkpoint folder against its manifest (size and SHA-256).
 
     Raises:
-        UsageError: When the pointer or the checkpoint's config is unreadable.
+        CheckpointError: Naming the first file that is missing, truncated or damaged.
     """
-    if (run_dir / "config.json").is_file() and (run_dir / "model.safetensors").is_file():
-        path = run_dir
-    else:
-        pointer = run_dir / POINTER
-        if not pointer.is_file():
-            return None
-        try:
-            path = run_dir / json.loads(pointer.read_text(encoding="utf-8"))["path"]
-        except (ValueError, KeyError) as err:
-            raise UsageError(f"{pointer} is not a checkpoint pointer: {err}") from err
+    problem = _problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} does not verify: {problem}")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoints/step-N`` folder, newest first (unverified)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        digits = p.name.removeprefix(_PREFIX)
+        if p.name.startswith(_PREFIX) and digits.isdigit() and p.is_dir():
+            found.append((int(digits), p))
+    return sorted(found, reverse=True)
+
+
+def _read(path: Path, skipped: tuple[str, ...] = ()) -> Checkpoint:
+    verify_checkpoint(path)
+    config_file = path / "config.json"
     try:
-        meta: dict[str, Any] = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        meta: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
         return Checkpoint(
-            path, int(meta["step"]), SRAConfig.from_dict(meta["config"]), meta["data"]
+            path=path,
+            step=int(meta["step"]),
+            config=SRAConfig.from_dict(meta["config"]),
+            data=str(meta["data"]),
+            encoding=str(meta.get("encoding", "utf-8")),
+            data_sha256=meta.get("data_sha256"),
+            tokenizer_sha256=meta.get("tokenizer_sha256"),
+            skipped=skipped,
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"checkpoint {path} is unreadable: {err}") from err
+        raise CheckpointError(f"{config_file} is unreadable: {err}") from err
+
+
+def find_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint of a run that verifies, or None when the run has none.
+
+    Accepts a run folder or a checkpoint folder itself (which must verify). Newer
+    checkpoints that do not verify are listed in the result's ``skipped``.
+
+    Raises:
+        CheckpointError: When checkpoints exist but none verifies (each reason named),
+            or a checkpoint folder given directly does not verify.
+    """
+    if (run_dir / MANIFEST).is_file() or (run_dir / "model.safetensors").is_file():
+        return _read(run_dir)
+    skipped: list[str] = []
+    for _, path in checkpoint_dirs(run_dir):
+        try:
+            return _read(path, tuple(skipped))
+        except CheckpointError as err:
+            skipped.append(f"{path.name}: {err}")
+    if skipped:
+        raise CheckpointError(
+            f"no checkpoint in {run_dir} verifies; " + "; ".join(reversed(skipped))
+        )
+    return None
+
+
+def note_skipped(ckpt: Checkpoint) -> None:
+    """Tell the user (stderr) which newer checkpoints were skipped, and why."""
+    for line in ckpt.skipped:
+        print(f"moeblocks: skipped checkpoint {line}", file=sys.stderr)
+    if ckpt.skipped:
+        print(f"moeblocks: using checkpoint {ckpt.path} (step {ckpt.step})", file=sys.stderr)
+
+
+# --- loading ------------------------------------------------------------------------
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
@@ -222,6 +409,7 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
     from moeblocks._optional import require
 
     require("safetensors", "sra", "SRA checkpoints")
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     diffs = [d for d in ckpt.config.differences(config) if d not in _TRAINING_ONLY]
@@ -235,10 +423,67 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
             strict=True,
             device=str(next(model.parameters()).device),
         )
-    except (RuntimeError, OSError) as err:
+    except (RuntimeError, OSError, SafetensorError) as err:
         raise UsageError(
             f"checkpoint {ckpt.path} does not fit this model: {str(err).splitlines()[0]}"
         ) from err
+
+
+def load_state(ckpt: Checkpoint) -> dict[str, Any]:
+    """The checkpoint's ``state.pt``: optimizer state, step and RNG state.
+
+    Raises:
+        CheckpointError: When the file does not load or holds a different step.
+    """
+    path = ckpt.path / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many kinds on bad bytes
+        raise CheckpointError(f"{path} does not load: {str(err).splitlines()[0]}") from err
+    if not isinstance(state, dict) or state.get("step") != ckpt.step:
+        raise CheckpointError(f"{path} is not the state of step {ckpt.step}")
+    return state
+
+
+def with_data(
+    ckpt: Checkpoint, root: Path, data: str | None = None, encoding: str | None = None
+) -> Checkpoint:
+    """The checkpoint with the data source to read: ``data`` when given, else its own.
+
+    A data path read from a checkpoint is used only when it lies inside ``root`` (the
+    run or checkpoint folder the user named): anyone can write a ``config.json`` that
+    names a file elsewhere. Outside paths must come from the command line (``--data``),
+    and the text is then checked against the saved fingerprint (:func:`check_corpus`).
+
+    Raises:
+        UsageError: For a saved data path outside ``root`` and no ``data``.
+    """
+    encoding = encoding or ckpt.encoding
+    if data is not None:
+        return dataclasses.replace(ckpt, data=data_spec(data), encoding=encoding)
+    if ckpt.data not in BUILTIN_DATA:
+        saved = Path(ckpt.data)
+        inside = saved.is_absolute() and Path(os.path.realpath(saved)).is_relative_to(
+            os.path.realpath(root)
+        )
+        if not inside:
+            raise UsageError(
+                f"checkpoint {ckpt.path} was trained on --data {ckpt.data}, outside {root}; "
+                f"a path read from a checkpoint is only followed inside its run folder, "
+                f"so pass --data {ckpt.data} to read it"
+            )
+    return dataclasses.replace(ckpt, encoding=encoding)
+
+
+def check_corpus(corpus: Corpus, ckpt: Checkpoint) -> None:
+    """Raise :class:`UsageError` when ``corpus`` is not the text ``ckpt`` was trained on."""
+    if ckpt.data_sha256 is None or corpus.fingerprint == ckpt.data_sha256:
+        return
+    raise UsageError(
+        f"--data {corpus.name} ({corpus.encoding}) is not the text checkpoint {ckpt.path} "
+        f"was trained on: SHA-256 {corpus.fingerprint[:16]}... != {ckpt.data_sha256[:16]}... "
+        "saved in its config.json"
+    )
 
 
 # Fields that do not change the shape or meaning of the weights.
@@ -254,6 +499,8 @@ _TRAINING_ONLY = frozenset(
         "eval_every",
         "eval_tokens",
         "ckpt_every",
+        "keep_checkpoints",
+        "max_skipped_steps",
         "seed",
         "balance",
         "balance_weight",
@@ -277,21 +524,3 @@ def describe_differences(
 ) -> str:
     """``""`` when the configs agree outside ``ignore``, else a one-line description."""
     return _describe(saved, wanted, [d for d in saved.differences(wanted) if d not in ignore])
-
-
-# Everything a run writes into its folder; removed by `remove_run_files` (demo reruns).
-RUN_FILES = (
-    "checkpoint.json",
-    "tokenizer.json",
-    "log.jsonl",
-    "report.md",
-    "loss.png",
-    "experts.png",
-)
-
-
-def remove_run_files(run_dir: Path) -> None:
-    """Delete what an earlier run wrote into ``run_dir`` (and nothing else)."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

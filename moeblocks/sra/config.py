@@ -72,6 +72,8 @@ class SRAConfig:
     eval_every: int = 200  # steps between validation passes (0 = only at the end)
     eval_tokens: int = 16384  # validation tokens per pass during training
     ckpt_every: int = 200  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # verified checkpoints kept; older ones go once a newer verifies
+    max_skipped_steps: int = 3  # steps in a row skipped for a non-finite loss/grad: then stop
     seed: int = 0  # model init and the data order (batch of step s depends on seed, s)
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class SRAConfig:
             "k_final",
             "steps",
             "batch_size",
+            "keep_checkpoints",
+            "max_skipped_steps",
         )
         for name in positive:
             value = getattr(self, name)

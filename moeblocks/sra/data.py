@@ -13,7 +13,10 @@ Three sources, all local:
   every word, so tests can ask whether experts specialise by class.
 - a path: a plain-text file (first 90 % of lines train, the rest validation) or a folder
   with train / valid (/ test) files, e.g. the raw WikiText-103 layout
-  ``wiki.train.raw``, ``wiki.valid.raw``, ``wiki.test.raw``.
+  ``wiki.train.raw``, ``wiki.valid.raw``, ``wiki.test.raw``. Files are decoded strictly
+  (UTF-8 unless told otherwise): a byte that does not decode, or a NUL byte (binary
+  data), is an error that names the file and the byte offset. Paths are recorded
+  absolute (:func:`data_spec`), so a run means the same file from any working folder.
 
 The batch of step ``s`` depends only on ``(seed, s)``, so a resumed run sees exactly the
 batches an uninterrupted run would have seen.
@@ -21,6 +24,10 @@ batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import codecs
+import functools
+import hashlib
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +40,19 @@ from torch import Tensor
 from moeblocks.sra.config import UsageError
 
 __all__ = [
+    "BUILTIN_DATA",
     "WORD_CLASSES",
     "Corpus",
     "batch_at",
+    "data_spec",
     "eval_windows",
     "load_corpus",
     "synthetic_text",
 ]
+
+BUILTIN_DATA = ("pydoc", "synthetic")
+_HASH_CHARS = 1 << 20  # characters encoded at a time by Corpus.fingerprint
+"""Data specs that name a built-in corpus rather than a path."""
 
 
 @dataclass(frozen=True)
@@ -47,16 +60,29 @@ class Corpus:
     """Raw text of a corpus, split.
 
     Attributes:
-        name: The data spec it was loaded from (``pydoc``, ``synthetic`` or a path).
+        name: The data spec it was loaded from (``pydoc``, ``synthetic`` or an absolute
+            path).
         train: Training text (also what the tokeniser is trained on).
         valid: Validation text.
         test: Test text, or an empty string where the source has none.
+        encoding: The encoding the files were decoded with.
     """
 
     name: str
     train: str
     valid: str
     test: str = ""
+    encoding: str = "utf-8"
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of the three splits: equal exactly when the text is the same."""
+        h = hashlib.sha256()
+        for part in (self.train, self.valid, self.test):
+            h.update(len(part).to_bytes(8, "little"))
+            for start in range(0, len(part), _HASH_CHARS):  # no full copy of a big corpus
+                h.update(part[start : start + _HASH_CHARS].encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
 
 
 # --- synthetic language -------------------------------------------------------------
@@ -148,8 +174,20 @@ def _pydoc_corpus() -> Corpus:
     return Corpus("pydoc", join(train), join(valid))
 
 
-def _read(path: Path) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _read(path: Path, encoding: str) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        bad = raw[err.start : err.start + 4].hex(" ")
+        raise UsageError(
+            f"data file {path} is not valid {encoding} at byte {err.start} ({bad}...); "
+            "pass --encoding with the file's encoding (e.g. latin-1)"
+        ) from err
+    nul = text.find("\0")
+    if nul >= 0:
+        at = len(text[:nul].encode(encoding))
+        raise UsageError(f"data file {path} has a NUL byte at byte {at}: is it a binary file?")
     if not text.strip():
         raise UsageError(f"data file {path} is empty")
     return text
@@ -169,13 +207,28 @@ def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
     return hits[0] if hits else None
 
 
-def load_corpus(spec: str) -> Corpus:
+def data_spec(data: str) -> str:
+    """``--data`` as a run records it: a built-in name as is, a path made absolute."""
+    return data if data in BUILTIN_DATA else os.path.abspath(data)
+
+
+def load_corpus(spec: str, encoding: str = "utf-8") -> Corpus:
     """Load the corpus named by ``spec``: ``pydoc``, ``synthetic`` or a file/folder path.
 
+    Args:
+        spec: The data spec; a relative path is taken from the working folder and
+            recorded absolute in the result's ``name``.
+        encoding: Text encoding of the files (built-in corpora ignore it).
+
     Raises:
-        UsageError: For a missing path, an empty file, or a folder without train and
+        UsageError: For a missing path, an unknown encoding, a file that does not
+            decode or holds NUL bytes, an empty file, or a folder without train and
             valid files.
     """
+    try:
+        encoding = codecs.lookup(encoding).name
+    except LookupError as err:
+        raise UsageError(f"--encoding {encoding!r} is not a known text encoding") from err
     if spec == "pydoc":
         return _pydoc_corpus()
     if spec == "synthetic":
@@ -186,13 +239,15 @@ def load_corpus(spec: str) -> Corpus:
             synthetic_text(2000, seed=2),
             synthetic_text(2000, seed=3),
         )
-    path = Path(spec)
+    path = Path(data_spec(spec))
     if not path.exists():
         raise UsageError(f"--data {spec}: no such file or folder (or use 'pydoc' or 'synthetic')")
     if path.is_file():
-        lines = _read(path).splitlines(keepends=True)
+        lines = _read(path, encoding).splitlines(keepends=True)
         cut = max(1, int(len(lines) * 0.9))
-        return Corpus(str(path), "".join(lines[:cut]), "".join(lines[cut:]))
+        return Corpus(str(path), "".join(lines[:cut]), "".join(lines[cut:]), encoding=encoding)
+    if not path.is_dir():
+        raise UsageError(f"--data {spec} is neither a regular file nor a folder")
     train = _find_split(path, ("train",))
     valid = _find_split(path, ("valid", "val", "validation", "dev"))
     if train is None or valid is None:
@@ -201,7 +256,8 @@ def load_corpus(spec: str) -> Corpus:
             "(e.g. wiki.train.raw, wiki.valid.raw)"
         )
     test = _find_split(path, ("test",))
-    return Corpus(str(path), _read(train), _read(valid), _read(test) if test else "")
+    text = [_read(p, encoding) if p else "" for p in (train, valid, test)]
+    return Corpus(str(path), *text, encoding=encoding)
 
 
 # --- batches ------------------------------------------------------------------------

@@ -19,9 +19,16 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from moeblocks.sra.checkpoint import Checkpoint, find_checkpoint, load_weights
+from moeblocks.sra.checkpoint import (
+    Checkpoint,
+    check_corpus,
+    find_checkpoint,
+    load_weights,
+    note_skipped,
+    with_data,
+)
 from moeblocks.sra.config import UsageError
-from moeblocks.sra.data import eval_windows
+from moeblocks.sra.data import Corpus, eval_windows, load_corpus
 from moeblocks.sra.model import SRATransformer
 
 if TYPE_CHECKING:
@@ -35,6 +42,7 @@ __all__ = [
     "expert_top_tokens",
     "format_run_eval",
     "load_run",
+    "run_corpus",
 ]
 
 
@@ -147,11 +155,29 @@ def expert_top_tokens(
     ]
 
 
-def load_run(path: Path, device: str = "cpu") -> tuple[SRATransformer, Tokenizer, Checkpoint]:
+def load_run(
+    path: Path, device: str = "cpu", data: str | None = None, encoding: str | None = None
+) -> tuple[SRATransformer, Tokenizer, Checkpoint]:
     """Rebuild the model and tokeniser of a run folder (or a checkpoint folder).
 
+    Takes the newest checkpoint that verifies (saying on stderr which newer ones it
+    skipped, and why) and checks its tokeniser against the SHA-256 it recorded.
+
+    Args:
+        path: The run folder or checkpoint folder.
+        device: Where to put the model.
+        data: The data to evaluate on (``--data``); None takes the checkpoint's, which
+            is followed only when it is built in or lies inside ``path``.
+        encoding: Text encoding of ``data`` (default: the checkpoint's).
+
+    Returns:
+        The model, the tokeniser and the checkpoint, whose ``data`` / ``encoding`` name
+        the source to read with :func:`run_corpus`.
+
     Raises:
-        UsageError: When the folder holds no checkpoint.
+        UsageError: When the folder holds no checkpoint that verifies, its tokeniser is
+            not the one recorded, or its data path lies outside ``path`` and no
+            ``data`` is given.
     """
     from moeblocks.sra.tokenizer import load_tokenizer
     from moeblocks.sra.train import resolve_device
@@ -161,10 +187,28 @@ def load_run(path: Path, device: str = "cpu") -> tuple[SRATransformer, Tokenizer
         raise UsageError(f"run folder {path} does not exist")
     ckpt = find_checkpoint(path)
     if ckpt is None:
-        raise UsageError(f"{path} holds no checkpoint (no checkpoint.json); train it first")
+        raise UsageError(f"{path} holds no checkpoint; train it first")
+    note_skipped(ckpt)
+    ckpt = with_data(ckpt, path, data, encoding)
+    tok = load_tokenizer(
+        ckpt.path / "tokenizer.json",
+        sha256=ckpt.tokenizer_sha256,
+        vocab_size=ckpt.config.vocab_size,
+    )
     model = SRATransformer(ckpt.config).to(resolve_device(device))
     load_weights(model, ckpt, ckpt.config)
-    return model, load_tokenizer(ckpt.path / "tokenizer.json"), ckpt
+    return model, tok, ckpt
+
+
+def run_corpus(ckpt: Checkpoint) -> Corpus:
+    """Load the corpus a checkpoint from :func:`load_run` names, checked by fingerprint.
+
+    Raises:
+        UsageError: When the text is not the one the run was trained on.
+    """
+    corpus = load_corpus(ckpt.data, ckpt.encoding)
+    check_corpus(corpus, ckpt)
+    return corpus
 
 
 @dataclass(frozen=True)

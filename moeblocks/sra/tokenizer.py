@@ -9,6 +9,7 @@ JSON file beside the run and inside every checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,16 +71,43 @@ def decode(tok: Tokenizer, ids: list[int]) -> str:
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     """Write the tokeniser as JSON to ``path`` (atomically)."""
-    from moeblocks.sra.checkpoint import atomic_write_text
+    from moeblocks.sra.durable import atomic_write_text
 
     atomic_write_text(path, tok.to_str())
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    """Read a tokeniser saved by :func:`save_tokenizer`."""
+def load_tokenizer(
+    path: Path, *, sha256: str | None = None, vocab_size: int | None = None
+) -> Tokenizer:
+    """Read a tokeniser saved by :func:`save_tokenizer`.
+
+    Args:
+        path: The JSON file.
+        sha256: The SHA-256 the file must have (the one a checkpoint recorded), if any.
+        vocab_size: The model's vocabulary; a tokeniser with more entries is refused.
+
+    Raises:
+        UsageError: For a missing or unreadable file, another tokeniser than the one
+            recorded, or one too large for the model; each names the file.
+    """
     require("tokenizers", "sra", "the SRA tokeniser")
     from tokenizers import Tokenizer
 
     if not path.is_file():
         raise UsageError(f"tokenizer file {path} does not exist")
-    return Tokenizer.from_file(str(path))
+    text = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(text).hexdigest() != sha256:
+        raise UsageError(
+            f"tokenizer file {path} is not the tokeniser this run was trained with "
+            f"(its SHA-256 differs from the {sha256[:16]}... recorded)"
+        )
+    try:
+        tok = Tokenizer.from_str(text.decode("utf-8"))
+    except Exception as err:  # tokenizers raises its own Exception type on bad JSON
+        raise UsageError(f"tokenizer file {path} is unreadable: {err}") from err
+    if vocab_size is not None and tok.get_vocab_size() > vocab_size:
+        raise UsageError(
+            f"tokenizer file {path} has {tok.get_vocab_size()} entries, more than the "
+            f"model's vocab_size {vocab_size}"
+        )
+    return tok

@@ -4,9 +4,16 @@ Legend: B batch, S sequence length, V vocabulary, L MoE layers, E experts.
 
 ``train`` is what ``moeblocks train`` and ``moeblocks demo`` call. The batch of every
 step is a function of ``(seed, step)`` and the optimizer, schedules and RNG are saved
-with each checkpoint, so ``--resume`` continues bit for bit where a run stopped. Ctrl-C
-finishes the current step, saves a checkpoint and then raises ``KeyboardInterrupt``; a
-second Ctrl-C stops at once without saving.
+with each checkpoint, so ``--resume`` continues bit for bit where a run stopped.
+
+Nothing a run has saved is lost to a fault (see :mod:`moeblocks.sra.checkpoint` and the
+"What survives what" table of the docs): checkpoints are verified before older ones are
+deleted, and a resume takes the newest one that verifies. Ctrl-C, SIGTERM and SIGUSR1
+finish the current step, save a checkpoint and raise
+:class:`~moeblocks.sra.guards.Interrupted` (a ``KeyboardInterrupt``); a second signal
+stops at once without saving. A step with a non-finite loss or gradient norm is skipped
+(:class:`~moeblocks.sra.guards.NonFiniteGuard`); too many in a row raise
+:class:`~moeblocks.sra.guards.DivergedError`.
 
 Expert parallelism: under ``torchrun --nproc-per-node W`` with ``expert_parallel=P``, the
 experts of every MoE layer are spread over groups of P ranks
@@ -27,11 +34,10 @@ import json
 import math
 import os
 import signal
-import threading
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -48,19 +54,24 @@ from moeblocks.distributed import (
     reduce_aux_losses,
 )
 from moeblocks.sra.checkpoint import (
-    POINTER,
     Checkpoint,
-    atomic_write_text,
+    check_corpus,
+    checkpoint_dirs,
     describe_differences,
     find_checkpoint,
+    load_state,
     load_weights,
-    remove_run_files,
+    note_skipped,
     save_checkpoint,
+    with_data,
 )
 from moeblocks.sra.config import SRAConfig, UsageError
-from moeblocks.sra.data import Corpus, batch_at, check_length, load_corpus
+from moeblocks.sra.data import Corpus, batch_at, check_length, data_spec, load_corpus
+from moeblocks.sra.durable import atomic_write_text
 from moeblocks.sra.evaluate import evaluate
+from moeblocks.sra.guards import DivergedError, Interrupted, NonFiniteGuard, StopSignals
 from moeblocks.sra.model import SRATransformer
+from moeblocks.sra.rundir import check_out, claim_run
 
 __all__ = ["TrainResult", "build_optimizer", "lr_at", "resolve_device", "train"]
 
@@ -132,28 +143,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     return dev
-
-
-class _DeferredInterrupt:
-    """Turns the first SIGINT into a flag checked between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass(frozen=True)
@@ -274,16 +263,8 @@ def _load_optimizer_state(
     optimizer.load_state_dict({"state": local, "param_groups": full["param_groups"]})
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    # Records past the checkpoint would be written again by the resumed run.
-    if not path.is_file():
-        return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+# Config fields a resume may change: they do not alter what the run has trained.
+_RESUME_MAY_CHANGE = frozenset({"steps", "keep_checkpoints", "max_skipped_steps"})
 
 
 def train(
@@ -297,16 +278,20 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     expert_parallel: int | None = None,
+    encoding: str | None = None,
 ) -> TrainResult:
     """Train an SRA model and keep checkpoints in ``out``.
 
     Args:
         config: The run's config. With ``resume`` it may be None (take the saved one);
-            otherwise it must match the saved config except for ``steps``.
-        data: Corpus spec (``pydoc``, ``synthetic`` or a path). With ``resume`` None
-            takes the saved spec.
-        out: Run folder.
-        resume: Continue from the newest checkpoint in ``out``.
+            otherwise it must match the saved config except for ``steps``,
+            ``keep_checkpoints`` and ``max_skipped_steps``.
+        data: Corpus spec (``pydoc``, ``synthetic`` or a path, recorded absolute). With
+            ``resume``, None takes the saved spec, which is followed only when it is
+            built in or lies inside ``out``; a given spec must hold the very text the
+            run trained on (same SHA-256), wherever it lies.
+        out: Run folder: new, empty, or a run folder (with its marker file).
+        resume: Continue from the newest checkpoint in ``out`` that verifies.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         stop_at: Stop (with a checkpoint) after this many completed steps, leaving the
             LR and k schedules laid out for ``config.steps``.
@@ -318,50 +303,58 @@ def train(
             None: P = W under ``torchrun``, else a single process. The process group
             (gloo on CPU, NCCL on CUDA) is created here unless it already exists, and
             destroyed at the end.
+        encoding: Text encoding of data files (default UTF-8; with ``resume``, the
+            saved one).
 
     Returns:
         The :class:`TrainResult`.
 
     Raises:
-        UsageError: Bad data, a config that does not match the checkpoint, an existing
-            run without ``resume``, no checkpoint with ``resume``, or an expert-parallel
-            setup that does not fit (see ``expert_parallel``). Nothing is written to
-            ``out`` before these checks pass.
-        KeyboardInterrupt: After Ctrl-C, once the checkpoint is saved.
+        UsageError: A path ``out`` cannot be (a file, not writable, a folder of other
+            files), bad data, a config or data that does not match the checkpoint, an
+            existing run without ``resume``, no checkpoint that verifies with
+            ``resume``, or an expert-parallel setup that does not fit (see
+            ``expert_parallel``). Nothing is written to ``out`` before these checks pass.
+        Interrupted: After SIGINT, SIGTERM or SIGUSR1, once the checkpoint is saved.
+        DivergedError: After ``config.max_skipped_steps`` non-finite steps in a row; the
+            checkpoints saved before stay.
     """
     out = Path(out)
-    ckpt = find_checkpoint(out) if out.is_dir() else None
+    check_out(out, resume=resume)
+    ckpt: Checkpoint | None = None
     if resume:
+        ckpt = find_checkpoint(out) if out.is_dir() else None
         if ckpt is None:
-            raise UsageError(f"--resume: {out} holds no checkpoint ({POINTER} missing)")
+            raise UsageError(f"--resume: {out} holds no checkpoint")
         if config is None:
             config = ckpt.config
-        diff = describe_differences(ckpt.config, config, ignore=frozenset({"steps"}))
+        diff = describe_differences(ckpt.config, config, ignore=_RESUME_MAY_CHANGE)
         if diff:
             raise UsageError(f"checkpoint in {out} is from a different config: {diff}")
-        if data is not None and data != ckpt.data:
-            raise UsageError(
-                f"checkpoint in {out} was trained on --data {ckpt.data!r}, not {data!r}"
-            )
-        data = ckpt.data
         if config.steps < ckpt.step:
             raise UsageError(f"--steps {config.steps} is below the checkpoint's step {ckpt.step}")
+        ckpt = with_data(ckpt, out, data, encoding)
+        spec, encoding = ckpt.data, ckpt.encoding
     else:
         if config is None:
             raise UsageError("a config (preset) is needed to start a new run")
-        if ckpt is not None and not overwrite:
+        if checkpoint_dirs(out) and not overwrite:
             raise UsageError(
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
-        data = "pydoc" if data is None else data
+        spec, encoding = data_spec("pydoc" if data is None else data), encoding or "utf-8"
     dev = resolve_device(device)
     par = _plan_parallel(expert_parallel, config)
 
     # Everything that can fail on bad input happens before the first write.
-    corpus = load_corpus(data)
-    run = (config, data, out, ckpt if resume else None, corpus, dev)
+    corpus = load_corpus(spec, encoding)
+    if ckpt is not None:
+        check_corpus(corpus, ckpt)
+        if par is None or par.main:
+            note_skipped(ckpt)
+    run = (config, out, ckpt, corpus, dev)
     if par is None:
-        return _train(*run, None, stop_at=stop_at, progress=progress, overwrite=overwrite)
+        return _train(*run, None, stop_at=stop_at, progress=progress)
     if dev.type == "cuda":
         dev = torch.device("cuda", par.local_rank)
         torch.cuda.set_device(dev)
@@ -373,7 +366,7 @@ def train(
             raise UsageError("the process group does not match WORLD_SIZE / RANK")
         groups = make_expert_parallel_groups(par.ep_size)
         par = _Parallel(par.rank, par.world, par.ep_size, par.local_rank, groups)
-        return _train(*run, par, stop_at=stop_at, progress=progress, overwrite=overwrite)
+        return _train(*run, par, stop_at=stop_at, progress=progress)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -381,7 +374,6 @@ def train(
 
 def _train(
     config: SRAConfig,
-    data: str,
     out: Path,
     ckpt: Checkpoint | None,
     corpus: Corpus,
@@ -390,14 +382,17 @@ def _train(
     *,
     stop_at: int | None,
     progress: bool,
-    overwrite: bool,
 ) -> TrainResult:
-    """The body of :func:`train` once the run is checked (``ckpt``: resume from it)."""
+    """Tokenise (checking the split lengths), then claim the run folder and fit."""
     from moeblocks.sra.tokenizer import encode, load_tokenizer, train_tokenizer
 
     main = par is None or par.main
     if ckpt is not None:
-        tok = load_tokenizer(ckpt.path / "tokenizer.json")
+        tok = load_tokenizer(
+            ckpt.path / "tokenizer.json",
+            sha256=ckpt.tokenizer_sha256,
+            vocab_size=config.vocab_size,
+        )
     elif par is None:
         tok = train_tokenizer(corpus.train, config.vocab_size)
     else:  # trained once, on rank 0, so every rank surely has the same one
@@ -409,8 +404,31 @@ def _train(
     train_np, valid_np = encode(tok, corpus.train), encode(tok, corpus.valid)
     check_length(train_np, config.seq_len, "training")
     check_length(valid_np, config.seq_len, "validation")
-    train_tokens, valid_tokens = torch.from_numpy(train_np), torch.from_numpy(valid_np)
+    tokens = (torch.from_numpy(train_np), torch.from_numpy(valid_np))
+    if not main:  # rank 0 alone writes into the run folder
+        return _fit(config, out, ckpt, corpus, dev, par, tok.to_str(), *tokens,
+                    stop_at=stop_at, progress=progress)  # fmt: skip
+    with claim_run(out, resume_step=None if ckpt is None else ckpt.step):
+        return _fit(config, out, ckpt, corpus, dev, par, tok.to_str(), *tokens,
+                    stop_at=stop_at, progress=progress)  # fmt: skip
 
+
+def _fit(
+    config: SRAConfig,
+    out: Path,
+    ckpt: Checkpoint | None,
+    corpus: Corpus,
+    dev: torch.device,
+    par: _Parallel | None,
+    tok_json: str,
+    train_tokens: torch.Tensor,
+    valid_tokens: torch.Tensor,
+    *,
+    stop_at: int | None,
+    progress: bool,
+) -> TrainResult:
+    """Build (or restore) the model and optimizer and run the training loop."""
+    main = par is None or par.main
     torch.manual_seed(config.seed)
     model = SRATransformer(config).to(dev)
     if ckpt is not None:
@@ -421,7 +439,7 @@ def _train(
     optimizer = build_optimizer(model, config)  # after sharding: expert params are new
     step = 0
     if ckpt is not None:
-        state = torch.load(ckpt.path / "state.pt", map_location="cpu", weights_only=True)
+        state = load_state(ckpt)
         step = int(state["step"])
         if par is None:
             optimizer.load_state_dict(state["optimizer"])
@@ -436,34 +454,33 @@ def _train(
             torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and dev.type == "cuda" and par is None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if main:
-            _truncate_log(out / "log.jsonl", step)
-    else:
-        if par is not None:
-            torch.manual_seed(_rank_seed(config.seed, par.rank, 0))
-        if main:
-            if overwrite:
-                remove_run_files(out)
-            out.mkdir(parents=True, exist_ok=True)
-    tok_json = tok.to_str()
+    elif par is not None:
+        torch.manual_seed(_rank_seed(config.seed, par.rank, 0))
     if main:
         atomic_write_text(out / "tokenizer.json", tok_json)
+    last_saved = None if ckpt is None else ckpt.step
 
     def save(at: int) -> None:
+        nonlocal last_saved
         if par is None:
-            save_checkpoint(out, at, model, optimizer, config, data, tok_json)
+            _check_finite(model.state_dict(), at)
+            save_checkpoint(out, at, model, optimizer, config, corpus, tok_json,
+                            keep=config.keep_checkpoints)  # fmt: skip
+            last_saved = at
             return
         weights = full_state_dict(model)  # collectives: every rank takes part
+        _check_finite(weights, at)  # the same full weights on every rank: the same verdict
         opt_state = _full_optimizer_state(model, optimizer)
         rngs: list[Any] = [None] * par.world
         dist.all_gather_object(rngs, torch.get_rng_state())
         if main:
             save_checkpoint(
-                out, at, model, optimizer, config, data, tok_json,
-                weights=weights, optimizer_state=opt_state,
+                out, at, model, optimizer, config, corpus, tok_json,
+                keep=config.keep_checkpoints, weights=weights, optimizer_state=opt_state,
                 extra_state={"rng_per_rank": rngs, "world_size": par.world},
             )  # fmt: skip
         dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
+        last_saved = at
 
     world, rank = (1, 0) if par is None else (par.world, par.rank)
     rows = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
@@ -474,9 +491,11 @@ def _train(
     L, E = len(model.moe_layers), config.num_experts
     counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
     dead = "-"
+    guard = NonFiniteGuard(config.max_skipped_steps)
+    save_due = False  # a periodic checkpoint waits for the end of a skipped streak
     log = (out / "log.jsonl").open("a", encoding="utf-8") if main else None
     try:
-        with _DeferredInterrupt() as interrupt:
+        with StopSignals() as signals:
             while step < last_stop:
                 model.train()
                 model.set_step(step)
@@ -493,29 +512,46 @@ def _train(
                 ce = F.cross_entropy(res.logits.flatten(0, 1).float(), y_BS.flatten())
                 aux = res.total_aux_loss()
                 (ce + aux).backward()
-                stop_requested = interrupt.requested
+                stop_signum = signals.signum
+                max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
                 if par is None:
-                    if config.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 else:
                     all_reduce_gradients(model, par.groups)
-                    if config.grad_clip > 0:
-                        clip_grad_norm_(model, config.grad_clip, par.groups)
+                    norm = clip_grad_norm_(model, max_norm, par.groups)
                     # One all-reduce: the global mean loss (equal token counts per rank)
-                    # and whether any rank got Ctrl-C, so all ranks stop at the same step.
+                    # and whether any rank got a stop signal, so all stop at the same step.
                     shared = torch.stack(
-                        [ce.detach().float(), torch.tensor(float(stop_requested), device=dev)]
+                        [ce.detach().float(), torch.tensor(float(stop_signum or 0), device=dev)]
                     )
                     dist.all_reduce(shared)
                     ce = shared[0] / world
-                    stop_requested = bool(shared[1] > 0)
-                optimizer.step()
+                    if shared[1] > 0 and stop_signum is None:  # another rank was signalled
+                        stop_signum = signal.SIGTERM
+                # One host sync for the three numbers; the same on every rank.
+                ce_value, aux_value, norm_value = torch.stack(
+                    [ce.detach().float(), aux.detach().float(), norm.detach().float()]
+                ).tolist()
+                try:
+                    skipped = guard.check(step + 1, ce_value, aux_value, norm_value)
+                except DivergedError as err:
+                    _write(log, {"step": step + 1, "skipped": str(err), "lr": lr})
+                    where = (
+                        f"the newest checkpoint, step {last_saved}, is kept in {out}"
+                        if last_saved is not None
+                        else "no checkpoint had been saved"
+                    )
+                    raise DivergedError(
+                        f"{err}; stopped without saving, {where} (resume with a lower lr, "
+                        "or a higher max_skipped_steps)"
+                    ) from None
+                if skipped is None:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for layer, routing in enumerate(res.routings):
                     counts_LE[layer] += torch.bincount(routing.experts.flatten(), minlength=E)
                 step += 1
 
-                ce_value = ce.item()
                 if L and step % DEAD_WINDOW == 0:
                     if par is not None:
                         dist.all_reduce(counts_LE)
@@ -524,10 +560,14 @@ def _train(
                 record: dict[str, Any] = {
                     "step": step,
                     "loss": ce_value,
-                    "aux": aux.item(),  # global statistics: the same on every rank
+                    "aux": aux_value,  # global statistics: the same on every rank
                     "lr": lr,
                     "k": model.k,
                 }
+                if skipped is not None:  # not applied; JSON has no NaN
+                    record.update(loss=None, aux=None, skipped=skipped)
+                    if main:
+                        bar.write(f"step {step}: skipped, {skipped}", file=sys.stderr)
                 if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
                     # Every rank evaluates the whole split (its MoE layers exchange rows).
                     ev = evaluate(
@@ -535,8 +575,11 @@ def _train(
                     )
                     val = ev.loss
                     record.update(val_loss=ev.loss, val_ppl=ev.ppl, dead=ev.dead_per_layer)
-                if log is not None and (
-                    step % LOG_EVERY == 0 or "val_loss" in record or step == last_stop
+                if (
+                    step % LOG_EVERY == 0
+                    or "val_loss" in record
+                    or "skipped" in record
+                    or (step == last_stop)
                 ):
                     record["tok_per_s"] = round(
                         (step - start)
@@ -544,18 +587,20 @@ def _train(
                         * config.seq_len
                         / (time.perf_counter() - t0)
                     )
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    _write(log, record)
                 bar.update(1)
                 ppl = math.exp(min(ce_value, 50.0))  # capped: exp overflows past ~709
                 bar.set_postfix_str(
                     f"loss {ce_value:.3f} ppl {ppl:.1f} k {model.k} dead {dead}", refresh=False
                 )
-                if (config.ckpt_every and step % config.ckpt_every == 0) or step == last_stop:
+                save_due = save_due or bool(config.ckpt_every and step % config.ckpt_every == 0)
+                if step == last_stop or (save_due and guard.streak == 0):
                     save(step)
-                if stop_requested and step != last_stop:
-                    save(step)
-                    raise KeyboardInterrupt
+                    save_due = False
+                if stop_signum is not None and step != last_stop:
+                    if last_saved != step:
+                        save(step)  # the weights are those of the last applied step
+                    raise Interrupted(stop_signum)
     finally:
         bar.close()
         if log is not None:
@@ -563,6 +608,23 @@ def _train(
     if math.isnan(val):  # stopped early (stop_at): measure where we are
         val = evaluate(model, valid_tokens, config.batch_size, max_tokens=config.eval_tokens).loss
     return TrainResult(out, step, val, math.exp(val), time.perf_counter() - t0)
+
+
+def _write(log: Any, record: dict[str, Any]) -> None:
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+def _check_finite(weights: dict[str, torch.Tensor], step: int) -> None:
+    """Raise :class:`DivergedError` rather than checkpoint weights that are NaN or infinite."""
+    floats = [t for t in weights.values() if t.is_floating_point()]
+    if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
+        bad = [n for n, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+        raise DivergedError(
+            f"the weights after step {step} are not finite ({', '.join(bad[:3])}...); "
+            "not saved, the checkpoints saved before are kept"
+        )
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
@@ -575,11 +637,22 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 
 
 def run_summary(out: Path) -> dict[str, Any]:
-    """The log records of a run, for reports: ``{"train": [...], "eval": [...]}``."""
+    """The log records of a run, for reports.
+
+    Returns:
+        ``{"train": [...], "eval": [...], "skipped": [...]}``: the records of applied
+        steps, those with a validation pass, and those of skipped (non-finite) steps.
+    """
     path = out / "log.jsonl"
-    records = (
-        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.is_file()
-        else []
-    )
-    return {"train": records, "eval": [r for r in records if "val_loss" in r]}
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line torn by a crash
+            continue
+    applied = [r for r in records if "skipped" not in r]
+    return {
+        "train": applied,
+        "eval": [r for r in applied if "val_loss" in r],
+        "skipped": [r for r in records if "skipped" in r],
+    }
