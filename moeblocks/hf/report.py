@@ -35,13 +35,6 @@ from moeblocks.hf.swap import HFMoEBlock, swap_moe_blocks
 from moeblocks.inspect.anchors import anchor_traces
 from moeblocks.inspect.collect import collect_routing
 from moeblocks.inspect.interventions import intervene
-from moeblocks.inspect.metrics import (
-    expert_token_counts,
-    subtoken_coherence,
-    summarise_layer,
-    top_tokens,
-    vocabulary_entropy,
-)
 from moeblocks.inspect.probe import (
     BUILTIN_PROBES,
     ProbeItem,
@@ -51,6 +44,7 @@ from moeblocks.inspect.probe import (
 from moeblocks.inspect.report import (
     RunInspection,
     format_inspection,
+    layer_tables,
     word_ids_from_pieces,
     write_inspect_report,
 )
@@ -248,15 +242,7 @@ def inspect_hf(
             word_ids = word_ids_from_pieces(pieces)
         else:
             word_ids = torch.full((len(token_ids),), -1, dtype=torch.long)
-        summaries, coherence, vent, tops = [], [], [], []
-        for r in rs.layers:
-            summaries.append(summarise_layer(r))
-            coherence.append(subtoken_coherence(r, word_ids))
-            counts_EV = expert_token_counts(r, rs.token_ids, V, top1=False)
-            h_E = vocabulary_entropy(counts_EV)
-            live = ~torch.isnan(h_E)
-            vent.append(h_E[live].mean().item() if live.any() else math.nan)
-            tops.append([[(show(i), c) for i, c in row] for row in top_tokens(counts_EV, 5)])
+        summaries, coherence, vent, tops = layer_tables(rs, word_ids, V, show)
         probe, contrast, probe_name, contrast_name = [], [], "", ""
         if tok is not None:
             items = BUILTIN_PROBES["english"] if probes is None else probes

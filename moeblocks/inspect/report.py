@@ -12,7 +12,7 @@ imported inside these functions: the metrics themselves know no model.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from moeblocks.inspect.anchors import (
     format_trace,
     layer_temperatures,
 )
-from moeblocks.inspect.collect import collect_routing, sra_forward
+from moeblocks.inspect.collect import RoutingSet, collect_routing, sra_forward
 from moeblocks.inspect.metrics import (
     Coherence,
     LayerSummary,
@@ -55,6 +55,7 @@ __all__ = [
     "RunInspection",
     "format_inspection",
     "inspect_run",
+    "layer_tables",
     "word_ids_from_pieces",
     "write_inspect_report",
 ]
@@ -164,6 +165,30 @@ def _probe(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[Overla
 
 
 @torch.no_grad()
+def layer_tables(
+    rs: RoutingSet,
+    word_ids: Int[Tensor, " T"],
+    vocab_size: int,
+    show: Callable[[int], str],
+) -> tuple[list[LayerSummary], list[Coherence], list[float], list[list[list[tuple[str, int]]]]]:
+    """The per-layer tables of a report, for any model's routing set.
+
+    Returns, per layer of ``rs``: its summary, subtoken coherence, mean vocabulary
+    entropy over the experts that received tokens, and each expert's five most frequent
+    tokens (shown with ``show``).
+    """
+    summaries, coherence, vent, tops = [], [], [], []
+    for r in rs.layers:
+        summaries.append(summarise_layer(r))
+        coherence.append(subtoken_coherence(r, word_ids))
+        counts_EV = expert_token_counts(r, rs.token_ids, vocab_size, top1=False)
+        h_E = vocabulary_entropy(counts_EV)
+        live = ~torch.isnan(h_E)
+        vent.append(h_E[live].mean().item() if live.any() else math.nan)
+        tops.append([[(show(i), c) for i, c in row] for row in top_tokens(counts_EV, 5)])
+    return summaries, coherence, vent, tops
+
+
 def inspect_run(
     run: Path,
     text: str | None = None,
@@ -208,18 +233,12 @@ def inspect_run(
     word_ids = word_ids_from_pieces(pieces)
     V = cfg.vocab_size
 
-    summaries, coherence, vent, tops, pur, npm = [], [], [], [], [], []
+    summaries, coherence, vent, tops = layer_tables(rs, word_ids, V, lambda i: tok.decode([i]))
+    pur, npm = [], []
     synthetic = ckpt.data == "synthetic"
     cls_T, class_names = _token_classes(pieces, word_ids, WORD_CLASSES) if synthetic else (None, [])
-    for r in rs.layers:
-        summaries.append(summarise_layer(r))
-        coherence.append(subtoken_coherence(r, word_ids))
-        counts_EV = expert_token_counts(r, rs.token_ids, V, top1=False)
-        h_E = vocabulary_entropy(counts_EV)
-        live = ~torch.isnan(h_E)
-        vent.append(h_E[live].mean().item() if live.any() else math.nan)
-        tops.append([[(tok.decode([i]), c) for i, c in row] for row in top_tokens(counts_EV, 5)])
-        if cls_T is not None:
+    if cls_T is not None:
+        for r in rs.layers:
             c_EC = class_counts(r, cls_T, len(class_names))
             pur.append(purity(c_EC)[1])
             npm.append(npmi(c_EC))
