@@ -8,6 +8,11 @@ one that does not verify...) prints one line to stderr and exits with status 2. 
 SIGTERM or SIGUSR1 during training save a checkpoint and exit with status 128 + the
 signal number (130, 143, 138); a run that diverges (too many non-finite steps in a row)
 exits with status 3, its earlier checkpoints kept.
+
+Every command run from the shell sets its CPU threads with
+:func:`moeblocks.threads.configure_threads`: ``--threads N``, else ``OMP_NUM_THREADS``,
+else the CPUs this process may use that other processes do not keep busy.
+``main(argv)`` called from Python changes threads only when ``--threads`` is given.
 """
 
 from __future__ import annotations
@@ -273,12 +278,37 @@ def _parser() -> argparse.ArgumentParser:
     from moeblocks.inspect.cli import add_inspect_commands
 
     add_inspect_commands(sub, hf_handler=_inspect_hf)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--threads",
+            type=_positive,
+            default=None,
+            metavar="N",
+            help="CPU threads (default: OMP_NUM_THREADS, else the usable CPUs not kept busy "
+            "by other processes)",
+        )
     return parser
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``moeblocks`` console script; returns the exit status."""
+    """Entry point of the ``moeblocks`` console script; returns the exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``). Given from Python, the
+            process's threads change only with ``--threads`` (see the module docstring).
+    """
     args = _parser().parse_args(argv)
+    if argv is None or getattr(args, "threads", None) is not None:
+        from moeblocks.threads import configure_threads
+
+        configure_threads(getattr(args, "threads", None))
     from moeblocks.sra.config import UsageError
     from moeblocks.sra.guards import DivergedError
 

@@ -21,7 +21,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 60) -> list[Path]:
+def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 600) -> list[Path]:
     """Run ``code`` on ``world`` ranks; return each rank's output path once all succeed."""
     env = {
         **os.environ,

@@ -1,0 +1,203 @@
+"""Training step time under CPU contention: which OpenMP settings share the CPU best?
+
+Question: how much slower is a training step of the SRA model when 1 or 2 other
+CPU-bound processes of the same kind run on the machine, and which threading settings
+keep that slowdown small without costing time on an idle machine? For each setting
+(environment variables set before torch loads, so libgomp reads them) and each preset,
+the step time is measured
+
+- ``idle``: alone;
+- ``+1`` / ``+2``: while 1 or 2 competing training processes with the *same* settings
+  run full steps in a loop (they are warmed up before the measured process starts).
+
+Every run is a fresh process (libgomp reads ``OMP_*`` / ``GOMP_*`` once, when torch is
+imported). Times are medians over the measured steps after warm-up steps; tokens are
+random ids. ``small`` uses batch 4 (not 32) to keep the whole run under ~10 minutes on
+2 cores. Ratios are contended / idle step time of the same setting; the last columns
+compare with the idle step time of ``default`` (what a user would see today).
+
+Usage: python benchmarks/bench_contention.py [--presets tiny small] [--settings ...]
+       [--steps 10] [--warmup 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> environment for the process (on top of a copy with these variables removed)
+SETTINGS: dict[str, dict[str, str]] = {
+    "default": {},  # torch's defaults: threads = cores, libgomp spins ~300k iterations
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # workers sleep at once when idle
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},  # spin briefly, then sleep
+    "1thread": {"OMP_NUM_THREADS": "1"},  # no worker threads at all
+    "moeblocks": {},  # nothing set; the worker calls configure_threads(), as the commands do
+}
+CLEARED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+SMALL_BATCH = 4
+
+
+def worker(preset_name: str, steps: int, setting: str) -> None:
+    """Run ``steps`` training steps (forever if 0), printing each step's seconds."""
+    import torch
+    import torch.nn.functional as F
+
+    if setting == "moeblocks":
+        from moeblocks.threads import configure_threads
+
+        configure_threads()
+
+    from moeblocks.sra.config import preset
+    from moeblocks.sra.model import SRATransformer
+    from moeblocks.sra.train import build_optimizer
+
+    cfg = preset(preset_name)
+    if preset_name == "small":
+        cfg = cfg.replace(batch_size=SMALL_BATCH)
+    torch.manual_seed(0)
+    model = SRATransformer(cfg)
+    optimizer = build_optimizer(model, cfg)
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len))
+    y = torch.roll(x, -1, dims=1)
+    i = 0
+    while steps == 0 or i < steps:
+        t0 = time.perf_counter()
+        res = model(x, k=cfg.k_final)
+        ce = F.cross_entropy(res.logits.flatten(0, 1), y.flatten())
+        (ce + res.total_aux_loss()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(f"{time.perf_counter() - t0:.6f}", flush=True)
+        i += 1
+
+
+def _env(setting: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    return {**env, **SETTINGS[setting]}
+
+
+def _spawn(preset_name: str, steps: int, setting: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, __file__, "--worker", preset_name, str(steps), setting]
+    return subprocess.Popen(cmd, env=_env(setting), stdout=subprocess.PIPE, text=True)
+
+
+def measure(preset_name: str, setting: str, competitors: int, steps: int, warmup: int) -> float:
+    """Median step time (s) of one process while ``competitors`` others run."""
+    others: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(competitors):  # one after another, each busy before the next starts
+            others.append(_spawn(preset_name, 0, setting))
+            assert others[-1].stdout is not None
+            others[-1].stdout.readline()
+        proc = _spawn(preset_name, warmup + steps, setting)
+        out, _ = proc.communicate()
+        times = [float(t) for t in out.split()][warmup:]
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    parser.add_argument("--out", default=str(RESULTS / "contention_cpu.md"))
+    parser.add_argument(
+        "--small-settings",
+        nargs="+",
+        default=["default", "moeblocks"],
+        choices=list(SETTINGS),
+        help="settings measured for `small` (slow under contention)",
+    )
+    parser.add_argument("--small-steps", type=int, default=5, help="measured steps of small")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), args.worker[2])
+        return
+
+    start = time.perf_counter()
+    header = (
+        "| preset | setting | idle (ms) | +1 (ms) | +2 (ms) | +1 / idle | +2 / idle "
+        "| idle / default idle | +1 / default idle | +2 / default idle |"
+    )
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in args.presets:
+        base = None
+        small = name == "small"
+        steps, warmup = (args.small_steps, 2) if small else (args.steps, args.warmup)
+        for setting in args.small_settings if small else args.settings:
+            t = [measure(name, setting, c, steps, warmup) for c in (0, 1, 2)]
+            base = t[0] if base is None or setting == "default" else base
+            line = (
+                f"| {name} | {setting} | {1000 * t[0]:.0f} | {1000 * t[1]:.0f} | "
+                f"{1000 * t[2]:.0f} | {t[1] / t[0]:.2f}x | {t[2] / t[0]:.2f}x | "
+                f"{t[0] / base:.2f}x | {t[1] / base:.2f}x | {t[2] / base:.2f}x |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+    table = "\n".join(lines)
+
+    import torch
+
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name()}), "
+        f"affinity {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__} "
+        f"(OpenMP: libgomp), {datetime.date.today().isoformat()}"
+    )
+    settings = "; ".join(
+        f"`{k}`: "
+        + (
+            " ".join(f"{a}={b}" for a, b in v.items())
+            or ("nothing set", "configure_threads()")[k == "moeblocks"]
+        )
+        for k, v in SETTINGS.items()
+    )
+    command = (
+        f"python benchmarks/bench_contention.py --presets {' '.join(args.presets)} "
+        f"--settings {' '.join(args.settings)} --steps {args.steps} --warmup {args.warmup} "
+        f"--small-settings {' '.join(args.small_settings)} --small-steps {args.small_steps}"
+    )
+    text = (
+        "# Training step time under CPU contention\n\n"
+        f"Machine: {machine}.\n\n"
+        f"Settings (environment before torch loads): {settings}. Each competitor is a "
+        "training process of the same preset and setting. One step = forward, CE + aux "
+        f"losses, backward, clip, AdamW at k = k_final; median of {args.steps} steps after "
+        f"{args.warmup} warm-up steps (`small`: {args.small_steps} after 2, at batch "
+        f"{SMALL_BATCH}). `moeblocks` calls `configure_threads()` at start, as the commands "
+        "do: competitors start first, so each picks its threads from the load it finds. "
+        "The first columns compare each setting with itself idle; the last three with "
+        "`default` idle.\n\n"
+        f"Command: `{command}` ({time.perf_counter() - start:.0f} s)\n\n{table}\n"
+    )
+    Path(args.out).write_text(text, encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""CPU threads for training and inference on a machine that other processes share.
+
+torch's CPU kernels run on an OpenMP pool (libgomp in the pip wheels) whose defaults
+suit a machine the process has to itself: one thread per core (``os.cpu_count()``, even
+where CPU affinity or a container's CPU quota allow fewer) and idle workers that
+spin-wait for the next parallel region. Beside other CPU-bound processes, a worker
+spinning on a core another process needs burns the time slice the thread it waits for
+could have used: on 2 cores a ``tiny`` training step ran 4-60× slower beside one other
+training process and 6-14× slower beside two, from run to run
+(``benchmarks/results/contention_cpu.md``).
+
+:func:`configure_threads` picks the intra-op thread count, in this order:
+
+1. ``threads``, when given (the ``--threads N`` of the ``moeblocks`` commands);
+2. ``OMP_NUM_THREADS``, when set;
+3. the CPUs this process may use (:func:`available_cpus`: CPU affinity capped by the
+   cgroup CPU quota) minus those other processes keep busy right now
+   (:func:`busy_cpus`, from the kernel's count of runnable tasks), at least 1.
+
+On an idle machine that is torch's default, so nothing gets slower; beside other busy
+processes it is fewer threads (measured: 2.1× / 2.8× the idle step time beside one /
+two other training processes, against 61× / 5.7× with torch's defaults in the same run). The
+count is chosen once, at the call; a process that starts on an idle machine keeps its
+threads when others start later.
+
+The OpenMP wait policy is left alone: ``OMP_WAIT_POLICY=PASSIVE`` made the idle step
+1.4-1.8× slower in the same measurements, and ``GOMP_SPINCOUNT=10000`` did not help
+under contention. Users who want them set them in the environment (libgomp reads them
+once, when torch is imported; set later they change nothing).
+
+Nothing here runs on import: the library never changes threads unless asked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = [
+    "available_cpus",
+    "busy_cpus",
+    "cgroup_cpu_limit",
+    "configure_threads",
+    "default_threads",
+]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+LOADAVG = Path("/proc/loadavg")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs the cgroup CPU quota allows (e.g. 1.5), or None when there is no quota.
+
+    Reads cgroup v2 ``cpu.max`` (``"max 100000"`` or ``"150000 100000"``: quota and period
+    in microseconds) or, failing that, cgroup v1 ``cpu/cpu.cfs_quota_us`` and
+    ``cpu/cpu.cfs_period_us`` (quota ``-1``: none) under ``root``. Files that are missing
+    or unreadable count as no quota.
+    """
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for sub in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((root / sub / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / sub / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may actually use: its CPU affinity, capped by the cgroup quota.
+
+    A fractional quota rounds up (1.5 CPUs → 2 threads); the result is at least 1.
+    """
+    has_affinity = hasattr(os, "sched_getaffinity")  # not on macOS or Windows
+    cpus = len(os.sched_getaffinity(0)) if has_affinity else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
+
+
+def busy_cpus(samples: int = 10, interval: float = 0.02, loadavg: Path = LOADAVG) -> float | None:
+    """Runnable tasks other than this one right now, or None where the kernel does not say.
+
+    The fourth field of ``/proc/loadavg`` (``running/total``) counts the runnable
+    threads of the whole machine at this instant, the reader included; the median of
+    ``samples`` readings ``interval`` seconds apart, minus 1, smooths out short blips.
+    Unlike the load averages it has no minute-long lag. It counts the whole machine, so
+    in a container it also sees the host's other tasks.
+    """
+    counts = []
+    for i in range(samples):
+        try:
+            running = loadavg.read_text().split()[3].split("/")[0]
+            counts.append(int(running) - 1)
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return float(max(0, statistics.median(counts)))
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:  # OMP_NUM_THREADS may be a list ("4,2": nested levels); the first is ours
+        n = int((text or "").split(",")[0])
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def default_threads(
+    threads: int | None = None,
+    environ: Mapping[str, str] = os.environ,
+    cpus: int | None = None,
+    busy: float | None = None,
+) -> int:
+    """The intra-op thread count (see the module docstring for the order).
+
+    Args:
+        threads: an explicit count; wins over everything.
+        environ: where ``OMP_NUM_THREADS`` is read.
+        cpus: CPUs usable (default: :func:`available_cpus`).
+        busy: CPUs other processes keep busy (default: measured by :func:`busy_cpus`,
+            0 where it cannot tell).
+
+    Raises:
+        ValueError: ``threads`` is given and is not a positive integer.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads}")
+        return threads
+    from_env = _positive_int(environ.get("OMP_NUM_THREADS"))
+    if from_env is not None:
+        return from_env
+    cpus = available_cpus() if cpus is None else cpus
+    busy = (busy_cpus() or 0.0) if busy is None else busy
+    return max(1, min(cpus, cpus - math.floor(busy + 0.5)))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads for a shared machine; returns the count.
+
+    Calls ``torch.set_num_threads(default_threads(threads))``. Takes ~0.2 s (it samples
+    the machine's load, unless ``threads`` or ``OMP_NUM_THREADS`` decide).
+
+    Args:
+        threads: intra-op threads; None: ``OMP_NUM_THREADS``, else the CPUs usable that
+            other processes do not keep busy.
+    """
+    import torch
+
+    n = default_threads(threads)
+    torch.set_num_threads(n)
+    return n
