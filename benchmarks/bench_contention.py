@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # name -> environment for the process (on top of a copy with these variables removed)
@@ -107,16 +109,6 @@ def measure(preset_name: str, setting: str, competitors: int, steps: int, warmup
             p.kill()
             p.wait()
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name
 
 from moeblocks.sra.config import SRAConfig, preset
 from moeblocks.sra.model import SRATransformer
@@ -80,17 +81,6 @@ def bench_preset(name: str, rounds: int, warmup: int) -> list[dict[str, object]]
         rows.append({"preset": name, "variant": v, "ms": 1000 * med, "tok_s": tokens / med,
                      "ratio": med / dense, "tokens": tokens})  # fmt: skip
     return rows
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

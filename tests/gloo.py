@@ -1,7 +1,9 @@
 """Run a short script on two gloo ranks in fresh interpreters (for group-reduction tests).
 
-Each rank runs ``code`` with ``RANK``, ``WORLD_SIZE`` and the rendezvous variables set and
-its output path as ``sys.argv[1]``; the script saves what the test checks there.
+Each rank runs :data:`PREAMBLE` and then ``code``, with ``RANK``, ``WORLD_SIZE`` and the
+rendezvous variables set and its output path as ``sys.argv[1]``; the script saves what
+the test checks there. The preamble checks shapes as the test run does (the jaxtyping
+hook), imports ``torch``, ``dist`` and ``mb``, sets ``rank`` and joins the gloo group.
 """
 
 from __future__ import annotations
@@ -13,6 +15,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PREAMBLE = """
+import os, sys
+import torch, torch.distributed as dist
+from jaxtyping import install_import_hook
+install_import_hook("moeblocks", "beartype.beartype")
+import moeblocks as mb
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+"""
 
 
 def _free_port() -> int:
@@ -34,7 +45,7 @@ def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 600) ->
     outs = [workdir / f"rank{r}.pt" for r in range(world)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(outs[r])],
+            [sys.executable, "-c", PREAMBLE + code, str(outs[r])],
             env={**env, "RANK": str(r)},
             cwd=ROOT,
             stdout=subprocess.PIPE,

@@ -187,13 +187,6 @@ def test_bad_arguments(make, match: str) -> None:
 # ------------------------------------------------------------------ gloo all-reduce
 
 _RANK_CODE = """
-import os, sys
-import torch, torch.distributed as dist
-from jaxtyping import install_import_hook
-install_import_hook("moeblocks", "beartype.beartype")
-import moeblocks as mb
-rank = int(os.environ["RANK"])
-dist.init_process_group("gloo", rank=rank, world_size=2)
 balancer = mb.BiasBalancer(4, rate=0.5, group=dist.group.WORLD)
 # Rank 0 sends 3 slots to expert 0; rank 1 one slot each to experts 0 and 1. Summed
 # loads [4, 1, 0, 0] (mean 1.25); rank 1's local loads alone would give [1, 1, 0, 0].

@@ -264,13 +264,6 @@ def test_bad_arguments(make, match: str) -> None:
 # --------------------------------------------------- global-batch balance over gloo
 
 _RANK_CODE = """
-import os, sys
-import torch, torch.distributed as dist
-from jaxtyping import install_import_hook
-install_import_hook("moeblocks", "beartype.beartype")
-import moeblocks as mb
-rank = int(os.environ["RANK"])
-dist.init_process_group("gloo", rank=rank, world_size=2)
 gen = torch.Generator().manual_seed(rank)
 scores = torch.randn(5 + 3 * rank, 4, generator=gen, dtype=torch.float64, requires_grad=True)
 probs = scores.softmax(-1)
