@@ -32,9 +32,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 600) -> list[Path]:
-    """Run ``code`` on ``world`` ranks; return each rank's output path once all succeed."""
-    env = {
+def rank_env(world: int) -> dict[str, str]:
+    """The environment of ``world`` ranks on loopback (set ``RANK`` per rank), as torchrun's."""
+    return {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
@@ -42,6 +42,11 @@ def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 600) ->
         "WORLD_SIZE": str(world),
         "OMP_NUM_THREADS": "1",
     }
+
+
+def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 600) -> list[Path]:
+    """Run ``code`` on ``world`` ranks; return each rank's output path once all succeed."""
+    env = rank_env(world)
     outs = [workdir / f"rank{r}.pt" for r in range(world)]
     procs = [
         subprocess.Popen(

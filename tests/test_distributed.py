@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -226,12 +225,6 @@ def _rank_main(workdir: Path) -> None:
 # ------------------------------------------------------------------------- launcher
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, workdir: Path) -> list[dict]:
     """Run ``world`` ranks of this file on loopback, like ``torchrun``; return their results."""
     # The hook goes in before this file (and so moeblocks) is imported in the rank.
@@ -240,14 +233,9 @@ def _launch(world: int, workdir: Path) -> list[dict]:
         "install_import_hook('moeblocks', 'beartype.beartype'); "
         f"import runpy; runpy.run_path({str(Path(__file__))!r}, run_name='__main__')"
     )
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-    }
+    from gloo import rank_env  # only here: the ranks run this file without tests/ on the path
+
+    env = rank_env(world)
     root = Path(__file__).resolve().parent.parent
     procs, logs = [], []
     for rank in range(world):

@@ -32,13 +32,8 @@ def fsync_file(path: Path) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (creations, renames, deletions) to disk (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name == "posix":  # a folder opens read-only like a file there
+        fsync_file(path)
 
 
 def sha256_file(path: Path) -> str:
