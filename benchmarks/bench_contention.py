@@ -42,7 +42,7 @@ SETTINGS: dict[str, dict[str, str]] = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # workers sleep at once when idle
     "spin10k": {"GOMP_SPINCOUNT": "10000"},  # spin briefly, then sleep
     "1thread": {"OMP_NUM_THREADS": "1"},  # no worker threads at all
-    "moeblocks": {},  # nothing set; the worker calls configure_threads(), as the commands do
+    "moeblocks": {},  # nothing set; configure_threads() + ThreadTuner, as `moeblocks train`
 }
 CLEARED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 SMALL_BATCH = 4
@@ -53,10 +53,12 @@ def worker(preset_name: str, steps: int, setting: str) -> None:
     import torch
     import torch.nn.functional as F
 
+    tuner = None
     if setting == "moeblocks":
-        from moeblocks.threads import configure_threads
+        from moeblocks.threads import ThreadTuner, configure_threads
 
         configure_threads()
+        tuner = ThreadTuner()
 
     from moeblocks.sra.config import preset
     from moeblocks.sra.model import SRATransformer
@@ -79,6 +81,8 @@ def worker(preset_name: str, steps: int, setting: str) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if tuner is not None:
+            tuner.step()  # inside the timed step: its cost counts
         print(f"{time.perf_counter() - t0:.6f}", flush=True)
         i += 1
 
@@ -93,17 +97,31 @@ def _spawn(preset_name: str, steps: int, setting: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, env=_env(setting), stdout=subprocess.PIPE, text=True)
 
 
-def measure(preset_name: str, setting: str, competitors: int, steps: int, warmup: int) -> float:
-    """Median step time (s) of one process while ``competitors`` others run."""
+def measure(
+    preset_name: str, setting: str, competitors: int, steps: int, warmup: int, settle: float
+) -> float:
+    """Median step time (s) of one process while ``competitors`` others run.
+
+    The process first runs ``warmup`` steps and at least ``settle`` seconds of steps
+    (unmeasured), as a training run spends its first seconds: long enough for a
+    ThreadTuner to look at the load twice.
+    """
     others: list[subprocess.Popen[str]] = []
     try:
         for _ in range(competitors):  # one after another, each busy before the next starts
             others.append(_spawn(preset_name, 0, setting))
             assert others[-1].stdout is not None
             others[-1].stdout.readline()
-        proc = _spawn(preset_name, warmup + steps, setting)
-        out, _ = proc.communicate()
-        times = [float(t) for t in out.split()][warmup:]
+        proc = _spawn(preset_name, 0, setting)
+        assert proc.stdout is not None
+        start, times = time.perf_counter(), []
+        while len(times) < steps:
+            t = float(proc.stdout.readline())
+            if len(times) or (warmup <= 0 and time.perf_counter() - start >= settle):
+                times.append(t)
+            warmup -= 1
+        proc.kill()
+        proc.wait()
     finally:
         for p in others:
             p.kill()
@@ -117,6 +135,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=10, help="measured steps (median)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    parser.add_argument(
+        "--settle", type=float, default=10.0, help="unmeasured seconds first (at least)"
+    )
     parser.add_argument("--out", default=str(RESULTS / "contention_cpu.md"))
     parser.add_argument(
         "--small-settings",
@@ -143,7 +164,7 @@ def main() -> None:
         small = name == "small"
         steps, warmup = (args.small_steps, 2) if small else (args.steps, args.warmup)
         for setting in args.small_settings if small else args.settings:
-            t = [measure(name, setting, c, steps, warmup) for c in (0, 1, 2)]
+            t = [measure(name, setting, c, steps, warmup, args.settle) for c in (0, 1, 2)]
             base = t[0] if base is None or setting == "default" else base
             line = (
                 f"| {name} | {setting} | {1000 * t[0]:.0f} | {1000 * t[1]:.0f} | "
@@ -172,6 +193,7 @@ def main() -> None:
     command = (
         f"python benchmarks/bench_contention.py --presets {' '.join(args.presets)} "
         f"--settings {' '.join(args.settings)} --steps {args.steps} --warmup {args.warmup} "
+        f"--settle {args.settle:g} "
         f"--small-settings {' '.join(args.small_settings)} --small-steps {args.small_steps}"
     )
     text = (
@@ -180,9 +202,11 @@ def main() -> None:
         f"Settings (environment before torch loads): {settings}. Each competitor is a "
         "training process of the same preset and setting. One step = forward, CE + aux "
         f"losses, backward, clip, AdamW at k = k_final; median of {args.steps} steps after "
-        f"{args.warmup} warm-up steps (`small`: {args.small_steps} after 2, at batch "
-        f"{SMALL_BATCH}). `moeblocks` calls `configure_threads()` at start, as the commands "
-        "do: competitors start first, so each picks its threads from the load it finds. "
+        f"{args.warmup} warm-up steps and at least {args.settle:g} s (`small`: "
+        f"{args.small_steps} steps, at batch {SMALL_BATCH}). `moeblocks` calls "
+        "`configure_threads()` at start and `ThreadTuner.step()` after every step, as "
+        "`moeblocks train` does: competitors start first, each picks its threads from the "
+        "load it finds and looks again every few seconds. "
         "The first columns compare each setting with itself idle; the last three with "
         "`default` idle.\n\n"
         f"Command: `{command}` ({time.perf_counter() - start:.0f} s)\n\n{table}\n"

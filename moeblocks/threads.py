@@ -18,10 +18,11 @@ training process and 6-14× slower beside two, from run to run
    (:func:`busy_cpus`, from the kernel's count of runnable tasks), at least 1.
 
 On an idle machine that is torch's default, so nothing gets slower; beside other busy
-processes it is fewer threads (measured: 2.1× / 2.8× the idle step time beside one /
-two other training processes, against 61× / 5.7× with torch's defaults in the same run). The
-count is chosen once, at the call; a process that starts on an idle machine keeps its
-threads when others start later.
+processes it is fewer threads. The count is chosen at the call; a long job that calls
+:meth:`ThreadTuner.step` between steps (``moeblocks train`` and ``demo`` do, unless
+``--threads`` or ``OMP_NUM_THREADS`` fixed the count) looks again every few seconds, so
+a process that started on an idle machine gives a core back within seconds when others
+start later, and takes it again when they end. Measured in ``benchmarks/results/contention_cpu.md``.
 
 The OpenMP wait policy is left alone: ``OMP_WAIT_POLICY=PASSIVE`` made the idle step
 1.4-1.8× slower in the same measurements, and ``GOMP_SPINCOUNT=10000`` did not help
@@ -37,10 +38,11 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 __all__ = [
+    "ThreadTuner",
     "available_cpus",
     "busy_cpus",
     "cgroup_cpu_limit",
@@ -88,20 +90,40 @@ def available_cpus(root: Path = CGROUP_ROOT) -> int:
     return max(1, cpus)
 
 
+def own_running(tasks: Path = Path("/proc/self/task")) -> int:
+    """This process's threads that are runnable right now (at least 1: the caller).
+
+    Counts the tasks whose ``stat`` state is ``R``; 1 where ``/proc`` does not say.
+    """
+    running = 0
+    try:
+        for task in tasks.iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # the thread ended while we looked
+                continue
+            running += stat[stat.rindex(")") + 2 :].startswith("R")
+    except OSError:
+        return 1
+    return max(1, running)
+
+
 def busy_cpus(samples: int = 10, interval: float = 0.02, loadavg: Path = LOADAVG) -> float | None:
-    """Runnable tasks other than this one right now, or None where the kernel does not say.
+    """Runnable tasks of other processes right now, or None where the kernel does not say.
 
     The fourth field of ``/proc/loadavg`` (``running/total``) counts the runnable
-    threads of the whole machine at this instant, the reader included; the median of
-    ``samples`` readings ``interval`` seconds apart, minus 1, smooths out short blips.
-    Unlike the load averages it has no minute-long lag. It counts the whole machine, so
-    in a container it also sees the host's other tasks.
+    threads of the whole machine at this instant; this process's own runnable threads
+    (:func:`own_running`: the reader, and OpenMP workers still spinning after the last
+    parallel region) are subtracted. The median of ``samples`` readings ``interval``
+    seconds apart smooths out short blips. Unlike the load averages it has no
+    minute-long lag. It counts the whole machine, so in a container it also sees the
+    host's other tasks.
     """
     counts = []
     for i in range(samples):
         try:
             running = loadavg.read_text().split()[3].split("/")[0]
-            counts.append(int(running) - 1)
+            counts.append(int(running) - own_running())
         except (OSError, IndexError, ValueError):
             return None
         if i + 1 < samples:
@@ -162,3 +184,45 @@ def configure_threads(threads: int | None = None) -> int:
     n = default_threads(threads)
     torch.set_num_threads(n)
     return n
+
+
+class ThreadTuner:
+    """Re-checks the thread count of a long CPU job as other processes come and go.
+
+    Call :meth:`step` between training steps; every ``every`` seconds it samples the
+    load (~50 ms) and, when :func:`default_threads` gives the same new count twice in a
+    row (so one blip changes nothing), calls ``torch.set_num_threads``. Only for counts
+    that were picked from the load: a user's ``--threads`` or ``OMP_NUM_THREADS`` is
+    never overridden (do not create a tuner then).
+
+    Args:
+        every: Seconds between looks.
+        clock: Time source (seconds), for tests.
+    """
+
+    def __init__(self, every: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not every > 0:
+            raise ValueError(f"every must be > 0 seconds, got {every!r}")
+        self.every = every
+        self.clock = clock
+        self._next = clock() + every
+        self._pending: int | None = None
+
+    def step(self) -> int | None:
+        """Look at the load if it is time; return the new thread count when it changed."""
+        import torch
+
+        now = self.clock()
+        if now < self._next:
+            return None
+        self._next = now + self.every
+        wanted = default_threads(environ={}, busy=busy_cpus(samples=5, interval=0.01) or 0.0)
+        if wanted == torch.get_num_threads():
+            self._pending = None
+            return None
+        if self._pending != wanted:  # seen once: wait for a second look
+            self._pending = wanted
+            return None
+        self._pending = None
+        torch.set_num_threads(wanted)
+        return wanted

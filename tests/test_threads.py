@@ -66,7 +66,10 @@ def _loadavg(path: Path, running: int) -> Path:
     return path
 
 
-def test_busy_cpus_counts_other_runnable_tasks(tmp_path: Path) -> None:
+def test_busy_cpus_counts_other_runnable_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(th, "own_running", lambda: 1)  # no OpenMP worker spinning now
     path = tmp_path / "loadavg"
     assert th.busy_cpus(3, 0.0, _loadavg(path, 1)) == 0  # only the reader runs
     assert th.busy_cpus(3, 0.0, _loadavg(path, 3)) == 2
@@ -115,3 +118,70 @@ def test_cli_accepts_threads() -> None:
         assert parser.parse_args(argv).threads is None
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--threads", "0"])
+
+
+def _tasks(root: Path, states: str) -> Path:
+    for i, state in enumerate(states):
+        (root / str(i)).mkdir(parents=True)
+        (root / str(i) / "stat").write_text(f"{i} (python (main)) {state} 1 2 3\n")
+    return root
+
+
+def test_own_running_counts_runnable_threads(tmp_path: Path) -> None:
+    assert th.own_running(_tasks(tmp_path / "a", "RSRS")) == 2  # ")" inside the name
+    assert th.own_running(_tasks(tmp_path / "b", "SS")) == 1  # the caller runs, at least
+    assert th.own_running(tmp_path / "missing") == 1
+    assert th.own_running() >= 1  # this process
+
+
+def test_busy_cpus_leaves_out_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(th, "own_running", lambda: 3)  # the reader + 2 spinning workers
+    assert th.busy_cpus(3, 0.0, _loadavg(tmp_path / "loadavg", 4)) == 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_thread_tuner_follows_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    busy = [0.0]
+    monkeypatch.setattr(th, "available_cpus", lambda: 2)
+    monkeypatch.setattr(th, "busy_cpus", lambda samples, interval: busy[0])
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        clock = _Clock()
+        tuner = th.ThreadTuner(every=3.0, clock=clock)
+        busy[0] = 1.0  # another process starts
+        assert tuner.step() is None  # not yet time to look
+        clock.now = 3.0
+        assert tuner.step() is None  # seen once: wait for a second look
+        clock.now = 4.0
+        assert tuner.step() is None  # not time yet
+        clock.now = 6.0
+        assert tuner.step() == 1
+        assert torch.get_num_threads() == 1
+        busy[0] = 0.0  # it ends; a blip back does not count
+        clock.now = 9.0
+        assert tuner.step() is None
+        busy[0] = 1.0
+        clock.now = 12.0
+        assert tuner.step() is None
+        assert torch.get_num_threads() == 1
+        busy[0] = 0.0
+        for t in (15.0, 18.0):
+            clock.now = t
+            changed = tuner.step()
+        assert changed == 2
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a tuner never reads the environment
+        clock.now = 21.0
+        assert tuner.step() is None
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(ValueError, match="every"):
+        th.ThreadTuner(every=0.0)
