@@ -1,6 +1,7 @@
 """The ``moeblocks`` command line: ``demo``, ``train`` and ``eval`` of the SRA transformer.
 
-``inspect`` and ``experiment`` come from :mod:`moeblocks.inspect.cli`; ``inspect --hf
+``inspect`` comes from :mod:`moeblocks.inspect.cli`, ``experiment`` from
+:mod:`moeblocks.sra.cli`; ``inspect --hf
 DIR`` (a Hugging Face checkpoint) is handled here, with :mod:`moeblocks.hf.report`.
 
 Bad input (a missing data path, an unknown preset, a checkpoint from another config or
@@ -11,7 +12,8 @@ exits with status 3, its earlier checkpoints kept.
 
 Every command run from the shell sets its CPU threads with
 :func:`moeblocks.threads.configure_threads`: ``--threads N``, else ``OMP_NUM_THREADS``,
-else the CPUs this process may use that other processes do not keep busy.
+else the CPUs this process may use that other processes do not keep busy; in that last
+case ``train`` and ``demo`` look at the load again every few seconds.
 ``main(argv)`` called from Python changes threads only when ``--threads`` is given.
 """
 
@@ -68,6 +70,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         expert_parallel=args.expert_parallel,
         encoding=args.encoding,
+        tune_threads=args.tune_threads,
     )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
@@ -153,7 +156,10 @@ def _demo(args: argparse.Namespace) -> int:
         f"cosine-routed experts, k {config.k_start}->{config.k_final}) on CPython's pydoc "
         f"topics for {config.steps} steps"
     )
-    train(config, "pydoc", out, device=args.device, progress=not args.quiet, overwrite=True)
+    train(
+        config, "pydoc", out, device=args.device, progress=not args.quiet, overwrite=True,
+        tune_threads=args.tune_threads,
+    )  # fmt: skip
 
     model, tok, ckpt = load_run(out, args.device)
     tokens = torch.from_numpy(encode(tok, run_corpus(ckpt).valid))
@@ -274,10 +280,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     ev.set_defaults(handler=_eval)
 
-    # `inspect` and `experiment routing-ablation` (moeblocks.inspect imports torch only).
+    # `inspect` (moeblocks.inspect imports torch only) and `experiment` (SRA side).
     from moeblocks.inspect.cli import add_inspect_commands
+    from moeblocks.sra.cli import add_experiment_command
 
     add_inspect_commands(sub, hf_handler=_inspect_hf)
+    add_experiment_command(sub)
     for command in sub.choices.values():
         command.add_argument(
             "--threads",
@@ -309,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         from moeblocks.threads import configure_threads
 
         configure_threads(getattr(args, "threads", None))
+    # A count picked from the load is looked at again during training (ThreadTuner).
+    args.tune_threads = (
+        argv is None
+        and getattr(args, "threads", None) is None
+        and not os.environ.get("OMP_NUM_THREADS")
+    )
     from moeblocks.sra.config import UsageError
     from moeblocks.sra.guards import DivergedError
 

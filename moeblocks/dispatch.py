@@ -161,6 +161,9 @@ class _Unpermute(torch.autograd.Function):
     def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         grouped_RD, weights_TK, row_of_slot_N, slot_of_row_R = ctx.saved_tensors
         T, K = weights_TK.shape
+        # Under autocast the forward's bmm ran in a lower precision than grouped_RD, so
+        # the incoming gradient can have another dtype: compute in grouped_RD's.
+        grad_TD = grad_TD.to(grouped_RD.dtype)
         # Everything happens in grouped order: row r holds slot s, so it needs grad[s // K].
         slot_R = slot_of_row_R.clamp(min=0)
         grad_RD = grad_TD.index_select(0, slot_R // K)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -105,9 +106,14 @@ class _StackedMLP(nn.Module):
         b_in_name: str,
         in_width: int,
         sync_checks: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         _check_dims(num_experts, dim, hidden)
+        if isinstance(dropout, bool) or not (
+            isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0
+        ):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if backend not in ("auto", "torch", "loop"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'loop', got {backend!r}")
         init = ExpertInit() if init is None else init
@@ -119,6 +125,7 @@ class _StackedMLP(nn.Module):
         self.backend = backend
         self.init = init
         self.sync_checks = bool(sync_checks)
+        self.dropout = float(dropout)
         # Registered by name so each bank keeps its shape-lettered attribute names.
         self.register_parameter(w_in_name, nn.Parameter(torch.empty(num_experts, dim, in_width)))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -165,6 +172,8 @@ class _StackedMLP(nn.Module):
         return _add_row_bias(h, getattr(self, self._b_in_name), group_sizes)
 
     def _project_out(self, h: Tensor, group_sizes: Tensor) -> Tensor:
+        if self.dropout > 0:
+            h = F.dropout(h, self.dropout, self.training)
         out = grouped_mm(h, self.w_out_EFD, group_sizes, self.backend)
         return _add_row_bias(out, self.b_out_ED, group_sizes)
 
@@ -178,6 +187,7 @@ class _StackedMLP(nn.Module):
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
             f"backend={self.backend!r}, bias={self.has_bias}"
+            + (f", dropout={self.dropout}" if self.dropout else "")
         )
 
 
@@ -197,6 +207,7 @@ class SwiGLUExperts(_StackedMLP):
             (default ``GLU("silu")``, i.e. SwiGLU).
         bias: Learnable biases ``b_in_EF2`` (``[E, 2F]``) and ``b_out_ED`` (``[E, D]``).
         init: Weight initialisation (default: ``nn.Linear``'s scale per expert).
+        dropout: Dropout on the hidden units in training (as the official SRA experts).
         sync_checks: Also check that the group sizes of GPU tensors are >= 0 and sum to
             the rows, at one device sync per call (CPU tensors are always checked).
     """
@@ -211,6 +222,7 @@ class SwiGLUExperts(_StackedMLP):
         activation: GatedActivation | None = None,
         bias: bool = False,
         init: ExpertInit | None = None,
+        dropout: float = 0.0,
         sync_checks: bool = False,
     ) -> None:
         super().__init__(
@@ -224,6 +236,7 @@ class SwiGLUExperts(_StackedMLP):
             "b_in_EF2",
             2 * hidden,
             sync_checks,
+            dropout,
         )
         activation = GLU() if activation is None else activation
         if not isinstance(activation, GatedActivation):
@@ -256,6 +269,7 @@ class MLPExperts(_StackedMLP):
         activation: ``"gelu"`` (exact), ``"gelu_tanh"``, ``"relu"`` (Switch) or ``"silu"``.
         bias: Learnable biases ``b_in_EF`` (``[E, F]``) and ``b_out_ED`` (``[E, D]``).
         init: Weight initialisation (default: ``nn.Linear``'s scale per expert).
+        dropout: Dropout on the hidden units in training (as the official SRA experts).
         sync_checks: Also check that the group sizes of GPU tensors are >= 0 and sum to
             the rows, at one device sync per call (CPU tensors are always checked).
     """
@@ -270,6 +284,7 @@ class MLPExperts(_StackedMLP):
         activation: str = "gelu",
         bias: bool = False,
         init: ExpertInit | None = None,
+        dropout: float = 0.0,
         sync_checks: bool = False,
     ) -> None:
         activation_fn(activation)
@@ -284,6 +299,7 @@ class MLPExperts(_StackedMLP):
             "b_in_EF",
             hidden,
             sync_checks,
+            dropout,
         )
         self.activation = activation
 
@@ -312,6 +328,7 @@ class GELUExperts(MLPExperts):
         activation: str = "gelu",
         bias: bool = False,
         init: ExpertInit | None = None,
+        dropout: float = 0.0,
         sync_checks: bool = False,
     ) -> None:
         if activation not in ("gelu", "gelu_tanh"):
@@ -324,5 +341,6 @@ class GELUExperts(MLPExperts):
             activation=activation,
             bias=bias,
             init=init,
+            dropout=dropout,
             sync_checks=sync_checks,
         )

@@ -159,6 +159,21 @@ class CosineScorer(nn.Module):
         self.seeded.fill_(True)
         self._seeded = True
 
+    @property
+    def needs_seed(self) -> bool:
+        """True until the anchors of ``init="batch"`` are seeded from a training batch."""
+        return not self._seeded
+
+    def seed_from(self, tokens: Float[Tensor, "T D"]) -> None:
+        """Seed the anchors (``init="batch"``, not yet seeded) from these tokens only.
+
+        :class:`~moeblocks.MoELayer` calls it with the real tokens of a masked batch, so
+        padding never becomes an anchor. Does nothing once seeded.
+        """
+        check_tokens(tokens, self.dim)
+        if not self._seeded:
+            self._seed_from_batch(tokens)
+
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """Score tokens by temperature-scaled cosine similarity to the anchors.
 

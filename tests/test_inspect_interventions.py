@@ -135,7 +135,7 @@ def test_token_mask():
 
 @pytest.mark.slow
 def test_knocking_out_a_class_owner_hurts_that_class():
-    from moeblocks.inspect.demo import class_knockout
+    from moeblocks.sra.experiments import class_knockout
 
     res = class_knockout(steps=150, seed=0)
     # Classes an expert clearly owns (>= 90 % of their tokens): knocking the owner out

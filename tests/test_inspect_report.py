@@ -51,7 +51,7 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:
     out = tmp_path_factory.mktemp("inspect") / "run"
     cfg = preset("tiny").replace(
         vocab_size=300, seq_len=32, d_model=32, n_layers=2, num_experts=8, d_expert=16,
-        steps=30, batch_size=8, eval_every=0, ckpt_every=0, eval_tokens=256, warmup=5,
+        steps=30, batch_size=8, eval_every=0, ckpt_every=0, eval_tokens=256, warmup=5 / 30,
     )  # fmt: skip
     train(cfg, "synthetic", out, progress=False, overwrite=True)
     return out

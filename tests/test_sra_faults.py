@@ -79,7 +79,8 @@ CHILD_TIMEOUT_S = 120  # a forked run that takes longer has hung: fail, do not w
 def micro(**changes: object) -> SRAConfig:
     base = SRAConfig(
         vocab_size=300, seq_len=16, d_model=32, n_layers=2, n_heads=2, num_experts=8,
-        d_expert=16, k_start=1, k_final=2, k_switch=0.5, steps=STEPS, batch_size=4, warmup=2,
+        d_expert=16, k_start=1, k_final=2, k_switch=0.5, steps=STEPS, batch_size=4,
+        warmup=2 / STEPS,
         eval_every=0, eval_tokens=256, ckpt_every=1, dispatcher="torch",
         band_floor=0.0005 * 32, band_ceiling=0.004 * 32,
     )  # fmt: skip

@@ -98,7 +98,7 @@ def test_presets_and_config_errors() -> None:
     assert (paper.d_model, paper.n_layers, paper.n_heads) == (512, 4, 8)
     assert (paper.num_experts, paper.d_expert, paper.k_start, paper.k_final) == (256, 256, 1, 4)
     assert (paper.band_floor, paper.band_ceiling, paper.balance_weight) == (0.0005, 0.004, 0.4)
-    assert set(PRESETS) == {"tiny", "small", "paper"}
+    assert set(PRESETS) == {"tiny", "small", "paper", "paper-linear"}
     with pytest.raises(UsageError, match="unknown preset 'huge'"):
         preset("huge")
     with pytest.raises(UsageError, match="n_heads"):

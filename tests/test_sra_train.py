@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def micro(**changes: object) -> SRAConfig:
     base = SRAConfig(
         vocab_size=300, seq_len=16, d_model=32, n_layers=2, n_heads=2, num_experts=8,
-        d_expert=16, k_start=1, k_final=2, k_switch=0.5, steps=8, batch_size=4, warmup=2,
+        d_expert=16, k_start=1, k_final=2, k_switch=0.5, steps=8, batch_size=4, warmup=0.25,
         eval_every=0, eval_tokens=256, ckpt_every=0, dispatcher="torch",
         band_floor=0.0005 * 32, band_ceiling=0.004 * 32,
     )  # fmt: skip
@@ -57,7 +57,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory, data_file: str) -> Path:
 
 
 def test_loss_decreases_on_synthetic(tmp_path: Path) -> None:
-    cfg = micro(steps=30, seq_len=32, batch_size=8, lr=1e-2, warmup=5)
+    cfg = micro(steps=30, seq_len=32, batch_size=8, lr=1e-2, warmup=5 / 30)
     result = train(cfg, "synthetic", tmp_path / "run", progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
     assert result.step == 30
@@ -144,7 +144,7 @@ def test_run_folder_guards(straight: Path, data_file: str, tmp_path: Path) -> No
 
 
 def test_lr_schedule() -> None:
-    cfg = micro(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    cfg = micro(steps=100, warmup=0.1, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1)

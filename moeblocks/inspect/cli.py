@@ -1,6 +1,6 @@
-"""Subcommands ``moeblocks inspect`` and ``moeblocks experiment routing-ablation``.
+"""Subcommand ``moeblocks inspect``.
 
-:func:`add_inspect_commands` adds both to the ``moeblocks`` parser's subparsers; each
+:func:`add_inspect_commands` adds it to the ``moeblocks`` parser's subparsers; it
 sets ``handler`` to a function ``(args) -> exit status`` as the other commands do.
 Heavy imports happen inside the handlers. ``inspect --hf DIR`` (a Hugging Face
 checkpoint) is handled by a function the caller passes in, so that this package imports
@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["add_inspect_commands", "run_ablation", "run_inspect"]
+__all__ = ["add_inspect_commands", "run_inspect"]
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -53,31 +53,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_ablation(args: argparse.Namespace) -> int:
-    """Handler of ``moeblocks experiment routing-ablation``."""
-    from moeblocks.inspect.ablation import routing_ablation
-
-    if args.name != "routing-ablation":
-        raise SystemExit(f"unknown experiment {args.name!r}")
-    rows = routing_ablation(
-        Path(args.out),
-        preset=args.preset,
-        seeds=args.seeds,
-        data=args.data,
-        steps=args.steps,
-        max_tokens=args.max_tokens,
-        device=args.device,
-        progress=False,
-    )
-    print(f"{len(rows)} runs; table in {Path(args.out) / 'ablation.md'}")
-    return 0
-
-
 def add_inspect_commands(
     sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     hf_handler: Callable[[argparse.Namespace], int] | None = None,
 ) -> None:
-    """Add ``inspect`` and ``experiment`` to the ``moeblocks`` subparsers.
+    """Add ``inspect`` to the ``moeblocks`` subparsers.
 
     Args:
         sub: The subparsers of the ``moeblocks`` parser.
@@ -115,16 +95,3 @@ def add_inspect_commands(
     ins.add_argument("--no-k-sweep", action="store_true", help="skip the k-sweep evaluation")
     ins.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     ins.set_defaults(handler=run_inspect, hf_handler=hf_handler)
-
-    ex = sub.add_parser("experiment", help="named experiments, e.g. routing-ablation")
-    ex.add_argument("name", choices=["routing-ablation"], help="which experiment")
-    ex.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    ex.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (default: 0)")
-    ex.add_argument("--data", default="pydoc", help="corpus (default: pydoc)")
-    ex.add_argument("--steps", type=int, default=None, help="override the preset's steps")
-    ex.add_argument(
-        "--max-tokens", type=int, default=16384, help="validation tokens per measurement"
-    )
-    ex.add_argument("--out", default="runs/routing-ablation", help="folder for the runs")
-    ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    ex.set_defaults(handler=run_ablation)

@@ -4,13 +4,15 @@ Legend: V vocabulary, S sequence length, D model dim, H heads, L layers, E exper
 F expert hidden dim, K experts per token.
 
 One short dataclass holds everything a run needs; presets scale it from a two-minute
-CPU demo (``tiny``) to the paper's configuration (``paper``). Fields are plain JSON
-types so a config round trips through ``config.json`` beside every checkpoint.
+CPU demo (``tiny``) to the official SRA code's Exp001 configuration (``paper``, with
+``paper-linear`` its linear-router twin). Fields are plain JSON types so a config round
+trips through ``config.json`` beside every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +20,7 @@ __all__ = ["PRESETS", "SRAConfig", "UsageError", "preset"]
 
 FFNKind = Literal["cosine", "linear", "dense"]
 BalanceKind = Literal["bandpass", "cv", "switch", "none"]
+ExpertKind = Literal["swiglu", "gelu", "gelu_tanh"]
 
 
 class UsageError(ValueError):
@@ -31,8 +34,9 @@ class UsageError(ValueError):
 class SRAConfig:
     """Model, routing, loss and training settings of one SRA run.
 
-    The k curriculum is given as a fraction of ``steps`` so that shortening a run keeps
-    its shape: the paper's "k rises after the 2nd of 8 epochs" is ``k_switch=0.25``.
+    The k curriculum and the warmup are given as fractions of ``steps`` so that
+    shortening a run keeps its shape: the paper's "k rises after the 2nd of 8 epochs" is
+    ``k_switch=0.25``, and its 4000 warmup steps of 25,296 are ``warmup=4000/25296``.
     """
 
     # --- model ---
@@ -42,7 +46,12 @@ class SRAConfig:
     n_layers: int = 2  # L: pre-LN decoder blocks
     n_heads: int = 4  # H: attention heads, D must divide by H
     ffn: FFNKind = "cosine"  # FFN of every block: cosine-routed MoE, linear-routed MoE, dense
-    expert: Literal["swiglu", "gelu"] = "swiglu"  # expert MLP (also the dense FFN's MLP)
+    expert: ExpertKind = "swiglu"  # expert MLP (also the dense FFN's); gelu_tanh as official
+    expert_bias: bool = False  # biases in the expert (and dense) MLPs, as the official code
+    attn_bias: bool = False  # biases in the attention projections, as the official code
+    init: Literal["library", "gpt2"] = "library"  # expert/router init; gpt2: N(0, 0.02),
+    # output projections N(0, 0.02/sqrt(2L)), as the official code (dense parts: always gpt2)
+    dropout: float = 0.0  # on embeddings, attention probabilities and expert hidden units
     num_experts: int = 32  # E
     d_expert: int = 64  # F: hidden width of one expert (the paper's d_ff)
     dense_hidden: int = 0  # dense baseline's hidden width; 0 = k_final · F (same active params)
@@ -57,6 +66,7 @@ class SRAConfig:
     # --- auxiliary losses (weights multiply the unweighted loss) ---
     balance: BalanceKind = "bandpass"  # SRA bandpass, SRA CV², Switch load balance, none
     balance_weight: float = 0.4
+    aux_reduce: Literal["mean", "sum"] = "mean"  # across layers: mean (official) or sum
     band_floor: float = 0.004  # bandpass corridor on mean expert probability P_e;
     band_ceiling: float = 0.032  # the paper's 0.0005/0.0040 for E=256, scaled by 256/E
     z_loss_weight: float = 0.0  # ST-MoE z-loss on router logits (0 = off)
@@ -66,8 +76,10 @@ class SRAConfig:
     batch_size: int = 16  # sequences per step
     lr: float = 3e-3  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # cosine decay ends at lr · min_lr_ratio
-    warmup: int = 50  # linear warmup steps
-    weight_decay: float = 0.1  # on matrices only (not norms, embeddings, anchors, τ)
+    warmup: float = 0.08  # linear warmup, as a fraction of `steps`
+    weight_decay: float = 0.1  # on matrices only (not norms, biases, anchors, τ)
+    decay_embedding: bool = False  # also decay the (tied) embedding, as the official code
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward (GPU runs)
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     eval_every: int = 200  # steps between validation passes (0 = only at the end)
     eval_tokens: int = 16384  # validation tokens per pass during training
@@ -107,10 +119,13 @@ class SRAConfig:
             )
         choices = {
             "ffn": ("cosine", "linear", "dense"),
-            "expert": ("swiglu", "gelu"),
+            "expert": ("swiglu", "gelu", "gelu_tanh"),
+            "init": ("library", "gpt2"),
             "anchor_init": ("orthogonal", "kaiming", "batch"),
             "dispatcher": ("auto", "torch", "triton"),
             "balance": ("bandpass", "cv", "switch", "none"),
+            "aux_reduce": ("mean", "sum"),
+            "precision": ("fp32", "bf16"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -129,13 +144,30 @@ class SRAConfig:
                 "config needs 0 <= band_floor <= band_ceiling <= 1, got "
                 f"{self.band_floor}, {self.band_ceiling}"
             )
-        if self.dense_hidden < 0 or self.warmup < 0 or self.eval_every < 0 or self.ckpt_every < 0:
-            raise UsageError("config.dense_hidden, warmup, eval_every, ckpt_every must be >= 0")
+        for name in ("expert_bias", "attn_bias", "decay_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(
+                    f"config.{name} must be true or false, got {getattr(self, name)!r}"
+                )
+        if isinstance(self.warmup, bool) or not 0.0 <= self.warmup <= 1.0:
+            raise UsageError(
+                f"config.warmup is a fraction of steps in [0, 1], got {self.warmup!r} "
+                f"(for N warmup steps use N / steps)"
+            )
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise UsageError(f"config.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dense_hidden < 0 or self.eval_every < 0 or self.ckpt_every < 0:
+            raise UsageError("config.dense_hidden, eval_every, ckpt_every must be >= 0")
 
     @property
     def k_switch_step(self) -> int:
         """The first step that uses ``k_final``."""
         return round(self.k_switch * self.steps)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Linear-warmup steps: ``round(warmup · steps)``."""
+        return round(self.warmup * self.steps)
 
     @property
     def dense_width(self) -> int:
@@ -159,7 +191,7 @@ class SRAConfig:
             raise UsageError(
                 f"config has unknown fields {unknown}; was it written by a newer moeblocks?"
             )
-        return cls(**data)
+        return cls(**_upgrade(data))
 
     def differences(self, other: SRAConfig) -> list[str]:
         """Names of the fields whose values differ from ``other``'s."""
@@ -170,65 +202,109 @@ class SRAConfig:
         ]
 
 
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``config.json`` of moeblocks 0.1 in today's terms (same run, same meaning)."""
+    data = dict(data)
+    if "aux_reduce" not in data:  # 0.1 summed the weighted aux losses over layers
+        data["aux_reduce"] = "sum"
+    warmup = data.get("warmup")
+    if isinstance(warmup, int) and not isinstance(warmup, bool) and "steps" in data:
+        data["warmup"] = warmup / data["steps"]  # 0.1 counted warmup in steps
+    return data
+
+
+# The official code's Exp001 recipe (ITernovtsii/semantic-resonance, commit 0ce43e7,
+# etc/v2/experiments/001_multi_seed): 8 epochs of WikiText-103 in 25,296 steps of 128
+# sequences of 256 tokens (255 inputs), 4000 warmup steps, cosine to 0.
+_OFFICIAL_STEPS = 25296
+_OFFICIAL_WARMUP = 4000 / _OFFICIAL_STEPS
+_OFFICIAL_RECIPE: dict[str, Any] = {
+    "expert": "gelu_tanh",
+    "expert_bias": True,
+    "attn_bias": True,
+    "init": "gpt2",
+    "aux_reduce": "mean",
+    "min_lr_ratio": 0.0,
+    "warmup": _OFFICIAL_WARMUP,
+    "weight_decay": 0.01,
+    "decay_embedding": True,
+    "anchor_init": "batch",
+    "k_start": 1,
+    "k_final": 4,
+    "k_switch": 0.25,
+    "temperature": 10.0,
+    "balance": "bandpass",
+    "balance_weight": 0.4,
+    "grad_clip": 1.0,
+}
+
+
 def _band(num_experts: int) -> dict[str, float]:
     # The paper's corridor (floor 0.0005, ceiling 0.0040 at E=256) relative to uniform
     # usage 1/E, so small presets keep the same pressure.
     return {"band_floor": 0.0005 * 256 / num_experts, "band_ceiling": 0.0040 * 256 / num_experts}
 
 
+_PAPER = SRAConfig(
+    **_OFFICIAL_RECIPE,
+    vocab_size=32000,
+    seq_len=255,
+    d_model=512,
+    n_layers=4,
+    n_heads=8,
+    num_experts=256,
+    d_expert=256,
+    dropout=0.1,
+    steps=_OFFICIAL_STEPS,
+    batch_size=128,
+    lr=3e-4,
+    eval_every=2000,
+    eval_tokens=262144,
+    ckpt_every=2000,
+    band_floor=0.0005,
+    band_ceiling=0.0040,
+    precision="bf16",
+    seed=19,
+)
+
 PRESETS: dict[str, SRAConfig] = {
-    # A few minutes on a 2-core CPU: the `moeblocks demo` model.
-    "tiny": SRAConfig(),
+    # A few minutes on a 2-core CPU: the `moeblocks demo` model. The official recipe's
+    # shape (GELU experts with biases, GPT-2 init, mean aux over layers, warmup fraction,
+    # cosine to 0, k 1→4 at a quarter), scaled down; no dropout: a CPU run sees each
+    # token about once, so dropout would only slow it.
+    "tiny": SRAConfig(
+        **{**_OFFICIAL_RECIPE, "k_final": 2, "lr": 3e-3},
+        d_expert=96,
+        **_band(32),
+    ),
     # A laptop-CPU hour or a few GPU minutes.
     "small": SRAConfig(
+        **{**_OFFICIAL_RECIPE, "lr": 1.5e-3},
         vocab_size=8192,
         seq_len=256,
         d_model=256,
         n_layers=4,
         n_heads=4,
         num_experts=64,
-        d_expert=128,
-        k_start=1,
-        k_final=4,
+        d_expert=192,
         steps=5000,
         batch_size=32,
-        lr=1.5e-3,
-        warmup=200,
         eval_every=500,
         eval_tokens=65536,
         ckpt_every=500,
         **_band(64),
     ),
-    # SRA paper scale (WikiText-103): d 512, 4 layers, 8 heads, 256 experts × d_ff 256,
-    # K=1→4 after the 2nd of 8 epochs, bandpass 0.0005/0.0040 at weight 0.4. 60k steps of
-    # 32×512 tokens is about 8 passes over WikiText-103's ~120M BPE tokens.
-    "paper": SRAConfig(
-        vocab_size=32000,
-        seq_len=512,
-        d_model=512,
-        n_layers=4,
-        n_heads=8,
-        num_experts=256,
-        d_expert=256,
-        k_start=1,
-        k_final=4,
-        k_switch=0.25,
-        steps=60000,
-        batch_size=32,
-        lr=6e-4,
-        warmup=2000,
-        eval_every=2000,
-        eval_tokens=262144,
-        ckpt_every=2000,
-        band_floor=0.0005,
-        band_ceiling=0.0040,
-        balance_weight=0.4,
-    ),
+    # The official Exp001 model and recipe (SRA B: cosine router, K=1→4 after the 2nd of
+    # 8 epochs, bandpass 0.0005/0.0040 at 0.4 averaged over layers): 290,341,892
+    # parameters, as the official run log counts. docs/sra.md lists what still differs.
+    "paper": _PAPER,
+    # Its linear-router twin (the official "StdMoE B"): a bias-free linear gate.
+    "paper-linear": _PAPER.replace(ffn="linear"),
 }
 
 
 def preset(name: str) -> SRAConfig:
-    """The named preset (``tiny``, ``small`` or ``paper``).
+    """The named preset (``tiny``, ``small``, ``paper`` or ``paper-linear``).
 
     Raises:
         UsageError: For an unknown name.

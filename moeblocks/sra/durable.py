@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["atomic_write_text", "fsync_dir", "fsync_file", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_text", "fsync_dir", "fsync_file", "sha256_file"]
 
 _CHUNK = 1 << 20  # bytes read at a time when hashing
 
@@ -45,8 +47,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` durably: temporary file, ``fsync``, ``os.replace``.
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` durably: ``write(file)`` into a temporary file, ``fsync``, ``os.replace``.
 
     The temporary file is ``.NAME.*.tmp`` beside ``path``; one left by a killed process
     is removed by :func:`moeblocks.sra.rundir.remove_stale` when the next run starts.
@@ -54,8 +56,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a run folder is shareable
@@ -64,3 +66,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` durably, see :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -11,6 +11,10 @@ similarity to learnable expert anchors (the paper's "Chamber of Semantic Resonan
 
 The forward pass returns an :class:`SRAOutput` record: logits plus, per MoE layer, the
 routing record and the weighted auxiliary losses. Nothing is collected on ``self``.
+
+With ``config.aux_reduce == "mean"`` (the official code's rule) the auxiliary loss added
+to the training loss is the mean over the L MoE layers of each layer's weighted losses,
+``L_aux = (1/L) Σ_layers Σ_losses w · loss``; with ``"sum"`` it is their sum (moeblocks 0.1).
 """
 
 from __future__ import annotations
@@ -38,19 +42,22 @@ class SRAOutput:
         routings: One routing record per MoE block, in depth order (empty for a dense
             model). Token order is the flattened ``[B, S]`` order.
         aux_losses: One dict of weighted auxiliary losses per MoE block.
+        aux_scale: Multiplies the sum over blocks in :meth:`total_aux_loss`: ``1/L`` when
+            the config averages over layers, 1 when it sums.
     """
 
     logits: Float[Tensor, "B S V"]
     routings: tuple[mb.Routing, ...]
     aux_losses: tuple[dict[str, Float[Tensor, ""]], ...]
+    aux_scale: float = 1.0
 
     def total_aux_loss(self) -> Float[Tensor, ""]:
-        """Sum of every block's weighted auxiliary losses (zero when there are none)."""
+        """``aux_scale`` × the sum of every block's weighted aux losses (0 when none)."""
         total = self.logits.new_zeros((), dtype=torch.float32)
         for losses in self.aux_losses:
             for value in losses.values():
-                total = total + value
-        return total
+                total = total + value.float()
+        return total * self.aux_scale
 
 
 def build_schedule(config: SRAConfig) -> mb.KSchedule:
@@ -109,8 +116,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: SRAConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.attn_bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.attn_bias)
         self.rotary = Rotary(config.d_model // config.n_heads, config.seq_len)
 
     def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
@@ -119,7 +127,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × [B, S, D]
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
         q, k = self.rotary(q), self.rotary(k)  # [B, H, S, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, Dh]
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)  # [B,H,S,Dh]
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -129,21 +138,32 @@ class DenseFFN(nn.Module):
     def __init__(self, config: SRAConfig) -> None:
         super().__init__()
         hidden = config.dense_width
-        self.swiglu = config.expert == "swiglu"
-        self.w_in = nn.Linear(config.d_model, (2 if self.swiglu else 1) * hidden, bias=False)
-        self.w_out = nn.Linear(hidden, config.d_model, bias=False)
+        self.kind = config.expert
+        self.dropout = config.dropout
+        width = (2 if self.kind == "swiglu" else 1) * hidden
+        self.w_in = nn.Linear(config.d_model, width, bias=config.expert_bias)
+        self.w_out = nn.Linear(hidden, config.d_model, bias=config.expert_bias)
 
     def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
         """Apply the MLP token-wise."""
         h = self.w_in(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            return self.w_out(F.silu(gate) * up)
-        return self.w_out(F.gelu(h))
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.w_out(F.dropout(h, self.dropout, self.training))
+
+
+def _residual_std(config: SRAConfig) -> float:
+    # GPT-2: projections into the residual stream start smaller by sqrt(2L) so the
+    # stream's variance does not grow with depth.
+    return 0.02 / math.sqrt(2 * config.n_layers)
 
 
 def build_moe(config: SRAConfig) -> mb.MoELayer:
     """One MoE feed-forward layer: router (cosine or linear) + dispatcher + experts."""
+    gpt2 = config.init == "gpt2"
     if config.ffn == "cosine":
         scorer: nn.Module = mb.CosineScorer(
             config.d_model,
@@ -152,10 +172,27 @@ def build_moe(config: SRAConfig) -> mb.MoELayer:
             temperature=config.temperature,
         )
     else:
-        scorer = mb.LinearScorer(config.d_model, config.num_experts)
-    router = mb.Router(scorer, schedule=build_schedule(config), noise_std=config.router_noise)
-    bank = mb.SwiGLUExperts if config.expert == "swiglu" else mb.GELUExperts
-    experts = bank(config.num_experts, config.d_model, config.d_expert)
+        # float32 scores, as the official gate (and the cosine scorer) computes them.
+        scorer = mb.LinearScorer(config.d_model, config.num_experts, compute_dtype="float32")
+        if gpt2:
+            nn.init.normal_(scorer.weight_ED, std=0.02)
+    router = mb.Router(
+        scorer,
+        schedule=build_schedule(config),
+        noise_std=config.router_noise,
+        # The official renormalisation: top-k weights / (their sum + 1e-6) when K > 1.
+        weights=mb.WeightPolicy(renormalize="k>1", eps=1e-6),
+    )
+    init = mb.ExpertInit(std=0.02, out_scale=1 / math.sqrt(2 * config.n_layers)) if gpt2 else None
+    common = {"bias": config.expert_bias, "init": init, "dropout": config.dropout}
+    experts: nn.Module
+    if config.expert == "swiglu":
+        experts = mb.SwiGLUExperts(config.num_experts, config.d_model, config.d_expert, **common)
+    else:
+        experts = mb.GELUExperts(
+            config.num_experts, config.d_model, config.d_expert, activation=config.expert,
+            **common,
+        )  # fmt: skip
     return mb.MoELayer(router, mb.make_dispatcher(config.dispatcher), experts, build_losses(config))
 
 
@@ -193,6 +230,7 @@ class SRATransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_out = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -200,18 +238,17 @@ class SRATransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # GPT-2 init for the dense parts; the MoE blocks keep the library's own init.
-        # Residual projections are scaled down by sqrt(2L) so the stream's variance does
-        # not grow with depth.
+        # GPT-2 init for the dense parts (biases start at zero); the MoE blocks follow
+        # config.init (see build_moe).
         nn.init.normal_(self.embed.weight, std=0.02)
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=0.02)
-            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layers))
+            dense = [(block.attn.qkv, 0.02), (block.attn.proj, _residual_std(self.config))]
             if isinstance(block.ffn, DenseFFN):
-                nn.init.normal_(block.ffn.w_in.weight, std=0.02)
-                nn.init.normal_(
-                    block.ffn.w_out.weight, std=0.02 / math.sqrt(2 * self.config.n_layers)
-                )
+                dense += [(block.ffn.w_in, 0.02), (block.ffn.w_out, _residual_std(self.config))]
+            for linear, std in dense:
+                nn.init.normal_(linear.weight, std=std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
 
     @property
     def moe_layers(self) -> list[mb.MoELayer]:
@@ -250,7 +287,7 @@ class SRATransformer(nn.Module):
         seq = idx.shape[1]
         if seq > self.config.seq_len:
             raise ValueError(f"idx has {seq} positions but config.seq_len is {self.config.seq_len}")
-        x = self.embed(idx)  # [B, S, D]
+        x = self.drop(self.embed(idx))  # [B, S, D]
         routings: list[mb.Routing] = []
         aux: list[dict[str, Tensor]] = []
         for block in self.blocks:
@@ -259,7 +296,8 @@ class SRATransformer(nn.Module):
                 routings.append(moe.routing)
                 aux.append(moe.aux_losses)
         logits = self.head(self.ln_out(x))  # [B, S, V]
-        return SRAOutput(logits, tuple(routings), tuple(aux))
+        scale = 1.0 / len(aux) if aux and self.config.aux_reduce == "mean" else 1.0
+        return SRAOutput(logits, tuple(routings), tuple(aux), scale)
 
     def num_params(self, active: bool = False) -> int:
         """Parameter count; with ``active``, count only ``k_final`` experts per layer."""

@@ -53,6 +53,7 @@ from moeblocks.distributed import (
     make_expert_parallel_groups,
     reduce_aux_losses,
 )
+from moeblocks.routers import CosineScorer
 from moeblocks.sra.checkpoint import (
     Checkpoint,
     check_corpus,
@@ -72,6 +73,7 @@ from moeblocks.sra.evaluate import evaluate
 from moeblocks.sra.guards import DivergedError, Interrupted, NonFiniteGuard, StopSignals
 from moeblocks.sra.model import SRATransformer
 from moeblocks.sra.rundir import check_out, claim_run
+from moeblocks.threads import ThreadTuner
 
 __all__ = ["TrainResult", "build_optimizer", "lr_at", "resolve_device", "train"]
 
@@ -99,25 +101,35 @@ class TrainResult:
 
 
 def lr_at(step: int, config: SRAConfig) -> float:
-    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``lr·min_lr_ratio``."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    span = max(1, config.steps - config.warmup)
-    progress = min(1.0, (step - config.warmup) / span)
+    """Linear warmup over ``warmup · steps`` steps, then cosine decay to ``lr · min_lr_ratio``.
+
+    The official recipe decays to 0 (``min_lr_ratio=0``).
+    """
+    warmup = config.warmup_steps
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    span = max(1, config.steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: SRATransformer, config: SRAConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only.
+    """AdamW (betas 0.9, 0.95) with weight decay on weight matrices only.
 
-    No decay on norms, the (tied) embedding, the cosine router's anchors and τ: the
-    cosine score ignores the anchors' norm, so decaying it would only raise their
-    effective learning rate.
+    No decay on norms, biases, the cosine router's anchors and τ (the cosine score
+    ignores the anchors' norm, so decaying it would only raise their effective learning
+    rate), nor on the tied embedding unless ``config.decay_embedding`` (the official
+    recipe decays it). A linear router's weight matrix decays, as in the official code.
     """
+    cosine = {id(p) for m in model.modules() if isinstance(m, CosineScorer)
+              for p in m.parameters()}  # fmt: skip
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        skip = p.ndim < 2 or "embed" in name or "scorer" in name
+        leaf = name.rsplit(".", 1)[-1]
+        bias = leaf.startswith(("b_", "bias"))  # stacked expert biases are [E, F] and [E, D]
+        embedding = "embed" in name and not config.decay_embedding
+        skip = p.ndim < 2 or bias or embedding or id(p) in cosine
         (no_decay if skip else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
@@ -279,6 +291,7 @@ def train(
     overwrite: bool = False,
     expert_parallel: int | None = None,
     encoding: str | None = None,
+    tune_threads: bool = False,
 ) -> TrainResult:
     """Train an SRA model and keep checkpoints in ``out``.
 
@@ -305,6 +318,9 @@ def train(
             destroyed at the end.
         encoding: Text encoding of data files (default UTF-8; with ``resume``, the
             saved one).
+        tune_threads: Re-check the CPU thread count every few seconds as other
+            processes come and go (:class:`moeblocks.threads.ThreadTuner`); for counts
+            picked from the load, not for ones the user fixed.
 
     Returns:
         The :class:`TrainResult`.
@@ -354,7 +370,7 @@ def train(
             note_skipped(ckpt)
     run = (config, out, ckpt, corpus, dev)
     if par is None:
-        return _train(*run, None, stop_at=stop_at, progress=progress)
+        return _train(*run, None, stop_at=stop_at, progress=progress, tune_threads=tune_threads)
     if dev.type == "cuda":
         dev = torch.device("cuda", par.local_rank)
         torch.cuda.set_device(dev)
@@ -366,7 +382,7 @@ def train(
             raise UsageError("the process group does not match WORLD_SIZE / RANK")
         groups = make_expert_parallel_groups(par.ep_size)
         par = _Parallel(par.rank, par.world, par.ep_size, par.local_rank, groups)
-        return _train(*run, par, stop_at=stop_at, progress=progress)
+        return _train(*run, par, stop_at=stop_at, progress=progress, tune_threads=tune_threads)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -382,9 +398,11 @@ def _train(
     *,
     stop_at: int | None,
     progress: bool,
+    tune_threads: bool = False,
 ) -> TrainResult:
     """Tokenise (checking the split lengths), then claim the run folder and fit."""
-    from moeblocks.sra.tokenizer import encode, load_tokenizer, train_tokenizer
+    from moeblocks.sra.tokencache import encode_split
+    from moeblocks.sra.tokenizer import load_tokenizer, train_tokenizer
 
     main = par is None or par.main
     if ckpt is not None:
@@ -401,16 +419,18 @@ def _train(
         box = [train_tokenizer(corpus.train, config.vocab_size).to_str() if main else None]
         dist.broadcast_object_list(box, src=0)
         tok = Tokenizer.from_str(box[0])
-    train_np, valid_np = encode(tok, corpus.train), encode(tok, corpus.valid)
+    # Cached per corpus and tokeniser (for corpora read from a path): a resumed run and
+    # eval/inspect read the same ids without tokenising again.
+    train_np, valid_np = (encode_split(tok, corpus, split) for split in ("train", "valid"))
     check_length(train_np, config.seq_len, "training")
     check_length(valid_np, config.seq_len, "validation")
     tokens = (torch.from_numpy(train_np), torch.from_numpy(valid_np))
     if not main:  # rank 0 alone writes into the run folder
         return _fit(config, out, ckpt, corpus, dev, par, tok.to_str(), *tokens,
-                    stop_at=stop_at, progress=progress)  # fmt: skip
+                    stop_at=stop_at, progress=progress, tune_threads=tune_threads)  # fmt: skip
     with claim_run(out, resume_step=None if ckpt is None else ckpt.step):
         return _fit(config, out, ckpt, corpus, dev, par, tok.to_str(), *tokens,
-                    stop_at=stop_at, progress=progress)  # fmt: skip
+                    stop_at=stop_at, progress=progress, tune_threads=tune_threads)  # fmt: skip
 
 
 def _fit(
@@ -426,6 +446,7 @@ def _fit(
     *,
     stop_at: int | None,
     progress: bool,
+    tune_threads: bool = False,
 ) -> TrainResult:
     """Build (or restore) the model and optimizer and run the training loop."""
     main = par is None or par.main
@@ -492,6 +513,10 @@ def _fit(
     counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
     dead = "-"
     guard = NonFiniteGuard(config.max_skipped_steps)
+    # bf16 autocast of the forward, as the official runs (weights, optimizer state and
+    # the loss stay float32; the router's matmul runs in bf16 there too).
+    bf16 = config.precision == "bf16"
+    tuner = ThreadTuner() if tune_threads and dev.type == "cpu" else None
     save_due = False  # a periodic checkpoint waits for the end of a skipped streak
     log = (out / "log.jsonl").open("a", encoding="utf-8") if main else None
     try:
@@ -508,7 +533,8 @@ def _fit(
                         train_tokens, step, config.batch_size, config.seq_len, config.seed
                     )
                 )
-                res = model(x_BS)
+                with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+                    res = model(x_BS)
                 ce = F.cross_entropy(res.logits.flatten(0, 1).float(), y_BS.flatten())
                 aux = res.total_aux_loss()
                 (ce + aux).backward()
@@ -548,6 +574,8 @@ def _fit(
                 if skipped is None:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if tuner is not None:
+                    tuner.step()
                 for layer, routing in enumerate(res.routings):
                     counts_LE[layer] += torch.bincount(routing.experts.flatten(), minlength=E)
                 step += 1
