@@ -1,18 +1,24 @@
-"""Every ```python block in the docs and the README runs.
+"""Every ```python block in the docs and the README runs; the site's build hooks work.
 
 The blocks of one page run in order in one namespace (so a page can build on its earlier
 blocks), in a temporary working directory, with a fixed torch seed. A block that cannot
 run here (GPU-only, long training) is fenced as something else (```bash, ```text), or,
 sparingly, preceded by the line ``<!-- skip-test -->``.
 
-Also checks that the API reference covers every public name of ``moeblocks``.
+Also checks that the API reference covers every public name of ``moeblocks``, that the
+math hook renders formulas with the vendored KaTeX and fails the build on a bad one, and
+(in one strict build of the whole site) that no formula is left as raw TeX.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,10 +158,8 @@ def test_display_math_stands_alone(page: Path) -> None:
             assert not lines[i - 1].strip(), f"{page}:{i + 1}: put a blank line before \\["
 
 
-def _load_hook():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_results", DOCS / "_hooks" / "benchmark_results.py"
-    )
+def _load_hook(name: str = "benchmark_results"):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, DOCS / "_hooks" / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -206,3 +210,169 @@ def test_griffe_extension_turns_rest_blocks_into_fences() -> None:
         "",
         "End.",
     ]
+
+
+# --- the site's math: KaTeX at build time ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def katex():  # type: ignore[no-untyped-def]
+    hook = _load_hook("katex_math")
+    renderer = hook.KatexRenderer(hook.find_node(), DOCS / hook.KATEX_JS)
+    yield hook, renderer
+    renderer.close()
+
+
+def test_katex_renders_inline_and_display(katex) -> None:  # type: ignore[no-untyped-def]
+    hook, renderer = katex
+    page = (
+        '<p>a <span class="arithmatex">\\(P_e &lt; 1\\)</span> b</p>\n'
+        '<div class="arithmatex">\\[ \\sum_e u_e = 1 \\]</div>'
+    )
+    out = hook.render_math(page, lambda: renderer, "page.md")
+    assert out.count('class="katex"') == 2
+    assert out.count('class="katex-display"') == 1
+    assert "\\(" not in out
+    assert "\\[" not in out
+    assert '<annotation encoding="application/x-tex">P_e &lt; 1</annotation>' in out
+    assert out.startswith("<p>a ")
+    assert out.endswith("</div>")
+
+
+def test_katex_error_fails_the_build(katex) -> None:  # type: ignore[no-untyped-def]
+    from mkdocs.exceptions import PluginError
+
+    hook, renderer = katex
+    page = '<span class="arithmatex">\\(\\frac{1}{\\)</span><span class="arithmatex">\\(x\\)</span>'
+    with pytest.raises(PluginError, match=r"page\.md: KaTeX cannot render 1 formula"):
+        hook.render_math(page, lambda: renderer, "page.md")
+    # Non-standard LaTeX is an error too (KaTeX's strict mode), not a console warning.
+    with pytest.raises(PluginError, match=r"page\.md: KaTeX"):
+        hook.render_math('<span class="arithmatex">\\(é\\)</span>', lambda: renderer, "page.md")
+
+
+def test_page_without_math_starts_no_node() -> None:
+    hook = _load_hook("katex_math")
+
+    def no_renderer():  # type: ignore[no-untyped-def]
+        raise AssertionError("node started for a page without math")
+
+    assert hook.render_math("<p>x</p>", no_renderer, "p.md") == "<p>x</p>"
+
+
+def test_math_left_unrendered_fails_the_build() -> None:
+    from mkdocs.exceptions import PluginError
+
+    hook = _load_hook("katex_math")
+    # Raw delimiters in the HTML, outside code: a formula nobody rendered.
+    with pytest.raises(PluginError, match="TeX left unrendered"):
+        hook.check_all_rendered("<p>so $$x$$ here</p>", None, "p.md")
+    hook.check_all_rendered("<pre><code>$$x$$ \\(y\\)</code></pre>", None, "p.md")
+    # A \[ glued to the text above is no formula: Markdown eats the backslash.
+    glued = "Text\n\\[ x \\]\n"
+    assert hook.tex_openers(glued) == (0, 1, ["line 2: \\[ x \\]"])
+    with pytest.raises(PluginError, match=r"1 \\\[ in the Markdown, but only 0 inline and 0"):
+        hook.check_all_rendered("<p>Text\n[ x ]</p>", glued, "p.md")
+    fine = "A \\(x\\) and `\\(code\\)`.\n\n\\[ y \\\\[2pt] z \\]\n\n```\n\\(\n```\n"
+    assert hook.tex_openers(fine) == (1, 1, [])
+
+
+def test_missing_node_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mkdocs.exceptions import PluginError
+
+    hook = _load_hook("katex_math")
+    monkeypatch.setattr(hook.shutil, "which", lambda name: None)
+    with pytest.raises(PluginError, match=r"Node\.js"):
+        hook.on_config({"docs_dir": str(DOCS)})
+
+
+def test_vendored_katex_ships_its_licence_and_fonts() -> None:
+    katex_dir = DOCS / "assets" / "katex"
+    assert "MIT License" in (katex_dir / "LICENSE").read_text(encoding="utf-8")
+    css = (katex_dir / "katex.min.css").read_text(encoding="utf-8")
+    woff2 = set(re.findall(r"url\(fonts/([\w-]+\.woff2)\)", css))
+    assert woff2
+    assert woff2 == {p.name for p in (katex_dir / "fonts").glob("*.woff2")}
+
+
+# --- generated pages ---------------------------------------------------------------------
+
+
+def test_cli_reference_walks_nested_subcommands() -> None:
+    hook = _load_hook("cli_reference")
+    parser = argparse.ArgumentParser(prog="tool", description="A tool.")
+    sub = parser.add_subparsers(dest="cmd")
+    run = sub.add_parser("run", help="run a thing", description="Runs | a thing.")
+    run.add_argument("path", help="where")
+    run.add_argument("--mode", choices=["a", "b"], default="a", help="mode (default %(default)s)")
+    run.add_argument("--out", required=True, help="folder | file")
+    nested = run.add_subparsers(dest="what").add_parser("deep", help="deeper")
+    nested.add_argument("--n", type=int, metavar="N", help="count")
+    text = hook.render_reference(parser)
+    for heading in ("## `tool`", "### `tool run`", "#### `tool run deep`"):
+        assert heading in text
+    assert "Run a thing." in text
+    assert "Runs | a thing." in text  # prose; a table cell escapes its pipes:
+    assert "| `--mode {a,b}` | mode (default a) |" in text
+    assert "| `--out OUT` | **required**; folder \\| file |" in text
+    assert "| `--n N` | count |" in text
+    assert "`-h, --help`" not in text
+
+
+def test_citation_names_the_current_version() -> None:
+    pytest.importorskip("torch")
+    import moeblocks
+
+    text = (DOCS / "citation.md").read_text(encoding="utf-8")
+    assert f"version = {{{moeblocks.__version__}}}" in text
+    assert "arXiv:2509.14255" in text
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", "mkdocs.yml", "-d", out],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,  # a hang guard: the build takes seconds
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_built_site_has_no_raw_math(built_site: Path) -> None:
+    math_re = re.compile(r'<(span|div) class="arithmatex">(.*?)</\1>', re.S)
+    pages = {p: p.read_text(encoding="utf-8") for p in built_site.rglob("*.html")}
+    formulas = [(p, m) for p, html in pages.items() for m in math_re.finditer(html)]
+    assert len(formulas) > 50  # losses, routers, experts, reading-the-report, ...
+    for page, m in formulas:
+        assert m[2].startswith('<span class="katex'), f"{page}: raw math {m[2][:80]!r}"
+        assert not re.match(r"\s*(\\\(|\\\[|\$)", m[2]), page
+    losses = pages[built_site / "losses" / "index.html"]
+    assert losses.count('class="katex-display"') >= 5
+    # No script renders math in the browser: the CSS and fonts are all a page needs.
+    assert not (built_site / "assets" / "katex" / "katex.min.js").exists()
+    assert "assets/katex/katex.min.css" in losses
+    assert (built_site / "assets" / "katex" / "fonts" / "KaTeX_Main-Regular.woff2").is_file()
+
+
+@pytest.mark.slow
+def test_built_site_generated_pages(built_site: Path) -> None:
+    pytest.importorskip("torch")
+    from moeblocks.cli import _parser
+
+    cli = (built_site / "cli" / "index.html").read_text(encoding="utf-8")
+    hook = _load_hook("cli_reference")
+    for names, _, _ in hook.subcommands(_parser()):
+        assert f'id="moeblocks-{"-".join(names)}"' in cli, names
+    changelog = (built_site / "changelog" / "index.html").read_text(encoding="utf-8")
+    assert "Unreleased" in changelog
+    assert "0.1.0" in changelog
+    index = (built_site / "index.html").read_text(encoding="utf-8")
+    assert "https://arxiv.org/abs/2509.14255" in index
+    assert "https://github.com/moeblocks/moeblocks" in index  # repo_url

@@ -77,14 +77,14 @@ def test_inspect_hf_writes_report_with_pngs(
     assert "MixtralForCausalLM" in printed
     assert "k-sweep:  k=1:" in printed
     assert "routing collected over 256 tokens" in printed
-    report = (out / "report.md").read_text(encoding="utf-8")
+    report = (out / "inspect.md").read_text(encoding="utf-8")
     assert "Anchors: not applicable" in report
     assert "No tokenizer in" in report  # token ids stand in for text
     assert "'<" in report  # tokens shown as ids
-    for name in ("utilisation.png", "k_sweep.png", "routing_map.png"):
+    for name in ("inspect-utilisation.png", "inspect-k-sweep.png", "inspect-routing-map.png"):
         assert f"({name})" in report
         assert is_png(out / name), name
-    assert not (out / "anchors.png").exists()
+    assert not (out / "inspect-anchors.png").exists()
 
 
 def test_inspect_hf_with_a_tokenizer_runs_the_probes(
@@ -99,9 +99,9 @@ def test_inspect_hf_with_a_tokenizer_runs_the_probes(
     assert "condition contrast (english-senses" in printed
     assert "No tokenizer" not in printed
     assert "' in'" in printed  # the traced sentence, decoded to text
-    report = folder / "inspect" / "report.md"  # default: DIR/inspect
+    report = folder / "reports" / "inspect.md"  # default: DIR/reports
     assert report.is_file()
-    assert not (folder / "inspect" / "k_sweep.png").exists()
+    assert not (folder / "reports" / "inspect-k-sweep.png").exists()
 
 
 def test_inspect_hf_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""`moeblocks inspect` on a tiny trained run: tables, report.md and valid PNG plots."""
+"""`moeblocks inspect` on a tiny trained run: tables, RUN/reports/inspect.md, plots, log fields."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("tokenizers")
 
-from moeblocks.inspect import plots
 from moeblocks.inspect.cli import add_inspect_commands
 from moeblocks.inspect.report import word_ids_from_pieces
 
@@ -30,19 +29,6 @@ def test_word_ids_from_pieces():
     assert word_ids_from_pieces(pieces).tolist() == [0, 0, 0, -1, 1, -1, 2, 2, -1, 3, -1]
 
 
-def test_each_plot_writes_a_png(tmp_path):
-    util = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
-    paths = [
-        plots.plot_utilisation(util, tmp_path / "u.png"),
-        plots.plot_anchor_similarity([torch.eye(4), torch.eye(4)], tmp_path / "a.png"),
-        plots.plot_class_heatmap(torch.rand(4, 3) * 2 - 1, ["x", "y", "z"], tmp_path / "c.png"),
-        plots.plot_k_sweep([1, 2, 3], [30.0, 28.0, 28.5], 2, tmp_path / "k.png"),
-        plots.plot_routing_map(torch.tensor([[0, 1, 2], [3, 3, 1]]), ["a", "Ġb", "c"],
-                               tmp_path / "r.png", 4),
-    ]  # fmt: skip
-    assert all(is_png(p) for p in paths)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, one_thread) -> Path:
     from moeblocks.sra.config import preset
@@ -57,23 +43,69 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:
     return out
 
 
-def test_inspect_command_writes_report_with_pngs(tiny_run, capsys):
+def _inspect(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moeblocks")
     add_inspect_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["inspect", *argv])
+    return args.handler(args)
+
+
+def test_inspect_command_writes_report_with_pngs(tiny_run, capsys):
     text = "now , the red fox sees a dog ."
-    args = parser.parse_args(["inspect", str(tiny_run), "--max-tokens", "512", "--text", text])
-    assert args.handler(args) == 0
-    printed = capsys.readouterr().out
+    assert _inspect([str(tiny_run), "--max-tokens", "512", "--text", text, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err == ""  # --quiet: no progress bar
+    assert "routing collected over 512 tokens" in printed
     assert "overlap probe (synthetic, 16 items)" in printed
     assert "condition contrast (synthetic-swap, 6 'similar' vs 6 'dissimilar'" in printed
-    assert "k-sweep:" in printed
+    assert "k-sweep (perplexity over 512 tokens):" in printed  # says what eval would differ by
     assert "purity" in printed
     assert "sentence trace" in printed
     assert "'now'" in printed
-    out = tiny_run / "inspect"
-    report = (out / "report.md").read_text()
-    names = ["utilisation.png", "anchors.png", "classes_layer0.png", "classes_layer1.png",
-             "k_sweep.png", "routing_map.png"]  # fmt: skip
+    out = tiny_run / "reports"  # the run's one report folder
+    report = (out / "inspect.md").read_text()
+    names = ["inspect-utilisation.png", "inspect-anchors.png", "inspect-classes-layer0.png",
+             "inspect-classes-layer1.png", "inspect-k-sweep.png", "inspect-routing-map.png",
+             "training-curves.png", "training-utilisation.png", "training-dead.png",
+             "training-entropy.png"]  # fmt: skip
     for name in names:
         assert is_png(out / name), name
         assert f"({name})" in report
+
+
+def test_inspect_svg_into_another_folder(tiny_run, tmp_path, capsys):
+    out = tmp_path / "svg"
+    argv = [str(tiny_run), "--max-tokens", "256", "--no-k-sweep", "--format", "svg"]
+    assert _inspect([*argv, "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert (out / "inspect-utilisation.svg").read_bytes().startswith(b"<?xml")
+    assert "(inspect-routing-map.svg)" in (out / "inspect.md").read_text()
+    assert not list(out.glob("*.png"))
+    with pytest.raises(SystemExit):
+        _inspect([str(tiny_run), "--max-tokens", "-5"])
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_log_records_carry_expert_counts_and_router_entropy(tiny_run):
+    import json
+    import math
+
+    from moeblocks.sra.checkpoint import find_checkpoint
+    from moeblocks.sra.model import build_schedule
+
+    cfg = find_checkpoint(tiny_run).config
+    recs = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [10, 20, 30]
+    schedule = build_schedule(cfg)
+    slots = 0
+    for r in recs:
+        counts = torch.tensor(r["expert_counts"])
+        assert counts.shape == (cfg.n_layers, cfg.num_experts)
+        assert all(0 < h <= math.log(cfg.num_experts) for h in r["router_entropy"])
+        slots += int(counts[0].sum())
+    # Every routed slot of every step lands in exactly one window.
+    expected = 0
+    for step in range(cfg.steps):
+        expected += cfg.batch_size * cfg.seq_len * schedule.k_at(step)
+    assert slots == expected

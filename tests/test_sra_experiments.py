@@ -78,6 +78,7 @@ def test_routing_ablation_end_to_end(tmp_path: Path) -> None:
     assert (cfg, data) == (base, "synthetic")
     assert json.loads((tmp_path / "ablation.json").read_text())["runs"][0]["seed"] == 0
     assert len((tmp_path / "ablation.csv").read_text().splitlines()) == 1 + len(runs)
+    assert (tmp_path / "ablation.png").stat().st_size > 0
     with pytest.raises(UsageError, match="unknown variants"):
         routing_ablation(tmp_path, base, variants=["cosine"], progress=False)
 
@@ -87,5 +88,6 @@ def test_experiment_command_rejects_bad_input(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["experiment", "routing-ablation", "--variants", "cosine"])
     assert "invalid choice" in capsys.readouterr().err
-    assert main(["experiment", "routing-ablation", "--steps", "0"]) == 2
-    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experiment", "routing-ablation", "--steps", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err

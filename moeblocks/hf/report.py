@@ -8,7 +8,7 @@ downloaded), collects every MoE layer's routing over a text with
 :func:`~moeblocks.hf.capture_routing` and computes the metrics of
 :mod:`moeblocks.inspect` into the same :class:`~moeblocks.inspect.report.RunInspection`
 an SRA run gets; :func:`format_hf_inspection` and :func:`write_hf_report` print it and
-write ``report.md`` with the PNG plots, plus notes on what does not apply to an HF model
+write ``inspect.md`` with the plots, plus notes on what does not apply to an HF model
 (anchors). The inference-time k-sweep swaps the blocks for moeblocks layers
 (:func:`~moeblocks.hf.swap_moe_blocks`) and sets k on each through
 :func:`~moeblocks.inspect.intervene`. transformers is imported inside the functions.
@@ -284,13 +284,13 @@ def format_hf_inspection(hins: HFInspection) -> str:
     return "\n".join([*hins.notes, "", format_inspection(hins.inspection)])
 
 
-def write_hf_report(hins: HFInspection, out: str | Path) -> Path:
-    """Write ``report.md`` and its PNG plots into the folder ``out``; return the report path.
+def write_hf_report(hins: HFInspection, out: str | Path, fmt: str = "png") -> Path:
+    """Write ``inspect.md`` and its plots (``fmt``: png, svg or pdf) into the folder ``out``.
 
     The report is the one :func:`~moeblocks.inspect.report.write_inspect_report` writes,
-    with the notes inserted below the title.
+    with the notes inserted below the title; returns its path.
     """
-    path = write_inspect_report(hins.inspection, Path(out))
+    path = write_inspect_report(hins.inspection, Path(out), fmt)
     report = path.read_text(encoding="utf-8")
     notes = "\n".join(f"- {line}" for line in hins.notes)
     head, sep, rest = report.partition("\n\n```")

@@ -5,14 +5,17 @@ Legend: L MoE layers, E experts, C word classes, T tokens, V vocabulary.
 :func:`inspect_run` loads a run folder, collects the routing records of every MoE layer
 over (the start of) its validation split and computes the metrics of
 :mod:`moeblocks.inspect`; :func:`format_inspection` prints them and
-:func:`write_inspect_report` writes ``report.md`` with PNG plots. The SRA modules are
-imported inside these functions: the metrics themselves know no model.
+:func:`write_inspect_report` writes ``inspect.md`` with its plots into the run's report
+folder ``RUN/reports/`` (see :mod:`moeblocks.sra.evaluate` for the whole layout):
+``inspect-*.png`` of the routing and ``training-*.png`` drawn from ``log.jsonl``
+(:func:`write_training_figures`). The SRA modules are imported inside these functions:
+the metrics and plots themselves know no model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ __all__ = [
     "layer_tables",
     "word_ids_from_pieces",
     "write_inspect_report",
+    "write_training_figures",
 ]
 
 _MARKERS = "ĠĊĉ"  # byte-level BPE's printable stand-ins for space, newline and tab
@@ -80,6 +84,11 @@ def word_ids_from_pieces(pieces: Sequence[str]) -> Int[Tensor, " T"]:
         out.append(word if wordy else -1)
         prev_wordy = wordy and core[-1].isalnum()
     return torch.tensor(out, dtype=torch.long)
+
+
+def _as_piece(text: str) -> str:
+    """Decoded token text in byte-level BPE form (leading space as ``Ġ``...)."""
+    return text.replace(" ", "Ġ").replace("\n", "Ċ").replace("\t", "ĉ")
 
 
 def _token_classes(
@@ -124,6 +133,11 @@ class RunInspection:
         anchor_sims: Per cosine-routed layer: anchor similarity matrix.
         sentence: Pieces of the traced sentence, each decoded to its text.
         trace: Anchor–token trace of the sentence.
+        mean_probs: Per layer: mean router probability ``P_e`` of every expert.
+        corridor: ``(floor, ceiling)`` of the run's bandpass loss on ``P_e``, else None.
+        sweep_tokens: Predicted tokens each k-sweep perplexity is over.
+        training: The run's ``log.jsonl`` records (empty when there is no log).
+        k_switch: Step at which k rose during training (None: k never changed).
     """
 
     run: Path
@@ -145,6 +159,11 @@ class RunInspection:
     anchor_sims: list[Tensor]
     sentence: list[str]
     trace: AnchorTrace
+    mean_probs: tuple[Tensor, ...] = ()
+    corridor: tuple[float, float] | None = None
+    sweep_tokens: int = 0
+    training: tuple[Mapping[str, Any], ...] = ()
+    k_switch: int | None = None
 
 
 def _contrast(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[ConditionTest]:
@@ -197,6 +216,7 @@ def inspect_run(
     k_sweep: bool = True,
     probes: Sequence[ProbeItem] | None = None,
     data: str | None = None,
+    progress: bool = False,
 ) -> RunInspection:
     """Collect routing over a run's validation split and compute every metric.
 
@@ -210,10 +230,19 @@ def inspect_run(
             synthetic corpus, else the ``english`` set).
         data: The run's data, when it lies outside the run folder (see
             :func:`moeblocks.sra.evaluate.load_run`).
+        progress: A progress bar over the forward passes, on stderr.
     """
     from moeblocks.sra.data import WORD_CLASSES, eval_windows
-    from moeblocks.sra.evaluate import evaluate, load_run, run_corpus
+    from moeblocks.sra.evaluate import (
+        evaluate,
+        load_run,
+        num_batches,
+        progress_bar,
+        run_corpus,
+        run_folder,
+    )
     from moeblocks.sra.tokenizer import encode
+    from moeblocks.sra.train import run_summary
 
     model, tok, ckpt = load_run(Path(run), device, data)
     model.eval()
@@ -226,7 +255,10 @@ def inspect_run(
     tokens = torch.from_numpy(encode(tok, corpus.valid)).long()
     x_WS, _ = eval_windows(tokens, cfg.seq_len, max_tokens)
     forward = sra_forward(model)
-    rs = collect_routing(forward, x_WS.split(cfg.batch_size))
+    ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1) if k_sweep else range(0)
+    per_pass = num_batches(tokens, cfg.seq_len, cfg.batch_size, max_tokens)
+    bar = progress_bar(per_pass * (1 + len(ks)) + 2, "inspect: routing", progress)
+    rs = collect_routing(forward, _counted(x_WS.split(cfg.batch_size), bar))
     ids = rs.token_ids.tolist()
     piece_of = {i: tok.id_to_token(i) or "" for i in set(ids)}
     pieces = [piece_of[i] for i in ids]
@@ -249,16 +281,23 @@ def inspect_run(
     probe_name = "synthetic" if synthetic else "english"
     if probes is not None:
         probe_name = "custom"
+    bar.set_description_str("inspect: probes")
     probe = _probe(forward, enc, BUILTIN_PROBES[probe_name] if probes is None else probes)
+    bar.update()
     # Built-in contrasts list the condition expected to overlap more first.
     contrast_name = (
         ("synthetic-swap" if synthetic else "english-senses") if probes is None else "custom"
     )
     contrast = _contrast(forward, enc, BUILTIN_PROBES[contrast_name] if probes is None else probes)
+    bar.update()
     sweep: list[tuple[int, float]] = []
-    if k_sweep:
-        ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1)
-        sweep = [(k, evaluate(model, tokens, cfg.batch_size, max_tokens, k=k).ppl) for k in ks]
+    sweep_tokens = 0
+    for k in ks:
+        bar.set_description_str(f"inspect: k={k}")
+        res = evaluate(model, tokens, cfg.batch_size, max_tokens, k, bar.update)
+        sweep.append((k, res.ppl))
+        sweep_tokens = res.tokens
+    bar.close()
     sims = [
         anchor_similarity(m.router.scorer)
         for m in model.moe_layers
@@ -273,12 +312,23 @@ def inspect_run(
         f"{cfg.n_layers} layers, FFN `{cfg.ffn}`, {cfg.num_experts} experts, "
         f"k {cfg.k_start}->{cfg.k_final}, step {ckpt.step}, data `{ckpt.data}`"
     )
+    corridor = (cfg.band_floor, cfg.band_ceiling) if cfg.balance == "bandpass" else None
+    k_switch = cfg.k_switch_step if cfg.k_start != cfg.k_final else None
     return RunInspection(
         Path(run), title, rs.num_tokens, summaries, coherence, vent, tops, class_names, pur,
         npm, probe_name if probe else "", probe, contrast_name if contrast else "", contrast,
         sweep, cfg.k_final, sims,
         [tok.decode([i]) for i in sent_ids], trace,
+        mean_probs=tuple(r.probs.mean(0) for r in rs.layers), corridor=corridor,
+        sweep_tokens=sweep_tokens, training=tuple(run_summary(run_folder(Path(run)))["train"]),
+        k_switch=k_switch,
     )  # fmt: skip
+
+
+def _counted(batches: Iterable[Tensor], bar: Any) -> Iterator[Tensor]:
+    for batch in batches:
+        yield batch
+        bar.update()
 
 
 def _layer_table(ins: RunInspection) -> list[str]:
@@ -330,7 +380,8 @@ def format_inspection(ins: RunInspection, experts_shown: int = 6) -> str:
                 f"{c.mean_second:.3f}, permutation p = {c.p_value:.4f}"
             )
     if ins.k_sweep:
-        lines += ["", "k-sweep:  " + "  ".join(f"k={k}: {p:.2f}" for k, p in ins.k_sweep)]
+        over = f" (perplexity over {ins.sweep_tokens} tokens)" if ins.sweep_tokens else ""
+        lines += ["", f"k-sweep{over}:  " + "  ".join(f"k={k}: {p:.2f}" for k, p in ins.k_sweep)]
     lines += ["", "busiest experts and their top tokens:"]
     for i, s in enumerate(ins.summaries):
         for e in s.utilisation.argsort(descending=True)[:experts_shown].tolist():
@@ -341,37 +392,97 @@ def format_inspection(ins: RunInspection, experts_shown: int = 6) -> str:
     return "\n".join(lines)
 
 
-def write_inspect_report(ins: RunInspection, out: Path) -> Path:
-    """Write ``report.md`` and its PNG plots into the folder ``out``; return the report path."""
-    from moeblocks.inspect import plots
-    from moeblocks.sra.checkpoint import atomic_write_text
+def write_training_figures(
+    records: Sequence[Mapping[str, Any]],
+    out: Path,
+    fmt: str = "png",
+    num_experts: int | None = None,
+    k_switch: int | None = None,
+) -> list[tuple[str, str]]:
+    """Draw the ``training-*`` plots of a run's ``log.jsonl`` records into ``out``.
 
+    Curves (CE, aux loss, LR, k) always; the utilisation heat-map, dead experts and
+    router entropy where the records carry ``expert_counts`` / ``router_entropy``.
+
+    Returns:
+        ``(title, file name)`` of every plot written, for a report to embed.
+    """
+    from moeblocks.inspect import plots
+
+    if not records:
+        return []
+    out = Path(out)
+    made = [("Training curves", f"training-curves.{fmt}")]
+    plots.plot_training_curves(records, out / made[0][1], k_switch=k_switch)
+    if any(r.get("expert_counts") for r in records):
+        made.append(("Expert utilisation over training", f"training-utilisation.{fmt}"))
+        plots.plot_utilisation_history(records, out / made[-1][1])
+    if any(r.get("expert_counts") or isinstance(r.get("dead"), list) for r in records):
+        made.append(("Dead experts over training", f"training-dead.{fmt}"))
+        plots.plot_dead_history(records, out / made[-1][1])
+    if any(r.get("router_entropy") for r in records):
+        made.append(("Router entropy over training", f"training-entropy.{fmt}"))
+        plots.plot_entropy_history(records, out / made[-1][1], num_experts)
+    return made
+
+
+def write_inspect_report(ins: RunInspection, out: Path, fmt: str = "png") -> Path:
+    """Write ``inspect.md`` and its plots into the folder ``out``; return the report path.
+
+    Args:
+        ins: The inspection.
+        out: The report folder (``moeblocks inspect`` uses ``RUN/reports``).
+        fmt: Plot format: ``png`` (150 dpi), ``svg`` or ``pdf``.
+    """
+    from moeblocks.inspect import plots
+    from moeblocks.sra.durable import atomic_write_text
+
+    if fmt not in plots.FORMATS:
+        raise ValueError(f"fmt must be one of {plots.FORMATS}, got {fmt!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def figure(title: str, name: str) -> list[str]:
+        return [f"## {title}", "", f"![{title.lower()}]({name})", ""]
+
     parts = [f"# Routing inspection: `{ins.run}`", "", ins.title, ""]
+    parts += [f"Routing collected over {ins.num_tokens} validation tokens.", ""]
     parts += ["```", *_layer_table(ins), "```", ""]
     util = torch.stack([s.utilisation for s in ins.summaries])
-    plots.plot_utilisation(util, out / "utilisation.png")
-    parts += ["## Expert utilisation", "", "![utilisation](utilisation.png)", ""]
+    probs = torch.stack(list(ins.mean_probs)) if ins.mean_probs else None
+    name = f"inspect-utilisation.{fmt}"
+    plots.plot_utilisation(util, out / name, probs, ins.corridor)
+    parts += figure("Expert utilisation", name)
     if ins.anchor_sims:
-        plots.plot_anchor_similarity(ins.anchor_sims, out / "anchors.png")
-        parts += ["## Anchor similarity", "", "![anchor similarity](anchors.png)", ""]
+        name = f"inspect-anchors.{fmt}"
+        plots.plot_anchor_similarity(ins.anchor_sims, out / name)
+        parts += figure("Anchor similarity", name)
     if ins.npmi:
         parts += ["## Experts × word classes (NPMI)", ""]
         for i, m in enumerate(ins.npmi):
-            name = f"classes_layer{i}.png"
+            name = f"inspect-classes-layer{i}.{fmt}"
             plots.plot_class_heatmap(m, ins.classes, out / name, f"layer {i}: NPMI")
             parts += [f"![experts x classes, layer {i}]({name})"]
         parts += [""]
     if ins.k_sweep:
         ks, ppls = zip(*ins.k_sweep, strict=True)
-        plots.plot_k_sweep(ks, ppls, ins.k_train, out / "k_sweep.png")
-        parts += ["## Inference-time k-sweep", "", "![k sweep](k_sweep.png)", ""]
-    top1_LT = torch.stack([e[:, 0] for e in ins.trace.experts])
+        name = f"inspect-k-sweep.{fmt}"
+        plots.plot_k_sweep(ks, ppls, ins.k_train, out / name, ins.sweep_tokens or None)
+        parts += figure("Inference-time k-sweep", name)
     E = len(ins.summaries[0].utilisation)
-    plots.plot_routing_map(top1_LT, ins.sentence, out / "routing_map.png", E)
-    parts += ["## One sentence, token by layer", "", "![routing map](routing_map.png)", ""]
+    name = f"inspect-routing-map.{fmt}"
+    plots.plot_routing_map(
+        torch.stack(list(ins.trace.experts)),
+        torch.stack(list(ins.trace.weights)),
+        ins.sentence,
+        out / name,
+        E,
+        word_ids_from_pieces([_as_piece(p) for p in ins.sentence]),
+    )
+    parts += figure("One sentence, token by layer", name)
+    for title, name in write_training_figures(ins.training, out, fmt, E, ins.k_switch):
+        parts += figure(title, name)
     parts += ["## All tables", "", "```", format_inspection(ins), "```"]
-    path = out / "report.md"
+    path = out / "inspect.md"
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path

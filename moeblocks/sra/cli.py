@@ -10,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from moeblocks._argtypes import positive_int
+
 __all__ = ["add_experiment_command", "run_experiment"]
 
 _EXAMPLES = """examples:
@@ -21,11 +23,9 @@ _EXAMPLES = """examples:
 
 def run_experiment(args: argparse.Namespace) -> int:
     """Handler of ``moeblocks experiment NAME``."""
-    from moeblocks.sra.config import UsageError, preset
+    from moeblocks.sra.config import preset
     from moeblocks.sra.experiments import routing_ablation
 
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     base = preset(args.preset)
     if args.steps is not None:
         base = base.replace(steps=args.steps)
@@ -77,9 +77,12 @@ def add_experiment_command(sub: argparse._SubParsersAction) -> None:  # type: ig
         help=f"variants to run (default: all: {', '.join(ABLATION_VARIANTS)})",
     )
     ex.add_argument("--data", default="pydoc", help="corpus (default: pydoc)")
-    ex.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    ex.add_argument("--steps", type=positive_int, default=None, help="override the preset's steps")
     ex.add_argument(
-        "--max-tokens", type=int, default=16384, help="validation tokens per measurement"
+        "--max-tokens",
+        type=positive_int,
+        default=16384,
+        help="validation tokens per measurement",
     )
     ex.add_argument("--out", default="runs/routing-ablation", help="folder for the runs")
     ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")

@@ -266,9 +266,16 @@ def load_corpus(spec: str, encoding: str = "utf-8") -> Corpus:
 def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
     """Raise :class:`UsageError` when a split is shorter than one training sequence."""
     if len(tokens) < seq_len + 1:
+        # A text file validates on its last 10 % of lines: one line leaves nothing.
+        more = (
+            "a file with more lines (its last 10 % validate) or a folder with train and valid files"
+            if split == "validation" and len(tokens) == 0
+            else "more text"
+        )
         raise UsageError(
             f"the {split} split has {len(tokens)} tokens, fewer than one sequence "
-            f"(seq_len + 1 = {seq_len + 1}); use more text or a smaller seq_len"
+            f"(seq_len + 1 = {seq_len + 1}); use {more}, or a shorter sequence "
+            f"(train --set seq_len=N)"
         )
 
 

@@ -5,14 +5,32 @@ Legend: W validation windows, S sequence length, V vocabulary, L MoE layers, E e
 A *dead* expert receives no token (in any of a token's k slots) over the evaluation
 set. The k-sweep re-evaluates with every MoE layer forced to k = 1 … k_train + 2; the
 SRA paper reports a free gain from running above the training k.
+
+Every report of a run goes to one folder, :func:`report_dir` (``RUN/reports/``):
+
+| file | written by |
+|---|---|
+| `eval.json` | `moeblocks eval` and `demo` (:func:`eval_record`) |
+| `demo.md` | `moeblocks demo`, with `eval-*` and `training-*` plots |
+| `inspect.md` | `moeblocks inspect`, with `inspect-*` and `training-*` plots |
+| `generate.md`, `generate.json` | `moeblocks generate` (:mod:`moeblocks.sra.generate`) |
+
+Plots are named ``<command>-<concept>.<png|svg|pdf>``; the ``training-*`` plots are drawn
+from ``log.jsonl`` and are the same whichever command wrote them. Perplexities differ
+between commands when they read different numbers of validation tokens (``eval``: all
+of them unless ``--max-tokens``; ``inspect``: 8192 by default); each says how many.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +55,17 @@ if TYPE_CHECKING:
 __all__ = [
     "EvalResult",
     "RunEval",
+    "eval_record",
     "evaluate",
     "evaluate_run",
     "expert_top_tokens",
     "format_run_eval",
     "load_run",
+    "progress_bar",
+    "report_dir",
     "run_corpus",
+    "run_folder",
+    "write_eval_json",
 ]
 
 
@@ -77,6 +100,46 @@ def _batches(tokens: Int[Tensor, " N"], seq_len: int, batch_size: int, max_token
         yield x_WS[i : i + batch_size], y_WS[i : i + batch_size]
 
 
+def num_batches(tokens: Int[Tensor, " N"], seq_len: int, batch_size: int, max_tokens: int) -> int:
+    """Forward passes :func:`evaluate` makes over these tokens (for progress bars)."""
+    windows = len(eval_windows(tokens, seq_len, max_tokens)[0])
+    return -(-windows // batch_size)
+
+
+class _Lines:
+    """Progress as a line on stderr every 10 % or 30 s, where tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total, self.desc, self.enabled = max(total, 1), desc, enabled
+        self.n, self.shown, self.last = 0, 0, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        due = self.n * 10 // self.total > self.shown * 10 // self.total
+        if self.enabled and (due or time.monotonic() - self.last > 30):
+            print(f"{self.desc}: {self.n}/{self.total}", file=sys.stderr, flush=True)
+            self.shown, self.last = self.n, time.monotonic()
+
+    def set_description_str(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "batch") -> Any:
+    """A tqdm bar on stderr (or, without tqdm, a line every 10 %); silent when not enabled.
+
+    The object has ``update(n)``, ``set_description_str(text)`` and ``close()``.
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Lines(total, desc, enabled)
+    return tqdm(total=total, desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True,
+                file=sys.stderr, leave=False)  # fmt: skip
+
+
 @torch.no_grad()
 def evaluate(
     model: SRATransformer,
@@ -84,6 +147,7 @@ def evaluate(
     batch_size: int,
     max_tokens: int = 0,
     k: int | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Cross-entropy, perplexity and expert usage over validation windows.
 
@@ -93,6 +157,7 @@ def evaluate(
         batch_size: Windows per forward pass.
         max_tokens: Evaluate about this many tokens from the start (0 = all).
         k: Force every MoE layer to this k; None follows the schedule.
+        on_batch: Called after every forward pass (progress bars).
     """
     was_training = model.training
     model.eval()
@@ -110,6 +175,8 @@ def evaluate(
             n += y_BS.numel()
             for layer, routing in enumerate(res.routings):
                 counts_LE[layer] += torch.bincount(routing.experts.flatten(), minlength=E)
+            if on_batch is not None:
+                on_batch()
     finally:
         model.train(was_training)
     loss = total / n
@@ -156,7 +223,11 @@ def expert_top_tokens(
 
 
 def load_run(
-    path: Path, device: str = "cpu", data: str | None = None, encoding: str | None = None
+    path: Path,
+    device: str = "cpu",
+    data: str | None = None,
+    encoding: str | None = None,
+    need_data: bool = True,
 ) -> tuple[SRATransformer, Tokenizer, Checkpoint]:
     """Rebuild the model and tokeniser of a run folder (or a checkpoint folder).
 
@@ -169,6 +240,8 @@ def load_run(
         data: The data to evaluate on (``--data``); None takes the checkpoint's, which
             is followed only when it is built in or lies inside ``path``.
         encoding: Text encoding of ``data`` (default: the checkpoint's).
+        need_data: False when the caller reads no corpus (``generate``): the data path
+            is then not checked.
 
     Returns:
         The model, the tokeniser and the checkpoint, whose ``data`` / ``encoding`` name
@@ -189,7 +262,8 @@ def load_run(
     if ckpt is None:
         raise UsageError(f"{path} holds no checkpoint; train it first")
     note_skipped(ckpt)
-    ckpt = with_data(ckpt, path, data, encoding)
+    if need_data or data is not None:
+        ckpt = with_data(ckpt, path, data, encoding)
     tok = load_tokenizer(
         ckpt.path / "tokenizer.json",
         sha256=ckpt.tokenizer_sha256,
@@ -227,16 +301,100 @@ class RunEval:
 
 
 def evaluate_run(
-    model: SRATransformer, tokens: Int[Tensor, " N"], ckpt: Checkpoint, max_tokens: int = 0
+    model: SRATransformer,
+    tokens: Int[Tensor, " N"],
+    ckpt: Checkpoint,
+    max_tokens: int = 0,
+    progress: bool = False,
 ) -> RunEval:
-    """Validation metrics of a loaded run plus its inference-time k-sweep."""
+    """Validation metrics of a loaded run plus its inference-time k-sweep.
+
+    Args:
+        model: The loaded model.
+        tokens: Validation tokens.
+        ckpt: Its checkpoint.
+        max_tokens: Evaluate about this many tokens (0 = all).
+        progress: A progress bar over the forward passes, on stderr.
+    """
     cfg = ckpt.config
-    result = evaluate(model, tokens, cfg.batch_size, max_tokens)
-    sweep: tuple[EvalResult, ...] = ()
-    if model.moe_layers:
-        ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1)
-        sweep = tuple(evaluate(model, tokens, cfg.batch_size, max_tokens, k=k) for k in ks)
-    return RunEval(ckpt, result, sweep)
+    ks = list(range(1, min(cfg.k_final + 2, cfg.num_experts) + 1)) if model.moe_layers else []
+    per_pass = num_batches(tokens, cfg.seq_len, cfg.batch_size, max_tokens)
+    bar = progress_bar(per_pass * (1 + len(ks)), "eval", progress)
+    try:
+        result = evaluate(model, tokens, cfg.batch_size, max_tokens, on_batch=bar.update)
+        sweep = []
+        for k in ks:
+            bar.set_description_str(f"eval k={k}")
+            sweep.append(evaluate(model, tokens, cfg.batch_size, max_tokens, k, bar.update))
+    finally:
+        bar.close()
+    return RunEval(ckpt, result, tuple(sweep))
+
+
+def run_folder(path: Path) -> Path:
+    """The run folder of a run or checkpoint folder (``RUN/checkpoints/step-N`` -> ``RUN``)."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.startswith("step-"):
+        return path.parent.parent
+    return path
+
+
+def report_dir(path: Path) -> Path:
+    """Where the reports of a run go: ``RUN/reports`` (see the module docstring).
+
+    A checkpoint folder's reports go to its run's folder: a checkpoint folder holds only
+    what its manifest lists.
+    """
+    return run_folder(path) / "reports"
+
+
+def eval_record(ev: RunEval, command: str = "") -> dict[str, Any]:
+    """What ``eval.json`` holds: a JSON-ready dict of a :class:`RunEval`.
+
+    Keys: ``command``; ``checkpoint`` (``path``, ``step``); ``data``; ``config`` (the
+    run's :class:`~moeblocks.sra.config.SRAConfig` as a dict); ``tokens`` (predicted
+    tokens the numbers are over); ``loss`` (nats/token) and ``perplexity`` at the
+    training schedule's k (``k``); ``dead_experts`` (per MoE layer: ``count``,
+    ``fraction`` and the expert ``ids``); ``expert_counts`` (per layer, routed slots
+    per expert); ``k_sweep`` (per k: ``k``, ``loss``, ``perplexity``, ``tokens``);
+    ``moeblocks`` (version); ``written`` (UTC time).
+    """
+    from moeblocks._version import __version__
+
+    r, ck = ev.result, ev.checkpoint
+    dead = [
+        {"count": int((row == 0).sum()), "fraction": f,
+         "ids": (row == 0).nonzero().flatten().tolist()}
+        for row, f in zip(r.counts, r.dead_per_layer, strict=True)
+    ]  # fmt: skip
+    return {
+        "command": command,
+        "checkpoint": {"path": str(ck.path), "step": ck.step},
+        "data": ck.data,
+        "config": ck.config.to_dict(),
+        "tokens": r.tokens,
+        "loss": r.loss,
+        "perplexity": r.ppl,
+        "k": ck.config.k_final if ck.step >= ck.config.k_switch_step else ck.config.k_start,
+        "dead_experts": dead,
+        "expert_counts": r.counts.tolist(),
+        "k_sweep": [
+            {"k": s.k, "loss": s.loss, "perplexity": s.ppl, "tokens": s.tokens} for s in ev.sweep
+        ],
+        "moeblocks": __version__,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_eval_json(ev: RunEval, out: Path, command: str = "") -> Path:
+    """Write :func:`eval_record` to ``out/eval.json`` (atomically); return its path."""
+    from moeblocks.sra.durable import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "eval.json"
+    atomic_write_text(path, json.dumps(eval_record(ev, command), indent=1) + "\n")
+    return path
 
 
 def format_run_eval(ev: RunEval, k_train: int) -> str:

@@ -57,6 +57,7 @@ __all__ = [
     "format_ablation",
     "format_class_knockout",
     "load_ablation",
+    "plot_ablation_runs",
     "routing_ablation",
     "summarise_ablation",
     "word_level_corpus",
@@ -358,7 +359,7 @@ def routing_ablation(
         command: The command line, recorded with the results.
 
     Writes ``ablation.md`` (the table, with the command), ``ablation.csv`` and
-    ``ablation.json`` (one entry per run) and ``ablation.png`` (needs matplotlib).
+    ``ablation.json`` (one entry per run) and the chart ``ablation.png`` (matplotlib).
 
     Raises:
         UsageError: For an unknown variant or an empty seed list.
@@ -425,6 +426,16 @@ def write_ablation(
     blob = {"command": command, "data": data, "base": base.to_dict(),
             "runs": [asdict(r) for r in runs]}  # fmt: skip
     atomic_write_text(out / "ablation.json", json.dumps(blob, indent=1, allow_nan=True) + "\n")
+    plot_ablation_runs(runs, out / "ablation.png")
+
+
+def plot_ablation_runs(runs: Sequence[AblationRun], path: Path) -> Path:
+    """Chart of an ablation: per metric, each variant's mean and 95 % interval."""
+    from moeblocks.inspect.plots import plot_ablation
+
+    rows = [{"name": v, **cells} for v, cells in summarise_ablation(runs).items()]
+    titles = {m: title for m, (title, _) in METRICS.items()}
+    return plot_ablation(rows, path, list(METRICS), titles)
 
 
 def load_ablation(path: Path) -> tuple[list[AblationRun], SRAConfig, str, str]:

@@ -2,9 +2,9 @@
 
 Legend: L MoE layers, E experts.
 
-matplotlib is imported inside :func:`write_report` (the optional ``plots`` extra) and
-used through ``matplotlib.figure.Figure`` with the Agg canvas, which touches no global
-pyplot state and needs no display.
+The report is ``RUN/reports/demo.md`` beside ``eval.json`` (layout: see
+:mod:`moeblocks.sra.evaluate`). The plots come from :mod:`moeblocks.inspect.plots`,
+which imports matplotlib (the optional ``plots`` extra) inside its functions.
 """
 
 from __future__ import annotations
@@ -45,49 +45,19 @@ def format_expert_tokens(rows: list[ExpertTokens]) -> str:
     )
 
 
-def _plot_loss(records: list[dict[str, Any]], k_switch: int, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    train = [r for r in records if "loss" in r]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train CE")
-    val = [r for r in records if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation CE")
-    if k_switch > 0:
-        ax.axvline(k_switch, color="grey", ls="--", lw=1, label="k rises")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    fig.savefig(path, dpi=110)
-
-
-def _plot_experts(ev: RunEval, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    counts_LE = ev.result.counts.float()
-    L, E = counts_LE.shape
-    fig = Figure(figsize=(6, 1.2 + 1.8 * L), layout="constrained")
-    axes = fig.subplots(L, 1, squeeze=False)[:, 0]
-    for layer, ax in enumerate(axes):
-        share_E = counts_LE[layer] / counts_LE[layer].sum().clamp(min=1)
-        ax.bar(range(E), share_E.sort(descending=True).values.tolist(), width=1.0)
-        ax.axhline(1 / E, color="black", ls="--", lw=1, label="uniform 1/E")
-        ax.set_ylabel(f"layer {layer}\nshare")
-        ax.legend(loc="upper right")
-    axes[-1].set_xlabel("experts, sorted by share of routed slots")
-    fig.savefig(path, dpi=110)
-
-
 def write_report(
     out: Path,
     ev: RunEval,
     records: list[dict[str, Any]],
     experts: list[ExpertTokens],
     seconds: float,
+    fmt: str = "png",
 ) -> Path:
-    """Write ``report.md``, ``loss.png`` and (for MoE runs) ``experts.png`` into ``out``.
+    """Write ``demo.md`` and its plots into the run's report folder ``out/reports``.
+
+    Plots: ``training-*`` from the log (:func:`moeblocks.inspect.report.write_training_figures`)
+    and, for MoE runs, ``eval-utilisation`` (share of routed slots per expert over the
+    evaluation) and ``eval-k-sweep``.
 
     Args:
         out: Run folder.
@@ -95,41 +65,57 @@ def write_report(
         records: ``log.jsonl`` records.
         experts: Top tokens of a few experts.
         seconds: Wall time of the run, for the record.
+        fmt: Plot format: ``png`` (150 dpi), ``svg`` or ``pdf``.
 
     Returns:
-        Path of ``report.md``.
+        Path of ``demo.md``.
     """
     from moeblocks._optional import require
+    from moeblocks.inspect import plots
+    from moeblocks.inspect.report import write_training_figures
+    from moeblocks.sra.evaluate import report_dir
 
     require("matplotlib", "plots", "the run report's plots")
     cfg = ev.checkpoint.config
-    _plot_loss(records, cfg.k_switch_step if cfg.k_start != cfg.k_final else 0, out / "loss.png")
+    folder = report_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
     parts = [
         "# moeblocks SRA run report",
         "",
         f"{cfg.n_layers} layers, d_model {cfg.d_model}, FFN `{cfg.ffn}` with "
         f"{cfg.num_experts} experts × d_ff {cfg.d_expert}, k {cfg.k_start}→{cfg.k_final} at "
         f"step {cfg.k_switch_step}; {ev.checkpoint.step} steps of {cfg.batch_size}×{cfg.seq_len} "
-        f"tokens on `{ev.checkpoint.data}` in {seconds:.0f} s.",
+        f"tokens on `{ev.checkpoint.data}` in {seconds:.0f} s. The numbers are in `eval.json`.",
         "",
         "```",
         format_run_eval(ev, cfg.k_final),
         "```",
         "",
-        "![loss curve](loss.png)",
     ]
-    if len(ev.result.counts):
-        _plot_experts(ev, out / "experts.png")
-        parts += ["", "## Expert utilisation", "", "![expert utilisation](experts.png)"]
+    k_switch = cfg.k_switch_step if cfg.k_start != cfg.k_final else None
+    for title, name in write_training_figures(records, folder, fmt, cfg.num_experts, k_switch):
+        parts += [f"## {title}", "", f"![{title.lower()}]({name})", ""]
+    counts_LE = ev.result.counts.float()
+    if len(counts_LE):
+        share_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
+        corridor = (cfg.band_floor, cfg.band_ceiling) if cfg.balance == "bandpass" else None
+        name = f"eval-utilisation.{fmt}"
+        plots.plot_utilisation(share_LE, folder / name, corridor=corridor)
+        parts += [f"## Expert utilisation over {ev.result.tokens} validation tokens", "",
+                  f"![expert utilisation]({name})", ""]  # fmt: skip
+    if ev.sweep:
+        name = f"eval-k-sweep.{fmt}"
+        plots.plot_k_sweep([s.k or 0 for s in ev.sweep], [s.ppl for s in ev.sweep],
+                           cfg.k_final, folder / name, ev.result.tokens)  # fmt: skip
+        parts += ["## Inference-time k-sweep", "", f"![k sweep]({name})", ""]
     if experts:
         parts += [
-            "",
             "## Tokens routed most often to a few experts",
             "",
             "```",
             format_expert_tokens(experts),
             "```",
         ]
-    path = out / "report.md"
+    path = folder / "demo.md"
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path

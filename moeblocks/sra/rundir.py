@@ -130,6 +130,7 @@ def remove_run_files(out: Path) -> None:
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out / "reports", ignore_errors=True)  # eval/inspect/demo/generate reports
 
 
 def truncate_log(path: Path, step: int) -> None:

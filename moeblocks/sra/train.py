@@ -208,12 +208,27 @@ def _plan_parallel(expert_parallel: int | None, config: SRAConfig) -> _Parallel 
             f"the batch size {config.batch_size} must be divisible by the world size {world} "
             "(each rank trains on an equal slice of the batch)"
         )
-    if config.anchor_init == "batch":
-        raise UsageError(
-            "anchor_init 'batch' seeds the anchors from each rank's own first batch, which "
-            "would differ between ranks; use orthogonal or kaiming with --expert-parallel"
-        )
     return _Parallel(int(os.environ["RANK"]), world, P, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@torch.no_grad()
+def _seed_anchors(
+    model: SRATransformer, train_tokens: torch.Tensor, config: SRAConfig, dev: torch.device
+) -> None:
+    """Seed batch-initialised anchors (``anchor_init="batch"``) before the first step.
+
+    Every rank runs the whole batch of step 0 (not its slice) in training mode from the
+    same random state, so all ranks seed the same anchors, as one process would; the
+    random state of training is restored afterwards.
+    """
+    if not any(getattr(m, "needs_seed", False) for m in model.modules()):
+        return
+    x_BS, _ = batch_at(train_tokens, 0, config.batch_size, config.seq_len, config.seed)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        model.train()
+        with torch.autocast(dev.type, torch.bfloat16, enabled=config.precision == "bf16"):
+            model(x_BS.to(dev))
 
 
 def _rank_seed(seed: int, rank: int, step: int) -> int:
@@ -457,6 +472,8 @@ def _fit(
     if par is not None:
         expert_parallelize(model, par.groups.ep)
         reduce_aux_losses(model)
+    if ckpt is None:
+        _seed_anchors(model, train_tokens, config, dev)
     optimizer = build_optimizer(model, config)  # after sharding: expert params are new
     step = 0
     if ckpt is not None:
@@ -511,6 +528,10 @@ def _fit(
     bar = _progress(config.steps, step, progress and main)
     L, E = len(model.moe_layers), config.num_experts
     counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
+    # Since the last log record: routed slots per expert and summed router entropy.
+    log_counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
+    log_entropy_L = torch.zeros(L, dtype=torch.float64, device=dev)
+    log_steps = 0
     dead = "-"
     guard = NonFiniteGuard(config.max_skipped_steps)
     # bf16 autocast of the forward, as the official runs (weights, optimizer state and
@@ -576,8 +597,16 @@ def _fit(
                 optimizer.zero_grad(set_to_none=True)
                 if tuner is not None:
                     tuner.step()
-                for layer, routing in enumerate(res.routings):
-                    counts_LE[layer] += torch.bincount(routing.experts.flatten(), minlength=E)
+                with torch.no_grad():  # accumulated on the device: no host sync per step
+                    for layer, routing in enumerate(res.routings):
+                        slots_E = torch.bincount(routing.experts.flatten(), minlength=E)
+                        counts_LE[layer] += slots_E
+                        log_counts_LE[layer] += slots_E
+                        if skipped is None:  # a skipped step's probabilities may be NaN
+                            p_TE = routing.probs.float()
+                            h_T = -(p_TE * p_TE.clamp(min=1e-30).log()).sum(-1)
+                            log_entropy_L[layer] += h_T.mean()
+                log_steps += int(skipped is None)
                 step += 1
 
                 if L and step % DEAD_WINDOW == 0:
@@ -615,6 +644,20 @@ def _fit(
                         * config.seq_len
                         / (time.perf_counter() - t0)
                     )
+                    if L:
+                        if par is not None:  # every rank logs at the same steps
+                            dist.all_reduce(log_counts_LE)
+                            dist.all_reduce(log_entropy_L)
+                            log_entropy_L /= world
+                        # Per layer, per expert: slots routed since the previous record;
+                        # per layer: mean per-token router entropy (nats) over those steps.
+                        record["expert_counts"] = log_counts_LE.tolist()
+                        record["router_entropy"] = (
+                            (log_entropy_L / log_steps).tolist() if log_steps else None
+                        )
+                        log_counts_LE.zero_()
+                        log_entropy_L.zero_()
+                        log_steps = 0
                     _write(log, record)
                 bar.update(1)
                 ppl = math.exp(min(ce_value, 50.0))  # capped: exp overflows past ~709
