@@ -241,6 +241,7 @@ def inspect_run(
         run_corpus,
         run_folder,
     )
+    from moeblocks.sra.tokencache import encode_split
     from moeblocks.sra.tokenizer import encode
     from moeblocks.sra.train import run_summary
 
@@ -252,7 +253,7 @@ def inspect_run(
 
         raise UsageError(f"{run} is a dense model: there is no routing to inspect")
     corpus = run_corpus(ckpt)
-    tokens = torch.from_numpy(encode(tok, corpus.valid)).long()
+    tokens = torch.from_numpy(encode_split(tok, corpus, "valid")).long()
     x_WS, _ = eval_windows(tokens, cfg.seq_len, max_tokens)
     forward = sra_forward(model)
     ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1) if k_sweep else range(0)
