@@ -27,8 +27,13 @@ Peak memory is the rise of the process's peak RSS (``VmHWM``, reset after the bu
 during one forward+backward, measured in a fresh subprocess per variant after a warm-up
 step at 64 tokens (CPU has no allocator counter like CUDA's).
 
+On a GPU (``--device cuda --dtype bfloat16``) the ``base`` set adds ``moe-triton``, the
+plain layer on ``TritonDispatcher``; times are taken between device synchronisations
+and the memory column is the rise of ``torch.cuda.max_memory_allocated`` in one step
+(in process, after the warm-up). The issue's goal: ``moe-triton`` / ``dense`` ≤ 1.15.
+
 Usage: python benchmarks/bench_layer.py [--tokens 4096 --dim 512 --hidden 256
---experts 64 --k 4 --repeats 15 --sets base features hf]
+--experts 64 --k 4 --repeats 15 --sets base features hf --device cpu --dtype float32]
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ import moeblocks as mb
 RESULTS = Path(__file__).resolve().parent / "results"
 
 SETS = {
-    "base": ["dense", "moe", "moe-loop"],
+    "base": ["dense", "moe", "moe-triton", "moe-loop"],
     "features": [
         "moe-sigmoid",
         "moe-group-limited",
@@ -87,6 +92,7 @@ def moe_layer(
     shared: bool = False,
     seq_loss: bool = False,
     weights: mb.WeightPolicy | None = None,
+    dispatcher: str = "torch",
 ) -> mb.MoELayer:
     """The plain layer, with the DeepSeek-V3 features that are switched on."""
     D, H, E, K = args.dim, args.hidden, args.experts, args.k
@@ -106,7 +112,7 @@ def moe_layer(
     )
     return mb.MoELayer(
         router,
-        mb.TorchDispatcher(),
+        mb.make_dispatcher(dispatcher),
         mb.SwiGLUExperts(E, D, H, backend=backend),
         losses={"seq": mb.SequenceBalanceLoss(1e-4)} if seq_loss else None,
         shared=mb.SharedExperts(mb.SwiGLUExperts(1, D, H)) if shared else None,
@@ -127,6 +133,7 @@ def moe_variant(variant: str, args: argparse.Namespace) -> mb.MoELayer:
     options: dict[str, dict] = {
         "moe": {},
         "moe-loop": {"backend": "loop"},
+        "moe-triton": {"dispatcher": "triton"},
         "moe-sigmoid": {"scoring": "sigmoid"},
         "moe-group-limited": {"group_limited": True},
         "moe-shared": {"shared": True},
@@ -188,10 +195,11 @@ def build(variant: str, args: argparse.Namespace) -> Callable[[], None]:
     """Return the step function of one variant; the step runs forward+backward."""
     torch.manual_seed(0)
     T, D, H, K = args.tokens, args.dim, args.hidden, args.k
+    like = {"device": getattr(args, "device", "cpu"), "dtype": getattr(torch, args.dtype)}
     if variant == "dense":
-        w_in = (torch.randn(D, 2 * H) / D**0.5).requires_grad_()
-        w_out = (torch.randn(H, D) / H**0.5).requires_grad_()
-        x = torch.randn(T * K, D, requires_grad=True)
+        w_in = (torch.randn(D, 2 * H) / D**0.5).to(**like).requires_grad_()
+        w_out = (torch.randn(H, D) / H**0.5).to(**like).requires_grad_()
+        x = torch.randn(T * K, D, **like, requires_grad=True)
 
         def step() -> None:
             for t in (w_in, w_out, x):  # as optimizer.zero_grad(set_to_none=True) does
@@ -201,8 +209,8 @@ def build(variant: str, args: argparse.Namespace) -> Callable[[], None]:
 
         return step
     if variant in HF_IMPL:
-        block = hf_block(HF_IMPL[variant], args)
-        x_hf = torch.randn(1, T, D, requires_grad=True)  # HF's block takes [batch, seq, dim]
+        block = hf_block(HF_IMPL[variant], args).to(**like)
+        x_hf = torch.randn(1, T, D, **like, requires_grad=True)  # [batch, seq, dim]
 
         def step() -> None:
             block.zero_grad(set_to_none=True)
@@ -210,8 +218,8 @@ def build(variant: str, args: argparse.Namespace) -> Callable[[], None]:
             block(x_hf).sum().backward()
 
         return step
-    layer = moe_variant(variant, args)
-    x = torch.randn(T, D, requires_grad=True)
+    layer = moe_variant(variant, args).to(**like)
+    x = torch.randn(T, D, **like, requires_grad=True)
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
@@ -243,6 +251,16 @@ def peak_rss_mib(variant: str, args: argparse.Namespace) -> float:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def cuda_peak_mib(step: Callable[[], None]) -> float:
+    """Rise of the CUDA allocator's peak during one forward+backward (MiB), in process."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def _status_kib(field: str) -> int | None:
@@ -280,19 +298,26 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def select_variants(sets: list[str]) -> tuple[list[str], list[str]]:
+def select_variants(sets: list[str], device: str = "cpu") -> tuple[list[str], list[str]]:
     """The variants to run, in table order, and notes on what was left out."""
     notes = []
+    if device != "cuda" and "base" in sets:
+        notes.append("moe-triton runs on a GPU only (Triton compiles for CUDA).")
     if "hf" in sets and not have_transformers():
         sets = [s for s in sets if s != "hf"]
         notes.append("transformers is not importable: the hf set was skipped.")
     chosen = {v for s in sets for v in SETS[s]} | {"moe"}
+    if device != "cuda":
+        chosen.discard("moe-triton")
     order = [v for s in SETS.values() for v in s]
     return [v for v in order if v in chosen], notes
 
 
 def render(
-    variants: list[str], median: dict[str, float], memory: dict[str, float] | None
+    variants: list[str],
+    median: dict[str, float],
+    memory: dict[str, float] | None,
+    memory_label: str = "peak RSS rise (MiB)",
 ) -> tuple[str, str | None]:
     """The main table and, when HF variants ran, the moeblocks-vs-HF table.
 
@@ -306,7 +331,7 @@ def render(
         columns.append(("time / dense", lambda v: f"{median[v] / median['dense']:.2f}"))
     if memory is not None:
         columns += [
-            ("peak RSS rise (MiB)", lambda v: f"{memory[v]:.0f}"),
+            (memory_label, lambda v: f"{memory[v]:.0f}"),
             ("memory / moe", lambda v: f"{memory[v] / memory['moe']:.2f}"),
         ]
         if "dense" in memory:
@@ -351,25 +376,39 @@ def main() -> None:
         default=True,
         help="measure peak RSS (one subprocess per variant)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS / "layer_cpu.md")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--out", type=Path, default=None, help="default: results/layer_<device>.md")
     args = p.parse_args()
-    variants, notes = select_variants(args.sets)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    out = args.out or RESULTS / f"layer_{args.device}.md"
+    variants, notes = select_variants(args.sets, args.device)
     cli_args = argparse.Namespace(
         **{k: v for k, v in vars(args).items() if k not in ("out", "sets", "memory")}
     )
     steps = {v: build(v, cli_args) for v in variants}
     checks = [check_hf_impl(v, steps[v]) for v in variants if v in HF_IMPL]
-    for step in steps.values():  # warm-up
+    for step in steps.values():  # warm-up (on a GPU: also Triton's autotuning)
         step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v in variants:  # interleaved so that drift hits every variant alike
+            sync()
             t0 = time.perf_counter()
             steps[v]()
+            sync()
             times[v].append(time.perf_counter() - t0)
-    memory = {v: peak_rss_mib(v, cli_args) for v in variants} if args.memory else None
+    memory = None
+    if args.memory:
+        memory = {
+            v: cuda_peak_mib(steps[v]) if cuda else peak_rss_mib(v, cli_args) for v in variants
+        }
     median = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
-    table, hf_table = render(variants, median, memory)
+    label = "peak CUDA memory rise (MiB)" if cuda else "peak RSS rise (MiB)"
+    table, hf_table = render(variants, median, memory, label)
     versions = f"torch {torch.__version__}"
     if any(v in HF_IMPL for v in variants):
         import transformers
@@ -379,11 +418,16 @@ def main() -> None:
         f"python benchmarks/bench_layer.py --tokens {args.tokens} --dim {args.dim} "
         f"--hidden {args.hidden} --experts {args.experts} --k {args.k} --groups {args.groups} "
         f"--groups-per-token {args.groups_per_token} --repeats {args.repeats} "
-        f"--sets {' '.join(args.sets)}"
+        f"--sets {' '.join(args.sets)} --device {args.device} --dtype {args.dtype}"
+    )
+    where = (
+        f"{torch.cuda.get_device_name()} (CUDA)"
+        if cuda
+        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     )
     meta = (
-        f"Measured {datetime.date.today()} on {platform.processor() or platform.machine()} "
-        f"({torch.get_num_threads()} threads), {versions}, float32, CPU.\n"
+        f"Measured {datetime.date.today()} on {where}, {versions}, {args.dtype}, "
+        f"{args.device.upper()}.\n"
         f"tokens={args.tokens} dim={args.dim} hidden={args.hidden} experts={args.experts} "
         f"k={args.k}, groups={args.groups} (groups per token {args.groups_per_token}), "
         f"{args.repeats} repeats.\n"
@@ -412,10 +456,9 @@ def main() -> None:
     print(meta)
     for line in checks + notes:
         print(line)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        f"# MoELayer: routing cost, DeepSeek-V3 features, HF Mixtral (CPU)\n\n{body}"
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"MoELayer: routing cost, DeepSeek-V3 features, HF Mixtral ({args.device.upper()})"
+    out.write_text(f"# {title}\n\n{body}")
 
 
 if __name__ == "__main__":

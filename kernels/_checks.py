@@ -17,12 +17,15 @@ def check_launchable(kernel: object, tensor: torch.Tensor, name: str) -> None:
     """Refuse tensors that ``kernel`` cannot run on, instead of failing inside Triton.
 
     Triton reads ``TRITON_INTERPRET`` once, when a kernel is decorated (that is, when
-    ``moeblocks.kernels`` is first imported), so the kernel object itself says whether
-    it runs on the CPU through the interpreter.
+    ``moeblocks.kernels`` is first imported), so the kernel object itself (under any
+    autotune or heuristics wrappers) says whether it runs on the CPU through the
+    interpreter.
     """
     if tensor.device.type == "cuda":
         return
     if tensor.device.type == "cpu":
+        while not isinstance(kernel, InterpretedFunction) and hasattr(kernel, "fn"):
+            kernel = kernel.fn
         if isinstance(kernel, InterpretedFunction):
             return
         raise RuntimeError(

@@ -3,16 +3,26 @@
 Legend: T tokens, E experts, K experts per token, N = T·K slots, R grouped rows (N plus
 padding), B blocks of slots, D model dim.
 
-A counting sort instead of a comparison sort, in four launches:
+A counting sort instead of a comparison sort, in three launches and no host sync:
 
-1. ``_block_histogram``: each block of ``BLOCK_N`` slots counts its expert ids.
-2. ``_scan_blocks``: per expert, an exclusive prefix sum of those counts over the
-   blocks gives where each block's run of that expert starts; the totals are the counts.
-3. ``_segments``: group sizes (counts rounded up to ``pad_to``) and their prefix sum,
-   the segment offsets.
-4. ``_place``: a slot's row is its segment's offset, plus its block's start inside the
-   segment, plus the number of earlier slots of the same expert inside its block. That
-   rank keeps the order stable, so the result equals a stable argsort.
+1. ``_count``: each block of ``BLOCK_N`` slots counts its expert ids (a histogram over
+   E + 1 bins: bin E collects ids outside ``[0, E)``). With padding, the same programs
+   also write -1 over ``slot_of_row`` (``_place`` overwrites the rows that hold slots).
+2. ``_scan``: per bin, an exclusive prefix sum of the block counts over the blocks (a
+   ``tl.cumsum`` over a tile of up to 512 blocks at a time, bins spread over programs)
+   gives where each block's run of that expert starts; the totals are the counts.
+3. ``_place``: each program turns the totals into segment offsets (counts rounded up to
+   ``pad_to``, prefix-summed over the bins), adds them to its block's starts, and gives
+   every slot the row offset + start + the number of earlier slots of the same expert
+   inside its block. That rank keeps the order stable, so the result equals a stable
+   argsort. Program 0 also writes counts, group sizes and offsets.
+
+The row count is fixed in advance at its worst case, ``R = N + min(E, N)·(pad_to − 1)``
+rounded up to ``pad_to``, so nothing is read back to size an output; the rows the
+segments do not use are padding at the end of the last expert's segment, and the real
+row count comes back as a 0-d device tensor (:attr:`SlotIndex.rows_used`). Ids outside
+``[0, E)`` are placed after the last real segment, never out of bounds (and a
+``tl.device_assert`` reports them when Triton runs with ``TRITON_DEBUG=1``).
 
 Everything is integer arithmetic, so the result is exact and deterministic.
 """
@@ -25,27 +35,33 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_index, check_launchable, check_positive_int
+from ._tiles import interpreted
 
-__all__ = ["SlotIndex", "build_index"]
+__all__ = ["SlotIndex", "build_index", "num_rows_bound"]
 
 # Slots per block. The in-block rank compares every pair of slots of a block, so the
 # block stays small; the scan then runs over N / BLOCK_N blocks.
 _BLOCK_N = 128
-# Tile of the block scan: blocks per step x experts per program.
-_SCAN_BLOCKS = 64
-_SCAN_EXPERTS = 64
-_SEGMENT_EXPERTS = 256
+# Bins per scan program; blocks per scan step (fewer under the interpreter, so that
+# the CPU tests cross several steps at small N).
+_SCAN_BINS = 16
+# Bins per piece of the offsets prefix sum in _place.
+_OFFSET_BINS = 1024
 
 
 class SlotIndex(NamedTuple):
-    """The grouped order of all slots; the same fields as ``moeblocks.Layout``.
+    """The grouped order of all slots: the fields of ``moeblocks.Layout``, plus the rows used.
 
     Attributes:
         row_of_slot: ``[N]`` int64, grouped row of slot ``n = t·K + j``.
-        slot_of_row: ``[R]`` int64, slot held by each grouped row, -1 for padding.
+        slot_of_row: ``[R]`` int64, slot held by each grouped row, -1 for padding. R is
+            :func:`num_rows_bound`, fixed by N, E and ``pad_to``.
         counts: ``[E]`` int64, routed slots per expert.
-        group_sizes: ``[E]`` int64, counts rounded up to a multiple of ``pad_to``.
+        group_sizes: ``[E]`` int64, counts rounded up to a multiple of ``pad_to``; the
+            last expert's also takes the unused rows at the end, so the sizes sum to R.
         offsets: ``[E+1]`` int64, start row of each segment, then R.
+        rows_used: ``[]`` int64 (a device tensor, never read back), the rows before the
+            unused tail: what a data-dependent R would be (``R`` when ``pad_to == 1``).
     """
 
     row_of_slot: Tensor
@@ -53,203 +69,286 @@ class SlotIndex(NamedTuple):
     counts: Tensor
     group_sizes: Tensor
     offsets: Tensor
+    rows_used: Tensor
 
 
 @triton.jit
-def _block_histogram(
-    experts_ptr, block_counts_ptr, N, E, BLOCK_N: tl.constexpr, BINS: tl.constexpr
+def _count(
+    experts_ptr,
+    block_counts_ptr,
+    slot_of_row_ptr,
+    N,
+    E,
+    R,
+    rows_per_block,
+    BLOCK_N: tl.constexpr,
+    BINS: tl.constexpr,
+    FILL: tl.constexpr,
 ):
     block = tl.program_id(0)
-    slots = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    lane = tl.arange(0, BLOCK_N)
+    slots = block.to(tl.int64) * BLOCK_N + lane
     valid = slots < N
-    expert = tl.load(experts_ptr + slots, mask=valid, other=0).to(tl.int32)
-    # tl.histogram wants a power-of-two bin count; bins past E stay empty.
-    hist = tl.histogram(expert, BINS, mask=valid)
-    bins = tl.arange(0, BINS)
-    tl.store(block_counts_ptr + block.to(tl.int64) * E + bins, hist, mask=bins < E)
+    # Compare in int64, before narrowing: an int64 id of 2^32 must not wrap into range.
+    expert = tl.load(experts_ptr + slots, mask=valid, other=0).to(tl.int64)
+    in_range = (expert >= 0) & (expert < E)
+    tl.device_assert(in_range | ~valid, "expert id outside [0, num_experts)")
+    # Bin E: out-of-range ids; bin BINS - 1 (> E): lanes past N, never stored. So the
+    # histogram needs no mask argument.
+    bins = tl.where(valid, tl.where(in_range, expert, E), BINS - 1).to(tl.int32)
+    hist = tl.histogram(bins, BINS)
+    cols = tl.arange(0, BINS)
+    tl.store(block_counts_ptr + block.to(tl.int64) * (E + 1) + cols, hist, mask=cols <= E)
+    if FILL:
+        # Padding rows keep -1; _place, launched after, overwrites the rows with slots.
+        first_row = block.to(tl.int64) * rows_per_block
+        for start in range(0, rows_per_block, BLOCK_N):
+            rows = first_row + start + lane
+            ok = (rows < R) & (start + lane < rows_per_block)
+            tl.store(slot_of_row_ptr + rows, tl.full([BLOCK_N], -1, tl.int64), mask=ok)
 
 
 @triton.jit
-def _scan_blocks(
+def _scan(
     block_counts_ptr,
     block_start_ptr,
-    counts_ptr,
+    totals_ptr,
     num_blocks,
     E,
     BLOCK_B: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    expert_ok = experts < E
-    carry = tl.zeros([BLOCK_E], dtype=tl.int32)
+    bins = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    bin_ok = bins <= E
+    carry = tl.zeros([BLOCK_E], dtype=tl.int64)
     for first in range(0, num_blocks, BLOCK_B):
         blocks = first + tl.arange(0, BLOCK_B)
-        mask = (blocks < num_blocks)[:, None] & expert_ok[None, :]
-        where = blocks.to(tl.int64)[:, None] * E + experts[None, :]
-        tile = tl.load(block_counts_ptr + where, mask=mask, other=0)
+        mask = (blocks < num_blocks)[:, None] & bin_ok[None, :]
+        where = blocks.to(tl.int64)[:, None] * (E + 1) + bins[None, :]
+        tile = tl.load(block_counts_ptr + where, mask=mask, other=0).to(tl.int64)
         # Exclusive prefix over blocks = inclusive prefix minus the block itself.
         start = tl.cumsum(tile, axis=0) - tile + carry[None, :]
         tl.store(block_start_ptr + where, start, mask=mask)
         carry += tl.sum(tile, axis=0)
-    tl.store(counts_ptr + experts, carry.to(tl.int64), mask=expert_ok)
-
-
-@triton.jit
-def _segments(counts_ptr, group_sizes_ptr, offsets_ptr, E, pad_to, BLOCK_E: tl.constexpr):
-    # One program: E is at most a few thousand, and the scan over experts is sequential.
-    tl.store(offsets_ptr, tl.zeros([], dtype=tl.int64))
-    carry = tl.zeros([], dtype=tl.int64)
-    for first in range(0, E, BLOCK_E):
-        experts = first + tl.arange(0, BLOCK_E)
-        ok = experts < E
-        counts = tl.load(counts_ptr + experts, mask=ok, other=0)
-        sizes = (counts + pad_to - 1) // pad_to * pad_to
-        tl.store(group_sizes_ptr + experts, sizes, mask=ok)
-        tl.store(offsets_ptr + 1 + experts, tl.cumsum(sizes, axis=0) + carry, mask=ok)
-        carry += tl.sum(sizes, axis=0)
+    tl.store(totals_ptr + bins, carry, mask=bin_ok)
 
 
 @triton.jit
 def _place(
     experts_ptr,
     block_start_ptr,
-    offsets_ptr,
+    totals_ptr,
     row_of_slot_ptr,
     slot_of_row_ptr,
+    counts_ptr,
+    group_sizes_ptr,
+    offsets_ptr,
+    rows_used_ptr,
     N,
     E,
+    R,
+    pad_to,
     BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     block = tl.program_id(0)
+    row_base = block_start_ptr + block.to(tl.int64) * (E + 1)
+    # 1. Segment offsets from the totals (every program computes them: E is small, and
+    #    it saves a launch), added to this block's starts in place. Row `block` of
+    #    block_start belongs to this program alone.
+    carry = tl.zeros([], dtype=tl.int64)
+    for first in range(0, E + 1, BLOCK_E):
+        bins = first + tl.arange(0, BLOCK_E)
+        ok = bins <= E
+        total = tl.load(totals_ptr + bins, mask=ok, other=0)
+        # Expert segments round up to pad_to; the out-of-range bin E is not padded.
+        size = tl.where(bins < E, (total + pad_to - 1) // pad_to * pad_to, total)
+        offset = tl.cumsum(size, axis=0) - size + carry
+        start = tl.load(row_base + bins, mask=ok, other=0)
+        tl.store(row_base + bins, start + offset, mask=ok)
+        if block == 0:
+            used = carry + tl.sum(tl.where(bins < E, size, 0), axis=0)
+            last = bins == E - 1
+            tl.store(counts_ptr + bins, total, mask=bins < E)
+            tl.store(offsets_ptr + bins, offset, mask=bins < E)
+            # The unused tail rows belong to the last segment, so sizes sum to R.
+            tl.store(group_sizes_ptr + bins, tl.where(last, R - offset, size), mask=bins < E)
+            tl.store(rows_used_ptr + bins * 0, used, mask=bins == E)
+        carry += tl.sum(size, axis=0)
+    if block == 0:
+        # (R + a zero, not R.to(): Triton passes an int argument equal to 1 as a constant.)
+        tl.store(offsets_ptr + E, R + tl.zeros([], dtype=tl.int64))
+    tl.debug_barrier()  # the stores above before the loads below, across the program
+
+    # 2. Each slot's row: its bin's start in this block plus its rank among the earlier
+    #    slots of the same bin. Lanes past N sit after every valid lane: never counted.
     lane = tl.arange(0, BLOCK_N)
     slots = block.to(tl.int64) * BLOCK_N + lane
     valid = slots < N
-    expert = tl.load(experts_ptr + slots, mask=valid, other=0).to(tl.int32)
-    # Stable rank: earlier slots of this block routed to the same expert. Invalid lanes
-    # sit at the end of the last block, after every valid lane, so they never count.
-    earlier_same = (expert[:, None] == expert[None, :]) & (lane[None, :] < lane[:, None])
-    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
-    start = tl.load(block_start_ptr + block.to(tl.int64) * E + expert, mask=valid, other=0)
-    offset = tl.load(offsets_ptr + expert, mask=valid, other=0)
-    row = offset + start + rank
+    expert = tl.load(experts_ptr + slots, mask=valid, other=0).to(tl.int64)
+    bins = tl.where((expert >= 0) & (expert < E), expert, E)
+    earlier_same = (bins[:, None] == bins[None, :]) & (lane[None, :] < lane[:, None])
+    rank = tl.sum(earlier_same.to(tl.int64), axis=1)
+    start = tl.load(row_base + bins, mask=valid, other=0, volatile=True)
+    row = start + rank
     tl.store(row_of_slot_ptr + slots, row, mask=valid)
     tl.store(slot_of_row_ptr + row, slots, mask=valid)
+
+
+def num_rows_bound(num_slots: int, num_experts: int, pad_to: int) -> int:
+    """R, the rows :func:`build_index` allocates: the most the segments can need.
+
+    At most ``min(E, N)`` experts receive slots, each with fewer than ``pad_to`` rows of
+    padding, so ``N + min(E, N)·(pad_to − 1)`` rows always suffice; rounded up to a
+    multiple of ``pad_to`` so that the last segment stays aligned too. Equal to N when
+    ``pad_to == 1``. Works on symbolic sizes (used by the op's fake implementation).
+    """
+    if pad_to == 1:
+        return num_slots
+    worst = num_slots + torch.sym_min(num_experts, num_slots) * (pad_to - 1)
+    return (worst + pad_to - 1) // pad_to * pad_to
 
 
 def _launch(experts_TK: Tensor, num_experts: int, pad_to: int) -> SlotIndex:
     experts_N = experts_TK.reshape(-1).contiguous()
     N, E = experts_N.numel(), num_experts
-    device = experts_N.device
-    counts_E = torch.zeros(E, dtype=torch.long, device=device)
-    group_sizes_E = torch.zeros(E, dtype=torch.long, device=device)
-    offsets_E1 = torch.zeros(E + 1, dtype=torch.long, device=device)
-    row_of_slot_N = torch.empty(N, dtype=torch.long, device=device)
-    if N == 0:
-        return SlotIndex(row_of_slot_N, row_of_slot_N.clone(), counts_E, group_sizes_E, offsets_E1)
+    R = num_rows_bound(N, E, pad_to)
+    like = {"dtype": torch.long, "device": experts_N.device}
+    row_of_slot_N = torch.empty(N, **like)
+    slot_of_row_R = torch.empty(R, **like)
+    counts_E = torch.empty(E, **like)
+    group_sizes_E = torch.empty(E, **like)
+    offsets_E1 = torch.empty(E + 1, **like)
+    rows_used = torch.empty((), **like)
+    if N == 0:  # nothing to launch; N is a static size, so this is no sync
+        for t in (counts_E, group_sizes_E, offsets_E1, rows_used):
+            t.zero_()
+        return SlotIndex(
+            row_of_slot_N, slot_of_row_R, counts_E, group_sizes_E, offsets_E1, rows_used
+        )
 
     num_blocks = triton.cdiv(N, _BLOCK_N)
-    block_counts_BE = torch.empty(num_blocks, E, dtype=torch.int32, device=device)
-    block_start_BE = torch.empty_like(block_counts_BE)
-    bins = max(triton.next_power_of_2(E), 16)  # a power of two, and not a degenerate 1
-    _block_histogram[(num_blocks,)](experts_N, block_counts_BE, N, E, BLOCK_N=_BLOCK_N, BINS=bins)
-    _scan_blocks[(triton.cdiv(E, _SCAN_EXPERTS),)](
-        block_counts_BE,
-        block_start_BE,
-        counts_E,
-        num_blocks,
-        E,
-        BLOCK_B=_SCAN_BLOCKS,
-        BLOCK_E=_SCAN_EXPERTS,
-    )
-    _segments[(1,)](counts_E, group_sizes_E, offsets_E1, E, pad_to, BLOCK_E=_SEGMENT_EXPERTS)
-    if pad_to == 1:
-        num_rows = N  # no padding: every row holds a slot, nothing to read back
-        slot_of_row_R = torch.empty(N, dtype=torch.long, device=device)
-    else:
-        num_rows = int(offsets_E1[-1])  # host sync: the padded row count is data-dependent
-        slot_of_row_R = torch.full((num_rows,), -1, dtype=torch.long, device=device)
-    _place[(num_blocks,)](
+    # Scratch whose every element is written before it is read: empty, not zeros.
+    block_counts_BE1 = torch.empty(num_blocks, E + 1, dtype=torch.int32, device=experts_N.device)
+    block_start_BE1 = torch.empty(num_blocks, E + 1, **like)
+    totals_E1 = torch.empty(E + 1, **like)
+    # Bins E (out of range) and E + 1 (lanes past N) exist; a power of two for histogram.
+    bins = triton.next_power_of_2(E + 2)
+    _count[(num_blocks,)](
         experts_N,
-        block_start_BE,
-        offsets_E1,
-        row_of_slot_N,
+        block_counts_BE1,
         slot_of_row_R,
         N,
         E,
+        R,
+        triton.cdiv(R, num_blocks),
         BLOCK_N=_BLOCK_N,
+        BINS=bins,
+        FILL=R > N,
     )
-    return SlotIndex(row_of_slot_N, slot_of_row_R, counts_E, group_sizes_E, offsets_E1)
+    scan_blocks = 16 if interpreted(_scan) else 512
+    _scan[(triton.cdiv(E + 1, _SCAN_BINS),)](
+        block_counts_BE1,
+        block_start_BE1,
+        totals_E1,
+        num_blocks,
+        E,
+        BLOCK_B=scan_blocks,
+        BLOCK_E=_SCAN_BINS,
+    )
+    _place[(num_blocks,)](
+        experts_N,
+        block_start_BE1,
+        totals_E1,
+        row_of_slot_N,
+        slot_of_row_R,
+        counts_E,
+        group_sizes_E,
+        offsets_E1,
+        rows_used,
+        N,
+        E,
+        R,
+        pad_to,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_E=min(triton.next_power_of_2(E + 1), _OFFSET_BINS),
+    )
+    return SlotIndex(row_of_slot_N, slot_of_row_R, counts_E, group_sizes_E, offsets_E1, rows_used)
 
 
 @torch.library.custom_op("moeblocks::build_index", mutates_args=())
 def _build_index_op(
     experts: Tensor, num_experts: int, pad_to: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(_launch(experts, num_experts, pad_to))
 
 
 @_build_index_op.register_fake
 def _(
     experts: Tensor, num_experts: int, pad_to: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     N = experts.numel()
-    if pad_to == 1:
-        num_rows = N
-    else:
-        # The padded row count depends on the counts, so the fake gives an unbacked size.
-        # Its bounds may be symbolic (N is, under dynamic shapes), which new_dynamic_size
-        # does not take, so they are stated as checks: at least one row per slot, at most
-        # pad_to - 1 padding rows per expert.
-        num_rows = torch.library.get_ctx().new_dynamic_size()
-        torch._check(num_rows >= N)
-        torch._check(num_rows <= N + num_experts * (pad_to - 1))
     like = {"dtype": torch.long, "device": experts.device}
+    # Every size is known from N, E and pad_to: no data-dependent (unbacked) sizes.
     return (
         experts.new_empty(N, **like),
-        experts.new_empty(num_rows, **like),
+        experts.new_empty(num_rows_bound(N, num_experts, pad_to), **like),
         experts.new_empty(num_experts, **like),
         experts.new_empty(num_experts, **like),
         experts.new_empty(num_experts + 1, **like),
+        experts.new_empty((), **like),
     )
 
 
-def build_index(experts: Tensor, num_experts: int, pad_to: int = 1) -> SlotIndex:
-    """Group the slots by expert (stable) with a histogram and prefix sums.
+def build_index(
+    experts: Tensor, num_experts: int, pad_to: int = 1, *, sync_checks: bool = False
+) -> SlotIndex:
+    """Group the slots by expert (stable) with a histogram and prefix sums, without a sync.
 
     The result equals a stable argsort of ``experts.reshape(-1)`` exactly. With
     ``pad_to > 1`` every expert segment is rounded up to a multiple of ``pad_to`` rows,
-    whose ``slot_of_row`` is -1. Costs: with ``pad_to == 1`` the output sizes are known
-    and nothing is read back; ``pad_to > 1`` reads the padded row count back to the host
-    (one device sync). In eager mode the expert ids are range-checked, which also reads
-    one scalar back; that check is skipped while ``torch.compile`` traces.
+    whose ``slot_of_row`` is -1, and the grouped rows number the worst case
+    :func:`num_rows_bound` (the unused ones pad the last segment), so no size is read
+    back to the host: the real row count is the device tensor ``rows_used``.
 
-    Registered as ``torch.ops.moeblocks.build_index``; its fake gives ``slot_of_row`` an
-    unbacked size in ``[N, N + E·(pad_to - 1)]`` when ``pad_to > 1``.
+    Ids are range-checked (``ValueError``) for CPU tensors, where it costs no device
+    sync, and for CUDA tensors only with ``sync_checks=True`` (one sync); not while
+    ``torch.compile`` traces. Unchecked ids outside ``[0, num_experts)`` are never read
+    or written out of bounds: their slots land after the last real segment (their
+    results are meaningless), and ``TRITON_DEBUG=1`` turns them into a device assert.
+
+    Registered as ``torch.ops.moeblocks.build_index``, whose fake gives every output a
+    size known from N, E and ``pad_to``, so it compiles without graph breaks.
 
     Args:
         experts: ``[T, K]`` integer expert ids in ``[0, num_experts)``.
         num_experts: E, the number of experts.
         pad_to: Segment alignment in rows, >= 1.
+        sync_checks: Also range-check the ids of CUDA tensors (one device sync).
 
     Returns:
         A :class:`SlotIndex` of int64 tensors.
 
     Example:
-        Three tokens, top-1, two experts, segments padded to 2 rows::
+        Three tokens, top-1, two experts, segments padded to 2 rows; at most
+        3 + 2·1 = 5 rows are needed, rounded up to 6::
 
             >>> idx = build_index(torch.tensor([[1], [0], [1]]), num_experts=2, pad_to=2)
             >>> idx.slot_of_row.tolist(), idx.row_of_slot.tolist()
-            ([1, -1, 0, 2], [2, 0, 3])
+            ([1, -1, 0, 2, -1, -1], [2, 0, 3])
             >>> idx.counts.tolist(), idx.group_sizes.tolist(), idx.offsets.tolist()
-            ([1, 2], [2, 2], [0, 2, 4])
+            ([1, 2], [2, 4], [0, 2, 6])
+            >>> int(idx.rows_used)
+            4
     """
     check_index(experts, "experts", 2)
     check_positive_int(num_experts, "num_experts")
     check_positive_int(pad_to, "pad_to")
     check_launchable(_place, experts, "experts")
-    if experts.numel() and not torch.compiler.is_compiling():
+    checked = experts.device.type == "cpu" or sync_checks
+    if checked and experts.numel() and not torch.compiler.is_compiling():
         low, high = experts.min(), experts.max()
-        if bool((low < 0) | (high >= num_experts)):  # host sync, eager only
+        if bool((low < 0) | (high >= num_experts)):  # a device sync on CUDA (opt-in)
             raise ValueError(
                 f"experts must hold ids in [0, {num_experts}) (num_experts={num_experts}), "
                 f"got values in [{int(low)}, {int(high)}]"

@@ -4,9 +4,13 @@ Legend: T tokens, E experts, K experts per token, N = T·K slots, R grouped rows
 padding), D model dim.
 
 ``grouped[r] = w[s] · x[s // K]`` for the slot ``s = slot_of_row[r]`` (``w = 1`` when no
-weights are given), and zero for padding rows (``s = -1``). Every output row is written
-by exactly one program, so the op is deterministic. The optional per-slot scale makes
-the op the exact transpose of :mod:`.unpermute`, which is what their backward passes use.
+weights are given), and zero for padding rows (``s = -1``). The kernel is token-major:
+one program reads ``x[t]`` once and writes its K rows through ``row_of_slot`` (a
+row-major gather would read every token row K times); padding rows are zeroed by extra
+programs that scan ``slot_of_row``, launched only when there is padding. Every output
+row is written by exactly one program, so the op is deterministic. The optional
+per-slot scale makes the op the exact transpose of :mod:`.unpermute`, which is what
+their backward passes use.
 """
 
 import torch
@@ -15,48 +19,55 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_float, check_launchable, check_same_device, check_slot_index
-from ._tiles import NUM_WARPS, accumulator, tile_sizes
+from ._tiles import LAUNCH_OPTIONS, accumulator, autotuned, row_grid, zero_padding_rows
 
 __all__ = ["permute"]
 
 
+@autotuned
 @triton.jit
 def _permute(
     x_ptr,
     w_ptr,
+    row_of_slot_ptr,
     slot_of_row_ptr,
     out_ptr,
+    T,
     R,
     D,
     K,
     HAS_WEIGHTS: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    slot = tl.load(slot_of_row_ptr + rows, mask=row_ok, other=-1)
-    filled = row_ok & (slot >= 0)
-    token = tl.where(filled, slot // K, 0)
-    if HAS_WEIGHTS:
-        w = tl.load(w_ptr + slot, mask=filled, other=0).to(ACC)
-    # Any D: walk the row in BLOCK_D pieces, masking the tail.
-    for first in range(0, D, BLOCK_D):
-        cols = first + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        # Padding rows load nothing and store zeros.
-        v = tl.load(
-            x_ptr + token[:, None] * D + cols[None, :],
-            mask=filled[:, None] & col_ok[None, :],
-            other=0,
-        )
-        if HAS_WEIGHTS:
-            v = v.to(ACC) * w[:, None]  # one rounding, after the product
-        tl.store(
-            out_ptr + rows[:, None] * D + cols[None, :],
-            v.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & col_ok[None, :],
+    # Token-major: the first cdiv(T, BLOCK_ROWS) programs each read BLOCK_ROWS token rows
+    # once and write their K copies; the programs after them (launched only when there
+    # are padding rows) write zeros to the rows whose slot is -1.
+    block = tl.program_id(0)
+    if block < tl.cdiv(T, BLOCK_ROWS):
+        tokens = block.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        token_ok = tokens < T
+        for first in range(0, D, BLOCK_D):
+            cols = first + tl.arange(0, BLOCK_D)
+            mask = token_ok[:, None] & (cols < D)[None, :]
+            v = tl.load(x_ptr + tokens[:, None] * D + cols[None, :], mask=mask, other=0)
+            for j in range(K):
+                slot = tokens * K + j
+                # int64 before any multiply: int32 rows would wrap past 2^31 elements.
+                row = tl.load(row_of_slot_ptr + slot, mask=token_ok, other=0).to(tl.int64)
+                out = v
+                if HAS_WEIGHTS:
+                    w = tl.load(w_ptr + slot, mask=token_ok, other=0).to(ACC)
+                    out = v.to(ACC) * w[:, None]  # one rounding, after the product
+                tl.store(
+                    out_ptr + row[:, None] * D + cols[None, :],
+                    out.to(out_ptr.dtype.element_ty),
+                    mask=mask,
+                )
+    else:
+        zero_padding_rows(
+            slot_of_row_ptr, out_ptr, block - tl.cdiv(T, BLOCK_ROWS), R, D, BLOCK_ROWS, BLOCK_D
         )
 
 
@@ -64,25 +75,24 @@ def _permute(
 def _permute_op(
     x: Tensor, weights: Tensor | None, row_of_slot: Tensor, slot_of_row: Tensor, top_k: int
 ) -> Tensor:
-    R, D = slot_of_row.shape[0], x.shape[1]
+    T, N, R, D = x.shape[0], row_of_slot.shape[0], slot_of_row.shape[0], x.shape[1]
     out_RD = x.new_empty(R, D)
     if R == 0 or D == 0:
         return out_RD
-    block_r, block_d = tile_sizes(D)
     w = weights.contiguous() if weights is not None else x  # x: a placeholder, never read
-    _permute[(triton.cdiv(R, block_r),)](
+    _permute[row_grid(T, N, R)](
         x.contiguous(),
         w,
+        row_of_slot.contiguous(),
         slot_of_row.contiguous(),
         out_RD,
+        T,
         R,
         D,
         top_k,
         HAS_WEIGHTS=weights is not None,
         ACC=accumulator(x.dtype),
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
+        **LAUNCH_OPTIONS,
     )
     return out_RD
 

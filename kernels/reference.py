@@ -15,6 +15,7 @@ __all__ = [
     "build_index_reference",
     "permute_reference",
     "slot_dot_reference",
+    "unpermute_backward_reference",
     "unpermute_reference",
 ]
 
@@ -25,13 +26,18 @@ def _acc(*tensors: Tensor) -> torch.dtype:
 
 def build_index_reference(
     experts: Tensor, num_experts: int, pad_to: int = 1
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Expert by expert: list its slots in slot order, then pad its segment.
 
+    Rows after the last segment up to ``num_rows_bound`` are padding too, counted in the
+    last expert's group size, as the kernel lays them out.
+
     Returns:
-        ``(row_of_slot[N], slot_of_row[R], counts[E], group_sizes[E], offsets[E+1])``.
+        ``(row_of_slot[N], slot_of_row[R], counts[E], group_sizes[E], offsets[E+1],
+        rows_used[])``.
     """
     flat_N = experts.reshape(-1).long()
+    N = flat_N.numel()
     segments, counts, sizes = [], [], []
     for e in range(num_experts):
         slots = torch.nonzero(flat_N == e).flatten()  # ascending: stable by construction
@@ -40,7 +46,12 @@ def build_index_reference(
         segments.append(torch.cat([slots, padding]))
         counts.append(slots.numel())
         sizes.append(size)
-    slot_of_row_R = torch.cat(segments) if segments else flat_N.new_empty(0)
+    rows_used = sum(sizes)
+    # The worst case: min(E, N) experts with pad_to - 1 padding rows each, aligned.
+    R = N if pad_to == 1 else -(-(N + min(num_experts, N) * (pad_to - 1)) // pad_to) * pad_to
+    tail = torch.full((R - rows_used,), -1, dtype=torch.long, device=flat_N.device)
+    slot_of_row_R = torch.cat([*segments, tail])
+    sizes[-1] += R - rows_used
     row_of_slot_N = torch.empty_like(flat_N)
     filled = slot_of_row_R >= 0
     row_of_slot_N[slot_of_row_R[filled]] = torch.nonzero(filled).flatten()
@@ -54,6 +65,7 @@ def build_index_reference(
         torch.tensor(counts, **like),
         torch.tensor(sizes, **like),
         torch.tensor(offsets, **like),
+        torch.tensor(rows_used, **like),
     )
 
 
@@ -93,3 +105,18 @@ def slot_dot_reference(
     dtype = _acc(a, b)
     rows_TKD = b[row_of_slot].reshape(T, top_k, D).to(dtype)
     return (a.to(dtype)[:, None, :] * rows_TKD).sum(-1)
+
+
+def unpermute_backward_reference(
+    grad: Tensor,
+    y: Tensor,
+    row_of_slot: Tensor,
+    slot_of_row: Tensor,
+    top_k: int,
+    weights: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(grad_y, grad_w)`` of a weighted unpermute: a weighted permute and a slot dot."""
+    dtype = _acc(grad, y, weights)
+    w = weights.to(dtype)
+    grad_y = permute_reference(grad.to(dtype), row_of_slot, slot_of_row, top_k, w).to(y.dtype)
+    return grad_y, slot_dot_reference(grad, y, row_of_slot, slot_of_row, top_k)

@@ -4,7 +4,8 @@ Legend: T tokens, E experts, K experts per token, N = T·K slots, R grouped rows
 padding), D model dim.
 
 ``dots[t, j] = <a[t], b[row_of_slot[t·K + j]]>``, accumulated in float32 (float64 for
-float64 inputs) over D in fixed pieces, then reduced once per slot, so the result is
+float64 inputs) over D in fixed pieces, then reduced once per slot. The tile is a fixed
+function of D (never autotuned: a reduction's order follows the tile), so the result is
 reproducible. With ``a`` the output gradient and ``b`` the expert outputs it is the
 gradient of unpermute's weights; with ``a`` the tokens and ``b`` the gradient of the
 grouped rows, the gradient of permute's weights.
@@ -16,11 +17,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_float, check_launchable, check_same_device, check_slot_index
-from ._tiles import NUM_WARPS, accumulator, tile_sizes
+from ._tiles import LAUNCH_OPTIONS, accumulator, fixed
 
 __all__ = ["slot_dot"]
 
 
+@fixed
 @triton.jit
 def _slot_dot(
     a_ptr,
@@ -31,14 +33,15 @@ def _slot_dot(
     D,
     K,
     ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     slot_ok = slots < N
     token = slots // K
-    row = tl.load(row_of_slot_ptr + slots, mask=slot_ok, other=0)
-    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC)
+    # int64 before any multiply: int32 rows would wrap past 2^31 elements.
+    row = tl.load(row_of_slot_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=ACC)
     for first in range(0, D, BLOCK_D):
         cols = first + tl.arange(0, BLOCK_D)
         mask = slot_ok[:, None] & (cols < D)[None, :]
@@ -61,8 +64,7 @@ def _slot_dot_op(
     if N == 0 or D == 0:
         return a.new_zeros(a.shape[0], top_k, dtype=dtype)
     out_TK = a.new_empty(a.shape[0], top_k, dtype=dtype)
-    block_s, block_d = tile_sizes(D)
-    _slot_dot[(triton.cdiv(N, block_s),)](
+    _slot_dot[lambda meta: (triton.cdiv(N, meta["BLOCK_ROWS"]),)](
         a.contiguous(),
         b.contiguous(),
         row_of_slot.contiguous(),
@@ -71,9 +73,7 @@ def _slot_dot_op(
         D,
         top_k,
         ACC=accumulator(dtype),
-        BLOCK_S=block_s,
-        BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
+        **LAUNCH_OPTIONS,
     )
     return out_TK
 

@@ -21,11 +21,12 @@ from ._checks import (
     check_same_device,
     check_slot_index,
 )
-from ._tiles import NUM_WARPS, accumulator, tile_sizes
+from ._tiles import LAUNCH_OPTIONS, accumulator, autotuned
 
 __all__ = ["unpermute"]
 
 
+@autotuned
 @triton.jit
 def _unpermute(
     y_ptr,
@@ -37,19 +38,19 @@ def _unpermute(
     K,
     HAS_WEIGHTS: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     token_ok = tokens < T
     for first in range(0, D, BLOCK_D):
         cols = first + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        mask = token_ok[:, None] & col_ok[None, :]
-        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC)
+        mask = token_ok[:, None] & (cols < D)[None, :]
+        acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=ACC)
         for j in range(K):
             slot = tokens * K + j
-            row = tl.load(row_of_slot_ptr + slot, mask=token_ok, other=0)
+            # int64 before any multiply: int32 rows would wrap past 2^31 elements.
+            row = tl.load(row_of_slot_ptr + slot, mask=token_ok, other=0).to(tl.int64)
             v = tl.load(y_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0).to(ACC)
             if HAS_WEIGHTS:
                 v = v * tl.load(w_ptr + slot, mask=token_ok, other=0).to(ACC)[:, None]
@@ -69,9 +70,8 @@ def _unpermute_op(
     out_TD = y.new_empty(T, D)
     if T == 0 or D == 0:
         return out_TD
-    block_t, block_d = tile_sizes(D)
     w = weights.contiguous() if weights is not None else y  # y: a placeholder, never read
-    _unpermute[(triton.cdiv(T, block_t),)](
+    _unpermute[lambda meta: (triton.cdiv(T, meta["BLOCK_ROWS"]),)](
         y.contiguous(),
         w,
         row_of_slot.contiguous(),
@@ -81,9 +81,7 @@ def _unpermute_op(
         top_k,
         HAS_WEIGHTS=weights is not None,
         ACC=accumulator(y.dtype),
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
+        **LAUNCH_OPTIONS,
     )
     return out_TD
 
@@ -106,7 +104,8 @@ def unpermute(
 
     Registered as ``torch.ops.moeblocks.unpermute`` with autograd: the gradient of ``y``
     is :func:`permute` of the output gradient scaled by the same weights (zero on
-    padding rows), the gradient of ``weights`` the row-wise dot :func:`slot_dot`.
+    padding rows), the gradient of ``weights`` the row-wise dot :func:`slot_dot`; when
+    both are needed, one fused pass (:func:`unpermute_backward`) computes them together.
 
     Args:
         y: ``[R, D]`` expert outputs in grouped order.

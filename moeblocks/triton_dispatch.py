@@ -29,26 +29,36 @@ class TritonDispatcher:
 
     Returns the same grouped tensor and the same :class:`~moeblocks.routing.Layout` as
     :class:`~moeblocks.dispatch.TorchDispatcher` (bitwise for the layout and for
-    float32), with a histogram-and-prefix-sum index build instead of an argsort and a
-    weighted combine that sums the K copies of a token in a fixed order.
+    float32) when ``pad_to == 1``, with a histogram-and-prefix-sum index build instead
+    of an argsort, a token-major permute that reads every token row once, and a combine
+    that sums the K copies of a token in a fixed order and gets both of its gradients in
+    one pass.
+
+    No host sync: every output size is known from T, K, E and ``pad_to``. With
+    ``pad_to > 1`` that means the worst-case row count
+    :func:`moeblocks.kernels.num_rows_bound` (``N + min(E, N)·(pad_to − 1)``, aligned):
+    the rows the segments do not need are extra zero padding at the end of the last
+    expert's segment (its ``group_sizes`` entry includes them, so the sizes still sum
+    to R), which the expert bank computes and unpermute never reads. Up to that tail,
+    the layout equals the torch dispatcher's.
 
     It runs on CUDA tensors, and on CPU tensors only through Triton's interpreter
     (``TRITON_INTERPRET=1`` set before the kernels are first imported). Anywhere else
     it raises instead of falling back to another backend.
 
-    Costs: with ``pad_to == 1`` sizes are known in advance; ``pad_to > 1`` reads the
-    padded row count back to the host once per :meth:`permute`. In eager mode the expert
-    ids are range-checked, which reads one scalar back (skipped under ``torch.compile``).
-
     Args:
         pad_to: Round every expert segment up to a multiple of this many rows (filled
             with zeros), for grouped GEMMs that want aligned segments. 1 means no padding.
+        sync_checks: Also range-check the expert ids of CUDA tensors in :meth:`permute`
+            (one device sync per call). CPU tensors are always checked; unchecked bad ids
+            are never read or written out of bounds (see
+            :func:`moeblocks.kernels.build_index`).
 
     Raises:
         RuntimeError: If Triton is not installed.
     """
 
-    def __init__(self, pad_to: int = 1) -> None:
+    def __init__(self, pad_to: int = 1, *, sync_checks: bool = False) -> None:
         _check_pad_to(pad_to)
         if not _triton_installed():
             raise RuntimeError(
@@ -57,9 +67,11 @@ class TritonDispatcher:
                 "TorchDispatcher / make_dispatcher('torch')."
             )
         self.pad_to = pad_to
+        self.sync_checks = bool(sync_checks)
 
     def __repr__(self) -> str:
-        return f"TritonDispatcher(pad_to={self.pad_to})"
+        extra = ", sync_checks=True" if self.sync_checks else ""
+        return f"TritonDispatcher(pad_to={self.pad_to}{extra})"
 
     def permute(
         self, tokens: Float[Tensor, "T D"], routing: Routing
@@ -91,7 +103,9 @@ class TritonDispatcher:
                 f"routing.experts is on {experts_TK.device} but tokens is on "
                 f"{tokens.device}; expected both on the same device"
             )
-        index = kernels.build_index(experts_TK, routing.num_experts, self.pad_to)
+        index = kernels.build_index(
+            experts_TK, routing.num_experts, self.pad_to, sync_checks=self.sync_checks
+        )
         K = routing.top_k
         grouped_RD = kernels.permute(tokens, index.row_of_slot, index.slot_of_row, K)
         layout = Layout(
@@ -109,8 +123,10 @@ class TritonDispatcher:
         """Combine expert outputs: ``out[t] = Σ_j weights[t, j] · grouped[row(t·K + j)]``.
 
         The K products are summed in float32, in the order j = 0 … K-1, then rounded
-        once to ``grouped.dtype``. ``weights`` keeps its own dtype (it is not rounded to
-        ``grouped.dtype`` first, unlike the torch reference) and gets a gradient of it.
+        once to ``grouped.dtype``. ``weights`` keeps its own dtype (it is not rounded
+        to ``grouped.dtype`` first, unlike the torch reference) and gets a gradient of
+        it. The backward pass computes the gradients of ``grouped`` and ``weights`` in
+        one pass over the rows.
 
         Args:
             grouped: Expert outputs in grouped order.

@@ -25,7 +25,20 @@ _HOOKED = sorted(
 )
 _HOOKED = [m.removesuffix(".__init__") for m in _HOOKED]
 assert "moeblocks" not in sys.modules, "moeblocks was imported before the jaxtyping hook"
-install_import_hook(_HOOKED, "beartype.beartype")
+try:
+    import beartype  # noqa: F401
+except ImportError:  # e.g. a GPU machine with a fixed environment: test without the checks
+    _SHAPE_NOTE = "beartype is not installed: runtime shape checking is OFF for this run"
+    print(f"NOTE: {_SHAPE_NOTE}", file=sys.stderr)
+else:
+    _SHAPE_NOTE = "runtime shape checking: jaxtyping + beartype"
+    install_import_hook(_HOOKED, "beartype.beartype")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say in the header whether shapes are checked at run time."""
+    return _SHAPE_NOTE
+
 
 # CI must never fail by chance: its profile is deterministic. "thorough" explores with
 # random seeds; each failure it finds becomes an explicit @example.

@@ -110,21 +110,109 @@ def assert_within(
 # ------------------------------------------------------------------ index
 
 
+def assert_index_matches_layout(got: kernels.SlotIndex, want, pad_to: int, E: int) -> None:
+    """Exact equality with build_layout up to its R; after it, the kernel's unused tail."""
+    N = want.row_of_slot.shape[0]
+    used = want.num_rows
+    R = kernels.num_rows_bound(N, E, pad_to)
+    assert got.slot_of_row.shape == (R,)
+    assert torch.is_tensor(got.rows_used)
+    assert got.rows_used.shape == ()
+    assert int(got.rows_used) == used
+    assert torch.equal(got.row_of_slot, want.row_of_slot)
+    assert torch.equal(got.slot_of_row[:used], want.slot_of_row)
+    assert bool((got.slot_of_row[used:] == -1).all())
+    assert torch.equal(got.counts, want.counts)
+    assert torch.equal(got.offsets[:-1], want.offsets[:-1])
+    assert int(got.offsets[-1]) == R
+    # The last segment takes the unused tail, so the sizes sum to R.
+    assert torch.equal(got.group_sizes[:-1], want.group_sizes[:-1])
+    assert int(got.group_sizes[-1]) == int(want.group_sizes[-1]) + R - used
+    for field in got:
+        assert field.dtype == torch.long
+
+
 @SETTINGS
 @given(routed(skews=st.sampled_from(["uniform", "one_expert", "few_experts", "repeats"])), pad_st)
 def test_index_equals_build_layout_exactly(case, pad_to):
     T, E, K, skew, seed = case
     experts_TK = make_experts(T, E, K, skew, seed)
     got = kernels.build_index(experts_TK, E, pad_to)
-    want = build_layout(experts_TK, E, pad_to)
-    for name in ("row_of_slot", "slot_of_row", "counts", "group_sizes", "offsets"):
-        g, w = getattr(got, name), getattr(want, name)
-        assert g.dtype == w.dtype, name
-        assert torch.equal(g, w), name
+    assert_index_matches_layout(got, build_layout(experts_TK, E, pad_to), pad_to, E)
     for g, w in zip(got, ref.build_index_reference(experts_TK.cpu(), E, pad_to), strict=True):
         assert torch.equal(g.cpu(), w)
     assert int(got.counts.sum()) == T * K
     assert bool((got.group_sizes % pad_to == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("T", "E", "K", "pad_to", "dtype"),
+    [
+        # N = 6000 slots = 47 blocks of 128: three steps of the interpreter's 16-block
+        # scan tile (512 on a GPU), with padding and int32 ids.
+        (1500, 64, 4, 8, torch.int32),
+        # 257 experts: 17 scan programs of 16 bins, the last holding the out-of-range bin.
+        (700, 257, 8, 1, torch.int64),
+    ],
+)
+def test_index_at_scale_crosses_scan_blocks(T, E, K, pad_to, dtype):
+    experts_TK = make_experts(T, E, K, "one_expert", 7).to(dtype)
+    got = kernels.build_index(experts_TK, E, pad_to)
+    assert_index_matches_layout(got, build_layout(experts_TK.long(), E, pad_to), pad_to, E)
+
+    # The whole dispatch at this size, gradients included (D = 3 keeps it quick).
+    routing = make_routing(experts_TK.long(), E, 7)
+    x = torch.randn(T, 3, device=DEVICE, requires_grad=True)
+    w = routing.weights.clone().requires_grad_()
+    grouped, layout = TritonDispatcher(pad_to).permute(x, routing)
+    grouped_ref, layout_ref = TorchDispatcher(pad_to).permute(x, routing)
+    assert torch.equal(grouped[: layout_ref.num_rows], grouped_ref)
+    out = TritonDispatcher(pad_to).unpermute(grouped.sin(), layout, w)
+    out_ref = TorchDispatcher(pad_to).unpermute(grouped_ref.sin(), layout_ref, w)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w), g)
+    grads_ref = torch.autograd.grad(out_ref, (x, w), g)
+    # float32 sums of K (for x: K, for w: D = 3) products in possibly other orders.
+    for a, b in zip((out, *grads), (out_ref, *grads_ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_index_out_of_range_ids_stay_in_bounds():
+    """Unchecked bad ids (CUDA without sync_checks, or compiled) never leave [0, R)."""
+    E, pad_to = 4, 2
+    experts_TK = torch.tensor([[0, 5], [-1, 3], [3, 2**33], [1, 0]], device=DEVICE)
+    # The op directly: the Python wrapper would raise on these CPU ids.
+    index = kernels.SlotIndex(*torch.ops.moeblocks.build_index(experts_TK, E, pad_to))
+    N, R = 8, kernels.num_rows_bound(8, E, pad_to)
+    assert index.slot_of_row.shape == (R,)
+    # Every slot has its own row, inside the tensor; the rows agree both ways.
+    assert sorted(index.row_of_slot.tolist()) == sorted(set(index.row_of_slot.tolist()))
+    assert bool(((index.row_of_slot >= 0) & (index.row_of_slot < R)).all())
+    assert torch.equal(index.slot_of_row[index.row_of_slot], torch.arange(N, device=DEVICE))
+    # The valid ids are counted and placed as if the bad ones were not there.
+    assert index.counts.tolist() == [2, 1, 0, 2]
+    bad = torch.tensor([1, 2, 5], device=DEVICE)  # slots of 5, -1 and 2^33
+    assert bool((index.row_of_slot[bad] >= index.rows_used).all())
+
+
+def test_index_build_has_no_host_sync():
+    """Structurally: the count is a device tensor and the op compiles without a break."""
+    experts_TK = make_experts(40, 6, 2, "few_experts", 3)
+    index = kernels.build_index(experts_TK, 6, pad_to=4)
+    assert isinstance(index.rows_used, torch.Tensor)
+    assert index.rows_used.device == experts_TK.device
+    explanation = torch._dynamo.explain(lambda e: torch.ops.moeblocks.build_index(e, 6, 4))(
+        experts_TK
+    )
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+    # A data-dependent size would need an unbacked symbol in the fake outputs.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(experts_TK)
+        shapes = [tuple(t.shape) for t in torch.ops.moeblocks.build_index(fake, 6, 4)]
+    assert shapes == [(80,), (kernels.num_rows_bound(80, 6, 4),), (6,), (6,), (7,), ()]
 
 
 # ------------------------------------------------- dispatcher vs reference
@@ -135,6 +223,8 @@ def test_index_equals_build_layout_exactly(case, pad_to):
 # rounds up to pad_to), and the interpreter pays for every row. One 1024-expert example.
 @given(routed(experts=st.integers(1, 64)), dims_st, st.sampled_from(FLOATS), pad_st)
 @example((33, 1024, 8, "uniform", 0), 100, torch.bfloat16, 2)
+# Found by a CI seed: the torch dispatcher's CPU bmm adds K = 8 products in another order.
+@example((2, 8, 8, "uniform", 0), 77, torch.float32, 1)
 def test_dispatcher_matches_torch_and_reference(case, D, dtype, pad_to):
     T, E, K, skew, seed = case
     experts_TK = make_experts(T, E, K, skew, seed)
@@ -145,16 +235,27 @@ def test_dispatcher_matches_torch_and_reference(case, D, dtype, pad_to):
 
     grouped, layout = TritonDispatcher(pad_to).permute(x, routing)
     grouped_ref, layout_ref = TorchDispatcher(pad_to).permute(x, routing)
-    # Permute only copies: bitwise equal in every dtype.
-    assert torch.equal(grouped, grouped_ref)
-    assert torch.equal(layout.slot_of_row, layout_ref.slot_of_row)
+    # Permute only copies: bitwise equal in every dtype, up to the torch layout's R;
+    # the Triton layout's worst-case tail after it is zero padding.
+    used = layout_ref.num_rows
+    assert torch.equal(grouped[:used], grouped_ref)
+    assert bool((grouped[used:] == 0).all())
+    assert torch.equal(layout.slot_of_row[:used], layout_ref.slot_of_row)
+    assert torch.equal(layout.row_of_slot, layout_ref.row_of_slot)
 
     # Expert outputs: something per row, so a wrong row shows up.
     y = (grouped * 1.5 + 0.25).detach().requires_grad_()
     out = TritonDispatcher(pad_to).unpermute(y, layout, w)
     out_torch = TorchDispatcher(pad_to).unpermute(y, layout, w)
     if dtype == torch.float32:
-        assert torch.equal(out, out_torch)
+        # Both add the same K float32 products, in possibly different orders (the CPU
+        # bmm changes its order with K): each is within (K + 1)·2^-24 of the sum of
+        # |terms| from the exact value (Higham, ch. 4), so they differ by at most twice.
+        bound = ref.unpermute_reference(
+            y.detach().abs().double(), layout.row_of_slot, layout.slot_of_row, K, w.abs().double()
+        )
+        err = (out.double() - out_torch.double()).abs()
+        assert bool((err <= 2 * (K + 1) * 2.0**-24 * bound + torch.finfo(dtype).tiny).all())
     else:
         # The torch reference also rounds the weights to the half type and may add the K
         # products in the half type: up to K + 2 further roundings of half an ulp.
@@ -178,7 +279,7 @@ def test_dispatcher_matches_torch_and_reference(case, D, dtype, pad_to):
 
     g_grouped = torch.randn(grouped.shape, generator=gen).to(DEVICE, dtype)
     (g_x,) = torch.autograd.grad(grouped, x, g_grouped)
-    (g_x_torch,) = torch.autograd.grad(grouped_ref, x, g_grouped)
+    (g_x_torch,) = torch.autograd.grad(grouped_ref, x, g_grouped[:used])
     g_x64 = ref.unpermute_reference(g_grouped.double(), *index)
     g_x_bound = ref.unpermute_reference(g_grouped.double().abs(), *index)
     assert_within(g_x, g_x64, g_x_bound, K)
@@ -190,7 +291,7 @@ def test_dispatcher_matches_torch_and_reference(case, D, dtype, pad_to):
 @SETTINGS
 @given(routed(experts=st.integers(1, 64)), dims_st, st.sampled_from(FLOATS), pad_st)
 def test_weighted_permute_and_slot_dot_match_reference(case, D, dtype, pad_to):
-    """The two ops only the backward passes use, called directly."""
+    """The ops only the backward passes use, called directly."""
     T, E, K, skew, seed = case
     index = kernels.build_index(make_experts(T, E, K, skew, seed), E, pad_to)
     gen = torch.Generator().manual_seed(seed)
@@ -204,11 +305,27 @@ def test_weighted_permute_and_slot_dot_match_reference(case, D, dtype, pad_to):
     assert_within(scaled, exact, exact, 1)
     dots = kernels.slot_dot(x, b, *args)
     assert dots.dtype == torch.float32
-    assert_within(
-        dots,
-        ref.slot_dot_reference(x.double(), b.double(), *args),
-        ref.slot_dot_reference(x.double().abs(), b.double().abs(), *args),
-        D,
+    dots_exact = ref.slot_dot_reference(x.double(), b.double(), *args)
+    dots_bound = ref.slot_dot_reference(x.double().abs(), b.double().abs(), *args)
+    assert_within(dots, dots_exact, dots_bound, D)
+
+    # The fused unpermute backward: x plays the output gradient, b the expert outputs.
+    grad_b, grad_w = kernels.unpermute_backward(x, b, *args, weights=w)
+    assert grad_b.dtype == dtype
+    assert grad_w.dtype == torch.float32
+    assert_within(grad_b, exact, exact, 1)  # the same weighted permute, padding rows 0
+    assert_within(grad_w, dots_exact, dots_bound, D)
+    g64, w64 = ref.unpermute_backward_reference(x.double(), b.double(), *args, w.double())
+    assert_within(grad_b, g64, g64, 1)
+    assert_within(grad_w, w64, dots_bound, D)
+
+    # int32 indices give the same bits (the kernels widen them before any multiply).
+    args32 = (index.row_of_slot.int(), index.slot_of_row.int(), K)
+    assert torch.equal(kernels.permute(x, *args32, weights=w), scaled)
+    assert torch.equal(kernels.unpermute(b, *args32, weights=w), kernels.unpermute(b, *args, w))
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(kernels.unpermute_backward(x, b, *args32, w), (grad_b, grad_w), strict=True)
     )
 
 
@@ -281,6 +398,10 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, inputs)
         # Random projections instead of the full Jacobian of the Jacobian: far fewer calls.
         assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+    # The fused backward's own backward (what a double backward of unpermute runs).
+    g = torch.randn(T, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    fused = lambda g, y, w: kernels.unpermute_backward(g, y, *args, weights=w)  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (g, y, w), fast_mode=True)
 
 
 # ------------------------------------------------------- torch.library
@@ -300,6 +421,8 @@ def test_opcheck(pad_to):
     torch.library.opcheck(ops.permute.default, (x, w, *args))
     torch.library.opcheck(ops.unpermute.default, (y, w, *args))
     torch.library.opcheck(ops.slot_dot.default, (x, y, *args))
+    g = torch.randn(T, D, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.unpermute_backward.default, (g, y, w, *args))
     if pad_to == 1:
         torch.library.opcheck(ops.permute.default, (x, None, *args))
         torch.library.opcheck(ops.unpermute.default, (y, None, *args))
@@ -390,6 +513,16 @@ def _bad_calls():
             ValueError,
             r"b must have shape \(R, D\)",
         ),
+        (
+            lambda: kernels.unpermute_backward(x, torch.randn(3, 4), *args, 2, torch.ones(2, 2)),
+            ValueError,
+            r"y must have shape \(R, D\) = \(4, 4\)",
+        ),
+        (
+            lambda: kernels.unpermute_backward(x, torch.randn(4, 4), *args, 2, torch.ones(2)),
+            ValueError,
+            "weights must have 2 dimensions",
+        ),
         (lambda: TritonDispatcher(pad_to=0), ValueError, "pad_to"),
         (lambda: TritonDispatcher().permute(x[:1], make_routing(ex, 3, 0)), ValueError, "same T"),
         (
@@ -454,14 +587,41 @@ def test_gpu_large_matches_torch(pad_to):
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
     grouped, layout = TritonDispatcher(pad_to).permute(x, routing)
     grouped_ref, layout_ref = TorchDispatcher(pad_to).permute(x, routing)
-    assert torch.equal(grouped, grouped_ref)
-    for name in ("row_of_slot", "slot_of_row", "counts", "group_sizes", "offsets"):
-        assert torch.equal(getattr(layout, name), getattr(layout_ref, name)), name
+    used = layout_ref.num_rows
+    assert torch.equal(grouped[:used], grouped_ref)
+    index = kernels.build_index(experts_TK, E, pad_to)
+    assert_index_matches_layout(index, layout_ref, pad_to, E)  # N = 32768: 64 GPU scan steps
     out = TritonDispatcher(pad_to).unpermute(grouped, layout, routing.weights)
     index = (layout.row_of_slot, layout.slot_of_row, K)
     exact = ref.unpermute_reference(grouped.double(), *index, routing.weights.double())
     bound = ref.unpermute_reference(grouped.double().abs(), *index, routing.weights.double())
     assert_within(out, exact, bound, K)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("pad_to", [1, 16])
+def test_gpu_dispatch_has_no_host_sync(pad_to):
+    """Index build, permute, unpermute and both backward passes never sync the host."""
+    E, K = 64, 4
+    experts_TK = make_experts(2048, E, K, "uniform", 2, device="cuda")
+    routing = make_routing(experts_TK, E, 2)
+    x = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = routing.weights.clone().requires_grad_()
+    dispatcher = TritonDispatcher(pad_to)
+
+    def step():
+        grouped, layout = dispatcher.permute(x, routing)
+        out = dispatcher.unpermute(grouped * 2, layout, w)
+        return torch.autograd.grad(out.float().square().sum(), (x, w))
+
+    step()  # the autotuner times its tiles on the first launch (a sync, once per shape)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu
