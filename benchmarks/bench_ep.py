@@ -16,7 +16,15 @@ rank between barriers (so a stage's time is its own, not a wait for a slower ran
 ``fwd`` and ``fwd+bwd`` time the whole expert-parallel layer call without barriers;
 ``plain`` is the same P processes each running the plain MoELayer (TorchDispatcher, all
 E experts, no communication) on its T tokens, interleaved with the expert-parallel calls
-so both see the same core contention. The baseline is ``plain fwd`` at P = 1, one
+so both see the same core contention. The engines of
+:func:`~moeblocks.distributed.parallelize` run a forward and backward of the same layer:
+
+    fsdp+ep   EP over the P ranks, FSDP2 over the rest (the router; each rank's expert
+              shard is whole, its data-parallel complement being one rank)
+    fsdp      FSDP2 alone: every parameter sharded over the P ranks and gathered for
+              each forward and backward; every rank runs all E experts on its tokens
+
+The baseline is ``plain fwd`` at P = 1, one
 process, measured in the same run. Every number is the fastest of the iterations (the
 least disturbed by other work on a shared machine), of the slowest rank, in milliseconds.
 
@@ -43,9 +51,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moeblocks as mb
-from moeblocks.distributed import AllToAllDispatcher, all_to_all_rows, expert_parallelize
+from moeblocks.distributed import (
+    AllToAllDispatcher,
+    ParallelConfig,
+    all_to_all_rows,
+    expert_parallelize,
+    parallelize,
+)
 
 PHASES = ("route", "permute", "counts", "exchange", "experts", "combine")
+ENGINES = ("fsdp+ep fwd+bwd", "fsdp fwd+bwd")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -123,6 +138,8 @@ def rank_main(rank: int, world: int, port: int, cfg: Config, out_path: str) -> N
         plain = build_layer(cfg)
         layer = expert_parallelize(build_layer(cfg))
         x_grad = x.clone().requires_grad_(True)
+        fsdp_ep = parallelize(build_layer(cfg), ParallelConfig(engine="fsdp", ep_size=world))
+        fsdp = parallelize(build_layer(cfg), ParallelConfig(engine="fsdp", ep_size=1))
         stages: list[dict[str, float]] = []
         row = timed(
             {
@@ -130,6 +147,8 @@ def rank_main(rank: int, world: int, port: int, cfg: Config, out_path: str) -> N
                 "fwd": lambda: layer(x),
                 "plain fwd+bwd": lambda: plain(x_grad).out.sum().backward(),
                 "fwd+bwd": lambda: layer(x_grad).out.sum().backward(),
+                "fsdp+ep fwd+bwd": lambda: fsdp_ep(x_grad).out.sum().backward(),
+                "fsdp fwd+bwd": lambda: fsdp(x_grad).out.sum().backward(),
                 "staged": lambda: stages.append(staged_forward(layer, x)),
             },
             cfg,
@@ -160,7 +179,7 @@ def run(world: int, cfg: Config) -> dict[str, float]:
 
 def table(results: dict[int, dict[str, float]]) -> str:
     base = results[1]["plain fwd"]
-    keys = (*PHASES, "fwd", "plain fwd", "fwd+bwd", "plain fwd+bwd")
+    keys = (*PHASES, "fwd", "plain fwd", "fwd+bwd", "plain fwd+bwd", *ENGINES)
     head = ["P", *keys, "fwd / plain fwd", "fwd / baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for world, r in sorted(results.items()):
@@ -193,11 +212,16 @@ def main() -> None:
     args.out.write_text(
         "# Expert parallelism on CPU (gloo): time per MoE forward, by stage\n\n"
         f"Machine: {machine}. One intra-op thread per rank, so P = 4 oversubscribes the "
-        "cores. No GPU numbers: this machine has no GPU.\n\n"
+        "cores. The machine was shared: other processes ran during the measurement, so "
+        "treat differences under ~20 % as noise. No GPU (NCCL) numbers: none were "
+        "measured (this machine has no GPU).\n\n"
         f"Config: {json.dumps(asdict(cfg))} (T per rank, weak scaling, float32, "
         "SwiGLU experts, linear router). Milliseconds, fastest iteration of the slowest "
         "rank; stages are timed between barriers; `plain` = the same P processes "
-        "each running the single-process layer with all experts, no communication.\n\n"
+        "each running the single-process layer with all experts, no communication; "
+        "`fsdp+ep` and `fsdp` = `parallelize` with FSDP2, with and without expert "
+        "parallelism over the P ranks (forward and backward, FSDP2's all-gathers and "
+        "reduce-scatters included).\n\n"
         f"{text}\n"
     )
     print(f"wrote {args.out}")

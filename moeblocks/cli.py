@@ -237,6 +237,7 @@ def _train(args: argparse.Namespace) -> int:
         expert_parallel=args.expert_parallel,
         encoding=args.encoding,
         tune_threads=args.tune_threads,
+        parallel=args.parallel,
     )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
@@ -263,12 +264,12 @@ def _eval(args: argparse.Namespace) -> int:
         run_corpus,
         write_eval_json,
     )
-    from moeblocks.sra.tokenizer import encode
+    from moeblocks.sra.tokencache import encode_split
 
     model, tok, ckpt = load_run(Path(args.run), args.device, args.data, args.encoding)
     import torch
 
-    tokens = torch.from_numpy(encode(tok, run_corpus(ckpt).valid))
+    tokens = torch.from_numpy(encode_split(tok, run_corpus(ckpt), "valid"))
     ev = evaluate_run(model, tokens, ckpt, max_tokens=args.max_tokens or 0,
                       progress=not args.quiet)  # fmt: skip
     print(format_run_eval(ev, ckpt.config.k_final))
@@ -353,7 +354,7 @@ def _demo(args: argparse.Namespace) -> int:
         write_eval_json,
     )
     from moeblocks.sra.report import ExpertTokens, format_expert_tokens, write_report
-    from moeblocks.sra.tokenizer import encode
+    from moeblocks.sra.tokencache import encode_split
     from moeblocks.sra.train import run_summary, train
 
     start = time.perf_counter()
@@ -372,7 +373,7 @@ def _demo(args: argparse.Namespace) -> int:
     )  # fmt: skip
 
     model, tok, ckpt = load_run(out, args.device)
-    tokens = torch.from_numpy(encode(tok, run_corpus(ckpt).valid))
+    tokens = torch.from_numpy(encode_split(tok, run_corpus(ckpt), "valid"))
     ev = evaluate_run(model, tokens, ckpt, progress=not args.quiet)
     print(format_run_eval(ev, config.k_final))
     write_eval_json(ev, report_dir(out), _command_line())
@@ -519,6 +520,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="P",
         help="spread the experts over P ranks; launch with torchrun --nproc-per-node W, "
         "P dividing W (default under torchrun: P = W)",
+    )
+    tr.add_argument(
+        "--parallel",
+        choices=("fsdp", "ddp"),
+        default="fsdp",
+        help="under torchrun: FSDP2 shards parameters, gradients and optimizer state; "
+        "DDP replicates them (default: fsdp)",
     )
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(handler=_train)

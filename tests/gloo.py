@@ -3,7 +3,9 @@
 Each rank runs :data:`PREAMBLE` and then ``code``, with ``RANK``, ``WORLD_SIZE`` and the
 rendezvous variables set and its output path as ``sys.argv[1]``; the script saves what
 the test checks there. The preamble checks shapes as the test run does (the jaxtyping
-hook), imports ``torch``, ``dist`` and ``mb``, sets ``rank`` and joins the gloo group.
+hook; ``shape_checks=False`` leaves it out, for ranks that ``torch.compile``, which
+cannot trace it), imports ``torch``, ``dist`` and ``mb``, sets ``rank`` and joins the
+gloo group.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PREAMBLE = """
-import os, sys
-import torch, torch.distributed as dist
+SHAPE_CHECKS = """
 from jaxtyping import install_import_hook
 install_import_hook("moeblocks", "beartype.beartype")
+"""
+PREAMBLE = (
+    SHAPE_CHECKS
+    + """
+import os, sys
+import torch, torch.distributed as dist
 import moeblocks as mb
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
 """
+)
 
 
 def _free_port() -> int:
@@ -44,13 +51,16 @@ def rank_env(world: int) -> dict[str, str]:
     }
 
 
-def run_ranks(code: str, workdir: Path, world: int = 2, timeout: float = 600) -> list[Path]:
+def run_ranks(
+    code: str, workdir: Path, world: int = 2, timeout: float = 600, *, shape_checks: bool = True
+) -> list[Path]:
     """Run ``code`` on ``world`` ranks; return each rank's output path once all succeed."""
+    preamble = PREAMBLE if shape_checks else PREAMBLE.removeprefix(SHAPE_CHECKS)
     env = rank_env(world)
     outs = [workdir / f"rank{r}.pt" for r in range(world)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", PREAMBLE + code, str(outs[r])],
+            [sys.executable, "-c", preamble + code, str(outs[r])],
             env={**env, "RANK": str(r)},
             cwd=ROOT,
             stdout=subprocess.PIPE,

@@ -14,14 +14,21 @@ A run folder looks like this::
         state.pt               optimizer state, step, RNG state
         manifest.json          size and SHA-256 of each file above
 
-An expert-parallel run (``torchrun`` with ``--expert-parallel``) writes the same files
-from rank 0: the weights and the optimizer state are gathered into the form one process
-holding every expert would have (:func:`moeblocks.distributed.full_state_dict`), so its
-checkpoints resume on any world size; ``state.pt`` adds each rank's RNG state.
+A distributed run (``torchrun``) writes its weights and optimizer state with
+``torch.distributed.checkpoint`` (DCP) instead of ``model.safetensors``: every rank writes
+its own shards into ``dcp/`` (:func:`moeblocks.distributed.save_sharded`), rank 0 the
+other files, and ``state.pt`` holds no optimizer state but each rank's RNG state. DCP
+reads the shards back at any world size, one process included (``eval``, ``inspect`` and
+a resume on one process use :func:`load_weights`, which reads both forms)::
+
+      checkpoints/step-0000600/
+        dcp/.metadata, dcp/__0_0.distcp, ...   weights and optimizer state, sharded
+        config.json, tokenizer.json, state.pt, manifest.json (every file, dcp/ included)
 
 How a save survives a crash at any moment:
 
-1. every file is written into ``checkpoints/.tmp-step-N-*``, ``fsync``-ed and hashed;
+1. every file is written into ``checkpoints/.tmp-step-N-*`` (DCP shards first into a
+   ``.tmp-`` folder of their own, moved in whole), ``fsync``-ed and hashed;
    ``manifest.json`` records the hashes; the folder itself is ``fsync``-ed;
 2. the folder is renamed whole to ``step-N`` (atomic) and its parent ``fsync``-ed;
 3. the new checkpoint is read back and verified against its manifest;
@@ -68,6 +75,7 @@ __all__ = [
     "load_weights",
     "note_skipped",
     "save_checkpoint",
+    "shard_folder",
     "verify_checkpoint",
     "with_data",
 ]
@@ -75,6 +83,7 @@ __all__ = [
 POINTER = "checkpoint.json"
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "state.pt")
+SHARDS = "dcp"  # the DCP folder of a distributed run's checkpoint, in place of FILES[0]
 MANIFEST_FORMAT = 1
 _PREFIX = "step-"
 
@@ -127,6 +136,7 @@ def save_checkpoint(
     weights: Mapping[str, Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     extra_state: Mapping[str, Any] | None = None,
+    sharded: Path | None = None,
 ) -> Path:
     """Write, verify and publish the checkpoint of ``step``; then prune old ones.
 
@@ -143,6 +153,10 @@ def save_checkpoint(
             model's full state dict); tensors that share storage are stored once.
         optimizer_state: Saved instead of ``optimizer.state_dict()``.
         extra_state: More entries for ``state.pt`` (e.g. every rank's RNG state).
+        sharded: A folder from :func:`shard_folder` into which every rank has written
+            the weights and optimizer state with DCP; moved into the checkpoint as
+            ``dcp/`` (``model``, ``weights``, ``optimizer`` and ``optimizer_state`` are
+            then not read).
 
     Returns:
         The new checkpoint folder.
@@ -169,7 +183,10 @@ def save_checkpoint(
     }
 
     def fill(folder: Path) -> None:
-        if weights is None:
+        if sharded is not None:
+            fsync_dir(sharded)  # each rank fsync-ed its own files (DCP sync_files)
+            os.replace(sharded, folder / SHARDS)
+        elif weights is None:
             save_model(model, str(folder / "model.safetensors"), metadata={"step": str(step)})
         else:
             _save_weights(weights, folder / "model.safetensors", {"step": str(step)})
@@ -178,8 +195,11 @@ def save_checkpoint(
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
-        opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
-        state = {"step": step, "optimizer": opt, "rng": rng, **(extra_state or {})}
+        state: dict[str, Any] = {"step": step, "rng": rng, **(extra_state or {})}
+        if sharded is None:
+            state["optimizer"] = (
+                optimizer.state_dict() if optimizer_state is None else optimizer_state
+            )
         torch.save(state, folder / "state.pt")
 
     ckpt_root = run_dir / "checkpoints"
@@ -205,7 +225,7 @@ def _write_folder(final: Path, step: int, fill: Callable[[Path], None]) -> None:
         tmp.chmod(0o755)
         fill(tmp)
         files = {}
-        for name in FILES:
+        for name in _files_of(tmp):
             fsync_file(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files,
@@ -220,6 +240,29 @@ def _write_folder(final: Path, step: int, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _files_of(folder: Path) -> list[str]:
+    """The files a checkpoint folder holds, relative (``dcp/...`` for DCP shards)."""
+    shards = folder / SHARDS
+    names = [n for n in FILES if not (n == FILES[0] and shards.is_dir())]
+    if shards.is_dir():
+        names += sorted(f"{SHARDS}/{p.name}" for p in shards.iterdir() if p.is_file())
+    return names
+
+
+def shard_folder(run_dir: Path, step: int) -> Path:
+    """A new empty folder for the DCP shards of ``step``'s checkpoint (on rank 0).
+
+    It lies in ``checkpoints/`` as a ``.tmp-`` folder, so a save cut short leaves
+    nothing that looks like a checkpoint and the next run removes it; every rank writes
+    into it (on a file system they share), then :func:`save_checkpoint` moves it in.
+    """
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{_PREFIX}{step:07d}-{SHARDS}-"))
+    folder.chmod(0o755)
+    return folder
 
 
 def _save_weights(weights: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -294,7 +337,7 @@ def _problem(path: Path) -> str | None:
         files = m["files"]
         intact = (
             m["sha256"] == _digest(files)
-            and sorted(files) == sorted(FILES)
+            and _known_layout(list(files))
             and all(
                 isinstance(f["bytes"], int) and isinstance(f["sha256"], str) for f in files.values()
             )
@@ -303,7 +346,7 @@ def _problem(path: Path) -> str | None:
         intact = False
     if not intact:
         return f"{manifest} is damaged"
-    for name in FILES:
+    for name in sorted(files):
         file, want = path / name, files[name]
         try:
             size = file.stat().st_size
@@ -319,6 +362,17 @@ def _problem(path: Path) -> str | None:
         if got != want["sha256"]:
             return f"{file} is damaged: its SHA-256 {got[:16]}... differs from {MANIFEST}'s"
     return None
+
+
+def _known_layout(names: list[str]) -> bool:
+    """FILES, or FILES with DCP shards (``dcp/.metadata`` and files) for the weights."""
+    if sorted(names) == sorted(FILES):
+        return True
+    shards = [n for n in names if n.startswith(f"{SHARDS}/")]
+    rest = sorted(n for n in names if n not in shards)
+    plain = all("/" not in n[len(SHARDS) + 1 :] and n[len(SHARDS) + 1 :] not in ("", ".", "..")
+                for n in shards)  # fmt: skip
+    return rest == sorted(FILES[1:]) and f"{SHARDS}/.metadata" in shards and plain
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -374,7 +428,7 @@ def find_checkpoint(run_dir: Path) -> Checkpoint | None:
         CheckpointError: When checkpoints exist but none verifies (each reason named),
             or a checkpoint folder given directly does not verify.
     """
-    if (run_dir / MANIFEST).is_file() or (run_dir / "model.safetensors").is_file():
+    if (run_dir / MANIFEST).is_file() or (run_dir / FILES[0]).is_file():
         return _read(run_dir)
     skipped: list[str] = []
     for _, path in checkpoint_dirs(run_dir):
@@ -416,6 +470,9 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
     if diffs:
         what = _describe(ckpt.config, config, diffs)
         raise UsageError(f"checkpoint {ckpt.path} is from a different config: {what}")
+    if is_sharded(ckpt):
+        _load_sharded_weights(model, ckpt)
+        return
     try:
         load_model(
             model,
@@ -424,6 +481,25 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
             device=str(next(model.parameters()).device),
         )
     except (RuntimeError, OSError, SafetensorError) as err:
+        raise UsageError(
+            f"checkpoint {ckpt.path} does not fit this model: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def is_sharded(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint holds DCP shards (a distributed run's) instead of safetensors."""
+    return (ckpt.path / SHARDS / ".metadata").is_file()
+
+
+def _load_sharded_weights(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Read every shard of a DCP checkpoint into a plain (unsharded) model."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from moeblocks.distributed.checkpoint import load_sharded
+
+    try:
+        load_sharded(ckpt.path / SHARDS, model)
+    except (RuntimeError, OSError, ValueError, CheckpointException) as err:
         raise UsageError(
             f"checkpoint {ckpt.path} does not fit this model: {str(err).splitlines()[0]}"
         ) from err

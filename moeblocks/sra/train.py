@@ -15,17 +15,17 @@ stops at once without saving. A step with a non-finite loss or gradient norm is 
 (:class:`~moeblocks.sra.guards.NonFiniteGuard`); too many in a row raise
 :class:`~moeblocks.sra.guards.DivergedError`.
 
-Expert parallelism: under ``torchrun --nproc-per-node W`` with ``expert_parallel=P``, the
-experts of every MoE layer are spread over groups of P ranks
-(:mod:`moeblocks.distributed`) and each of the W ranks trains on a disjoint slice of the
-same ``(seed, step)`` batch, so W ranks with B / W sequences each see exactly the batch
-one process sees. Rank ``r`` takes rows ``[r·B/W, (r+1)·B/W)``. Each rank's cross-entropy
-is a mean over its B/W·S tokens and :func:`~moeblocks.distributed.all_reduce_gradients`
-averages the W ranks' gradients, which is the gradient of the mean over all B·S tokens;
-the aux losses are computed on global token statistics
-(:func:`~moeblocks.distributed.reduce_aux_losses`). So a W-rank run follows the 1-rank
-run up to float rounding. Rank 0 logs and writes checkpoints, which hold the full
-(gathered) weights and optimizer state and resume on any world size.
+Several processes: under ``torchrun --nproc-per-node W`` the model goes through
+:func:`~moeblocks.distributed.parallelize`: with ``expert_parallel=P`` the experts of every
+MoE layer are spread over groups of P ranks, then FSDP2 (``parallel="fsdp"``, the
+default) shards the rest, or DDP (``parallel="ddp"``) replicates it. Each of the W ranks
+trains on a disjoint slice of the same ``(seed, step)`` batch, so W ranks with B / W
+sequences each see exactly the batch one process sees. Rank ``r`` takes rows
+``[r·B/W, (r+1)·B/W)``. Each rank's cross-entropy is a mean over its B/W·S tokens and the
+engine averages the W ranks' gradients, which is the gradient of the mean over all B·S
+tokens; the aux losses are computed on global token statistics. So a W-rank run follows
+the 1-rank run up to float rounding. Rank 0 logs; checkpoints are written with
+``torch.distributed.checkpoint``, every rank its shards, and resume on any world size.
 """
 
 from __future__ import annotations
@@ -45,25 +45,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moeblocks.distributed import (
-    all_reduce_gradients,
-    clip_grad_norm_,
-    expert_parallel_layers,
-    expert_parallelize,
-    full_state_dict,
-    make_expert_parallel_groups,
-    reduce_aux_losses,
+    ParallelConfig,
+    ParallelModel,
+    load_full_optimizer_state,
+    load_sharded,
+    parallelize,
+    save_sharded,
 )
 from moeblocks.routers import CosineScorer
 from moeblocks.sra.checkpoint import (
+    SHARDS,
     Checkpoint,
     check_corpus,
     checkpoint_dirs,
     describe_differences,
     find_checkpoint,
+    is_sharded,
     load_state,
     load_weights,
     note_skipped,
     save_checkpoint,
+    shard_folder,
     with_data,
 )
 from moeblocks.sra.config import SRAConfig, UsageError
@@ -159,13 +161,13 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass(frozen=True)
 class _Parallel:
-    """This process's place in an expert-parallel run (W ranks, groups of P)."""
+    """This process's place in a distributed run (W ranks, expert groups of P)."""
 
     rank: int
     world: int
     ep_size: int
     local_rank: int
-    groups: Any = None  # ExpertParallelGroups, once the process group is up
+    engine: str = "fsdp"  # "fsdp" or "ddp" (moeblocks.distributed.ParallelConfig.engine)
 
     @property
     def main(self) -> bool:
@@ -173,7 +175,9 @@ class _Parallel:
         return self.rank == 0
 
 
-def _plan_parallel(expert_parallel: int | None, config: SRAConfig) -> _Parallel | None:
+def _plan_parallel(
+    expert_parallel: int | None, config: SRAConfig, engine: str = "fsdp"
+) -> _Parallel | None:
     """Read the ``torchrun`` environment and check it against the config (no communication).
 
     Returns:
@@ -188,6 +192,8 @@ def _plan_parallel(expert_parallel: int | None, config: SRAConfig) -> _Parallel 
     P = world if expert_parallel is None else expert_parallel
     if isinstance(P, bool) or not isinstance(P, int) or P < 1:
         raise UsageError(f"--expert-parallel must be an int >= 1, got {expert_parallel!r}")
+    if engine not in ("fsdp", "ddp"):
+        raise UsageError(f"--parallel must be fsdp or ddp, got {engine!r}")
     if P > 1 and (env_world is None or "RANK" not in os.environ):
         raise UsageError(
             f"--expert-parallel {P} needs one process per rank: launch with "
@@ -208,7 +214,8 @@ def _plan_parallel(expert_parallel: int | None, config: SRAConfig) -> _Parallel 
             f"the batch size {config.batch_size} must be divisible by the world size {world} "
             "(each rank trains on an equal slice of the batch)"
         )
-    return _Parallel(int(os.environ["RANK"]), world, P, int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return _Parallel(int(os.environ["RANK"]), world, P, local_rank, engine)
 
 
 @torch.no_grad()
@@ -236,58 +243,17 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
 
 
-def _expert_dispatchers(model: SRATransformer) -> dict[int, Any]:
-    """Map each expert-shard parameter's ``id`` to the AllToAllDispatcher of its layer."""
-    return {
-        id(p): layer.dispatcher
-        for _, layer in expert_parallel_layers(model)
-        for p in layer.experts.parameters()
-    }
-
-
-def _full_optimizer_state(model: SRATransformer, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer state one process holding every expert would have (a collective).
-
-    AdamW keeps moments shaped like their parameter; those of expert shards ``[E/P, ...]``
-    are all-gathered over the layer's expert-parallel group into ``[E, ...]``, in rank
-    order, as :func:`~moeblocks.distributed.full_state_dict` does for the weights. Dense
-    parameters' state is the same on every rank (their gradients are all-reduced).
-    """
-    experts = _expert_dispatchers(model)
-    state = optimizer.state_dict()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    full: dict[int, dict[str, Any]] = {}
-    for i, p in enumerate(params):  # the same order, and the same entries, on every rank
-        entry = dict(state["state"].get(i, {}))
-        if id(p) in experts and entry:
-            dispatcher = experts[id(p)]
-            for key, t in entry.items():
-                if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                    pieces = [torch.empty_like(t) for _ in range(dispatcher.group_size)]
-                    dist.all_gather(pieces, t.contiguous(), group=dispatcher.group)
-                    entry[key] = torch.cat(pieces)
-        if entry:
-            full[i] = entry
-    return {"state": full, "param_groups": state["param_groups"]}
-
-
-def _load_optimizer_state(
-    model: SRATransformer, optimizer: torch.optim.Optimizer, full: dict
-) -> None:
-    """Load a full optimizer state (from any world size), each rank taking its experts."""
-    experts = _expert_dispatchers(model)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    local: dict[int, dict[str, Any]] = {}
-    for i, entry in full["state"].items():
-        entry = dict(entry)
-        p = params[int(i)]
-        if id(p) in experts:
-            L, rank = p.shape[0], experts[id(p)].group_rank
-            for key, t in entry.items():
-                if isinstance(t, torch.Tensor) and t.ndim and t.shape[1:] == p.shape[1:]:
-                    entry[key] = t[rank * L : (rank + 1) * L]
-        local[int(i)] = entry
-    optimizer.load_state_dict({"state": local, "param_groups": full["param_groups"]})
+def _check_finite_shards(model: torch.nn.Module, step: int) -> None:
+    """:func:`_check_finite` for a sharded model: every rank checks its shards (a collective)."""
+    shards = [t.to_local() if hasattr(t, "to_local") else t for t in model.state_dict().values()]
+    finite = all(bool(t.isfinite().all()) for t in shards if t.is_floating_point())
+    bad = torch.tensor([0.0 if finite else 1.0])
+    dist.all_reduce(bad)
+    if bad.item():
+        raise DivergedError(
+            f"the weights after step {step} are not finite; "
+            "not saved, the checkpoints saved before are kept"
+        )
 
 
 # Config fields a resume may change: they do not alter what the run has trained.
@@ -307,6 +273,7 @@ def train(
     expert_parallel: int | None = None,
     encoding: str | None = None,
     tune_threads: bool = False,
+    parallel: str = "fsdp",
 ) -> TrainResult:
     """Train an SRA model and keep checkpoints in ``out``.
 
@@ -333,6 +300,9 @@ def train(
             destroyed at the end.
         encoding: Text encoding of data files (default UTF-8; with ``resume``, the
             saved one).
+        parallel: The engine of a ``torchrun`` run: ``fsdp`` (FSDP2, parameters,
+            gradients and optimizer state sharded) or ``ddp`` (replicated); see
+            :func:`moeblocks.distributed.parallelize`. Ignored in a single process.
         tune_threads: Re-check the CPU thread count every few seconds as other
             processes come and go (:class:`moeblocks.threads.ThreadTuner`); for counts
             picked from the load, not for ones the user fixed.
@@ -375,7 +345,7 @@ def train(
             )
         spec, encoding = data_spec("pydoc" if data is None else data), encoding or "utf-8"
     dev = resolve_device(device)
-    par = _plan_parallel(expert_parallel, config)
+    par = _plan_parallel(expert_parallel, config, parallel)
 
     # Everything that can fail on bad input happens before the first write.
     corpus = load_corpus(spec, encoding)
@@ -395,8 +365,6 @@ def train(
     try:
         if dist.get_world_size() != par.world or dist.get_rank() != par.rank:
             raise UsageError("the process group does not match WORLD_SIZE / RANK")
-        groups = make_expert_parallel_groups(par.ep_size)
-        par = _Parallel(par.rank, par.world, par.ep_size, par.local_rank, groups)
         return _train(*run, par, stop_at=stop_at, progress=progress, tune_threads=tune_threads)
     finally:
         if owns_group:
@@ -467,22 +435,29 @@ def _fit(
     main = par is None or par.main
     torch.manual_seed(config.seed)
     model = SRATransformer(config).to(dev)
-    if ckpt is not None:
+    sharded = ckpt is not None and is_sharded(ckpt)
+    if ckpt is not None and not sharded:
         load_weights(model, ckpt, config)  # the full weights, before any sharding
-    if par is not None:
-        expert_parallelize(model, par.groups.ep)
-        reduce_aux_losses(model)
     if ckpt is None:
+        # Before sharding, on the whole step-0 batch: every rank seeds what one process
+        # seeds (and FSDP2 would drop writes into gathered parameters).
         _seed_anchors(model, train_tokens, config, dev)
-    optimizer = build_optimizer(model, config)  # after sharding: expert params are new
+    pm: ParallelModel | None = None
+    if par is not None:
+        pm = parallelize(model, ParallelConfig(engine=par.engine, ep_size=par.ep_size))
+    run = model if pm is None else pm.module  # DDP's wrapper; under FSDP2 the model
+    mesh = None if pm is None else pm.expert_mesh
+    optimizer = build_optimizer(model, config)  # after sharding: the parameters are new
     step = 0
     if ckpt is not None:
         state = load_state(ckpt)
         step = int(state["step"])
-        if par is None:
+        if sharded:  # weights and optimizer state, each rank its pieces (any world size)
+            load_sharded(ckpt.path / SHARDS, model, optimizer, expert_mesh=mesh)
+        elif par is None:
             optimizer.load_state_dict(state["optimizer"])
         else:
-            _load_optimizer_state(model, optimizer, state["optimizer"])
+            load_full_optimizer_state(model, optimizer, state["optimizer"], expert_mesh=mesh)
         rngs = state.get("rng_per_rank")
         if par is not None and rngs is not None and len(rngs) == par.world:
             torch.set_rng_state(rngs[par.rank])
@@ -506,15 +481,16 @@ def _fit(
                             keep=config.keep_checkpoints)  # fmt: skip
             last_saved = at
             return
-        weights = full_state_dict(model)  # collectives: every rank takes part
-        _check_finite(weights, at)  # the same full weights on every rank: the same verdict
-        opt_state = _full_optimizer_state(model, optimizer)
+        _check_finite_shards(model, at)  # collective: every rank gets the same verdict
         rngs: list[Any] = [None] * par.world
         dist.all_gather_object(rngs, torch.get_rng_state())
+        folder = [str(shard_folder(out, at)) if main else None]
+        dist.broadcast_object_list(folder, src=0)
+        save_sharded(folder[0], model, optimizer, expert_mesh=mesh)  # every rank its shards
         if main:
             save_checkpoint(
                 out, at, model, optimizer, config, corpus, tok_json,
-                keep=config.keep_checkpoints, weights=weights, optimizer_state=opt_state,
+                keep=config.keep_checkpoints, sharded=Path(folder[0]),
                 extra_state={"rng_per_rank": rngs, "world_size": par.world},
             )  # fmt: skip
         dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
@@ -555,7 +531,7 @@ def _fit(
                     )
                 )
                 with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
-                    res = model(x_BS)
+                    res = run(x_BS)
                 ce = F.cross_entropy(res.logits.flatten(0, 1).float(), y_BS.flatten())
                 aux = res.total_aux_loss()
                 (ce + aux).backward()
@@ -564,8 +540,9 @@ def _fit(
                 if par is None:
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 else:
-                    all_reduce_gradients(model, par.groups)
-                    norm = clip_grad_norm_(model, max_norm, par.groups)
+                    assert pm is not None  # made with par
+                    pm.sync_gradients()  # what the engine leaves (see its docstring)
+                    norm = pm.clip_grad_norm_(max_norm)
                     # One all-reduce: the global mean loss (equal token counts per rank)
                     # and whether any rank got a stop signal, so all stop at the same step.
                     shared = torch.stack(
