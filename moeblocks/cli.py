@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moeblocks._argtypes import positive_int
+from moeblocks._argtypes import non_negative_float, positive_int, probability
 from moeblocks._version import __version__
 
 __all__ = ["main"]
@@ -585,14 +585,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--temperature",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.8,
         metavar="T",
         help="softmax temperature; 0 = always the most likely token (default 0.8)",
     )
     gen.add_argument(
         "--top-p",
-        type=_probability,
+        type=probability,
         default=0.95,
         metavar="P",
         help="sample from the smallest set of tokens holding P of the mass (default 0.95)",
@@ -624,26 +624,6 @@ def _parser() -> argparse.ArgumentParser:
             "by other processes)",
         )
     return parser
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return x
-
-
-def _probability(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return x
 
 
 _MAIN_EXAMPLES = """examples:
