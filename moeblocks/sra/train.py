@@ -218,6 +218,14 @@ def _plan_parallel(
     return _Parallel(int(os.environ["RANK"]), world, P, local_rank, engine)
 
 
+def _autocast(config: SRAConfig, dev: torch.device) -> torch.autocast:
+    """The forward's autocast: bf16 with ``precision="bf16"``, else a no-op.
+
+    As in the official runs, weights, optimizer state and the loss stay float32.
+    """
+    return torch.autocast(dev.type, torch.bfloat16, enabled=config.precision == "bf16")
+
+
 @torch.no_grad()
 def _seed_anchors(
     model: SRATransformer, train_tokens: torch.Tensor, config: SRAConfig, dev: torch.device
@@ -234,7 +242,7 @@ def _seed_anchors(
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(config.seed)
         model.train()
-        with torch.autocast(dev.type, torch.bfloat16, enabled=config.precision == "bf16"):
+        with _autocast(config, dev):
             model(x_BS.to(dev))
 
 
@@ -510,9 +518,6 @@ def _fit(
     log_steps = 0
     dead = "-"
     guard = NonFiniteGuard(config.max_skipped_steps)
-    # bf16 autocast of the forward, as the official runs (weights, optimizer state and
-    # the loss stay float32; the router's matmul runs in bf16 there too).
-    bf16 = config.precision == "bf16"
     tuner = ThreadTuner() if tune_threads and dev.type == "cpu" else None
     save_due = False  # a periodic checkpoint waits for the end of a skipped streak
     log = (out / "log.jsonl").open("a", encoding="utf-8") if main else None
@@ -530,7 +535,7 @@ def _fit(
                         train_tokens, step, config.batch_size, config.seq_len, config.seed
                     )
                 )
-                with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+                with _autocast(config, dev):
                     res = run(x_BS)
                 ce = F.cross_entropy(res.logits.flatten(0, 1).float(), y_BS.flatten())
                 aux = res.total_aux_loss()
