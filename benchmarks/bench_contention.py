@@ -11,13 +11,18 @@ the step time is measured
   run full steps in a loop (they are warmed up before the measured process starts).
 
 Every run is a fresh process (libgomp reads ``OMP_*`` / ``GOMP_*`` once, when torch is
-imported). Times are medians over the measured steps after warm-up steps; tokens are
-random ids. ``small`` uses batch 4 (not 32) to keep the whole run under ~10 minutes on
-2 cores. Ratios are contended / idle step time of the same setting; the last columns
-compare with the idle step time of ``default`` (what a user would see today).
+imported). A measurement is the median step time over the measured steps after warm-up
+steps (at most ``--cap`` seconds of them, at least 3 steps: a collapsed setting needs no
+more to show it); tokens are random ids. Each measurement is repeated ``--repeats``
+times, every round going through all settings once, and the table gives the median of
+the repeats, because on a small shared VM one measurement can be off by 30 %. ``small``
+uses batch 4 (not 32) to keep the run short. Ratios are contended / idle step time of
+the same setting; the last columns compare with the idle step time of ``default`` (what
+a user gets without moeblocks' threading). The ``threads`` column gives the intra-op
+thread count each process ended with (``moeblocks`` picks it from the load).
 
 Usage: python benchmarks/bench_contention.py [--presets tiny small] [--settings ...]
-       [--steps 10] [--warmup 3]
+       [--steps 12] [--warmup 3] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -49,9 +54,8 @@ SMALL_BATCH = 4
 
 
 def worker(preset_name: str, steps: int, setting: str) -> None:
-    """Run ``steps`` training steps (forever if 0), printing each step's seconds."""
+    """Run ``steps`` training steps (forever if 0), printing each step's seconds and threads."""
     import torch
-    import torch.nn.functional as F
 
     tuner = None
     if setting == "moeblocks":
@@ -60,30 +64,16 @@ def worker(preset_name: str, steps: int, setting: str) -> None:
         configure_threads()
         tuner = ThreadTuner()
 
-    from moeblocks.sra.config import preset
-    from moeblocks.sra.model import SRATransformer
-    from moeblocks.sra.train import build_optimizer
+    from _sra_step import training_step
 
-    cfg = preset(preset_name)
-    if preset_name == "small":
-        cfg = cfg.replace(batch_size=SMALL_BATCH)
-    torch.manual_seed(0)
-    model = SRATransformer(cfg)
-    optimizer = build_optimizer(model, cfg)
-    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len))
-    y = torch.roll(x, -1, dims=1)
+    step = training_step(preset_name, SMALL_BATCH if preset_name == "small" else None)
     i = 0
     while steps == 0 or i < steps:
         t0 = time.perf_counter()
-        res = model(x, k=cfg.k_final)
-        ce = F.cross_entropy(res.logits.flatten(0, 1), y.flatten())
-        (ce + res.total_aux_loss()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
         if tuner is not None:
             tuner.step()  # inside the timed step: its cost counts
-        print(f"{time.perf_counter() - t0:.6f}", flush=True)
+        print(f"{time.perf_counter() - t0:.6f} {torch.get_num_threads()}", flush=True)
         i += 1
 
 
@@ -98,13 +88,20 @@ def _spawn(preset_name: str, steps: int, setting: str) -> subprocess.Popen[str]:
 
 
 def measure(
-    preset_name: str, setting: str, competitors: int, steps: int, warmup: int, settle: float
-) -> float:
-    """Median step time (s) of one process while ``competitors`` others run.
+    preset_name: str,
+    setting: str,
+    competitors: int,
+    steps: int,
+    warmup: int,
+    settle: float,
+    cap: float = float("inf"),
+) -> tuple[float, int]:
+    """Median step time (s) of one process while ``competitors`` others run, and its threads.
 
     The process first runs ``warmup`` steps and at least ``settle`` seconds of steps
     (unmeasured), as a training run spends its first seconds: long enough for a
-    ThreadTuner to look at the load twice.
+    ThreadTuner to look at the load twice. Measuring stops after ``steps`` steps or
+    ``cap`` seconds, whichever comes first, but never before 3 steps.
     """
     others: list[subprocess.Popen[str]] = []
     try:
@@ -114,11 +111,16 @@ def measure(
             others[-1].stdout.readline()
         proc = _spawn(preset_name, 0, setting)
         assert proc.stdout is not None
-        start, times = time.perf_counter(), []
+        start, times, threads = time.perf_counter(), [], 0
+        measuring_since = None
         while len(times) < steps:
-            t = float(proc.stdout.readline())
+            seconds, threads_text = proc.stdout.readline().split()
             if len(times) or (warmup <= 0 and time.perf_counter() - start >= settle):
-                times.append(t)
+                measuring_since = measuring_since or time.perf_counter() - float(seconds)
+                times.append(float(seconds))
+                threads = int(threads_text)
+                if len(times) >= 3 and time.perf_counter() - measuring_since >= cap:
+                    break
             warmup -= 1
         proc.kill()
         proc.wait()
@@ -126,17 +128,23 @@ def measure(
         for p in others:
             p.kill()
             p.wait()
-    return statistics.median(times)
+    return statistics.median(times), threads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--steps", type=int, default=10, help="measured steps (median)")
+    parser.add_argument("--steps", type=int, default=12, help="measured steps (median)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     parser.add_argument(
         "--settle", type=float, default=10.0, help="unmeasured seconds first (at least)"
+    )
+    parser.add_argument(
+        "--cap", type=float, default=60.0, help="measured seconds at most (then >= 3 steps)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds over all settings; median of them"
     )
     parser.add_argument("--out", default=str(RESULTS / "contention_cpu.md"))
     parser.add_argument(
@@ -155,24 +163,40 @@ def main() -> None:
 
     start = time.perf_counter()
     header = (
-        "| preset | setting | idle (ms) | +1 (ms) | +2 (ms) | +1 / idle | +2 / idle "
+        "| preset | setting | threads | idle (ms) | +1 (ms) | +2 (ms) | +1 / idle | +2 / idle "
         "| idle / default idle | +1 / default idle | +2 / default idle |"
     )
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    raw: list[str] = []  # every round's median, for the spread
     for name in args.presets:
-        base = None
         small = name == "small"
         steps, warmup = (args.small_steps, 2) if small else (args.steps, args.warmup)
-        for setting in args.small_settings if small else args.settings:
-            t = [measure(name, setting, c, steps, warmup, args.settle) for c in (0, 1, 2)]
-            base = t[0] if base is None or setting == "default" else base
+        settings = args.small_settings if small else args.settings
+        runs: dict[str, list[list[tuple[float, int]]]] = {s: [[], [], []] for s in settings}
+        for r in range(args.repeats):  # a round through every setting, so drift hits all
+            for setting in settings:
+                for c in (0, 1, 2):
+                    got = measure(name, setting, c, steps, warmup, args.settle, args.cap)
+                    runs[setting][c].append(got)
+                    print(f"{name} {setting} +{c} round {r}: {1000 * got[0]:.0f} ms, "
+                          f"{got[1]} threads", flush=True)  # fmt: skip
+        med = {s: [statistics.median(t for t, _ in runs[s][c]) for c in (0, 1, 2)] for s in runs}
+        base = med["default"][0] if "default" in med else med[settings[0]][0]
+        for setting in settings:
+            t = med[setting]
+            threads = "/".join(
+                "-".join(sorted({str(n) for _, n in runs[setting][c]})) for c in (0, 1, 2)
+            )
             line = (
-                f"| {name} | {setting} | {1000 * t[0]:.0f} | {1000 * t[1]:.0f} | "
+                f"| {name} | {setting} | {threads} | {1000 * t[0]:.0f} | {1000 * t[1]:.0f} | "
                 f"{1000 * t[2]:.0f} | {t[1] / t[0]:.2f}x | {t[2] / t[0]:.2f}x | "
                 f"{t[0] / base:.2f}x | {t[1] / base:.2f}x | {t[2] / base:.2f}x |"
             )
             lines.append(line)
             print(line, flush=True)
+            for c in (0, 1, 2):
+                ms = " / ".join(f"{1000 * t:.0f}" for t, _ in runs[setting][c])
+                raw.append(f"- {name} {setting} {('idle', '+1', '+2')[c]}: {ms} ms")
     table = "\n".join(lines)
 
     import torch
@@ -193,7 +217,7 @@ def main() -> None:
     command = (
         f"python benchmarks/bench_contention.py --presets {' '.join(args.presets)} "
         f"--settings {' '.join(args.settings)} --steps {args.steps} --warmup {args.warmup} "
-        f"--settle {args.settle:g} "
+        f"--settle {args.settle:g} --cap {args.cap:g} --repeats {args.repeats} "
         f"--small-settings {' '.join(args.small_settings)} --small-steps {args.small_steps}"
     )
     text = (
@@ -201,15 +225,20 @@ def main() -> None:
         f"Machine: {machine}.\n\n"
         f"Settings (environment before torch loads): {settings}. Each competitor is a "
         "training process of the same preset and setting. One step = forward, CE + aux "
-        f"losses, backward, clip, AdamW at k = k_final; median of {args.steps} steps after "
+        f"losses, backward, clip, AdamW at k = k_final. A measurement is the median of "
+        f"{args.steps} steps (at most {args.cap:g} s of them, at least 3) after "
         f"{args.warmup} warm-up steps and at least {args.settle:g} s (`small`: "
-        f"{args.small_steps} steps, at batch {SMALL_BATCH}). `moeblocks` calls "
+        f"{args.small_steps} steps, at batch {SMALL_BATCH}); the table gives the median of "
+        f"{args.repeats} rounds, each round measuring every setting once in fresh "
+        "processes (every round's value is listed below the table). `moeblocks` calls "
         "`configure_threads()` at start and `ThreadTuner.step()` after every step, as "
         "`moeblocks train` does: competitors start first, each picks its threads from the "
         "load it finds and looks again every few seconds. "
-        "The first columns compare each setting with itself idle; the last three with "
+        "`threads`: the intra-op threads each measured process ended with, idle / +1 / +2. "
+        "The first ratios compare each setting with itself idle; the last three with "
         "`default` idle.\n\n"
-        f"Command: `{command}` ({time.perf_counter() - start:.0f} s)\n\n{table}\n"
+        f"Command: `{command}` ({time.perf_counter() - start:.0f} s)\n\n{table}\n\n"
+        "Every round (ms):\n\n" + "\n".join(raw) + "\n"
     )
     Path(args.out).write_text(text, encoding="utf-8")
     print(f"wrote {args.out}")

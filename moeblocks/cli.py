@@ -25,7 +25,10 @@ Every command run from the shell sets its CPU threads with
 :func:`moeblocks.threads.configure_threads`: ``--threads N``, else ``OMP_NUM_THREADS``,
 else the CPUs this process may use that other processes do not keep busy; in that last
 case ``train`` and ``demo`` look at the load again every few seconds.
-``main(argv)`` called from Python changes threads only when ``--threads`` is given.
+It also lets glibc's malloc keep freed memory for reuse
+(:func:`moeblocks.malloc.configure_malloc`), unless the environment sets the allocator's
+own ``MALLOC_*_`` variables or preloads another allocator. ``main(argv)`` called from
+Python changes threads only when ``--threads`` is given, and leaves the allocator alone.
 """
 
 from __future__ import annotations
@@ -657,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
             process's threads change only with ``--threads`` (see the module docstring).
     """
     args = _parser().parse_args(argv)
+    if argv is None:  # the process is ours: keep freed memory for reuse
+        from moeblocks.malloc import configure_malloc
+
+        configure_malloc()
     if argv is None or getattr(args, "threads", None) is not None:
         from moeblocks.threads import configure_threads
 

@@ -6,7 +6,7 @@ where CPU affinity or a container's CPU quota allow fewer) and idle workers that
 spin-wait for the next parallel region. Beside other CPU-bound processes, a worker
 spinning on a core another process needs burns the time slice the thread it waits for
 could have used: on 2 cores a ``tiny`` training step ran 4-60× slower beside one other
-training process and 6-14× slower beside two, from run to run
+training process and 6-110× slower beside two, from run to run
 (``benchmarks/results/contention_cpu.md``).
 
 :func:`configure_threads` picks the intra-op thread count, in this order:
