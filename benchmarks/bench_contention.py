@@ -64,9 +64,14 @@ def worker(preset_name: str, steps: int, setting: str) -> None:
         configure_threads()
         tuner = ThreadTuner()
 
-    from _sra_step import training_step
+    from _sra_step import make_step
 
-    step = training_step(preset_name, SMALL_BATCH if preset_name == "small" else None)
+    from moeblocks.sra.config import preset
+
+    cfg = preset(preset_name)
+    if preset_name == "small":
+        cfg = cfg.replace(batch_size=SMALL_BATCH)
+    step = make_step(cfg, cfg.k_final)
     i = 0
     while steps == 0 or i < steps:
         t0 = time.perf_counter()

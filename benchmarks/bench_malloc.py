@@ -41,10 +41,13 @@ def worker(preset_name: str, threads: int, setting: str, steps: int, warmup: int
     import resource
 
     import torch
-    from _sra_step import training_step
+    from _sra_step import make_step
+
+    from moeblocks.sra.config import preset
 
     torch.set_num_threads(threads)
-    step = training_step(preset_name)
+    cfg = preset(preset_name)
+    step = make_step(cfg, cfg.k_final)
     times = []
     faults0 = 0
     for i in range(warmup + steps):

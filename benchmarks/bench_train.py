@@ -25,37 +25,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _machine import cpu_name
+from _sra_step import make_step
 
-from moeblocks.sra.config import SRAConfig, preset
-from moeblocks.sra.model import SRATransformer
-from moeblocks.sra.train import build_optimizer
+from moeblocks.sra.config import preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def make_step(config: SRAConfig, k: int | None) -> Callable[[], None]:
-    """One full training step of a fresh model on a fixed random batch."""
-    torch.manual_seed(0)
-    model = SRATransformer(config)
-    optimizer = build_optimizer(model, config)
-    x = torch.randint(0, config.vocab_size, (config.batch_size, config.seq_len))
-    y = torch.roll(x, -1, dims=1)
-
-    def step() -> None:
-        res = model(x, k=k)
-        ce = F.cross_entropy(res.logits.flatten(0, 1), y.flatten())
-        (ce + res.total_aux_loss()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def bench_preset(name: str, rounds: int, warmup: int) -> list[dict[str, object]]:
