@@ -251,19 +251,6 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
 
 
-def _check_finite_shards(model: torch.nn.Module, step: int) -> None:
-    """:func:`_check_finite` for a sharded model: every rank checks its shards (a collective)."""
-    shards = [t.to_local() if hasattr(t, "to_local") else t for t in model.state_dict().values()]
-    finite = all(bool(t.isfinite().all()) for t in shards if t.is_floating_point())
-    bad = torch.tensor([0.0 if finite else 1.0])
-    dist.all_reduce(bad)
-    if bad.item():
-        raise DivergedError(
-            f"the weights after step {step} are not finite; "
-            "not saved, the checkpoints saved before are kept"
-        )
-
-
 # Config fields a resume may change: they do not alter what the run has trained.
 _RESUME_MAY_CHANGE = frozenset({"steps", "keep_checkpoints", "max_skipped_steps"})
 
@@ -489,7 +476,7 @@ def _fit(
                             keep=config.keep_checkpoints)  # fmt: skip
             last_saved = at
             return
-        _check_finite_shards(model, at)  # collective: every rank gets the same verdict
+        _check_finite(model.state_dict(), at, collective=True)
         rngs: list[Any] = [None] * par.world
         dist.all_gather_object(rngs, torch.get_rng_state())
         folder = [str(shard_folder(out, at)) if main else None]
@@ -669,13 +656,28 @@ def _write(log: Any, record: dict[str, Any]) -> None:
         log.flush()
 
 
-def _check_finite(weights: dict[str, torch.Tensor], step: int) -> None:
-    """Raise :class:`DivergedError` rather than checkpoint weights that are NaN or infinite."""
-    floats = [t for t in weights.values() if t.is_floating_point()]
-    if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
-        bad = [n for n, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+def _check_finite(weights: dict[str, torch.Tensor], step: int, *, collective: bool = False) -> None:
+    """Raise :class:`DivergedError` rather than checkpoint weights that are NaN or infinite.
+
+    With ``collective``, ``weights`` is a sharded model's state dict: each rank checks
+    its own pieces (a DTensor's local shard) and one all-reduce gives every rank the
+    same verdict, so all of them stop or save together.
+    """
+    local = {n: t.to_local() if hasattr(t, "to_local") else t for n, t in weights.items()}
+    floats = {n: t for n, t in local.items() if t.is_floating_point()}
+    finite = [torch.isfinite(t).all() for t in floats.values()]
+    ok = torch.stack(finite).tolist() if finite else []  # one sync for all tensors
+    bad = [n for n, good in zip(floats, ok, strict=True) if not good]
+    diverged = bool(bad)
+    if collective:
+        device = next(iter(floats.values())).device if floats else torch.device("cpu")
+        flag = torch.tensor([float(diverged)], device=device)  # NCCL needs the GPU's
+        dist.all_reduce(flag)
+        diverged = bool(flag.item())
+    if diverged:
+        where = ", ".join(bad[:3]) + "..." if bad else "on another rank"
         raise DivergedError(
-            f"the weights after step {step} are not finite ({', '.join(bad[:3])}...); "
+            f"the weights after step {step} are not finite ({where}); "
             "not saved, the checkpoints saved before are kept"
         )
 
