@@ -416,3 +416,27 @@ def test_parallelize_needs_a_process_group() -> None:
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match=r"torch\.distributed initialised"):
         parallelize(_sra_model())
+
+
+def test_local_shard_of_a_dtensor_is_a_writable_view(tmp_path: Path) -> None:
+    """local_shard: a plain tensor is itself; a DTensor gives its local piece, a view."""
+    from moeblocks.distributed import local_shard
+
+    plain = torch.arange(4.0)
+    assert local_shard(plain) is plain
+    if dist.is_initialized():
+        pytest.skip("needs to own the default process group")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        dt = distribute_tensor(torch.arange(6.0), init_device_mesh("cpu", (1,)), [Replicate()])
+        piece = local_shard(dt)
+        assert type(piece) is torch.Tensor
+        assert torch.equal(piece, torch.arange(6.0))
+        piece.add_(1)  # writes through to the DTensor
+        assert torch.equal(dt.to_local(), torch.arange(6.0) + 1)
+    finally:
+        dist.destroy_process_group()

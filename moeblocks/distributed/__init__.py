@@ -52,6 +52,7 @@ from moeblocks.distributed.sharding import all_reduce_gradients as all_reduce_gr
 from moeblocks.distributed.sharding import clip_grad_norm_ as clip_grad_norm_
 from moeblocks.distributed.sharding import expert_parallel_layers as expert_parallel_layers
 from moeblocks.distributed.sharding import expert_parallelize as expert_parallelize
+from moeblocks.distributed.sharding import local_shard as local_shard
 from moeblocks.distributed.sharding import shard_experts as shard_experts
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "load_full_optimizer_state",
     "load_full_state_dict",
     "load_sharded",
+    "local_shard",
     "make_expert_parallel_groups",
     "parallelize",
     "reduce_aux_losses",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from moeblocks.distributed.dispatch import AllToAllDispatcher
-from moeblocks.distributed.sharding import expert_parallel_layers
+from moeblocks.distributed.sharding import expert_parallel_layers, local_shard
 from moeblocks.layer import MoELayer
 
 __all__ = [
@@ -270,8 +270,7 @@ def _write_back(model: nn.Module, optimizer: torch.optim.Optimizer | None, state
 
 
 def _copy_into(target: Tensor, loaded: Any) -> None:
-    dst = target.to_local() if _is_dtensor(target) else target
-    src = loaded.to_local() if _is_dtensor(loaded) else loaded
+    dst, src = local_shard(target), local_shard(loaded)
     if dst.data_ptr() != src.data_ptr() or dst.shape != src.shape:
         dst.copy_(src)
 

@@ -48,6 +48,7 @@ from moeblocks.distributed.sharding import (
     clip_grad_norm_,
     expert_parallel_layers,
     expert_parallelize,
+    local_shard,
 )
 from moeblocks.layer import MoELayer
 from moeblocks.routing import MoEOutput
@@ -182,7 +183,7 @@ class ParallelModel:
         sharded, replicated = [], []
         for p in self.model.parameters():
             if p.grad is not None:
-                (replicated if id(p) in scalars else sharded).append(_local(p.grad))
+                (replicated if id(p) in scalars else sharded).append(local_shard(p.grad))
         device = _device(self.model)
 
         def sum_sq(grads: list[Tensor]) -> Tensor:
@@ -199,11 +200,6 @@ class ParallelModel:
         return norm
 
 
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (a view that in-place ops write through), else ``t``."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _scalars(model: nn.Module) -> list[nn.Parameter]:
     """0-dim trainable parameters: FSDP2 cannot shard them, so they stay replicated."""
     return [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
@@ -211,7 +207,7 @@ def _scalars(model: nn.Module) -> list[nn.Parameter]:
 
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
-    return torch.device("cpu") if p is None else _local(p).device
+    return torch.device("cpu") if p is None else local_shard(p).device
 
 
 def _find_blocks(model: nn.Module, name: str | None) -> list[nn.Module]:

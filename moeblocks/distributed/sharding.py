@@ -28,10 +28,19 @@ __all__ = [
     "clip_grad_norm_",
     "expert_parallel_layers",
     "expert_parallelize",
+    "local_shard",
     "shard_experts",
 ]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's piece of ``t``: a DTensor's local shard, else ``t`` itself.
+
+    The shard is a view: in-place ops on it write through to the DTensor.
+    """
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _check_int(name: str, value: object, low: int) -> int:

@@ -49,6 +49,7 @@ from moeblocks.distributed import (
     ParallelModel,
     load_full_optimizer_state,
     load_sharded,
+    local_shard,
     parallelize,
     save_sharded,
 )
@@ -663,7 +664,7 @@ def _check_finite(weights: dict[str, torch.Tensor], step: int, *, collective: bo
     its own pieces (a DTensor's local shard) and one all-reduce gives every rank the
     same verdict, so all of them stop or save together.
     """
-    local = {n: t.to_local() if hasattr(t, "to_local") else t for n, t in weights.items()}
+    local = {n: local_shard(t) for n, t in weights.items()}
     floats = {n: t for n, t in local.items() if t.is_floating_point()}
     finite = [torch.isfinite(t).all() for t in floats.values()]
     ok = torch.stack(finite).tolist() if finite else []  # one sync for all tensors
