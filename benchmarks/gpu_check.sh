@@ -15,7 +15,7 @@
 # is installed only from wheels carried in $WHEELS (default .whl/, into /tmp/site), and
 # beartype may stay missing (the tests then run without runtime shape checks and say so).
 # moeblocks need not be installed: when `import moeblocks.kernels` fails, a throwaway
-# folder maps moeblocks/ and kernels/ (as moeblocks.kernels) without pip.
+# folder maps moeblocks/ and kernels/src/ (as moeblocks.kernels) without pip.
 #
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -55,7 +55,7 @@ if ! "$PY" -c "import moeblocks.kernels" 2>/dev/null; then
     rm -rf "$SITE/moeblocks"
     mkdir -p "$SITE/moeblocks"
     for entry in "$ROOT"/moeblocks/*; do ln -s "$entry" "$SITE/moeblocks/"; done
-    ln -s "$ROOT/kernels" "$SITE/moeblocks/kernels"
+    ln -s "$ROOT/kernels/src" "$SITE/moeblocks/kernels"
     say "moeblocks is not installed: mapped $ROOT/moeblocks and $ROOT/kernels in $SITE"
 fi
 PYRUN=("$PY" -P)

@@ -218,7 +218,7 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
         sdist_names = {n.split("/", 1)[-1] for n in tar.getnames()}
     assert {"LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml"} <= sdist_names
-    assert {"kernels/__init__.py", "tests/conftest.py"} <= sdist_names
+    assert {"kernels/src/__init__.py", "tests/conftest.py"} <= sdist_names
 
     # A fresh venv that sees this interpreter's packages (torch & co.) behind its own
     # site-packages. --system-site-packages alone reaches the base interpreter's, which
