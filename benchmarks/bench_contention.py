@@ -59,7 +59,7 @@ def worker(preset_name: str, steps: int, setting: str) -> None:
 
     tuner = None
     if setting == "moeblocks":
-        from moeblocks.threads import ThreadTuner, configure_threads
+        from moeblocks.runtime.threads import ThreadTuner, configure_threads
 
         configure_threads()
         tuner = ThreadTuner()

@@ -1,7 +1,7 @@
 """Training step time with glibc's default malloc settings and with configure_malloc().
 
 Question: what do the page faults of a CPU training step cost, and does keeping freed
-memory in the process (:func:`moeblocks.malloc.configure_malloc`, which the
+memory in the process (:func:`moeblocks.runtime.malloc.configure_malloc`, which the
 ``moeblocks`` commands call) remove that cost? For each preset and thread count, fresh
 processes alternate between the two settings for ``--rounds`` rounds; each process
 times ``--steps`` full training steps (forward, CE + aux losses, backward, clip, AdamW)
@@ -34,7 +34,7 @@ SETTINGS = ("default", "configure_malloc")
 def worker(preset_name: str, threads: int, setting: str, steps: int, warmup: int) -> None:
     """Print the median step seconds and the minor page faults per step."""
     if setting == "configure_malloc":
-        from moeblocks.malloc import configure_malloc
+        from moeblocks.runtime.malloc import configure_malloc
 
         if not configure_malloc():
             raise SystemExit("configure_malloc() changed nothing on this machine")

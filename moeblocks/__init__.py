@@ -10,7 +10,7 @@ from moeblocks.capacity import Capacity as Capacity
 from moeblocks.dispatch import Dispatcher as Dispatcher
 from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
-from moeblocks.dispatch import make_dispatcher as make_dispatcher
+from moeblocks.dispatchers import make_dispatcher as make_dispatcher
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts

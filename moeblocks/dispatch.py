@@ -30,7 +30,7 @@ from moeblocks._checks import (
 )
 from moeblocks.routing import Layout, Routing
 
-__all__ = ["Dispatcher", "TorchDispatcher", "build_layout", "make_dispatcher"]
+__all__ = ["Dispatcher", "TorchDispatcher", "build_layout"]
 
 
 @runtime_checkable
@@ -48,11 +48,6 @@ class Dispatcher(Protocol):
     ) -> Float[Tensor, "T D"]:
         """Weight the expert outputs and sum the K copies of each token back."""
         ...
-
-
-def _check_pad_to(pad_to: int) -> None:
-    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
-        raise ValueError(f"pad_to must be an int >= 1, got {pad_to!r}")
 
 
 def build_layout(
@@ -82,7 +77,7 @@ def build_layout(
         >>> layout.slot_of_row.tolist(), layout.counts.tolist()
         ([1, 0, 2], [1, 2])
     """
-    _check_pad_to(pad_to)
+    check_int(pad_to, "pad_to")
     check_int(num_experts, "num_experts")
     check_index(experts, "experts", 2)
     check_expert_ids(experts, num_experts, sync_checks)
@@ -201,7 +196,7 @@ class TorchDispatcher:
     """
 
     def __init__(self, pad_to: int = 1, *, sync_checks: bool = False) -> None:
-        _check_pad_to(pad_to)
+        check_int(pad_to, "pad_to")
         self.pad_to = pad_to
         self.sync_checks = bool(sync_checks)
 
@@ -272,24 +267,3 @@ class TorchDispatcher:
         check_same_device(weights, "weights", grouped, "grouped")
         check_same_device(layout.row_of_slot, "layout.row_of_slot", grouped, "grouped")
         return _Unpermute.apply(grouped, weights, layout.row_of_slot, layout.slot_of_row)
-
-
-def make_dispatcher(name: str = "auto", pad_to: int = 1) -> Dispatcher:
-    """Build a dispatcher by name.
-
-    Args:
-        name: ``"torch"`` for :class:`TorchDispatcher`; ``"triton"`` for the Triton
-            kernels (needs CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU); ``"auto"``
-            for a dispatcher that takes Triton on CUDA tensors and the torch reference
-            on CPU tensors.
-        pad_to: Segment alignment, see :class:`TorchDispatcher`.
-    """
-    if name == "torch":
-        return TorchDispatcher(pad_to=pad_to)
-    if name in ("triton", "auto"):
-        from moeblocks.triton_dispatch import AutoDispatcher, TritonDispatcher
-
-        return (
-            TritonDispatcher(pad_to=pad_to) if name == "triton" else AutoDispatcher(pad_to=pad_to)
-        )
-    raise ValueError(f"dispatcher name must be 'auto', 'torch' or 'triton', got {name!r}")

@@ -14,7 +14,8 @@ import importlib.util
 from jaxtyping import Float
 from torch import Tensor
 
-from moeblocks.dispatch import TorchDispatcher, _check_pad_to
+from moeblocks._checks import check_int
+from moeblocks.dispatch import TorchDispatcher
 from moeblocks.routing import Layout, Routing
 
 __all__ = ["AutoDispatcher", "TritonDispatcher"]
@@ -59,7 +60,7 @@ class TritonDispatcher:
     """
 
     def __init__(self, pad_to: int = 1, *, sync_checks: bool = False) -> None:
-        _check_pad_to(pad_to)
+        check_int(pad_to, "pad_to")
         if not _triton_installed():
             raise RuntimeError(
                 "TritonDispatcher needs the 'triton' package, which is not installed; "
@@ -159,7 +160,7 @@ class AutoDispatcher:
     """
 
     def __init__(self, pad_to: int = 1) -> None:
-        _check_pad_to(pad_to)
+        check_int(pad_to, "pad_to")
         self.pad_to = pad_to
         self._torch = TorchDispatcher(pad_to=pad_to)
         self._triton = TritonDispatcher(pad_to=pad_to) if _triton_installed() else None

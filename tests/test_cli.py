@@ -149,9 +149,10 @@ def test_train_flags_encoding_keep_and_skips(
 
 def _train_config(argv: list[str]):  # type: ignore[no-untyped-def]
     """The config `moeblocks train ARGV` would train, without training."""
-    from moeblocks.cli import _config, _parser
+    from moeblocks.cli import _parser
+    from moeblocks.cli.config_args import run_config
 
-    return _config(_parser().parse_args(["train", "--out", "unused", *argv]))
+    return run_config(_parser().parse_args(["train", "--out", "unused", *argv]))
 
 
 def test_every_config_field_settable_with_precedence(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("tokenizers")
 
-from moeblocks.inspect.cli import add_inspect_commands
+from moeblocks.cli.inspect import add_inspect
 from moeblocks.inspect.report import word_ids_from_pieces
 
 # Tiny models on one intra-op thread: see the fixture in conftest.py.
@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:
 
 def _inspect(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moeblocks")
-    add_inspect_commands(parser.add_subparsers(dest="command", required=True))
+    add_inspect(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["inspect", *argv])
     return args.handler(args)
 

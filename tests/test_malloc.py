@@ -1,4 +1,4 @@
-"""moeblocks.malloc: when the allocator is left alone, and that reuse removes page faults."""
+"""moeblocks.runtime.malloc: when the allocator is left alone; reuse removes page faults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moeblocks import malloc as mc
+from moeblocks.runtime import malloc as mc
 
 LINUX = {"PATH": "/usr/bin"}
 
@@ -42,7 +42,7 @@ def test_user_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
 # once the heap has grown enough free space for the aligned request (a few rounds).
 _FAULTS = """
 import resource, sys
-from moeblocks.malloc import configure_malloc
+from moeblocks.runtime.malloc import configure_malloc
 if sys.argv[1] == "on":
     assert configure_malloc({})
 import torch
@@ -71,7 +71,7 @@ def test_reuse_removes_page_faults() -> None:
 
 def test_cli_sets_allocator_only_for_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
     from moeblocks import cli
-    from moeblocks import threads as th
+    from moeblocks.runtime import threads as th
 
     calls: list[str] = []
     monkeypatch.setattr(mc, "configure_malloc", lambda: calls.append("malloc") or True)

@@ -42,9 +42,9 @@ import pytest
 import torch
 
 from moeblocks.cli import main
+from moeblocks.runtime import durable as durable_module
 from moeblocks.sra import SRAConfig, UsageError
 from moeblocks.sra import checkpoint as checkpoint_module
-from moeblocks.sra import durable as durable_module
 from moeblocks.sra import train as train_module
 from moeblocks.sra.checkpoint import (
     FILES,

@@ -1,4 +1,4 @@
-"""Thread-count logic of moeblocks.threads: affinity, cgroup quotas, env overrides."""
+"""Thread-count logic of moeblocks.runtime.threads: affinity, cgroup quotas, env overrides."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeblocks import threads as th
 from moeblocks.cli import _parser
+from moeblocks.runtime import threads as th
 
 
 def _v2(root: Path, text: str) -> Path:

@@ -6,10 +6,11 @@ layers, V vocabulary.
 :func:`inspect_hf` loads a ``save_pretrained`` folder (config.json + weights; nothing is
 downloaded), collects every MoE layer's routing over a text with
 :func:`~moeblocks.hf.capture_routing` and computes the metrics of
-:mod:`moeblocks.inspect` into the same :class:`~moeblocks.inspect.report.RunInspection`
-an SRA run gets; :func:`format_hf_inspection` and :func:`write_hf_report` print it and
-write ``inspect.md`` with the plots, plus notes on what does not apply to an HF model
-(anchors). The inference-time k-sweep swaps the blocks for moeblocks layers
+:mod:`moeblocks.inspect` into the model-agnostic :class:`~moeblocks.inspect.report.Inspection`,
+with notes on what does not apply to an HF model (anchors, word classes);
+:func:`~moeblocks.inspect.report.format_inspection` and
+:func:`~moeblocks.inspect.report.write_inspect_report` print it and write ``inspect.md``
+with the plots. The inference-time k-sweep swaps the blocks for moeblocks layers
 (:func:`~moeblocks.hf.swap_moe_blocks`) and sets k on each through
 :func:`~moeblocks.inspect.intervene`. transformers is imported inside the functions.
 """
@@ -35,34 +36,19 @@ from moeblocks.hf.swap import HFMoEBlock, swap_moe_blocks
 from moeblocks.inspect.anchors import anchor_traces
 from moeblocks.inspect.collect import collect_routing
 from moeblocks.inspect.interventions import intervene
-from moeblocks.inspect.probe import (
-    BUILTIN_PROBES,
-    ProbeItem,
-    run_condition_probe,
-    run_overlap_probe,
-)
+from moeblocks.inspect.probe import ProbeItem
 from moeblocks.inspect.report import (
-    RunInspection,
-    format_inspection,
+    Inspection,
+    ProbeResults,
     layer_tables,
+    run_probes,
     word_ids_from_pieces,
-    write_inspect_report,
 )
+from moeblocks.runtime.errors import CheckpointError
 
-__all__ = [
-    "CheckpointError",
-    "HFInspection",
-    "format_hf_inspection",
-    "inspect_hf",
-    "load_checkpoint",
-    "write_hf_report",
-]
+__all__ = ["CheckpointError", "inspect_hf", "load_checkpoint"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-class CheckpointError(ValueError):
-    """The folder is not a local HF MoE checkpoint this command can inspect."""
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:
@@ -93,20 +79,6 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
         tok = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model.to(device).eval(), tok
-
-
-@dataclass(frozen=True)
-class HFInspection:
-    """The inspection of an HF checkpoint: the SRA report's record plus notes.
-
-    Attributes:
-        inspection: Metrics, probes, k-sweep and sentence trace (``anchor_sims``,
-            ``classes``, ``purity`` and ``npmi`` stay empty).
-        notes: Lines on what does not apply to this model and why.
-    """
-
-    inspection: RunInspection
-    notes: list[str]
 
 
 def _windows(ids: Tensor, seq_len: int, max_tokens: int) -> Int[Tensor, "W S"]:
@@ -149,11 +121,52 @@ def _k_sweep(
     return sweep
 
 
-def _try(fn: Callable[[], list]) -> list:
-    try:
-        return fn()
-    except ValueError:  # the tokeniser merges a target with its neighbours
-        return []
+_NOTES = (
+    "Anchors: not applicable. Hugging Face routers score tokens with a linear map, not "
+    "with anchors: there is no anchor-similarity plot, and `near` in the sentence trace "
+    "lists each token's highest router logits instead of its nearest anchors.",
+    "Word classes (purity, NPMI): not applicable; they need the labelled synthetic corpus.",
+)
+
+
+@dataclass(frozen=True)
+class _Text:
+    """How a checkpoint turns text into ids and ids into what the report shows."""
+
+    encode: Callable[[str], list[int]]
+    show: Callable[[int], str]
+    pieces: Callable[[list[int]], Tensor] | None  # word id of every token (None: no words)
+    vocab_size: int
+    chars_per_token: int  # how much of the corpus to encode for max_tokens tokens
+
+
+def _text_of(tok: Any, vocab_size: int) -> _Text:
+    """The tokenizer's view of text, or UTF-8 bytes (mod V) where the folder has none."""
+    if tok is None:
+        V = vocab_size
+        return _Text(lambda s: [b % V for b in s.encode("utf-8")], lambda i: f"<{i}>", None, V, 4)
+
+    def word_ids(ids: list[int]) -> Tensor:
+        # SentencePiece marks a word start with "▁"; the piece rules read BPE's "Ġ".
+        return word_ids_from_pieces([p.replace("▁", "Ġ") for p in tok.convert_ids_to_tokens(ids)])
+
+    return _Text(
+        lambda s: list(tok(s, add_special_tokens=False)["input_ids"]),
+        lambda i: tok.decode([i]),
+        word_ids,
+        max(vocab_size, len(tok)),
+        16,
+    )
+
+
+def _families(model: nn.Module, folder: str | Path) -> list[str]:
+    families = sorted({f.name for m in model.modules() if (f := family_of(m)) is not None})
+    if not families:
+        raise CheckpointError(
+            f"--hf {folder}: {type(model).__name__} has no supported sparse-MoE block "
+            f"({', '.join(SUPPORTED)})"
+        )
+    return families
 
 
 def inspect_hf(
@@ -168,7 +181,7 @@ def inspect_hf(
     device: str | torch.device = "cpu",
     k_sweep: bool = True,
     probes: Sequence[ProbeItem] | None = None,
-) -> HFInspection:
+) -> Inspection:
     """Collect the routing of an HF checkpoint over ``corpus`` and compute every metric.
 
     Args:
@@ -189,43 +202,16 @@ def inspect_hf(
             supported sparse-MoE block.
     """
     model, tok = load_checkpoint(folder, device)
-    families = sorted({f.name for m in model.modules() if (f := family_of(m)) is not None})
-    if not families:
-        raise CheckpointError(
-            f"--hf {folder}: {type(model).__name__} has no supported sparse-MoE block "
-            f"({', '.join(SUPPORTED)})"
-        )
-    V = int(model.config.vocab_size)
-    notes = [
-        "Anchors: not applicable. Hugging Face routers score tokens with a linear map, not "
-        "with anchors: there is no anchor-similarity plot, and `near` in the sentence trace "
-        "lists each token's highest router logits instead of its nearest anchors.",
-        "Word classes (purity, NPMI): not applicable; they need the labelled synthetic corpus.",
-    ]
-    if tok is not None:
-        V = max(V, len(tok))
-
-        def encode(s: str) -> list[int]:
-            return list(tok(s, add_special_tokens=False)["input_ids"])
-
-        def show(i: int) -> str:
-            return tok.decode([i])
-
-        ids = torch.tensor(encode(corpus[: max_tokens * 16]), dtype=torch.long)
-    else:
+    families = _families(model, folder)
+    txt = _text_of(tok, int(model.config.vocab_size))
+    notes = list(_NOTES)
+    if tok is None:
         notes.append(
             f"No tokenizer in {folder}: the token ids are the text's UTF-8 bytes (mod the "
             "vocabulary size), tokens are shown as ids, and word coherence and the probes "
             "are skipped."
         )
-
-        def encode(s: str) -> list[int]:
-            return [b % V for b in s.encode("utf-8")]
-
-        def show(i: int) -> str:
-            return f"<{i}>"
-
-        ids = torch.tensor(encode(corpus[: max_tokens * 4]), dtype=torch.long)
+    ids = torch.tensor(txt.encode(corpus[: max_tokens * txt.chars_per_token]), dtype=torch.long)
     x_WS = _windows(ids, seq_len, max_tokens)
     dev = next(model.parameters()).device
 
@@ -236,28 +222,16 @@ def inspect_hf(
         forward = rec.forward_fn(call)
         rs = collect_routing(forward, x_WS.split(batch_size))
         token_ids = rs.token_ids.tolist()
+        no_words = torch.full((len(token_ids),), -1, dtype=torch.long)
+        word_ids = no_words if txt.pieces is None else txt.pieces(token_ids)
+        tables = layer_tables(rs, word_ids, txt.vocab_size, txt.show)
+        found = ProbeResults()
         if tok is not None:
-            # SentencePiece marks a word start with "▁"; the piece rules read BPE's "Ġ".
-            pieces = [p.replace("▁", "Ġ") for p in tok.convert_ids_to_tokens(token_ids)]
-            word_ids = word_ids_from_pieces(pieces)
-        else:
-            word_ids = torch.full((len(token_ids),), -1, dtype=torch.long)
-        summaries, coherence, vent, tops = layer_tables(rs, word_ids, V, show)
-        probe, contrast, probe_name, contrast_name = [], [], "", ""
-        if tok is not None:
-            items = BUILTIN_PROBES["english"] if probes is None else probes
-            probe = _try(lambda: run_overlap_probe(forward, encode, items, 1000))
-            probe_name = ("english" if probes is None else "custom") if probe else ""
-            pairs = BUILTIN_PROBES["english-senses"] if probes is None else probes
-            labels = list(dict.fromkeys(it.condition for it in pairs if it.condition))
-            if len(labels) == 2:
-                contrast = _try(lambda: run_condition_probe(forward, encode, pairs, *labels, 1000))
-            contrast_name = ("english-senses" if probes is None else "custom") if contrast else ""
+            found = run_probes(forward, txt.encode, probes, "english", "english-senses")
         if text is None:
             text = next((ln for ln in corpus.splitlines() if ln.strip()), "")
-        sent_ids = encode(text)[: x_WS.shape[1]] or [0]
+        sent_ids = txt.encode(text)[: x_WS.shape[1]] or [0]
         sent_routings = forward(torch.tensor([sent_ids], dtype=torch.long))
-    trace = anchor_traces(sent_routings, [None] * len(sent_routings))
     k_train = rs.layers[0].top_k
     sweep: list[tuple[int, float]] = []
     if k_sweep:
@@ -271,29 +245,15 @@ def inspect_hf(
         f"Hugging Face `{type(model).__name__}` ({', '.join(families)}), {rs.num_layers} MoE "
         f"layers, {rs.layers[0].num_experts} experts, k {k_train}, data `{data_name}`"
     )
-    ins = RunInspection(
-        Path(folder), title, rs.num_tokens, summaries, coherence, vent, tops, [], [], [],
-        probe_name, probe, contrast_name, contrast, sweep, k_train, [],
-        [show(i) for i in sent_ids], trace,
-    )  # fmt: skip
-    return HFInspection(ins, notes)
-
-
-def format_hf_inspection(hins: HFInspection) -> str:
-    """Plain-text tables of an :class:`HFInspection`, its notes first."""
-    return "\n".join([*hins.notes, "", format_inspection(hins.inspection)])
-
-
-def write_hf_report(hins: HFInspection, out: str | Path, fmt: str = "png") -> Path:
-    """Write ``inspect.md`` and its plots (``fmt``: png, svg or pdf) into the folder ``out``.
-
-    The report is the one :func:`~moeblocks.inspect.report.write_inspect_report` writes,
-    with the notes inserted below the title; returns its path.
-    """
-    path = write_inspect_report(hins.inspection, Path(out), fmt)
-    report = path.read_text(encoding="utf-8")
-    notes = "\n".join(f"- {line}" for line in hins.notes)
-    head, sep, rest = report.partition("\n\n```")
-    report = f"{head}\n\n{notes}{sep}{rest}" if sep else f"{report}\n{notes}\n"
-    path.write_text(report, encoding="utf-8")
-    return path
+    return Inspection(
+        source=Path(folder),
+        title=title,
+        num_tokens=rs.num_tokens,
+        tables=tables,
+        sentence=[txt.show(i) for i in sent_ids],
+        trace=anchor_traces(sent_routings, [None] * len(sent_routings)),
+        probes=found,
+        k_sweep=tuple(sweep),
+        k_train=k_train,
+        notes=tuple(notes),
+    )

@@ -1,21 +1,21 @@
-"""``moeblocks inspect``: routing inspection of a trained SRA run, as tables and a report.
+"""A model-agnostic routing report: one record, its tables and ``inspect.md`` with plots.
 
 Legend: L MoE layers, E experts, C word classes, T tokens, V vocabulary.
 
-:func:`inspect_run` loads a run folder, collects the routing records of every MoE layer
-over (the start of) its validation split and computes the metrics of
-:mod:`moeblocks.inspect`; :func:`format_inspection` prints them and
-:func:`write_inspect_report` writes ``inspect.md`` with its plots into the run's report
-folder ``RUN/reports/`` (see :mod:`moeblocks.sra.evaluate` for the whole layout):
-``inspect-*.png`` of the routing and ``training-*.png`` drawn from ``log.jsonl``
-(:func:`write_training_figures`). The SRA modules are imported inside these functions:
-the metrics and plots themselves know no model.
+Any model that yields ``Routing`` records gets the same report: the caller (an SRA run in
+:mod:`moeblocks.sra.inspection`, a Hugging Face checkpoint in :mod:`moeblocks.hf.report`)
+collects a :class:`~moeblocks.inspect.collect.RoutingSet`, builds the per-layer
+:class:`LayerTables` (:func:`layer_tables`), the probes (:func:`run_probes`) and whatever
+else applies to its model into an :class:`Inspection`; :func:`format_inspection` prints it
+and :func:`write_inspect_report` writes ``inspect.md`` with its plots
+(``inspect-*.png``, and ``training-*.png`` from training log records,
+:func:`write_training_figures`). Nothing here knows a model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,21 +24,12 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from moeblocks.inspect.anchors import (
-    AnchorTrace,
-    anchor_similarity,
-    anchor_traces,
-    format_trace,
-    layer_temperatures,
-)
-from moeblocks.inspect.collect import RoutingSet, collect_routing, sra_forward
+from moeblocks.inspect.anchors import AnchorTrace, format_trace
+from moeblocks.inspect.collect import ForwardFn, RoutingSet
 from moeblocks.inspect.metrics import (
     Coherence,
     LayerSummary,
-    class_counts,
     expert_token_counts,
-    npmi,
-    purity,
     subtoken_coherence,
     summarise_layer,
     top_tokens,
@@ -52,13 +43,17 @@ from moeblocks.inspect.probe import (
     run_condition_probe,
     run_overlap_probe,
 )
-from moeblocks.routers import CosineScorer
+from moeblocks.runtime.durable import atomic_write_text
 
 __all__ = [
-    "RunInspection",
+    "Inspection",
+    "LayerTables",
+    "ProbeResults",
+    "WordClasses",
     "format_inspection",
-    "inspect_run",
     "layer_tables",
+    "run_probes",
+    "token_classes",
     "word_ids_from_pieces",
     "write_inspect_report",
     "write_training_figures",
@@ -91,10 +86,19 @@ def _as_piece(text: str) -> str:
     return text.replace(" ", "Ġ").replace("\n", "Ċ").replace("\t", "ĉ")
 
 
-def _token_classes(
+def token_classes(
     pieces: Sequence[str], word_ids: Tensor, word_classes: dict[str, str]
 ) -> tuple[Tensor, list[str]]:
-    """Class of each token: the class of the whole word it belongs to (-1 if unknown)."""
+    """Class of each token: the class of the whole word it belongs to (-1 if unknown).
+
+    Args:
+        pieces: Byte-level BPE pieces of the tokens.
+        word_ids: Word index of each piece (:func:`word_ids_from_pieces`).
+        word_classes: Class name of every labelled word.
+
+    Returns:
+        The class index of every token and the sorted class names.
+    """
     classes = sorted(set(word_classes.values()))
     words: dict[int, str] = {}
     for p, w in zip(pieces, word_ids.tolist(), strict=True):
@@ -108,79 +112,97 @@ def _token_classes(
 
 
 @dataclass(frozen=True)
-class RunInspection:
-    """Everything ``moeblocks inspect`` reports about a run.
+class LayerTables:
+    """The per-layer tables of a report (one entry per MoE layer in each list).
 
     Attributes:
-        run: The run folder.
-        title: One line describing model and data.
-        num_tokens: Evaluation tokens the metrics were computed on.
-        summaries: Per layer: utilisation, dead experts, saturation, entropies.
-        coherence: Per layer: word-level subtoken coherence.
-        vocab_entropy: Per layer: mean vocabulary entropy of the live experts, nats.
-        top_tokens: Per layer and expert: its most frequent tokens as ``(text, count)``.
-        classes: Word-class names where the corpus has known classes, else empty.
-        purity: Per layer: overall expert purity over classes (empty without classes).
-        npmi: Per layer: NPMI of experts × classes (empty without classes).
-        probe_name: Which probe set ran (empty if none fitted the tokeniser).
-        probe: Per layer: the overlap permutation test.
-        contrast_name: Which condition contrast ran, e.g. ``"english-senses"`` (empty if
-            none: a custom probe set without exactly two conditions, or a tokeniser
-            that merges a target with its neighbours).
-        contrast: Per layer: the condition permutation test.
-        k_sweep: ``(k, perplexity)`` pairs; the training k is ``k_train``.
-        k_train: k at the end of training.
-        anchor_sims: Per cosine-routed layer: anchor similarity matrix.
-        sentence: Pieces of the traced sentence, each decoded to its text.
-        trace: Anchor–token trace of the sentence.
-        mean_probs: Per layer: mean router probability ``P_e`` of every expert.
-        corridor: ``(floor, ceiling)`` of the run's bandpass loss on ``P_e``, else None.
-        sweep_tokens: Predicted tokens each k-sweep perplexity is over.
-        training: The run's ``log.jsonl`` records (empty when there is no log).
-        k_switch: Step at which k rose during training (None: k never changed).
+        summaries: Utilisation, dead experts, saturation, entropies.
+        coherence: Word-level subtoken coherence.
+        vocab_entropy: Mean vocabulary entropy of the experts that received tokens, nats.
+        top_tokens: Per expert: its most frequent tokens as ``(text, count)``.
     """
 
-    run: Path
-    title: str
-    num_tokens: int
     summaries: list[LayerSummary]
     coherence: list[Coherence]
     vocab_entropy: list[float]
     top_tokens: list[list[list[tuple[str, int]]]]
+
+
+@dataclass(frozen=True)
+class ProbeResults:
+    """The overlap probe and the condition contrast, per layer (empty when not run).
+
+    Attributes:
+        probe_name: Which probe set ran (empty if none fitted the tokeniser).
+        probe: Per layer: the overlap permutation test.
+        contrast_name: Which condition contrast ran, e.g. ``"english-senses"`` (empty if
+            none: a probe set without exactly two conditions, or a tokeniser that merges
+            a target with its neighbours).
+        contrast: Per layer: the condition permutation test.
+    """
+
+    probe_name: str = ""
+    probe: tuple[OverlapTest, ...] = ()
+    contrast_name: str = ""
+    contrast: tuple[ConditionTest, ...] = ()
+
+
+@dataclass(frozen=True)
+class WordClasses:
+    """Experts against labelled word classes (corpora that label their words).
+
+    Attributes:
+        classes: Class names C.
+        purity: Per layer: overall expert purity over the classes.
+        npmi: Per layer: NPMI of experts × classes, ``[E, C]``.
+    """
+
     classes: list[str]
     purity: list[float]
     npmi: list[Tensor]
-    probe_name: str
-    probe: list[OverlapTest]
-    contrast_name: str
-    contrast: list[ConditionTest]
-    k_sweep: list[tuple[int, float]]
-    k_train: int
-    anchor_sims: list[Tensor]
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Everything a routing report shows about one model; what does not apply stays empty.
+
+    Attributes:
+        source: The run or checkpoint folder inspected.
+        title: One line describing model and data.
+        num_tokens: Evaluation tokens the metrics were computed on.
+        tables: The per-layer tables.
+        sentence: Pieces of the traced sentence, each decoded to its text.
+        trace: Token-by-token routing trace of the sentence.
+        probes: Overlap probe and condition contrast.
+        k_sweep: ``(k, perplexity)`` pairs; the model's own k is ``k_train``.
+        k_train: k the model was trained with (or runs with).
+        sweep_tokens: Predicted tokens each k-sweep perplexity is over (0: unknown).
+        word_classes: Experts × word classes, where the corpus labels its words.
+        anchor_sims: Per cosine-routed layer: anchor similarity matrix ``[E, E]``.
+        mean_probs: Per layer: mean router probability ``P_e`` of every expert.
+        corridor: ``(floor, ceiling)`` of a bandpass loss on ``P_e``, else None.
+        training: Training log records to draw ``training-*`` plots from.
+        k_switch: Step at which k rose during training (None: k never changed).
+        notes: Lines on what does not apply to this model and why, shown first.
+    """
+
+    source: Path
+    title: str
+    num_tokens: int
+    tables: LayerTables
     sentence: list[str]
     trace: AnchorTrace
+    probes: ProbeResults = ProbeResults()
+    k_sweep: tuple[tuple[int, float], ...] = ()
+    k_train: int = 0
+    sweep_tokens: int = 0
+    word_classes: WordClasses | None = None
+    anchor_sims: tuple[Tensor, ...] = ()
     mean_probs: tuple[Tensor, ...] = ()
     corridor: tuple[float, float] | None = None
-    sweep_tokens: int = 0
     training: tuple[Mapping[str, Any], ...] = ()
     k_switch: int | None = None
-
-
-def _contrast(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[ConditionTest]:
-    labels = list(dict.fromkeys(it.condition for it in items if it.condition))
-    if len(labels) != 2:
-        return []
-    try:
-        return run_condition_probe(forward, encode, items, *labels, num_permutations=1000)
-    except ValueError:  # the tokeniser merges a target with its neighbours
-        return []
-
-
-def _probe(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[OverlapTest]:
-    try:
-        return run_overlap_probe(forward, encode, items, num_permutations=1000)
-    except ValueError:  # the tokeniser merges a target with its neighbours
-        return []
+    notes: tuple[str, ...] = ()
 
 
 @torch.no_grad()
@@ -189,7 +211,7 @@ def layer_tables(
     word_ids: Int[Tensor, " T"],
     vocab_size: int,
     show: Callable[[int], str],
-) -> tuple[list[LayerSummary], list[Coherence], list[float], list[list[list[tuple[str, int]]]]]:
+) -> LayerTables:
     """The per-layer tables of a report, for any model's routing set.
 
     Returns, per layer of ``rs``: its summary, subtoken coherence, mean vocabulary
@@ -205,177 +227,113 @@ def layer_tables(
         live = ~torch.isnan(h_E)
         vent.append(h_E[live].mean().item() if live.any() else math.nan)
         tops.append([[(show(i), c) for i, c in row] for row in top_tokens(counts_EV, 5)])
-    return summaries, coherence, vent, tops
+    return LayerTables(summaries, coherence, vent, tops)
 
 
-def inspect_run(
-    run: Path,
-    text: str | None = None,
-    max_tokens: int = 8192,
-    device: str = "cpu",
-    k_sweep: bool = True,
-    probes: Sequence[ProbeItem] | None = None,
-    data: str | None = None,
-    progress: bool = False,
-) -> RunInspection:
-    """Collect routing over a run's validation split and compute every metric.
+def _unless_merged(run: Callable[[], list]) -> tuple:
+    try:
+        return tuple(run())
+    except ValueError:  # the tokeniser merges a target with its neighbours
+        return ()
+
+
+def run_probes(
+    forward: ForwardFn,
+    encode: Callable[[str], Sequence[int]],
+    probes: Sequence[ProbeItem] | None,
+    overlap_set: str,
+    contrast_set: str,
+    num_permutations: int = 1000,
+) -> ProbeResults:
+    """Run the overlap probe and the two-condition contrast through a model.
 
     Args:
-        run: Run folder (or checkpoint folder) written by ``moeblocks train``.
-        text: Sentence to trace token by token (default: the first validation line).
-        max_tokens: Validation tokens to collect routing on (and to evaluate the k-sweep).
-        device: Where to run the model.
-        k_sweep: Also evaluate perplexity at k = 1 … k_final + 2 (one pass per k).
-        probes: Overlap-probe items (default: the built-in ``synthetic`` set for the
-            synthetic corpus, else the ``english`` set).
-        data: The run's data, when it lies outside the run folder (see
-            :func:`moeblocks.sra.evaluate.load_run`).
-        progress: A progress bar over the forward passes, on stderr.
+        forward: The model as a function of token ids (see :mod:`moeblocks.inspect.collect`).
+        encode: Text to token ids.
+        probes: Custom probe items for both (None: the built-in sets named next).
+        overlap_set: Built-in overlap set, e.g. ``"english"``.
+        contrast_set: Built-in contrast set, listing first the condition expected to
+            overlap more, e.g. ``"english-senses"``.
+        num_permutations: Permutations of each test.
+
+    Returns:
+        The tests that ran; a set whose targets the tokeniser merges with their
+        neighbours, or a contrast without exactly two conditions, is left empty.
     """
-    from moeblocks.sra.data import WORD_CLASSES, eval_windows
-    from moeblocks.sra.evaluate import (
-        evaluate,
-        load_run,
-        num_batches,
-        progress_bar,
-        run_corpus,
-        run_folder,
+    overlap_items = BUILTIN_PROBES[overlap_set] if probes is None else probes
+    contrast_items = BUILTIN_PROBES[contrast_set] if probes is None else probes
+    probe = _unless_merged(
+        lambda: run_overlap_probe(forward, encode, overlap_items, num_permutations)
     )
-    from moeblocks.sra.tokencache import encode_split
-    from moeblocks.sra.tokenizer import encode
-    from moeblocks.sra.train import run_summary
-
-    model, tok, ckpt = load_run(Path(run), device, data)
-    model.eval()
-    cfg = ckpt.config
-    if not model.moe_layers:
-        from moeblocks.sra.config import UsageError
-
-        raise UsageError(f"{run} is a dense model: there is no routing to inspect")
-    corpus = run_corpus(ckpt)
-    tokens = torch.from_numpy(encode_split(tok, corpus, "valid")).long()
-    x_WS, _ = eval_windows(tokens, cfg.seq_len, max_tokens)
-    forward = sra_forward(model)
-    ks = range(1, min(cfg.k_final + 2, cfg.num_experts) + 1) if k_sweep else range(0)
-    per_pass = num_batches(tokens, cfg.seq_len, cfg.batch_size, max_tokens)
-    bar = progress_bar(per_pass * (1 + len(ks)) + 2, "inspect: routing", progress)
-    rs = collect_routing(forward, _counted(x_WS.split(cfg.batch_size), bar))
-    ids = rs.token_ids.tolist()
-    piece_of = {i: tok.id_to_token(i) or "" for i in set(ids)}
-    pieces = [piece_of[i] for i in ids]
-    word_ids = word_ids_from_pieces(pieces)
-    V = cfg.vocab_size
-
-    summaries, coherence, vent, tops = layer_tables(rs, word_ids, V, lambda i: tok.decode([i]))
-    pur, npm = [], []
-    synthetic = ckpt.data == "synthetic"
-    cls_T, class_names = _token_classes(pieces, word_ids, WORD_CLASSES) if synthetic else (None, [])
-    if cls_T is not None:
-        for r in rs.layers:
-            c_EC = class_counts(r, cls_T, len(class_names))
-            pur.append(purity(c_EC)[1])
-            npm.append(npmi(c_EC))
-
-    def enc(s: str) -> list[int]:
-        return encode(tok, s).tolist()
-
-    probe_name = "synthetic" if synthetic else "english"
-    if probes is not None:
-        probe_name = "custom"
-    bar.set_description_str("inspect: probes")
-    probe = _probe(forward, enc, BUILTIN_PROBES[probe_name] if probes is None else probes)
-    bar.update()
-    # Built-in contrasts list the condition expected to overlap more first.
-    contrast_name = (
-        ("synthetic-swap" if synthetic else "english-senses") if probes is None else "custom"
+    labels = list(dict.fromkeys(it.condition for it in contrast_items if it.condition))
+    contrast: tuple = ()
+    if len(labels) == 2:
+        contrast = _unless_merged(
+            lambda: run_condition_probe(
+                forward, encode, contrast_items, *labels, num_permutations=num_permutations
+            )
+        )
+    custom = probes is not None
+    return ProbeResults(
+        ("custom" if custom else overlap_set) if probe else "",
+        probe,
+        ("custom" if custom else contrast_set) if contrast else "",
+        contrast,
     )
-    contrast = _contrast(forward, enc, BUILTIN_PROBES[contrast_name] if probes is None else probes)
-    bar.update()
-    sweep: list[tuple[int, float]] = []
-    sweep_tokens = 0
-    for k in ks:
-        bar.set_description_str(f"inspect: k={k}")
-        res = evaluate(model, tokens, cfg.batch_size, max_tokens, k, bar.update)
-        sweep.append((k, res.ppl))
-        sweep_tokens = res.tokens
-    bar.close()
-    sims = [
-        anchor_similarity(m.router.scorer)
-        for m in model.moe_layers
-        if isinstance(m.router.scorer, CosineScorer)
-    ]
-    if text is None:
-        text = next((ln for ln in corpus.valid.splitlines() if ln.strip()), "")
-    sent_ids = enc(text)[: cfg.seq_len] or [0]
-    sent_routings = forward(torch.tensor([sent_ids], dtype=torch.long))
-    trace = anchor_traces(sent_routings, layer_temperatures(model))
-    title = (
-        f"{cfg.n_layers} layers, FFN `{cfg.ffn}`, {cfg.num_experts} experts, "
-        f"k {cfg.k_start}->{cfg.k_final}, step {ckpt.step}, data `{ckpt.data}`"
-    )
-    corridor = (cfg.band_floor, cfg.band_ceiling) if cfg.balance == "bandpass" else None
-    k_switch = cfg.k_switch_step if cfg.k_start != cfg.k_final else None
-    return RunInspection(
-        Path(run), title, rs.num_tokens, summaries, coherence, vent, tops, class_names, pur,
-        npm, probe_name if probe else "", probe, contrast_name if contrast else "", contrast,
-        sweep, cfg.k_final, sims,
-        [tok.decode([i]) for i in sent_ids], trace,
-        mean_probs=tuple(r.probs.mean(0) for r in rs.layers), corridor=corridor,
-        sweep_tokens=sweep_tokens, training=tuple(run_summary(run_folder(Path(run)))["train"]),
-        k_switch=k_switch,
-    )  # fmt: skip
 
 
-def _counted(batches: Iterable[Tensor], bar: Any) -> Iterator[Tensor]:
-    for batch in batches:
-        yield batch
-        bar.update()
-
-
-def _layer_table(ins: RunInspection) -> list[str]:
+def _layer_table(ins: Inspection) -> list[str]:
     lines = [
         "layer  dead      saturation  entropy/logE  usage-H/logE  vocab-H  "
-        "coherence top1 (shuffled)  jaccard (shuffled)" + ("  purity" if ins.purity else ""),
+        "coherence top1 (shuffled)  jaccard (shuffled)" + ("  purity" if ins.word_classes else ""),
     ]
-    for i, s in enumerate(ins.summaries):
-        c = ins.coherence[i]
+    for i, s in enumerate(ins.tables.summaries):
+        c = ins.tables.coherence[i]
         E = len(s.utilisation)
         row = (
             f"{i:5d}  {len(s.dead):3d}/{E:<4d} {s.saturation:10.3f}  "
             f"{s.entropy / s.max_entropy:12.3f}  {s.usage_entropy / s.max_entropy:12.3f}  "
-            f"{ins.vocab_entropy[i]:7.2f}  "
+            f"{ins.tables.vocab_entropy[i]:7.2f}  "
             f"{c.top1_agreement:14.3f} ({c.baseline_top1:.3f})  "
             f"{c.jaccard:7.3f} ({c.baseline_jaccard:.3f})"
         )
-        if ins.purity:
-            row += f"  {ins.purity[i]:6.3f}"
+        if ins.word_classes:
+            row += f"  {ins.word_classes.purity[i]:6.3f}"
         lines.append(row)
     return lines
 
 
-def format_inspection(ins: RunInspection, experts_shown: int = 6) -> str:
-    """Plain-text tables of a :class:`RunInspection`."""
-    lines = [f"{ins.run}: {ins.title}", f"routing collected over {ins.num_tokens} tokens", ""]
+def format_inspection(ins: Inspection, experts_shown: int = 6) -> str:
+    """Plain-text tables of an :class:`Inspection`, its notes first."""
+    notes = [*ins.notes, ""] if ins.notes else []
+    return "\n".join([*notes, _tables_text(ins, experts_shown)])
+
+
+def _tables_text(ins: Inspection, experts_shown: int = 6) -> str:
+    lines = [f"{ins.source}: {ins.title}", f"routing collected over {ins.num_tokens} tokens", ""]
     lines += _layer_table(ins)
     lines.append(
         "(saturation: mean top-1 probability; entropies normalised by log E; vocab-H: "
         "mean per-expert token entropy, nats; coherence over adjacent pieces of one word)"
     )
-    if ins.probe:
-        lines += ["", f"overlap probe ({ins.probe_name}, {ins.probe[0].num_items} items):"]
-        for i, p in enumerate(ins.probe):
+    if ins.probes.probe:
+        lines += [
+            "",
+            f"overlap probe ({ins.probes.probe_name}, {ins.probes.probe[0].num_items} items):",
+        ]
+        for i, p in enumerate(ins.probes.probe):
             lines.append(
                 f"  layer {i}: same-word Jaccard {p.observed:.3f} vs re-paired "
                 f"{p.null_mean:.3f}, permutation p = {p.p_value:.4f}"
             )
-    if ins.contrast:
-        c0 = ins.contrast[0]
+    if ins.probes.contrast:
+        c0 = ins.probes.contrast[0]
         lines += [
             "",
-            f"condition contrast ({ins.contrast_name}, {c0.num_first} {c0.first!r} vs "
+            f"condition contrast ({ins.probes.contrast_name}, {c0.num_first} {c0.first!r} vs "
             f"{c0.num_second} {c0.second!r} pairs):",
         ]
-        for i, c in enumerate(ins.contrast):
+        for i, c in enumerate(ins.probes.contrast):
             lines.append(
                 f"  layer {i}: Jaccard {c.first} {c.mean_first:.3f} vs {c.second} "
                 f"{c.mean_second:.3f}, permutation p = {c.p_value:.4f}"
@@ -384,9 +342,9 @@ def format_inspection(ins: RunInspection, experts_shown: int = 6) -> str:
         over = f" (perplexity over {ins.sweep_tokens} tokens)" if ins.sweep_tokens else ""
         lines += ["", f"k-sweep{over}:  " + "  ".join(f"k={k}: {p:.2f}" for k, p in ins.k_sweep)]
     lines += ["", "busiest experts and their top tokens:"]
-    for i, s in enumerate(ins.summaries):
+    for i, s in enumerate(ins.tables.summaries):
         for e in s.utilisation.argsort(descending=True)[:experts_shown].tolist():
-            toks = "  ".join(f"{t!r}×{c}" for t, c in ins.top_tokens[i][e])
+            toks = "  ".join(f"{t!r}×{c}" for t, c in ins.tables.top_tokens[i][e])
             lines.append(f"  L{i} e{e:<3d} {100 * float(s.utilisation[e]):5.1f}%  {toks}")
     lines += ["", "sentence trace (expert:weight per layer, nearest anchors by cosine):"]
     lines.append(format_trace(ins.trace, ins.sentence))
@@ -427,7 +385,7 @@ def write_training_figures(
     return made
 
 
-def write_inspect_report(ins: RunInspection, out: Path, fmt: str = "png") -> Path:
+def write_inspect_report(ins: Inspection, out: Path, fmt: str = "png") -> Path:
     """Write ``inspect.md`` and its plots into the folder ``out``; return the report path.
 
     Args:
@@ -436,7 +394,6 @@ def write_inspect_report(ins: RunInspection, out: Path, fmt: str = "png") -> Pat
         fmt: Plot format: ``png`` (150 dpi), ``svg`` or ``pdf``.
     """
     from moeblocks.inspect import plots
-    from moeblocks.sra.durable import atomic_write_text
 
     if fmt not in plots.FORMATS:
         raise ValueError(f"fmt must be one of {plots.FORMATS}, got {fmt!r}")
@@ -446,10 +403,12 @@ def write_inspect_report(ins: RunInspection, out: Path, fmt: str = "png") -> Pat
     def figure(title: str, name: str) -> list[str]:
         return [f"## {title}", "", f"![{title.lower()}]({name})", ""]
 
-    parts = [f"# Routing inspection: `{ins.run}`", "", ins.title, ""]
+    parts = [f"# Routing inspection: `{ins.source}`", "", ins.title, ""]
+    if ins.notes:
+        parts += [*(f"- {line}" for line in ins.notes), ""]
     parts += [f"Routing collected over {ins.num_tokens} validation tokens.", ""]
     parts += ["```", *_layer_table(ins), "```", ""]
-    util = torch.stack([s.utilisation for s in ins.summaries])
+    util = torch.stack([s.utilisation for s in ins.tables.summaries])
     probs = torch.stack(list(ins.mean_probs)) if ins.mean_probs else None
     name = f"inspect-utilisation.{fmt}"
     plots.plot_utilisation(util, out / name, probs, ins.corridor)
@@ -458,11 +417,11 @@ def write_inspect_report(ins: RunInspection, out: Path, fmt: str = "png") -> Pat
         name = f"inspect-anchors.{fmt}"
         plots.plot_anchor_similarity(ins.anchor_sims, out / name)
         parts += figure("Anchor similarity", name)
-    if ins.npmi:
+    if ins.word_classes is not None and ins.word_classes.npmi:
         parts += ["## Experts × word classes (NPMI)", ""]
-        for i, m in enumerate(ins.npmi):
+        for i, m in enumerate(ins.word_classes.npmi):
             name = f"inspect-classes-layer{i}.{fmt}"
-            plots.plot_class_heatmap(m, ins.classes, out / name, f"layer {i}: NPMI")
+            plots.plot_class_heatmap(m, ins.word_classes.classes, out / name, f"layer {i}: NPMI")
             parts += [f"![experts x classes, layer {i}]({name})"]
         parts += [""]
     if ins.k_sweep:
@@ -470,7 +429,7 @@ def write_inspect_report(ins: RunInspection, out: Path, fmt: str = "png") -> Pat
         name = f"inspect-k-sweep.{fmt}"
         plots.plot_k_sweep(ks, ppls, ins.k_train, out / name, ins.sweep_tokens or None)
         parts += figure("Inference-time k-sweep", name)
-    E = len(ins.summaries[0].utilisation)
+    E = len(ins.tables.summaries[0].utilisation)
     name = f"inspect-routing-map.{fmt}"
     plots.plot_routing_map(
         torch.stack(list(ins.trace.experts)),
@@ -483,7 +442,7 @@ def write_inspect_report(ins: RunInspection, out: Path, fmt: str = "png") -> Pat
     parts += figure("One sentence, token by layer", name)
     for title, name in write_training_figures(ins.training, out, fmt, E, ins.k_switch):
         parts += figure(title, name)
-    parts += ["## All tables", "", "```", format_inspection(ins), "```"]
+    parts += ["## All tables", "", "```", _tables_text(ins), "```"]
     path = out / "inspect.md"
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path

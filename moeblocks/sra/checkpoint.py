@@ -60,9 +60,10 @@ import torch
 from torch import Tensor, nn
 
 from moeblocks._version import __version__
-from moeblocks.sra.config import SRAConfig, UsageError
+from moeblocks.runtime.durable import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from moeblocks.runtime.errors import CheckpointError, UsageError
+from moeblocks.sra.config import SRAConfig, fields_where
 from moeblocks.sra.data import BUILTIN_DATA, Corpus, data_spec
-from moeblocks.sra.durable import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
 __all__ = [
     "Checkpoint",
@@ -86,10 +87,6 @@ FILES = ("model.safetensors", "config.json", "tokenizer.json", "state.pt")
 SHARDS = "dcp"  # the DCP folder of a distributed run's checkpoint, in place of FILES[0]
 MANIFEST_FORMAT = 1
 _PREFIX = "step-"
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that is missing, damaged or unreadable; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -466,7 +463,7 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    diffs = [d for d in ckpt.config.differences(config) if d not in _TRAINING_ONLY]
+    diffs = [d for d in ckpt.config.differences(config) if d not in fields_where("training_only")]
     if diffs:
         what = _describe(ckpt.config, config, diffs)
         raise UsageError(f"checkpoint {ckpt.path} is from a different config: {what}")
@@ -560,35 +557,6 @@ def check_corpus(corpus: Corpus, ckpt: Checkpoint) -> None:
         f"was trained on: SHA-256 {corpus.fingerprint[:16]}... != {ckpt.data_sha256[:16]}... "
         "saved in its config.json"
     )
-
-
-# Fields that do not change the shape or meaning of the weights.
-_TRAINING_ONLY = frozenset(
-    {
-        "steps",
-        "batch_size",
-        "lr",
-        "min_lr_ratio",
-        "warmup",
-        "weight_decay",
-        "grad_clip",
-        "eval_every",
-        "eval_tokens",
-        "ckpt_every",
-        "keep_checkpoints",
-        "max_skipped_steps",
-        "seed",
-        "balance",
-        "balance_weight",
-        "band_floor",
-        "band_ceiling",
-        "z_loss_weight",
-        "dispersion_weight",
-        "router_noise",
-        "dispatcher",
-        "k_switch",
-    }
-)
 
 
 def _describe(saved: SRAConfig, wanted: SRAConfig, fields: list[str]) -> str:

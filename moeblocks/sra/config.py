@@ -16,18 +16,41 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["PRESETS", "SRAConfig", "UsageError", "preset"]
+from moeblocks.runtime.errors import UsageError
+
+__all__ = ["PRESETS", "SRAConfig", "UsageError", "field_help", "fields_where", "preset"]
 
 FFNKind = Literal["cosine", "linear", "dense"]
 BalanceKind = Literal["bandpass", "cv", "switch", "none"]
 ExpertKind = Literal["swiglu", "gelu", "gelu_tanh"]
 
 
-class UsageError(ValueError):
-    """A problem with what the user asked for: bad path, preset, data or config.
+def _field(default: Any, help: str, *, training_only: bool = False, resume: bool = False) -> Any:
+    """A config field that carries its own metadata, read by the CLI, checkpoints and docs.
 
-    The CLI prints it as one line to stderr and exits with status 2.
+    Args:
+        default: The field's value in :class:`SRAConfig` (and the ``tiny`` preset).
+        help: What the field means, one line (``moeblocks train --help`` lists it).
+        training_only: The field does not change the shape or meaning of the weights, so
+            a checkpoint loads into a model whose config differs in it.
+        resume: A resumed run may change the field (it does not alter what the run has
+            trained so far).
     """
+    meta = {"help": help, "training_only": training_only, "may_change_on_resume": resume}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def fields_where(key: str) -> frozenset[str]:
+    """The names of the :class:`SRAConfig` fields whose metadata ``key`` is true.
+
+    ``key`` is ``"training_only"`` or ``"may_change_on_resume"`` (see :func:`_field`).
+    """
+    return frozenset(f.name for f in dataclasses.fields(SRAConfig) if f.metadata[key])
+
+
+def field_help(name: str) -> str:
+    """The help text a :class:`SRAConfig` field carries."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(SRAConfig)}[name]
 
 
 @dataclass(frozen=True)
@@ -40,53 +63,100 @@ class SRAConfig:
     """
 
     # --- model ---
-    vocab_size: int = 2048  # V: BPE vocabulary trained on the training split
-    seq_len: int = 128  # S: tokens per training sequence (also the RoPE table length)
-    d_model: int = 128  # D
-    n_layers: int = 2  # L: pre-LN decoder blocks
-    n_heads: int = 4  # H: attention heads, D must divide by H
-    ffn: FFNKind = "cosine"  # FFN of every block: cosine-routed MoE, linear-routed MoE, dense
-    expert: ExpertKind = "swiglu"  # expert MLP (also the dense FFN's); gelu_tanh as official
-    expert_bias: bool = False  # biases in the expert (and dense) MLPs, as the official code
-    attn_bias: bool = False  # biases in the attention projections, as the official code
-    init: Literal["library", "gpt2"] = "library"  # expert/router init; gpt2: N(0, 0.02),
-    # output projections N(0, 0.02/sqrt(2L)), as the official code (dense parts: always gpt2)
-    dropout: float = 0.0  # on embeddings, attention probabilities and expert hidden units
-    num_experts: int = 32  # E
-    d_expert: int = 64  # F: hidden width of one expert (the paper's d_ff)
-    dense_hidden: int = 0  # dense baseline's hidden width; 0 = k_final · F (same active params)
+    vocab_size: int = _field(2048, "V: BPE vocabulary trained on the training split")
+    seq_len: int = _field(128, "S: tokens per training sequence (also the RoPE table length)")
+    d_model: int = _field(128, "D: model width")
+    n_layers: int = _field(2, "L: pre-LN decoder blocks")
+    n_heads: int = _field(4, "H: attention heads, D must divide by H")
+    ffn: FFNKind = _field(
+        "cosine", "FFN of every block: cosine-routed MoE, linear-routed MoE, dense"
+    )
+    expert: ExpertKind = _field(
+        "swiglu", "expert MLP (also the dense FFN's); gelu_tanh as official"
+    )
+    expert_bias: bool = _field(False, "biases in the expert (and dense) MLPs, as the official code")
+    attn_bias: bool = _field(False, "biases in the attention projections, as the official code")
+    init: Literal["library", "gpt2"] = _field(
+        "library",
+        "expert/router init; gpt2: N(0, 0.02), output projections N(0, 0.02/sqrt(2L)), "
+        "as the official code (dense parts: always gpt2)",
+    )
+    dropout: float = _field(0.0, "on embeddings, attention probabilities and expert hidden units")
+    num_experts: int = _field(32, "E")
+    d_expert: int = _field(64, "F: hidden width of one expert (the paper's d_ff)")
+    dense_hidden: int = _field(
+        0, "dense baseline's hidden width; 0 = k_final · F (same active params)"
+    )
     # --- routing ---
-    anchor_init: Literal["orthogonal", "kaiming", "batch"] = "orthogonal"  # cosine anchors
-    temperature: float = 10.0  # initial τ of the cosine scorer
-    k_start: int = 1  # K at step 0
-    k_final: int = 2  # K after the switch
-    k_switch: float = 0.25  # fraction of `steps` at which K rises to k_final
-    router_noise: float = 0.0  # std of training-time noise on router scores
-    dispatcher: Literal["auto", "torch", "triton"] = "auto"  # see moeblocks.make_dispatcher
+    anchor_init: Literal["orthogonal", "kaiming", "batch"] = _field("orthogonal", "cosine anchors")
+    temperature: float = _field(10.0, "initial τ of the cosine scorer")
+    k_start: int = _field(1, "K at step 0")
+    k_final: int = _field(2, "K after the switch")
+    k_switch: float = _field(
+        0.25, "fraction of `steps` at which K rises to k_final", training_only=True
+    )
+    router_noise: float = _field(
+        0.0, "std of training-time noise on router scores", training_only=True
+    )
+    dispatcher: Literal["auto", "torch", "triton"] = _field(
+        "auto", "see moeblocks.make_dispatcher", training_only=True
+    )
     # --- auxiliary losses (weights multiply the unweighted loss) ---
-    balance: BalanceKind = "bandpass"  # SRA bandpass, SRA CV², Switch load balance, none
-    balance_weight: float = 0.4
-    aux_reduce: Literal["mean", "sum"] = "mean"  # across layers: mean (official) or sum
-    band_floor: float = 0.004  # bandpass corridor on mean expert probability P_e;
-    band_ceiling: float = 0.032  # the paper's 0.0005/0.0040 for E=256, scaled by 256/E
-    z_loss_weight: float = 0.0  # ST-MoE z-loss on router logits (0 = off)
-    dispersion_weight: float = 0.0  # anchor dispersion (cosine router only; 0 = off)
+    balance: BalanceKind = _field(
+        "bandpass", "SRA bandpass, SRA CV², Switch load balance, none", training_only=True
+    )
+    balance_weight: float = _field(0.4, "weight of the balance loss", training_only=True)
+    aux_reduce: Literal["mean", "sum"] = _field("mean", "across layers: mean (official) or sum")
+    band_floor: float = _field(
+        0.004, "bandpass corridor on mean expert probability P_e;", training_only=True
+    )
+    band_ceiling: float = _field(
+        0.032, "the paper's 0.0005/0.0040 for E=256, scaled by 256/E", training_only=True
+    )
+    z_loss_weight: float = _field(
+        0.0, "ST-MoE z-loss on router logits (0 = off)", training_only=True
+    )
+    dispersion_weight: float = _field(
+        0.0, "anchor dispersion (cosine router only; 0 = off)", training_only=True
+    )
     # --- training ---
-    steps: int = 600  # optimizer steps; sets the LR and k schedules
-    batch_size: int = 16  # sequences per step
-    lr: float = 3e-3  # peak AdamW learning rate
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr · min_lr_ratio
-    warmup: float = 0.08  # linear warmup, as a fraction of `steps`
-    weight_decay: float = 0.1  # on matrices only (not norms, biases, anchors, τ)
-    decay_embedding: bool = False  # also decay the (tied) embedding, as the official code
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward (GPU runs)
-    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
-    eval_every: int = 200  # steps between validation passes (0 = only at the end)
-    eval_tokens: int = 16384  # validation tokens per pass during training
-    ckpt_every: int = 200  # steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = 2  # verified checkpoints kept; older ones go once a newer verifies
-    max_skipped_steps: int = 3  # steps in a row skipped for a non-finite loss/grad: then stop
-    seed: int = 0  # model init and the data order (batch of step s depends on seed, s)
+    steps: int = _field(
+        600, "optimizer steps; sets the LR and k schedules", training_only=True, resume=True
+    )
+    batch_size: int = _field(16, "sequences per step", training_only=True)
+    lr: float = _field(3e-3, "peak AdamW learning rate", training_only=True)
+    min_lr_ratio: float = _field(0.1, "cosine decay ends at lr · min_lr_ratio", training_only=True)
+    warmup: float = _field(0.08, "linear warmup, as a fraction of `steps`", training_only=True)
+    weight_decay: float = _field(
+        0.1, "on matrices only (not norms, biases, anchors, τ)", training_only=True
+    )
+    decay_embedding: bool = _field(False, "also decay the (tied) embedding, as the official code")
+    precision: Literal["fp32", "bf16"] = _field("fp32", "bf16: autocast forward (GPU runs)")
+    grad_clip: float = _field(1.0, "global gradient-norm clip (0 = off)", training_only=True)
+    eval_every: int = _field(
+        200, "steps between validation passes (0 = only at the end)", training_only=True
+    )
+    eval_tokens: int = _field(
+        16384, "validation tokens per pass during training", training_only=True
+    )
+    ckpt_every: int = _field(
+        200, "steps between checkpoints (0 = only at the end)", training_only=True
+    )
+    keep_checkpoints: int = _field(
+        2,
+        "verified checkpoints kept; older ones go once a newer verifies",
+        training_only=True,
+        resume=True,
+    )
+    max_skipped_steps: int = _field(
+        3,
+        "steps in a row skipped for a non-finite loss/grad: then stop",
+        training_only=True,
+        resume=True,
+    )
+    seed: int = _field(
+        0, "model init and the data order (batch of step s depends on seed, s)", training_only=True
+    )
 
     def __post_init__(self) -> None:
         positive = (

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from moeblocks.sra.config import UsageError
+from moeblocks.runtime.errors import UsageError
 
 __all__ = [
     "BUILTIN_DATA",

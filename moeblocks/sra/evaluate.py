@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from moeblocks.runtime.device import resolve_device
+from moeblocks.runtime.errors import UsageError
 from moeblocks.sra.checkpoint import (
     Checkpoint,
     check_corpus,
@@ -45,7 +47,6 @@ from moeblocks.sra.checkpoint import (
     note_skipped,
     with_data,
 )
-from moeblocks.sra.config import UsageError
 from moeblocks.sra.data import Corpus, eval_windows, load_corpus
 from moeblocks.sra.model import SRATransformer
 
@@ -253,7 +254,6 @@ def load_run(
             ``data`` is given.
     """
     from moeblocks.sra.tokenizer import load_tokenizer
-    from moeblocks.sra.train import resolve_device
 
     path = Path(path)
     if not path.is_dir():
@@ -388,7 +388,7 @@ def eval_record(ev: RunEval, command: str = "") -> dict[str, Any]:
 
 def write_eval_json(ev: RunEval, out: Path, command: str = "") -> Path:
     """Write :func:`eval_record` to ``out/eval.json`` (atomically); return its path."""
-    from moeblocks.sra.durable import atomic_write_text
+    from moeblocks.runtime.durable import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,8 @@ from moeblocks.inspect.metrics import (
     subtoken_coherence,
     summarise_layer,
 )
-from moeblocks.sra.config import SRAConfig, UsageError, preset
+from moeblocks.runtime.errors import UsageError
+from moeblocks.sra.config import SRAConfig, preset
 from moeblocks.sra.data import WORD_CLASSES, batch_at, synthetic_text
 from moeblocks.sra.model import SRATransformer
 
@@ -398,7 +399,7 @@ def write_ablation(
     """Write the table (markdown), the runs (CSV, JSON) and the chart of an ablation."""
     import platform
 
-    from moeblocks.sra.durable import atomic_write_text
+    from moeblocks.runtime.durable import atomic_write_text
 
     seconds = sum(r.seconds for r in runs)
     config = json.dumps(base.to_dict(), sort_keys=True, indent=1)

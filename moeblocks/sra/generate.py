@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from moeblocks.sra.config import UsageError
+from moeblocks.runtime.errors import UsageError
 from moeblocks.sra.model import SRAOutput, SRATransformer
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ def write_generation(gen: Generation, out: Path, command: str = "") -> tuple[Pat
     Returns:
         The paths of the markdown and the JSON file.
     """
-    from moeblocks.sra.durable import atomic_write_text
+    from moeblocks.runtime.durable import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

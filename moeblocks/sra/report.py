@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeblocks.sra.durable import atomic_write_text
+from moeblocks.runtime.durable import atomic_write_text
 from moeblocks.sra.evaluate import RunEval, format_run_eval
 
 __all__ = ["ExpertTokens", "write_report"]

@@ -19,10 +19,11 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from moeblocks._version import __version__
-from moeblocks.sra.config import UsageError
-from moeblocks.sra.durable import atomic_write_text
+from moeblocks.runtime.durable import atomic_write_text
+from moeblocks.runtime.errors import UsageError
 
 __all__ = [
     "MARKER",
@@ -31,6 +32,7 @@ __all__ = [
     "claim_run",
     "remove_run_files",
     "remove_stale",
+    "run_summary",
     "truncate_log",
 ]
 
@@ -149,3 +151,25 @@ def truncate_log(path: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= step:
             keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def run_summary(out: Path) -> dict[str, Any]:
+    """The log records of a run, for reports.
+
+    Returns:
+        ``{"train": [...], "eval": [...], "skipped": [...]}``: the records of applied
+        steps, those with a validation pass, and those of skipped (non-finite) steps.
+    """
+    path = out / "log.jsonl"
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line torn by a crash
+            continue
+    applied = [r for r in records if "skipped" not in r]
+    return {
+        "train": applied,
+        "eval": [r for r in applied if "val_loss" in r],
+        "skipped": [r for r in records if "skipped" in r],
+    }

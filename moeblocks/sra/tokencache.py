@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from moeblocks.runtime.durable import atomic_write
 from moeblocks.sra.data import BUILTIN_DATA, Corpus
-from moeblocks.sra.durable import atomic_write
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moeblocks._optional import require
-from moeblocks.sra.config import UsageError
+from moeblocks.runtime.errors import UsageError
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenizers` is the optional `sra` extra
     from tokenizers import Tokenizer
@@ -71,7 +71,7 @@ def decode(tok: Tokenizer, ids: list[int]) -> str:
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     """Write the tokeniser as JSON to ``path`` (atomically)."""
-    from moeblocks.sra.durable import atomic_write_text
+    from moeblocks.runtime.durable import atomic_write_text
 
     atomic_write_text(path, tok.to_str())
 

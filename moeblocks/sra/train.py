@@ -54,6 +54,10 @@ from moeblocks.distributed import (
     save_sharded,
 )
 from moeblocks.routers import CosineScorer
+from moeblocks.runtime.device import resolve_device
+from moeblocks.runtime.durable import atomic_write_text
+from moeblocks.runtime.errors import UsageError
+from moeblocks.runtime.threads import ThreadTuner
 from moeblocks.sra.checkpoint import (
     SHARDS,
     Checkpoint,
@@ -69,14 +73,12 @@ from moeblocks.sra.checkpoint import (
     shard_folder,
     with_data,
 )
-from moeblocks.sra.config import SRAConfig, UsageError
+from moeblocks.sra.config import SRAConfig, fields_where
 from moeblocks.sra.data import Corpus, batch_at, check_length, data_spec, load_corpus
-from moeblocks.sra.durable import atomic_write_text
 from moeblocks.sra.evaluate import evaluate
 from moeblocks.sra.guards import DivergedError, Interrupted, NonFiniteGuard, StopSignals
 from moeblocks.sra.model import SRATransformer
 from moeblocks.sra.rundir import check_out, claim_run
-from moeblocks.threads import ThreadTuner
 
 __all__ = ["TrainResult", "build_optimizer", "lr_at", "resolve_device", "train"]
 
@@ -139,25 +141,6 @@ def build_optimizer(model: SRATransformer, config: SRAConfig) -> torch.optim.Ada
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device.
-
-    Raises:
-        UsageError: For CUDA on a machine without it, or an unknown device string.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise UsageError(
-            f"--device {device!r} is not a torch device (try cpu, cuda, auto)"
-        ) from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -252,10 +235,6 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
 
 
-# Config fields a resume may change: they do not alter what the run has trained.
-_RESUME_MAY_CHANGE = frozenset({"steps", "keep_checkpoints", "max_skipped_steps"})
-
-
 def train(
     config: SRAConfig | None,
     data: str | None,
@@ -300,7 +279,7 @@ def train(
             gradients and optimizer state sharded) or ``ddp`` (replicated); see
             :func:`moeblocks.distributed.parallelize`. Ignored in a single process.
         tune_threads: Re-check the CPU thread count every few seconds as other
-            processes come and go (:class:`moeblocks.threads.ThreadTuner`); for counts
+            processes come and go (:class:`moeblocks.runtime.threads.ThreadTuner`); for counts
             picked from the load, not for ones the user fixed.
 
     Returns:
@@ -325,7 +304,9 @@ def train(
             raise UsageError(f"--resume: {out} holds no checkpoint")
         if config is None:
             config = ckpt.config
-        diff = describe_differences(ckpt.config, config, ignore=_RESUME_MAY_CHANGE)
+        diff = describe_differences(
+            ckpt.config, config, ignore=fields_where("may_change_on_resume")
+        )
         if diff:
             raise UsageError(f"checkpoint in {out} is from a different config: {diff}")
         if config.steps < ckpt.step:
@@ -690,25 +671,3 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
-
-
-def run_summary(out: Path) -> dict[str, Any]:
-    """The log records of a run, for reports.
-
-    Returns:
-        ``{"train": [...], "eval": [...], "skipped": [...]}``: the records of applied
-        steps, those with a validation pass, and those of skipped (non-finite) steps.
-    """
-    path = out / "log.jsonl"
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line torn by a crash
-            continue
-    applied = [r for r in records if "skipped" not in r]
-    return {
-        "train": applied,
-        "eval": [r for r in applied if "val_loss" in r],
-        "skipped": [r for r in records if "skipped" in r],
-    }

@@ -6,13 +6,12 @@ Heavy imports happen inside the handler, so building the parser stays cheap.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
-from moeblocks._argtypes import positive_int
+from moeblocks.cli.options import add_device, add_max_tokens, add_quiet, positive_int
+from moeblocks.cli.run import command_line
 
-__all__ = ["add_experiment_command", "run_experiment"]
+__all__ = ["add_experiment"]
 
 _EXAMPLES = """examples:
   moeblocks experiment routing-ablation --seeds 0 1 2 --steps 300
@@ -21,7 +20,7 @@ _EXAMPLES = """examples:
 """
 
 
-def run_experiment(args: argparse.Namespace) -> int:
+def _experiment(args: argparse.Namespace) -> int:
     """Handler of ``moeblocks experiment NAME``."""
     from moeblocks.sra.config import preset
     from moeblocks.sra.experiments import routing_ablation
@@ -30,7 +29,6 @@ def run_experiment(args: argparse.Namespace) -> int:
     if args.steps is not None:
         base = base.replace(steps=args.steps)
     out = Path(args.out)
-    command = "moeblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
     runs = routing_ablation(
         out,
         base,
@@ -40,14 +38,14 @@ def run_experiment(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         device=args.device,
         progress=not args.quiet,
-        command=command,
+        command=command_line(),
     )
     print((out / "ablation.md").read_text(encoding="utf-8"))
     print(f"{len(runs)} runs; table in {out / 'ablation.md'}")
     return 0
 
 
-def add_experiment_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_experiment(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``experiment`` to the ``moeblocks`` subparsers."""
     from moeblocks.sra.config import PRESETS
     from moeblocks.sra.experiments import ABLATION_VARIANTS
@@ -78,13 +76,8 @@ def add_experiment_command(sub: argparse._SubParsersAction) -> None:  # type: ig
     )
     ex.add_argument("--data", default="pydoc", help="corpus (default: pydoc)")
     ex.add_argument("--steps", type=positive_int, default=None, help="override the preset's steps")
-    ex.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=16384,
-        help="validation tokens per measurement",
-    )
+    add_max_tokens(ex, 16384, "validation tokens per measurement")
     ex.add_argument("--out", default="runs/routing-ablation", help="folder for the runs")
-    ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    ex.add_argument("--quiet", action="store_true", help="no progress bar")
-    ex.set_defaults(handler=run_experiment)
+    add_device(ex)
+    add_quiet(ex)
+    ex.set_defaults(handler=_experiment)

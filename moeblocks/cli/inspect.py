@@ -1,23 +1,32 @@
-"""Subcommand ``moeblocks inspect``.
+"""The ``moeblocks inspect`` command: the routing report of an SRA run or an HF checkpoint.
 
-:func:`add_inspect_commands` adds it to the ``moeblocks`` parser's subparsers; it
-sets ``handler`` to a function ``(args) -> exit status`` as the other commands do.
-Heavy imports happen inside the handlers. The report goes to ``RUN/reports/inspect.md``
-with its plots beside it (``inspect-*``, ``training-*``; see :mod:`moeblocks.sra.evaluate`
-for the layout of a run's reports). ``inspect --hf DIR`` (a Hugging Face checkpoint)
-is handled by a function the caller passes in, so that this package imports no model
-bridge (the ``moeblocks`` command passes :mod:`moeblocks.hf`'s).
+:func:`add_inspect` adds it to the ``moeblocks`` parser's subparsers; it sets
+``handler`` to a function ``(args) -> exit status`` as the other commands do. Heavy
+imports happen inside the handler. A run is inspected by
+:func:`moeblocks.sra.inspection.inspect_run`, a Hugging Face checkpoint (``--hf DIR``) by
+:func:`moeblocks.hf.report.inspect_hf`; both give the model-agnostic
+:class:`~moeblocks.inspect.report.Inspection` that
+:func:`~moeblocks.inspect.report.write_inspect_report` writes to ``RUN/reports/inspect.md``
+(or ``DIR/reports``) with its plots beside it (``inspect-*``, ``training-*``; see
+:mod:`moeblocks.sra.evaluate` for the layout of a run's reports).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from moeblocks._argtypes import positive_int
+from moeblocks.cli.options import (
+    add_device,
+    add_max_tokens,
+    add_plot_format,
+    add_quiet,
+    positive_int,
+)
+from moeblocks.runtime.errors import UsageError
 
-__all__ = ["add_inspect_commands", "run_inspect"]
+__all__ = ["add_inspect"]
 
 _EXAMPLES = """examples:
   moeblocks inspect runs/demo
@@ -37,30 +46,37 @@ writes (default folder RUN/reports, or DIR/reports with --hf):
 """
 
 
-def run_inspect(args: argparse.Namespace) -> int:
-    """Handler of ``moeblocks inspect RUN``: print the tables, write ``inspect.md`` + plots.
+def _inspect(args: argparse.Namespace) -> int:
+    """Handler of ``moeblocks inspect``: print the tables, write ``inspect.md`` + plots."""
+    from moeblocks.inspect.probe import load_probes
+    from moeblocks.inspect.report import format_inspection, write_inspect_report
 
-    With ``--hf DIR`` it hands over to ``args.hf_handler``.
-    """
-    from moeblocks.sra.config import UsageError
-
-    if args.hf is not None:
-        if args.run is not None:
-            raise UsageError("give either a run folder or --hf DIR, not both")
-        if args.hf_handler is None:
-            raise UsageError("--hf needs the moeblocks command (moeblocks.cli)")
-        return args.hf_handler(args)
-    if args.run is None:
+    if args.hf is not None and args.run is not None:
+        raise UsageError("give either a run folder or --hf DIR, not both")
+    if args.hf is None and args.run is None:
         raise UsageError(
             "give a run folder (moeblocks inspect RUN) or a Hugging Face checkpoint "
             "folder (moeblocks inspect --hf DIR)"
         )
-    from moeblocks.inspect.probe import load_probes
-    from moeblocks.inspect.report import format_inspection, inspect_run, write_inspect_report
-    from moeblocks.sra.evaluate import report_dir
-
     probes = load_probes(args.probes) if args.probes else None
-    ins = inspect_run(
+    ins = _inspect_hf(args, probes) if args.hf is not None else _inspect_run(args, probes)
+    print(format_inspection(ins))
+    if args.out:
+        out = Path(args.out)
+    elif args.hf is not None:
+        out = Path(args.hf) / "reports"
+    else:
+        from moeblocks.sra.evaluate import report_dir
+
+        out = report_dir(Path(args.run))
+    print(f"report: {write_inspect_report(ins, out, args.format)}")
+    return 0
+
+
+def _inspect_run(args: argparse.Namespace, probes: Any) -> Any:
+    from moeblocks.sra.inspection import inspect_run
+
+    return inspect_run(
         Path(args.run),
         text=args.text,
         max_tokens=args.max_tokens,
@@ -70,22 +86,33 @@ def run_inspect(args: argparse.Namespace) -> int:
         data=args.data,
         progress=not args.quiet,
     )
-    print(format_inspection(ins))
-    out = Path(args.out) if args.out else report_dir(Path(args.run))
-    print(f"report: {write_inspect_report(ins, out, args.format)}")
-    return 0
 
 
-def add_inspect_commands(
-    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-    hf_handler: Callable[[argparse.Namespace], int] | None = None,
-) -> None:
-    """Add ``inspect`` to the ``moeblocks`` subparsers.
+def _inspect_hf(args: argparse.Namespace, probes: Any) -> Any:
+    """``--hf DIR``: the routing report of a local HF MoE checkpoint."""
+    from moeblocks.hf.report import inspect_hf
+    from moeblocks.runtime.device import resolve_device
+    from moeblocks.sra.data import load_corpus
 
-    Args:
-        sub: The subparsers of the ``moeblocks`` parser.
-        hf_handler: Handler of ``inspect --hf DIR`` (None: ``--hf`` is refused).
-    """
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2, got {args.seq_len}")
+    # HF's own forward runs here; a bar would only show the k-sweep, so none.
+    corpus = load_corpus(args.data or "pydoc")
+    return inspect_hf(
+        Path(args.hf),
+        corpus.valid,
+        data_name=corpus.name,
+        text=args.text,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        device=resolve_device(args.device),
+        k_sweep=not args.no_k_sweep,
+        probes=probes,
+    )
+
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``inspect`` to the ``moeblocks`` subparsers."""
     ins = sub.add_parser(
         "inspect",
         help="routing metrics, probes and plots of a trained run or a Hugging Face MoE "
@@ -119,24 +146,13 @@ def add_inspect_commands(
         help="with --hf: tokens per window (default 128)",
     )
     ins.add_argument("--text", default=None, help="sentence to trace token by token")
-    ins.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=8192,
-        metavar="N",
-        help="validation tokens to inspect (default 8192)",
-    )
+    add_max_tokens(ins, 8192, "validation tokens to inspect (default 8192)")
     ins.add_argument("--probes", default=None, help="JSONL overlap-probe set (default: built-in)")
     ins.add_argument(
         "--out", default=None, help="report folder (default: RUN/reports, DIR/reports)"
     )
-    ins.add_argument(
-        "--format",
-        default="png",
-        choices=["png", "svg", "pdf"],
-        help="plot format (default: png at 150 dpi)",
-    )
+    add_plot_format(ins, "png at 150 dpi")
     ins.add_argument("--no-k-sweep", action="store_true", help="skip the k-sweep evaluation")
-    ins.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    ins.add_argument("--quiet", action="store_true", help="no progress bar")
-    ins.set_defaults(handler=run_inspect, hf_handler=hf_handler)
+    add_device(ins)
+    add_quiet(ins)
+    ins.set_defaults(handler=_inspect)
