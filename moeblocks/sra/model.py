@@ -27,7 +27,21 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-import moeblocks as mb
+from moeblocks.dispatchers import make_dispatcher
+from moeblocks.experts import ExpertInit, GELUExperts, SwiGLUExperts
+from moeblocks.gating import WeightPolicy
+from moeblocks.layer import MoELayer
+from moeblocks.losses import (
+    AuxLoss,
+    BandpassLoss,
+    CVSquaredLoss,
+    DispersionLoss,
+    LoadBalanceLoss,
+    ZLoss,
+)
+from moeblocks.routers import CosineScorer, LinearScorer, Router
+from moeblocks.routing import MoEOutput, Routing
+from moeblocks.schedules import ConstantK, KSchedule, StepK
 from moeblocks.sra.config import SRAConfig
 
 __all__ = ["SRAOutput", "SRATransformer", "build_losses", "build_schedule"]
@@ -47,7 +61,7 @@ class SRAOutput:
     """
 
     logits: Float[Tensor, "B S V"]
-    routings: tuple[mb.Routing, ...]
+    routings: tuple[Routing, ...]
     aux_losses: tuple[dict[str, Float[Tensor, ""]], ...]
     aux_scale: float = 1.0
 
@@ -60,28 +74,28 @@ class SRAOutput:
         return total * self.aux_scale
 
 
-def build_schedule(config: SRAConfig) -> mb.KSchedule:
+def build_schedule(config: SRAConfig) -> KSchedule:
     """The k curriculum: ``k_start`` until ``k_switch · steps``, then ``k_final``."""
     switch = config.k_switch_step
     if config.k_start == config.k_final or switch == 0:
-        return mb.ConstantK(config.k_final if switch == 0 else config.k_start)
-    return mb.StepK({0: config.k_start, switch: config.k_final})
+        return ConstantK(config.k_final if switch == 0 else config.k_start)
+    return StepK({0: config.k_start, switch: config.k_final})
 
 
-def build_losses(config: SRAConfig) -> dict[str, mb.AuxLoss]:
+def build_losses(config: SRAConfig) -> dict[str, AuxLoss]:
     """The auxiliary losses a config asks for, keyed by name."""
-    losses: dict[str, mb.AuxLoss] = {}
+    losses: dict[str, AuxLoss] = {}
     w = config.balance_weight
     if config.balance == "bandpass":
-        losses["bandpass"] = mb.BandpassLoss(config.band_floor, config.band_ceiling, weight=w)
+        losses["bandpass"] = BandpassLoss(config.band_floor, config.band_ceiling, weight=w)
     elif config.balance == "cv":
-        losses["cv"] = mb.CVSquaredLoss(weight=w)
+        losses["cv"] = CVSquaredLoss(weight=w)
     elif config.balance == "switch":
-        losses["switch"] = mb.LoadBalanceLoss(weight=w)
+        losses["switch"] = LoadBalanceLoss(weight=w)
     if config.z_loss_weight > 0:
-        losses["z"] = mb.ZLoss(weight=config.z_loss_weight)
+        losses["z"] = ZLoss(weight=config.z_loss_weight)
     if config.dispersion_weight > 0 and config.ffn == "cosine":
-        losses["dispersion"] = mb.DispersionLoss(weight=config.dispersion_weight)
+        losses["dispersion"] = DispersionLoss(weight=config.dispersion_weight)
     return losses
 
 
@@ -161,11 +175,11 @@ def _residual_std(config: SRAConfig) -> float:
     return 0.02 / math.sqrt(2 * config.n_layers)
 
 
-def build_moe(config: SRAConfig) -> mb.MoELayer:
+def build_moe(config: SRAConfig) -> MoELayer:
     """One MoE feed-forward layer: router (cosine or linear) + dispatcher + experts."""
     gpt2 = config.init == "gpt2"
     if config.ffn == "cosine":
-        scorer: nn.Module = mb.CosineScorer(
+        scorer: nn.Module = CosineScorer(
             config.d_model,
             config.num_experts,
             init=config.anchor_init,
@@ -173,27 +187,27 @@ def build_moe(config: SRAConfig) -> mb.MoELayer:
         )
     else:
         # float32 scores, as the official gate (and the cosine scorer) computes them.
-        scorer = mb.LinearScorer(config.d_model, config.num_experts, compute_dtype="float32")
+        scorer = LinearScorer(config.d_model, config.num_experts, compute_dtype="float32")
         if gpt2:
             nn.init.normal_(scorer.weight_ED, std=0.02)
-    router = mb.Router(
+    router = Router(
         scorer,
         schedule=build_schedule(config),
         noise_std=config.router_noise,
         # The official renormalisation: top-k weights / (their sum + 1e-6) when K > 1.
-        weights=mb.WeightPolicy(renormalize="k>1", eps=1e-6),
+        weights=WeightPolicy(renormalize="k>1", eps=1e-6),
     )
-    init = mb.ExpertInit(std=0.02, out_scale=1 / math.sqrt(2 * config.n_layers)) if gpt2 else None
+    init = ExpertInit(std=0.02, out_scale=1 / math.sqrt(2 * config.n_layers)) if gpt2 else None
     common = {"bias": config.expert_bias, "init": init, "dropout": config.dropout}
     experts: nn.Module
     if config.expert == "swiglu":
-        experts = mb.SwiGLUExperts(config.num_experts, config.d_model, config.d_expert, **common)
+        experts = SwiGLUExperts(config.num_experts, config.d_model, config.d_expert, **common)
     else:
-        experts = mb.GELUExperts(
+        experts = GELUExperts(
             config.num_experts, config.d_model, config.d_expert, activation=config.expert,
             **common,
         )  # fmt: skip
-    return mb.MoELayer(router, mb.make_dispatcher(config.dispatcher), experts, build_losses(config))
+    return MoELayer(router, make_dispatcher(config.dispatcher), experts, build_losses(config))
 
 
 class Block(nn.Module):
@@ -208,11 +222,11 @@ class Block(nn.Module):
 
     def forward(
         self, x: Float[Tensor, "B S D"], k: int | None, mask: Bool[Tensor, "B S"] | None
-    ) -> tuple[Float[Tensor, "B S D"], mb.MoEOutput | None]:
+    ) -> tuple[Float[Tensor, "B S D"], MoEOutput | None]:
         """Apply the block; also return the MoE layer's output record (None if dense)."""
         x = x + self.attn(self.ln_attn(x))
         h = self.ln_ffn(x)
-        if isinstance(self.ffn, mb.MoELayer):
+        if isinstance(self.ffn, MoELayer):
             moe = self.ffn(h, k=k, mask=mask)
             return x + moe.out, moe
         return x + self.ffn(h), None
@@ -251,9 +265,9 @@ class SRATransformer(nn.Module):
                     nn.init.zeros_(linear.bias)
 
     @property
-    def moe_layers(self) -> list[mb.MoELayer]:
+    def moe_layers(self) -> list[MoELayer]:
         """The MoE layers in depth order (empty for a dense model)."""
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, mb.MoELayer)]
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def set_step(self, step: int) -> None:
         """Move every router's k schedule to training step ``step``."""
@@ -288,7 +302,7 @@ class SRATransformer(nn.Module):
         if seq > self.config.seq_len:
             raise ValueError(f"idx has {seq} positions but config.seq_len is {self.config.seq_len}")
         x = self.drop(self.embed(idx))  # [B, S, D]
-        routings: list[mb.Routing] = []
+        routings: list[Routing] = []
         aux: list[dict[str, Tensor]] = []
         for block in self.blocks:
             x, moe = block(x, k, mask)
