@@ -3,8 +3,8 @@
 The page ``cli.md`` holds the marker ``<!-- cli-reference -->``; at build time it is
 replaced by one section per command and subcommand (walked recursively through
 ``argparse`` subparsers): its one-line summary, its description, a table of its
-arguments and its full ``--help`` text. The parser is built by ``moeblocks.cli._parser``,
-so the page always matches the installed command.
+arguments and its full ``--help`` text. The parser is built by
+``moeblocks.cli.parser.build_parser``, so the page always matches the installed command.
 """
 
 from __future__ import annotations
@@ -140,6 +140,6 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any, **kwargs
     """Replace the marker on the CLI page."""
     if page.file.src_uri != PAGE or MARKER not in markdown:
         return markdown
-    from moeblocks.cli import _parser
+    from moeblocks.cli.parser import build_parser
 
-    return markdown.replace(MARKER, render_reference(_parser()))
+    return markdown.replace(MARKER, render_reference(build_parser()))

@@ -34,16 +34,18 @@ from moeblocks.hf.capture import capture_routing
 from moeblocks.hf.convert import SUPPORTED, family_of
 from moeblocks.hf.swap import HFMoEBlock, swap_moe_blocks
 from moeblocks.inspect.anchors import anchor_traces
-from moeblocks.inspect.collect import collect_routing
+from moeblocks.inspect.collect import RoutingSet, collect_routing
 from moeblocks.inspect.interventions import intervene
 from moeblocks.inspect.probe import ProbeItem
 from moeblocks.inspect.report import (
     Inspection,
+    LayerTables,
     ProbeResults,
     layer_tables,
     run_probes,
     word_ids_from_pieces,
 )
+from moeblocks.routing import Routing
 from moeblocks.runtime.errors import CheckpointError
 
 __all__ = ["CheckpointError", "inspect_hf", "load_checkpoint"]
@@ -169,6 +171,36 @@ def _families(model: nn.Module, folder: str | Path) -> list[str]:
     return families
 
 
+def _collect(
+    model: nn.Module,
+    has_tokenizer: bool,
+    txt: _Text,
+    x_WS: Tensor,
+    batch_size: int,
+    probes: Sequence[ProbeItem] | None,
+    text: str,
+) -> tuple[RoutingSet, LayerTables, ProbeResults, list[int], Sequence[Routing]]:
+    """Routing over the windows, its tables, the probes and the traced sentence's routing."""
+    dev = next(model.parameters()).device
+
+    def call(ids_BS: Tensor) -> object:
+        return model(input_ids=ids_BS.to(dev), use_cache=False)
+
+    with capture_routing(model) as rec:
+        forward = rec.forward_fn(call)
+        rs = collect_routing(forward, x_WS.split(batch_size))
+        token_ids = rs.token_ids.tolist()
+        no_words = torch.full((len(token_ids),), -1, dtype=torch.long)
+        word_ids = no_words if txt.pieces is None else txt.pieces(token_ids)
+        tables = layer_tables(rs, word_ids, txt.vocab_size, txt.show)
+        found = ProbeResults()
+        if has_tokenizer:
+            found = run_probes(forward, txt.encode, probes, "english", "english-senses")
+        sent_ids = txt.encode(text)[: x_WS.shape[1]] or [0]
+        sent_routings = forward(torch.tensor([sent_ids], dtype=torch.long))
+    return rs, tables, found, sent_ids, sent_routings
+
+
 def inspect_hf(
     folder: str | Path,
     corpus: str,
@@ -213,25 +245,11 @@ def inspect_hf(
         )
     ids = torch.tensor(txt.encode(corpus[: max_tokens * txt.chars_per_token]), dtype=torch.long)
     x_WS = _windows(ids, seq_len, max_tokens)
-    dev = next(model.parameters()).device
-
-    def call(ids_BS: Tensor) -> object:
-        return model(input_ids=ids_BS.to(dev), use_cache=False)
-
-    with capture_routing(model) as rec:
-        forward = rec.forward_fn(call)
-        rs = collect_routing(forward, x_WS.split(batch_size))
-        token_ids = rs.token_ids.tolist()
-        no_words = torch.full((len(token_ids),), -1, dtype=torch.long)
-        word_ids = no_words if txt.pieces is None else txt.pieces(token_ids)
-        tables = layer_tables(rs, word_ids, txt.vocab_size, txt.show)
-        found = ProbeResults()
-        if tok is not None:
-            found = run_probes(forward, txt.encode, probes, "english", "english-senses")
-        if text is None:
-            text = next((ln for ln in corpus.splitlines() if ln.strip()), "")
-        sent_ids = txt.encode(text)[: x_WS.shape[1]] or [0]
-        sent_routings = forward(torch.tensor([sent_ids], dtype=torch.long))
+    if text is None:
+        text = next((ln for ln in corpus.splitlines() if ln.strip()), "")
+    rs, tables, found, sent_ids, sent_routings = _collect(
+        model, tok is not None, txt, x_WS, batch_size, probes, text
+    )
     k_train = rs.layers[0].top_k
     sweep: list[tuple[int, float]] = []
     if k_sweep:

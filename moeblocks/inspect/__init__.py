@@ -2,8 +2,10 @@
 
 Collect the routing records of a model over an evaluation set with
 :func:`collect_routing`, then compute metrics per layer from ``RoutingSet.layers``.
-Plots and the ``moeblocks inspect`` report live in :mod:`moeblocks.inspect.plots` and
+Plots and the model-agnostic report writer live in :mod:`moeblocks.inspect.plots` and
 :mod:`moeblocks.inspect.report` (they need the ``plots`` extra and are not imported here).
+Nothing here imports a model: an SRA run's inspection is :mod:`moeblocks.sra.inspection`,
+a Hugging Face checkpoint's :mod:`moeblocks.hf.report`.
 """
 
 from moeblocks.inspect.anchors import AnchorTrace as AnchorTrace

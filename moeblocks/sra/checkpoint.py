@@ -167,8 +167,6 @@ def save_checkpoint(
     from moeblocks._optional import require
 
     require("safetensors", "sra", "SRA checkpoints")
-    from safetensors.torch import save_model
-
     meta = {
         "config": config.to_dict(),
         "data": corpus.name,
@@ -178,40 +176,61 @@ def save_checkpoint(
         "step": step,
         "moeblocks": __version__,
     }
-
-    def fill(folder: Path) -> None:
-        if sharded is not None:
-            fsync_dir(sharded)  # each rank fsync-ed its own files (DCP sync_files)
-            os.replace(sharded, folder / SHARDS)
-        elif weights is None:
-            save_model(model, str(folder / "model.safetensors"), metadata={"step": str(step)})
-        else:
-            _save_weights(weights, folder / "model.safetensors", {"step": str(step)})
-        (folder / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
-        state: dict[str, Any] = {"step": step, "rng": rng, **(extra_state or {})}
-        if sharded is None:
-            state["optimizer"] = (
-                optimizer.state_dict() if optimizer_state is None else optimizer_state
-            )
-        torch.save(state, folder / "state.pt")
-
+    payload = _Payload(step, meta, tokenizer_json, model, optimizer, weights,
+                       optimizer_state, extra_state, sharded)  # fmt: skip
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"{_PREFIX}{step:07d}"
     # Written unless a verified step-N holds it already (saved again right after a resume).
     if _problem(final) is not None:
         try:
             ckpt_root.mkdir(parents=True, exist_ok=True)
-            _write_folder(final, step, fill)
+            _write_folder(final, step, payload.fill)
         except OSError as err:
             raise CheckpointError(f"could not write checkpoint {final}: {err}") from err
     verify_checkpoint(final)
     atomic_write_text(run_dir / POINTER, json.dumps({"step": step, "path": _rel(final)}))
     _prune(ckpt_root, step, keep)
     return final
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """What one checkpoint folder holds (see :func:`save_checkpoint` for each part)."""
+
+    step: int
+    meta: dict[str, Any]
+    tokenizer_json: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    weights: Mapping[str, Tensor] | None
+    optimizer_state: dict[str, Any] | None
+    extra_state: Mapping[str, Any] | None
+    sharded: Path | None
+
+    def fill(self, folder: Path) -> None:
+        """Write every file of the checkpoint into ``folder`` (not yet durable)."""
+        from safetensors.torch import save_model
+
+        step = self.step
+        if self.sharded is not None:
+            fsync_dir(self.sharded)  # each rank fsync-ed its own files (DCP sync_files)
+            os.replace(self.sharded, folder / SHARDS)
+        elif self.weights is None:
+            save_model(self.model, str(folder / "model.safetensors"), metadata={"step": str(step)})
+        else:
+            _save_weights(self.weights, folder / "model.safetensors", {"step": str(step)})
+        (folder / "config.json").write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
+        (folder / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        state: dict[str, Any] = {"step": step, "rng": rng, **(self.extra_state or {})}
+        if self.sharded is None:
+            state["optimizer"] = (
+                self.optimizer.state_dict() if self.optimizer_state is None
+                else self.optimizer_state
+            )  # fmt: skip
+        torch.save(state, folder / "state.pt")
 
 
 def _write_folder(final: Path, step: int, fill: Callable[[Path], None]) -> None:

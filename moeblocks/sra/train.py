@@ -30,19 +30,23 @@ the 1-rank run up to float rounding. Rank 0 logs; checkpoints are written with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from moeblocks.distributed import (
     ParallelConfig,
@@ -297,30 +301,7 @@ def train(
     """
     out = Path(out)
     check_out(out, resume=resume)
-    ckpt: Checkpoint | None = None
-    if resume:
-        ckpt = find_checkpoint(out) if out.is_dir() else None
-        if ckpt is None:
-            raise UsageError(f"--resume: {out} holds no checkpoint")
-        if config is None:
-            config = ckpt.config
-        diff = describe_differences(
-            ckpt.config, config, ignore=fields_where("may_change_on_resume")
-        )
-        if diff:
-            raise UsageError(f"checkpoint in {out} is from a different config: {diff}")
-        if config.steps < ckpt.step:
-            raise UsageError(f"--steps {config.steps} is below the checkpoint's step {ckpt.step}")
-        ckpt = with_data(ckpt, out, data, encoding)
-        spec, encoding = ckpt.data, ckpt.encoding
-    else:
-        if config is None:
-            raise UsageError("a config (preset) is needed to start a new run")
-        if checkpoint_dirs(out) and not overwrite:
-            raise UsageError(
-                f"{out} already holds a run; pass --resume to continue it or choose another --out"
-            )
-        spec, encoding = data_spec("pydoc" if data is None else data), encoding or "utf-8"
+    config, ckpt, spec, encoding = _resolve(config, data, out, resume, overwrite, encoding)
     dev = resolve_device(device)
     par = _plan_parallel(expert_parallel, config, parallel)
 
@@ -330,9 +311,48 @@ def train(
         check_corpus(corpus, ckpt)
         if par is None or par.main:
             note_skipped(ckpt)
-    run = (config, out, ckpt, corpus, dev)
+    setup = _Setup(config, out, ckpt, corpus, dev, stop_at, progress, tune_threads)
     if par is None:
-        return _train(*run, None, stop_at=stop_at, progress=progress, tune_threads=tune_threads)
+        return _train(setup, _OneProcess())
+    with _process_group(par, dev) as rank_dev:
+        return _train(dataclasses.replace(setup, dev=rank_dev), _Sharded(par))
+
+
+def _resolve(
+    config: SRAConfig | None,
+    data: str | None,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    encoding: str | None,
+) -> tuple[SRAConfig, Checkpoint | None, str, str]:
+    """The run's config, the checkpoint to resume, and its data spec and encoding."""
+    if not resume:
+        if config is None:
+            raise UsageError("a config (preset) is needed to start a new run")
+        if checkpoint_dirs(out) and not overwrite:
+            raise UsageError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        return config, None, data_spec("pydoc" if data is None else data), encoding or "utf-8"
+    ckpt = find_checkpoint(out) if out.is_dir() else None
+    if ckpt is None:
+        raise UsageError(f"--resume: {out} holds no checkpoint")
+    if config is None:
+        config = ckpt.config
+    may_change = fields_where("may_change_on_resume")
+    diff = describe_differences(ckpt.config, config, ignore=may_change)
+    if diff:
+        raise UsageError(f"checkpoint in {out} is from a different config: {diff}")
+    if config.steps < ckpt.step:
+        raise UsageError(f"--steps {config.steps} is below the checkpoint's step {ckpt.step}")
+    ckpt = with_data(ckpt, out, data, encoding)
+    return config, ckpt, ckpt.data, ckpt.encoding
+
+
+@contextmanager
+def _process_group(par: _Parallel, dev: torch.device) -> Iterator[torch.device]:
+    """This rank's device inside the process group (created here unless it exists)."""
     if dev.type == "cuda":
         dev = torch.device("cuda", par.local_rank)
         torch.cuda.set_device(dev)
@@ -342,294 +362,476 @@ def train(
     try:
         if dist.get_world_size() != par.world or dist.get_rank() != par.rank:
             raise UsageError("the process group does not match WORLD_SIZE / RANK")
-        return _train(*run, par, stop_at=stop_at, progress=progress, tune_threads=tune_threads)
+        yield dev
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
-def _train(
-    config: SRAConfig,
-    out: Path,
-    ckpt: Checkpoint | None,
-    corpus: Corpus,
-    dev: torch.device,
-    par: _Parallel | None,
-    *,
-    stop_at: int | None,
-    progress: bool,
-    tune_threads: bool = False,
-) -> TrainResult:
+@dataclass(frozen=True)
+class _Setup:
+    """What a training call settled before its first write."""
+
+    config: SRAConfig
+    out: Path
+    ckpt: Checkpoint | None
+    corpus: Corpus
+    dev: torch.device
+    stop_at: int | None
+    progress: bool
+    tune_threads: bool
+
+
+@dataclass
+class _Context:
+    """The small run context every step reads: built once by :func:`_fit`.
+
+    Attributes:
+        setup: The call's settled inputs.
+        engine: The one-process or the sharded path.
+        model: The model (under FSDP2, sharded in place).
+        forward: What a step calls: the model, or DDP's wrapper of it.
+        optimizer: AdamW over the (possibly sharded) parameters.
+        tok_json: The tokeniser, saved with every checkpoint.
+        train_tokens: The training split's ids.
+        valid_tokens: The validation split's ids.
+        last_saved: Step of the newest checkpoint (None: none yet).
+    """
+
+    setup: _Setup
+    engine: _Engine
+    model: SRATransformer
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    tok_json: str
+    train_tokens: torch.Tensor
+    valid_tokens: torch.Tensor
+    last_saved: int | None
+
+    @property
+    def config(self) -> SRAConfig:
+        """The run's config."""
+        return self.setup.config
+
+
+@runtime_checkable
+class _Engine(Protocol):
+    """The one-process and the sharded paths of training, behind one interface."""
+
+    rank: int
+    world: int
+    main: bool  # rank 0 logs, shows progress and writes files
+
+    def tokenizer(self, train_text: str, vocab_size: int) -> Any:
+        """A new run's tokeniser, the same on every rank."""
+        ...
+
+    def wrap(self, model: SRATransformer) -> nn.Module:
+        """Parallelise ``model`` (or not); returns what the forward calls."""
+        ...
+
+    def restore(self, ckpt: Checkpoint, ctx: _Context, state: dict[str, Any]) -> None:
+        """Load the optimizer state and the random state of a checkpoint."""
+        ...
+
+    def fresh_rng(self, seed: int) -> None:
+        """The random state of a new run's first step."""
+        ...
+
+    def clip_and_share(
+        self, ctx: _Context, ce: torch.Tensor, signum: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """Clip the gradients; return the global loss, the norm and any rank's stop signal."""
+        ...
+
+    def sum_(self, t: torch.Tensor) -> None:
+        """Sum ``t`` over the ranks, in place."""
+        ...
+
+    def save(self, ctx: _Context, at: int) -> None:
+        """Write a verified checkpoint of step ``at``."""
+        ...
+
+
+class _OneProcess:
+    """Training in this process alone."""
+
+    rank, world, main = 0, 1, True
+
+    def tokenizer(self, train_text: str, vocab_size: int) -> Any:
+        from moeblocks.sra.tokenizer import train_tokenizer
+
+        return train_tokenizer(train_text, vocab_size)
+
+    def wrap(self, model: SRATransformer) -> nn.Module:
+        return model
+
+    def restore(self, ckpt: Checkpoint, ctx: _Context, state: dict[str, Any]) -> None:
+        if not is_sharded(ckpt):
+            ctx.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and ctx.setup.dev.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def fresh_rng(self, seed: int) -> None:
+        pass  # the stream torch.manual_seed(config.seed) started before the model
+
+    def clip_and_share(
+        self, ctx: _Context, ce: torch.Tensor, signum: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        max_norm = ctx.config.grad_clip if ctx.config.grad_clip > 0 else math.inf
+        return ce, torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), max_norm), signum
+
+    def sum_(self, t: torch.Tensor) -> None:
+        pass
+
+    def save(self, ctx: _Context, at: int) -> None:
+        s = ctx.setup
+        _check_finite(ctx.model.state_dict(), at)
+        save_checkpoint(s.out, at, ctx.model, ctx.optimizer, s.config, s.corpus, ctx.tok_json,
+                        keep=s.config.keep_checkpoints)  # fmt: skip
+
+
+class _Sharded:
+    """Training on W ranks under ``torchrun`` (see the module docstring)."""
+
+    def __init__(self, par: _Parallel) -> None:
+        self.par = par
+        self.rank, self.world, self.main = par.rank, par.world, par.main
+        self.pm: ParallelModel | None = None
+
+    def tokenizer(self, train_text: str, vocab_size: int) -> Any:
+        from tokenizers import Tokenizer
+
+        from moeblocks.sra.tokenizer import train_tokenizer
+
+        # Trained once, on rank 0, so every rank surely has the same one.
+        box = [train_tokenizer(train_text, vocab_size).to_str() if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return Tokenizer.from_str(box[0])
+
+    def wrap(self, model: SRATransformer) -> nn.Module:
+        cfg = ParallelConfig(engine=self.par.engine, ep_size=self.par.ep_size)
+        self.pm = parallelize(model, cfg)
+        return self.pm.module  # DDP's wrapper; under FSDP2 the model
+
+    @property
+    def mesh(self) -> Any:
+        return None if self.pm is None else self.pm.expert_mesh
+
+    def restore(self, ckpt: Checkpoint, ctx: _Context, state: dict[str, Any]) -> None:
+        if not is_sharded(ckpt):
+            load_full_optimizer_state(
+                ctx.model, ctx.optimizer, state["optimizer"], expert_mesh=self.mesh
+            )
+        rngs = state.get("rng_per_rank")
+        if rngs is not None and len(rngs) == self.world:
+            torch.set_rng_state(rngs[self.rank])
+        else:  # saved on another world size: a fresh stream per rank
+            torch.manual_seed(_rank_seed(ctx.config.seed, self.rank, int(state["step"])))
+
+    def fresh_rng(self, seed: int) -> None:
+        torch.manual_seed(_rank_seed(seed, self.rank, 0))
+
+    def clip_and_share(
+        self, ctx: _Context, ce: torch.Tensor, signum: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        assert self.pm is not None  # made by wrap
+        max_norm = ctx.config.grad_clip if ctx.config.grad_clip > 0 else math.inf
+        self.pm.sync_gradients()  # what the engine leaves (see its docstring)
+        norm = self.pm.clip_grad_norm_(max_norm)
+        # One all-reduce: the global mean loss (equal token counts per rank) and whether
+        # any rank got a stop signal, so all stop at the same step.
+        flag = torch.tensor(float(signum or 0), device=ctx.setup.dev)
+        shared = torch.stack([ce.detach().float(), flag])
+        dist.all_reduce(shared)
+        if shared[1] > 0 and signum is None:  # another rank was signalled
+            signum = signal.SIGTERM
+        return shared[0] / self.world, norm, signum
+
+    def sum_(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t)
+
+    def save(self, ctx: _Context, at: int) -> None:
+        s = ctx.setup
+        _check_finite(ctx.model.state_dict(), at, collective=True)
+        rngs: list[Any] = [None] * self.world
+        dist.all_gather_object(rngs, torch.get_rng_state())
+        folder = [str(shard_folder(s.out, at)) if self.main else None]
+        dist.broadcast_object_list(folder, src=0)
+        save_sharded(folder[0], ctx.model, ctx.optimizer, expert_mesh=self.mesh)  # own shards
+        if self.main:
+            save_checkpoint(
+                s.out, at, ctx.model, ctx.optimizer, s.config, s.corpus, ctx.tok_json,
+                keep=s.config.keep_checkpoints, sharded=Path(folder[0]),
+                extra_state={"rng_per_rank": rngs, "world_size": self.world},
+            )  # fmt: skip
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
+
+
+def _train(setup: _Setup, engine: _Engine) -> TrainResult:
     """Tokenise (checking the split lengths), then claim the run folder and fit."""
     from moeblocks.sra.tokencache import encode_split
-    from moeblocks.sra.tokenizer import load_tokenizer, train_tokenizer
+    from moeblocks.sra.tokenizer import load_tokenizer
 
-    main = par is None or par.main
+    config, ckpt = setup.config, setup.ckpt
     if ckpt is not None:
         tok = load_tokenizer(
             ckpt.path / "tokenizer.json",
             sha256=ckpt.tokenizer_sha256,
             vocab_size=config.vocab_size,
         )
-    elif par is None:
-        tok = train_tokenizer(corpus.train, config.vocab_size)
-    else:  # trained once, on rank 0, so every rank surely has the same one
-        from tokenizers import Tokenizer
-
-        box = [train_tokenizer(corpus.train, config.vocab_size).to_str() if main else None]
-        dist.broadcast_object_list(box, src=0)
-        tok = Tokenizer.from_str(box[0])
+    else:
+        tok = engine.tokenizer(setup.corpus.train, config.vocab_size)
     # Cached per corpus and tokeniser (for corpora read from a path): a resumed run and
     # eval/inspect read the same ids without tokenising again.
-    train_np, valid_np = (encode_split(tok, corpus, split) for split in ("train", "valid"))
+    train_np, valid_np = (encode_split(tok, setup.corpus, split) for split in ("train", "valid"))
     check_length(train_np, config.seq_len, "training")
     check_length(valid_np, config.seq_len, "validation")
     tokens = (torch.from_numpy(train_np), torch.from_numpy(valid_np))
-    if not main:  # rank 0 alone writes into the run folder
-        return _fit(config, out, ckpt, corpus, dev, par, tok.to_str(), *tokens,
-                    stop_at=stop_at, progress=progress, tune_threads=tune_threads)  # fmt: skip
-    with claim_run(out, resume_step=None if ckpt is None else ckpt.step):
-        return _fit(config, out, ckpt, corpus, dev, par, tok.to_str(), *tokens,
-                    stop_at=stop_at, progress=progress, tune_threads=tune_threads)  # fmt: skip
+    if not engine.main:  # rank 0 alone writes into the run folder
+        return _fit(setup, engine, tok.to_str(), *tokens)
+    with claim_run(setup.out, resume_step=None if ckpt is None else ckpt.step):
+        return _fit(setup, engine, tok.to_str(), *tokens)
 
 
 def _fit(
-    config: SRAConfig,
-    out: Path,
-    ckpt: Checkpoint | None,
-    corpus: Corpus,
-    dev: torch.device,
-    par: _Parallel | None,
+    setup: _Setup,
+    engine: _Engine,
     tok_json: str,
     train_tokens: torch.Tensor,
     valid_tokens: torch.Tensor,
-    *,
-    stop_at: int | None,
-    progress: bool,
-    tune_threads: bool = False,
 ) -> TrainResult:
     """Build (or restore) the model and optimizer and run the training loop."""
-    main = par is None or par.main
+    config, ckpt, dev = setup.config, setup.ckpt, setup.dev
     torch.manual_seed(config.seed)
     model = SRATransformer(config).to(dev)
-    sharded = ckpt is not None and is_sharded(ckpt)
-    if ckpt is not None and not sharded:
+    if ckpt is not None and not is_sharded(ckpt):
         load_weights(model, ckpt, config)  # the full weights, before any sharding
     if ckpt is None:
         # Before sharding, on the whole step-0 batch: every rank seeds what one process
         # seeds (and FSDP2 would drop writes into gathered parameters).
         _seed_anchors(model, train_tokens, config, dev)
-    pm: ParallelModel | None = None
-    if par is not None:
-        pm = parallelize(model, ParallelConfig(engine=par.engine, ep_size=par.ep_size))
-    run = model if pm is None else pm.module  # DDP's wrapper; under FSDP2 the model
-    mesh = None if pm is None else pm.expert_mesh
+    forward = engine.wrap(model)
     optimizer = build_optimizer(model, config)  # after sharding: the parameters are new
+    last = None if ckpt is None else ckpt.step
+    ctx = _Context(setup, engine, model, forward, optimizer, tok_json, train_tokens,
+                   valid_tokens, last)  # fmt: skip
     step = 0
     if ckpt is not None:
         state = load_state(ckpt)
         step = int(state["step"])
-        if sharded:  # weights and optimizer state, each rank its pieces (any world size)
+        if is_sharded(ckpt):  # weights and optimizer state, each rank its pieces
+            mesh = getattr(engine, "mesh", None)
             load_sharded(ckpt.path / SHARDS, model, optimizer, expert_mesh=mesh)
-        elif par is None:
-            optimizer.load_state_dict(state["optimizer"])
-        else:
-            load_full_optimizer_state(model, optimizer, state["optimizer"], expert_mesh=mesh)
-        rngs = state.get("rng_per_rank")
-        if par is not None and rngs is not None and len(rngs) == par.world:
-            torch.set_rng_state(rngs[par.rank])
-        elif par is not None:  # saved on another world size: a fresh stream per rank
-            torch.manual_seed(_rank_seed(config.seed, par.rank, step))
-        else:
-            torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and dev.type == "cuda" and par is None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    elif par is not None:
-        torch.manual_seed(_rank_seed(config.seed, par.rank, 0))
-    if main:
-        atomic_write_text(out / "tokenizer.json", tok_json)
-    last_saved = None if ckpt is None else ckpt.step
+        engine.restore(ckpt, ctx, state)
+    else:
+        engine.fresh_rng(config.seed)
+    if engine.main:
+        atomic_write_text(setup.out / "tokenizer.json", tok_json)
+    return _loop(ctx, step)
 
-    def save(at: int) -> None:
-        nonlocal last_saved
-        if par is None:
-            _check_finite(model.state_dict(), at)
-            save_checkpoint(out, at, model, optimizer, config, corpus, tok_json,
-                            keep=config.keep_checkpoints)  # fmt: skip
-            last_saved = at
-            return
-        _check_finite(model.state_dict(), at, collective=True)
-        rngs: list[Any] = [None] * par.world
-        dist.all_gather_object(rngs, torch.get_rng_state())
-        folder = [str(shard_folder(out, at)) if main else None]
-        dist.broadcast_object_list(folder, src=0)
-        save_sharded(folder[0], model, optimizer, expert_mesh=mesh)  # every rank its shards
-        if main:
-            save_checkpoint(
-                out, at, model, optimizer, config, corpus, tok_json,
-                keep=config.keep_checkpoints, sharded=Path(folder[0]),
-                extra_state={"rng_per_rank": rngs, "world_size": par.world},
-            )  # fmt: skip
-        dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
-        last_saved = at
 
-    world, rank = (1, 0) if par is None else (par.world, par.rank)
-    rows = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
-    last_stop = config.steps if stop_at is None else min(stop_at, config.steps)
-    val = float("nan")
+@dataclass(frozen=True)
+class _Step:
+    """What one training step measured (host numbers: one sync per step)."""
+
+    lr: float
+    ce: float
+    aux: float
+    norm: float
+    routings: tuple[Any, ...]
+    signum: int | None  # a stop signal this step saw (on any rank)
+
+
+def _train_step(ctx: _Context, step: int, signals: Any) -> _Step:
+    """Forward and backward of one step on this rank's slice of the batch; clip, no update."""
+    config, dev, engine = ctx.config, ctx.setup.dev, ctx.engine
+    ctx.model.train()
+    ctx.model.set_step(step)
+    lr = lr_at(step, config)
+    for group in ctx.optimizer.param_groups:
+        group["lr"] = lr
+    B = config.batch_size
+    rows = slice(engine.rank * B // engine.world, (engine.rank + 1) * B // engine.world)
+    x_BS, y_BS = (
+        t[rows].to(dev)  # this rank's slice of the global batch
+        for t in batch_at(ctx.train_tokens, step, B, config.seq_len, config.seed)
+    )
+    with _autocast(config, dev):
+        res = ctx.forward(x_BS)
+    ce = F.cross_entropy(res.logits.flatten(0, 1).float(), y_BS.flatten())
+    aux = res.total_aux_loss()
+    (ce + aux).backward()
+    ce, norm, signum = engine.clip_and_share(ctx, ce, signals.signum)
+    # One host sync for the three numbers; the same on every rank.
+    ce_value, aux_value, norm_value = torch.stack(
+        [ce.detach().float(), aux.detach().float(), norm.detach().float()]
+    ).tolist()
+    return _Step(lr, ce_value, aux_value, norm_value, tuple(res.routings), signum)
+
+
+class _RoutingStats:
+    """Routed slots and router entropy, accumulated on the device between reads."""
+
+    def __init__(self, L: int, E: int, dev: torch.device) -> None:
+        self.L, self.E = L, E
+        self.counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)  # dead window
+        # Since the last log record: routed slots per expert and summed router entropy.
+        self.log_counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
+        self.log_entropy_L = torch.zeros(L, dtype=torch.float64, device=dev)
+        self.log_steps = 0
+        self.dead = "-"
+
+    @torch.no_grad()
+    def add(self, routings: Sequence[Any], applied: bool) -> None:
+        """Count one step's routing (no host sync)."""
+        for layer, routing in enumerate(routings):
+            slots_E = torch.bincount(routing.experts.flatten(), minlength=self.E)
+            self.counts_LE[layer] += slots_E
+            self.log_counts_LE[layer] += slots_E
+            if applied:  # a skipped step's probabilities may be NaN
+                p_TE = routing.probs.float()
+                h_T = -(p_TE * p_TE.clamp(min=1e-30).log()).sum(-1)
+                self.log_entropy_L[layer] += h_T.mean()
+        self.log_steps += int(applied)
+
+    def window(self, step: int, engine: _Engine) -> None:
+        """Every DEAD_WINDOW steps: how many experts got no slot in the window."""
+        if self.L and step % DEAD_WINDOW == 0:
+            engine.sum_(self.counts_LE)
+            self.dead = f"{int((self.counts_LE == 0).sum())}/{self.L * self.E}"
+            self.counts_LE.zero_()
+
+    def log_fields(self, engine: _Engine) -> dict[str, Any]:
+        """Per layer and expert: slots since the last record; per layer: mean entropy."""
+        if not self.L:
+            return {}
+        engine.sum_(self.log_counts_LE)  # every rank logs at the same steps
+        engine.sum_(self.log_entropy_L)
+        self.log_entropy_L /= engine.world
+        steps = self.log_steps
+        fields = {
+            "expert_counts": self.log_counts_LE.tolist(),
+            "router_entropy": (self.log_entropy_L / steps).tolist() if steps else None,
+        }
+        self.log_counts_LE.zero_()
+        self.log_entropy_L.zero_()
+        self.log_steps = 0
+        return fields
+
+
+def _skip_or_apply(
+    ctx: _Context, st: _Step, step: int, guard: NonFiniteGuard, log: Any
+) -> str | None:
+    """Apply the step's update unless the guard skips it; why it was skipped, or None."""
+    try:
+        skipped = guard.check(step + 1, st.ce, st.aux, st.norm)
+    except DivergedError as err:
+        _write(log, {"step": step + 1, "skipped": str(err), "lr": st.lr})
+        where = (
+            f"the newest checkpoint, step {ctx.last_saved}, is kept in {ctx.setup.out}"
+            if ctx.last_saved is not None
+            else "no checkpoint had been saved"
+        )
+        raise DivergedError(
+            f"{err}; stopped without saving, {where} (resume with a lower lr, "
+            "or a higher max_skipped_steps)"
+        ) from None
+    if skipped is None:
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+def _record(
+    ctx: _Context, st: _Step, step: int, skipped: str | None, val: list[float]
+) -> dict[str, Any]:
+    """The log record of a finished step, with a validation pass when one is due."""
+    config = ctx.config
+    record: dict[str, Any] = {
+        "step": step,
+        "loss": st.ce,
+        "aux": st.aux,  # global statistics: the same on every rank
+        "lr": st.lr,
+        "k": ctx.model.k,
+    }
+    if skipped is not None:  # not applied; JSON has no NaN
+        record.update(loss=None, aux=None, skipped=skipped)
+    if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+        # Every rank evaluates the whole split (its MoE layers exchange rows).
+        ev = evaluate(ctx.model, ctx.valid_tokens, config.batch_size, max_tokens=config.eval_tokens)
+        val[0] = ev.loss
+        record.update(val_loss=ev.loss, val_ppl=ev.ppl, dead=ev.dead_per_layer)
+    return record
+
+
+def _save(ctx: _Context, at: int) -> None:
+    ctx.engine.save(ctx, at)
+    ctx.last_saved = at
+
+
+def _loop(ctx: _Context, step: int) -> TrainResult:
+    """Run the steps from ``step`` to the end (or ``stop_at``), logging and saving."""
+    config, setup, engine = ctx.config, ctx.setup, ctx.engine
+    last_stop = config.steps if setup.stop_at is None else min(setup.stop_at, config.steps)
+    val = [float("nan")]
     t0, start = time.perf_counter(), step
-    bar = _progress(config.steps, step, progress and main)
-    L, E = len(model.moe_layers), config.num_experts
-    counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
-    # Since the last log record: routed slots per expert and summed router entropy.
-    log_counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
-    log_entropy_L = torch.zeros(L, dtype=torch.float64, device=dev)
-    log_steps = 0
-    dead = "-"
+    bar = _progress(config.steps, step, setup.progress and engine.main)
+    stats = _RoutingStats(len(ctx.model.moe_layers), config.num_experts, setup.dev)
     guard = NonFiniteGuard(config.max_skipped_steps)
-    tuner = ThreadTuner() if tune_threads and dev.type == "cpu" else None
+    tuner = ThreadTuner() if setup.tune_threads and setup.dev.type == "cpu" else None
     save_due = False  # a periodic checkpoint waits for the end of a skipped streak
-    log = (out / "log.jsonl").open("a", encoding="utf-8") if main else None
+    log = (setup.out / "log.jsonl").open("a", encoding="utf-8") if engine.main else None
     try:
         with StopSignals() as signals:
             while step < last_stop:
-                model.train()
-                model.set_step(step)
-                lr = lr_at(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x_BS, y_BS = (
-                    t[rows].to(dev)  # this rank's slice of the global batch
-                    for t in batch_at(
-                        train_tokens, step, config.batch_size, config.seq_len, config.seed
-                    )
-                )
-                with _autocast(config, dev):
-                    res = run(x_BS)
-                ce = F.cross_entropy(res.logits.flatten(0, 1).float(), y_BS.flatten())
-                aux = res.total_aux_loss()
-                (ce + aux).backward()
-                stop_signum = signals.signum
-                max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-                if par is None:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                else:
-                    assert pm is not None  # made with par
-                    pm.sync_gradients()  # what the engine leaves (see its docstring)
-                    norm = pm.clip_grad_norm_(max_norm)
-                    # One all-reduce: the global mean loss (equal token counts per rank)
-                    # and whether any rank got a stop signal, so all stop at the same step.
-                    shared = torch.stack(
-                        [ce.detach().float(), torch.tensor(float(stop_signum or 0), device=dev)]
-                    )
-                    dist.all_reduce(shared)
-                    ce = shared[0] / world
-                    if shared[1] > 0 and stop_signum is None:  # another rank was signalled
-                        stop_signum = signal.SIGTERM
-                # One host sync for the three numbers; the same on every rank.
-                ce_value, aux_value, norm_value = torch.stack(
-                    [ce.detach().float(), aux.detach().float(), norm.detach().float()]
-                ).tolist()
-                try:
-                    skipped = guard.check(step + 1, ce_value, aux_value, norm_value)
-                except DivergedError as err:
-                    _write(log, {"step": step + 1, "skipped": str(err), "lr": lr})
-                    where = (
-                        f"the newest checkpoint, step {last_saved}, is kept in {out}"
-                        if last_saved is not None
-                        else "no checkpoint had been saved"
-                    )
-                    raise DivergedError(
-                        f"{err}; stopped without saving, {where} (resume with a lower lr, "
-                        "or a higher max_skipped_steps)"
-                    ) from None
-                if skipped is None:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                st = _train_step(ctx, step, signals)
+                skipped = _skip_or_apply(ctx, st, step, guard, log)
                 if tuner is not None:
                     tuner.step()
-                with torch.no_grad():  # accumulated on the device: no host sync per step
-                    for layer, routing in enumerate(res.routings):
-                        slots_E = torch.bincount(routing.experts.flatten(), minlength=E)
-                        counts_LE[layer] += slots_E
-                        log_counts_LE[layer] += slots_E
-                        if skipped is None:  # a skipped step's probabilities may be NaN
-                            p_TE = routing.probs.float()
-                            h_T = -(p_TE * p_TE.clamp(min=1e-30).log()).sum(-1)
-                            log_entropy_L[layer] += h_T.mean()
-                log_steps += int(skipped is None)
+                stats.add(st.routings, skipped is None)
                 step += 1
-
-                if L and step % DEAD_WINDOW == 0:
-                    if par is not None:
-                        dist.all_reduce(counts_LE)
-                    dead = f"{int((counts_LE == 0).sum())}/{L * E}"
-                    counts_LE.zero_()
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": ce_value,
-                    "aux": aux_value,  # global statistics: the same on every rank
-                    "lr": lr,
-                    "k": model.k,
-                }
-                if skipped is not None:  # not applied; JSON has no NaN
-                    record.update(loss=None, aux=None, skipped=skipped)
-                    if main:
-                        bar.write(f"step {step}: skipped, {skipped}", file=sys.stderr)
-                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                    # Every rank evaluates the whole split (its MoE layers exchange rows).
-                    ev = evaluate(
-                        model, valid_tokens, config.batch_size, max_tokens=config.eval_tokens
-                    )
-                    val = ev.loss
-                    record.update(val_loss=ev.loss, val_ppl=ev.ppl, dead=ev.dead_per_layer)
+                stats.window(step, engine)
+                record = _record(ctx, st, step, skipped, val)
+                if skipped is not None and engine.main:
+                    bar.write(f"step {step}: skipped, {skipped}", file=sys.stderr)
                 if (
                     step % LOG_EVERY == 0
-                    or "val_loss" in record
-                    or "skipped" in record
-                    or (step == last_stop)
+                    or step == last_stop
+                    or record.keys()
+                    & {
+                        "val_loss",
+                        "skipped",
+                    }
                 ):
-                    record["tok_per_s"] = round(
-                        (step - start)
-                        * config.batch_size
-                        * config.seq_len
-                        / (time.perf_counter() - t0)
-                    )
-                    if L:
-                        if par is not None:  # every rank logs at the same steps
-                            dist.all_reduce(log_counts_LE)
-                            dist.all_reduce(log_entropy_L)
-                            log_entropy_L /= world
-                        # Per layer, per expert: slots routed since the previous record;
-                        # per layer: mean per-token router entropy (nats) over those steps.
-                        record["expert_counts"] = log_counts_LE.tolist()
-                        record["router_entropy"] = (
-                            (log_entropy_L / log_steps).tolist() if log_steps else None
-                        )
-                        log_counts_LE.zero_()
-                        log_entropy_L.zero_()
-                        log_steps = 0
+                    tokens = (step - start) * config.batch_size * config.seq_len
+                    record["tok_per_s"] = round(tokens / (time.perf_counter() - t0))
+                    record.update(stats.log_fields(engine))
                     _write(log, record)
                 bar.update(1)
-                ppl = math.exp(min(ce_value, 50.0))  # capped: exp overflows past ~709
+                ppl = math.exp(min(st.ce, 50.0))  # capped: exp overflows past ~709
                 bar.set_postfix_str(
-                    f"loss {ce_value:.3f} ppl {ppl:.1f} k {model.k} dead {dead}", refresh=False
+                    f"loss {st.ce:.3f} ppl {ppl:.1f} k {ctx.model.k} dead {stats.dead}",
+                    refresh=False,
                 )
                 save_due = save_due or bool(config.ckpt_every and step % config.ckpt_every == 0)
                 if step == last_stop or (save_due and guard.streak == 0):
-                    save(step)
+                    _save(ctx, step)
                     save_due = False
-                if stop_signum is not None and step != last_stop:
-                    if last_saved != step:
-                        save(step)  # the weights are those of the last applied step
-                    raise Interrupted(stop_signum)
+                if st.signum is not None and step != last_stop:
+                    if ctx.last_saved != step:
+                        _save(ctx, step)  # the weights are those of the last applied step
+                    raise Interrupted(st.signum)
     finally:
         bar.close()
         if log is not None:
             log.close()
-    if math.isnan(val):  # stopped early (stop_at): measure where we are
-        val = evaluate(model, valid_tokens, config.batch_size, max_tokens=config.eval_tokens).loss
-    return TrainResult(out, step, val, math.exp(val), time.perf_counter() - t0)
+    if math.isnan(val[0]):  # stopped early (stop_at): measure where we are
+        val[0] = evaluate(
+            ctx.model, ctx.valid_tokens, config.batch_size, max_tokens=config.eval_tokens
+        ).loss
+    return TrainResult(setup.out, step, val[0], math.exp(val[0]), time.perf_counter() - t0)
 
 
 def _write(log: Any, record: dict[str, Any]) -> None:
