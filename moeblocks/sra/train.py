@@ -744,9 +744,7 @@ def _skip_or_apply(
     return skipped
 
 
-def _record(
-    ctx: _Context, st: _Step, step: int, skipped: str | None, val: list[float]
-) -> dict[str, Any]:
+def _record(ctx: _Context, st: _Step, step: int, skipped: str | None) -> dict[str, Any]:
     """The log record of a finished step, with a validation pass when one is due."""
     config = ctx.config
     record: dict[str, Any] = {
@@ -761,7 +759,6 @@ def _record(
     if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
         # Every rank evaluates the whole split (its MoE layers exchange rows).
         ev = evaluate(ctx.model, ctx.valid_tokens, config.batch_size, max_tokens=config.eval_tokens)
-        val[0] = ev.loss
         record.update(val_loss=ev.loss, val_ppl=ev.ppl, dead=ev.dead_per_layer)
     return record
 
@@ -775,7 +772,7 @@ def _loop(ctx: _Context, step: int) -> TrainResult:
     """Run the steps from ``step`` to the end (or ``stop_at``), logging and saving."""
     config, setup, engine = ctx.config, ctx.setup, ctx.engine
     last_stop = config.steps if setup.stop_at is None else min(setup.stop_at, config.steps)
-    val = [float("nan")]
+    val = float("nan")
     t0, start = time.perf_counter(), step
     bar = _progress(config.steps, step, setup.progress and engine.main)
     stats = _RoutingStats(len(ctx.model.moe_layers), config.num_experts, setup.dev)
@@ -793,18 +790,12 @@ def _loop(ctx: _Context, step: int) -> TrainResult:
                 stats.add(st.routings, skipped is None)
                 step += 1
                 stats.window(step, engine)
-                record = _record(ctx, st, step, skipped, val)
+                record = _record(ctx, st, step, skipped)
                 if skipped is not None and engine.main:
                     bar.write(f"step {step}: skipped, {skipped}", file=sys.stderr)
-                if (
-                    step % LOG_EVERY == 0
-                    or step == last_stop
-                    or record.keys()
-                    & {
-                        "val_loss",
-                        "skipped",
-                    }
-                ):
+                val = record.get("val_loss", val)
+                notable = "val_loss" in record or "skipped" in record
+                if step % LOG_EVERY == 0 or step == last_stop or notable:
                     tokens = (step - start) * config.batch_size * config.seq_len
                     record["tok_per_s"] = round(tokens / (time.perf_counter() - t0))
                     record.update(stats.log_fields(engine))
@@ -827,11 +818,11 @@ def _loop(ctx: _Context, step: int) -> TrainResult:
         bar.close()
         if log is not None:
             log.close()
-    if math.isnan(val[0]):  # stopped early (stop_at): measure where we are
-        val[0] = evaluate(
+    if math.isnan(val):  # stopped early (stop_at): measure where we are
+        val = evaluate(
             ctx.model, ctx.valid_tokens, config.batch_size, max_tokens=config.eval_tokens
         ).loss
-    return TrainResult(setup.out, step, val[0], math.exp(val[0]), time.perf_counter() - t0)
+    return TrainResult(setup.out, step, val, math.exp(val), time.perf_counter() - t0)
 
 
 def _write(log: Any, record: dict[str, Any]) -> None:
