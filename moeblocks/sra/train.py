@@ -421,6 +421,7 @@ class _Engine(Protocol):
     rank: int
     world: int
     main: bool  # rank 0 logs, shows progress and writes files
+    mesh: Any  # the expert-parallel mesh once wrapped (None: no expert parallelism)
 
     def tokenizer(self, train_text: str, vocab_size: int) -> Any:
         """A new run's tokeniser, the same on every rank."""
@@ -456,7 +457,7 @@ class _Engine(Protocol):
 class _OneProcess:
     """Training in this process alone."""
 
-    rank, world, main = 0, 1, True
+    rank, world, main, mesh = 0, 1, True, None
 
     def tokenizer(self, train_text: str, vocab_size: int) -> Any:
         from moeblocks.sra.tokenizer import train_tokenizer
@@ -622,8 +623,7 @@ def _fit(
         state = load_state(ckpt)
         step = int(state["step"])
         if is_sharded(ckpt):  # weights and optimizer state, each rank its pieces
-            mesh = getattr(engine, "mesh", None)
-            load_sharded(ckpt.path / SHARDS, model, optimizer, expert_mesh=mesh)
+            load_sharded(ckpt.path / SHARDS, model, optimizer, expert_mesh=engine.mesh)
         engine.restore(ckpt, ctx, state)
     else:
         engine.fresh_rng(config.seed)
