@@ -250,3 +250,34 @@ def test_bad_flag_values_are_refused_by_the_parser(
         main(argv)
     assert info.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+def test_shared_options_are_declared_once() -> None:
+    import argparse
+
+    from moeblocks.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for flag in ("--device", "--threads", "--max-tokens"):
+        takers = {
+            name: next(a for a in cmd._actions if flag in a.option_strings)
+            for name, cmd in sub.choices.items()
+            if any(flag in a.option_strings for a in cmd._actions)
+        }
+        assert len(takers) >= 3, (flag, sorted(takers))
+        # One declaration: the same type and metavar wherever the option appears.
+        assert len({(a.type, a.metavar) for a in takers.values()}) == 1, flag
+
+
+def test_config_fields_carry_their_metadata() -> None:
+    import dataclasses
+
+    from moeblocks.sra.config import SRAConfig, field_help, fields_where
+
+    for f in dataclasses.fields(SRAConfig):
+        assert field_help(f.name), f.name  # every field says what it means
+    resumable = fields_where("may_change_on_resume")
+    assert resumable == {"steps", "keep_checkpoints", "max_skipped_steps"}
+    training_only = fields_where("training_only")
+    assert resumable <= training_only  # what a resume may change never shapes the weights
+    assert not {"d_model", "num_experts", "vocab_size", "ffn"} & training_only
