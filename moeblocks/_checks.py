@@ -15,8 +15,13 @@ Every error names the argument, the expected shape or range and what was given.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
+
+from moeblocks.routing import Routing
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -95,3 +100,79 @@ def check_expert_ids(
             f"{name} must hold expert ids in [0, {num_experts}) (num_experts={num_experts}), "
             f"got values in [{int(low)}, {int(high)}]"
         )
+
+
+def check_routing(
+    routing: object,
+    num_experts: int | None = None,
+    *,
+    sync_checks: bool = False,
+    name: str = "routing",
+) -> Routing:
+    """A :class:`~moeblocks.routing.Routing` whose fields agree with each other.
+
+    ``scores`` and ``probs`` are ``[T, E]`` floats of one shape, ``experts`` an integer
+    ``[T, K]`` and ``weights`` a float ``[T, K]`` (``dropped`` too, when set), all on one
+    device. With ``num_experts``, E must equal it (a record from another router). The
+    expert ids are range-checked by the :func:`value_checks` rule. A record that passes
+    cannot make a loss fail inside ``scatter`` or ``gather``.
+    """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"{name} must be a Routing, got {type(routing).__name__}")
+    probs = check_float(routing.probs, f"{name}.probs", ndim=2)
+    scores = check_float(routing.scores, f"{name}.scores", ndim=2)
+    experts = check_index(routing.experts, f"{name}.experts", ndim=2)
+    weights = check_float(routing.weights, f"{name}.weights", ndim=2)
+    T, E = probs.shape
+    if scores.shape != probs.shape:
+        raise ValueError(
+            f"{name}.scores must have the shape of {name}.probs [{T}, {E}], "
+            f"got {tuple(scores.shape)}"
+        )
+    if experts.shape[0] != T or weights.shape != experts.shape:
+        raise ValueError(
+            f"{name}.experts and {name}.weights must both have shape [T, K] with T={T} "
+            f"(the tokens of {name}.probs), got experts {tuple(experts.shape)} and "
+            f"weights {tuple(weights.shape)}"
+        )
+    if routing.dropped is not None and routing.dropped.shape != experts.shape:
+        raise ValueError(
+            f"{name}.dropped must have shape {tuple(experts.shape)} like {name}.experts, "
+            f"got {tuple(routing.dropped.shape)}"
+        )
+    for field in ("scores", "experts", "weights"):
+        check_same_device(getattr(routing, field), f"{name}.{field}", probs, f"{name}.probs")
+    if num_experts is not None and num_experts != E:
+        raise ValueError(
+            f"{name} is for {E} experts ({name}.probs has shape [{T}, {E}]), expected "
+            f"{num_experts} (the router's num_experts)"
+        )
+    check_expert_ids(experts, E, sync_checks, name=f"{name}.experts")
+    return routing
+
+
+def warn_non_finite(values: Mapping[str, Tensor], where: str, stacklevel: int = 3) -> bool:
+    """Warn (once per ``where``) when any of the scalar ``values`` is NaN or inf.
+
+    Reads the values on the host: call it where they are there already (CPU tensors,
+    or numbers brought over for logging), never as an extra sync on a GPU. The message
+    is the same on every call for one ``where``, so Python's warning filter shows it
+    once; which values were bad is in the warning text the first time.
+
+    Returns:
+        True if a value was not finite.
+    """
+    if not values:
+        return False
+    flags = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in values.values()])
+    ok = torch.isfinite(flags).tolist()  # one host read for all values
+    if all(ok):
+        return False
+    warnings.warn(
+        f"{where}: its aux losses are NaN or inf, so every gradient through them is too; "
+        "a NaN or inf input token is the usual cause (MoELayer(check_finite=True) names "
+        "it, at one device sync per call). Shown once.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+    return True

@@ -459,20 +459,27 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
 
     Raises:
         UsageError: When the checkpoint was trained with a different model config.
+        CheckpointError: When a loaded tensor holds NaN or inf (named): a run never
+            saves such weights, so the file was written by something else.
     """
     from moeblocks._optional import require
 
     require("safetensors", "sra", "SRA checkpoints")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     diffs = [d for d in ckpt.config.differences(config) if d not in _TRAINING_ONLY]
     if diffs:
         what = _describe(ckpt.config, config, diffs)
         raise UsageError(f"checkpoint {ckpt.path} is from a different config: {what}")
     if is_sharded(ckpt):
         _load_sharded_weights(model, ckpt)
-        return
+    else:
+        _load_safetensors(model, ckpt)
+    _refuse_non_finite(model, ckpt)
+
+
+def _load_safetensors(model: nn.Module, ckpt: Checkpoint) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
     try:
         load_model(
             model,
@@ -484,6 +491,18 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
         raise UsageError(
             f"checkpoint {ckpt.path} does not fit this model: {str(err).splitlines()[0]}"
         ) from err
+
+
+def _refuse_non_finite(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Raise :class:`CheckpointError` naming the loaded tensors that hold NaN or inf."""
+    floats = {n: t for n, t in model.state_dict().items() if t.is_floating_point()}
+    ok = torch.stack([torch.isfinite(t).all() for t in floats.values()]).tolist() if floats else []
+    bad = [n for n, good in zip(floats, ok, strict=True) if not good]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds NaN or inf weights ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); a run never saves those, refusing to load"
+        )
 
 
 def is_sharded(ckpt: Checkpoint) -> bool:

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moeblocks._checks import warn_non_finite
 from moeblocks.distributed import (
     ParallelConfig,
     ParallelModel,
@@ -562,6 +563,9 @@ def _fit(
                         f"{err}; stopped without saving, {where} (resume with a lower lr, "
                         "or a higher max_skipped_steps)"
                     ) from None
+                if skipped is not None and not math.isfinite(aux_value):
+                    for i, losses in enumerate(res.aux_losses):  # a sync, on this rare path only
+                        warn_non_finite(losses, f"MoE block {i} (model.moe_layers[{i}])")
                 if skipped is None:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
