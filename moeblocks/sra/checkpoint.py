@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from moeblocks._version import __version__
+from moeblocks.distributed.checkpoint import fault_point
 from moeblocks.sra.config import SRAConfig, UsageError
 from moeblocks.sra.data import BUILTIN_DATA, Corpus, data_spec
 from moeblocks.sra.durable import atomic_write_text, fsync_dir, fsync_file, sha256_file
@@ -235,6 +236,7 @@ def _write_folder(final: Path, step: int, fill: Callable[[Path], None]) -> None:
         fsync_dir(tmp)
         if final.exists():  # a damaged checkpoint of the same step: replace it
             _discard(final)
+        fault_point("publish")  # fault tests kill here: all written, nothing published
         os.replace(tmp, final)
         fsync_dir(ckpt_root)
     except BaseException:

@@ -54,6 +54,7 @@ from moeblocks.distributed import (
     parallelize,
     save_sharded,
 )
+from moeblocks.distributed.comm import collective_timeout, mark, timeout_error
 from moeblocks.routers import CosineScorer
 from moeblocks.sra.checkpoint import (
     SHARDS,
@@ -358,11 +359,17 @@ def train(
         torch.cuda.set_device(dev)
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=collective_timeout())
     try:
         if dist.get_world_size() != par.world or dist.get_rank() != par.rank:
             raise UsageError("the process group does not match WORLD_SIZE / RANK")
         return _train(*run, par, stop_at=stop_at, progress=progress, tune_threads=tune_threads)
+    except RuntimeError as err:
+        named = timeout_error(err)  # gloo's timeout names no rank; the marks do
+        if named is None:
+            raise
+        raise named from err
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -472,6 +479,7 @@ def _fit(
 
     def save(at: int) -> None:
         nonlocal last_saved
+        mark(f"the save of step {at}", 2 * at + 1)
         if par is None:
             _check_finite(model.state_dict(), at)
             save_checkpoint(out, at, model, optimizer, config, corpus, tok_json,
@@ -513,6 +521,7 @@ def _fit(
     try:
         with StopSignals() as signals:
             while step < last_stop:
+                mark(f"step {step + 1}", 2 * step)
                 model.train()
                 model.set_step(step)
                 lr = lr_at(step, config)
