@@ -228,8 +228,9 @@ def test_collective_timeout_is_read_and_checked(monkeypatch: pytest.MonkeyPatch)
 def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     from moeblocks.distributed.checkpoint import FAULT_ENV, fault_point
 
-    monkeypatch.setenv(FAULT_ENV, "nowhere@0")
-    with pytest.raises(ValueError, match=r"POINT@RANK\[#N\]\[:ACTION\]"):
-        fault_point("publish")
+    for bad in ("nowhere@0", "publish@x", "publish@0#2nd", "dcp-write@0:1.5", "publish@0:boom"):
+        monkeypatch.setenv(FAULT_ENV, bad)
+        with pytest.raises(ValueError, match=r"POINT@RANK\[#N\]\[:ACTION\]"):
+            fault_point("publish")
     monkeypatch.setenv(FAULT_ENV, "publish@1")  # another rank: nothing happens here
     fault_point("publish")

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from moeblocks.distributed.comm import collective_timeout
 from moeblocks.distributed.dispatch import AllToAllDispatcher
 from moeblocks.distributed.sharding import expert_parallel_layers, local_shard
 from moeblocks.layer import MoELayer
@@ -68,7 +69,8 @@ def _fault_spec(name: str) -> str | None:
     DCP's write of this rank's shard file; ``dcp-finish``, rank 0 about to write DCP's
     ``.metadata``; ``publish``, the SRA save after the shards are written, before the
     checkpoint is published) on global rank ``RANK``. ACTION ``kill`` (default):
-    SIGKILL; ``hang``: sleep for an hour (a rank stuck outside any collective); a number
+    SIGKILL; ``hang``: sleep for three collective timeouts (a rank stuck outside any
+    collective while the others wait, which then goes on and fails on its own); a number
     in [0, 1) at ``dcp-write``: cut this rank's shard file to that fraction of its bytes,
     then SIGKILL (a kill in the middle of writing it).
     """
@@ -78,7 +80,12 @@ def _fault_spec(name: str) -> str | None:
     point, _, rest = spec.partition("@")
     where, _, action = rest.partition(":")
     rank_text, _, nth = where.partition("#")
-    if point not in _FAULT_POINTS or not rank_text.isdigit() or not (nth or "1").isdigit():
+    if (
+        point not in _FAULT_POINTS
+        or not rank_text.isdigit()
+        or not (nth or "1").isdigit()
+        or not (action in ("", "kill", "hang") or _is_fraction(action))
+    ):
         raise ValueError(
             f"{FAULT_ENV} must read POINT@RANK[#N][:ACTION] with POINT one of {_FAULT_POINTS}, "
             f"got {spec!r}"
@@ -88,6 +95,13 @@ def _fault_spec(name: str) -> str | None:
         return None
     _reached[name] += 1
     return (action or "kill") if _reached[name] == int(nth or "1") else None
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) < 1.0
+    except ValueError:
+        return False
 
 
 def fault_point(name: str) -> None:
@@ -103,7 +117,7 @@ def _fault(action: str | None, shards: str | None = None) -> None:
     if action is None:
         return
     if action == "hang":
-        time.sleep(3600)
+        time.sleep(3 * collective_timeout().total_seconds())
         return
     if action != "kill" and shards is not None:
         rank = dist.get_rank() if _distributed() else 0
