@@ -151,13 +151,13 @@ def check_routing(
     return routing
 
 
-def warn_non_finite(values: Mapping[str, Tensor], where: str, stacklevel: int = 3) -> bool:
+def warn_non_finite(values: Mapping[str, Tensor | float], where: str) -> bool:
     """Warn (once per ``where``) when any of the scalar ``values`` is NaN or inf.
 
     Reads the values on the host: call it where they are there already (CPU tensors,
     or numbers brought over for logging), never as an extra sync on a GPU. The message
-    is the same on every call for one ``where``, so Python's warning filter shows it
-    once; which values were bad is in the warning text the first time.
+    names ``where`` and nothing that changes between calls, so Python's default warning
+    filter shows it once per ``where``.
 
     Returns:
         True if a value was not finite.
@@ -173,6 +173,6 @@ def warn_non_finite(values: Mapping[str, Tensor], where: str, stacklevel: int = 
         "a NaN or inf input token is the usual cause (MoELayer(check_finite=True) names "
         "it, at one device sync per call). Shown once.",
         RuntimeWarning,
-        stacklevel=stacklevel,
+        stacklevel=2,  # the caller's line (a layer's forward, a trainer): stable across calls
     )
     return True
