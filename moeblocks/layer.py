@@ -57,6 +57,11 @@ class MoELayer(nn.Module):
     outputs with the routing weights, adds the shared experts' output and restores the
     input shape. Nothing is kept on ``self`` between calls.
 
+    Loading weights: ``load_state_dict`` takes NaN or inf router weights without a word
+    (as every PyTorch module does), and every output is NaN after. Check loaded weights
+    with ``torch.isfinite`` where they come from outside; the SRA checkpoint loader
+    (:func:`moeblocks.sra.checkpoint.load_weights`) refuses them, naming the tensor.
+
     Args:
         router: Chooses experts and combine weights: any ``nn.Module`` satisfying
             :class:`~moeblocks.routers.RouterProtocol` (the stock
@@ -70,11 +75,6 @@ class MoELayer(nn.Module):
             ``RuntimeWarning`` naming the layer (no check on a GPU: it would cost a sync;
             check the aux values where they come to the host for logging, e.g. with
             ``moeblocks._checks.warn_non_finite``, as the SRA trainer does).
-
-    Loading weights: ``load_state_dict`` takes NaN or inf router weights without a word
-    (as every PyTorch module does), and every output is NaN after. Check loaded weights
-    with ``torch.isfinite`` where they come from outside; the SRA checkpoint loader
-    (:func:`moeblocks.sra.checkpoint.load_weights`) refuses them, naming the tensor.
         shared: Always-on experts added to the routed output
             (:class:`~moeblocks.shared.SharedExperts`).
         capacity: A per-expert :class:`~moeblocks.capacity.Capacity`; overflow copies

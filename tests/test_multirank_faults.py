@@ -17,7 +17,8 @@ generator (``SEED``). The cases:
   and continues from the older checkpoint;
 - SIGTERM to the launcher: every rank finishes its step and saves (both shard files);
 - a rank stuck inside the save: the other rank's collective fails after
-  ``MOEBLOCKS_COLLECTIVE_TIMEOUT_S`` with a message naming rank 1, instead of hanging.
+  ``MOEBLOCKS_COLLECTIVE_TIMEOUT_S`` with a message naming rank 1, instead of hanging
+  (and, on two bare gloo ranks, the message reads each rank's last mark).
 
 The runs are launched from this process with ``python -m torch.distributed.run``; each
 takes ~30-60 s on a busy 2-core machine, so they are marked slow (CI still runs them).
@@ -210,6 +211,38 @@ def test_a_stuck_rank_is_named_after_the_collective_timeout(tmp_path: Path) -> N
     assert "CollectiveTimeoutError: rank 0: a collective waited longer than 5 s" in log, log[-3000:]
     assert "for rank 1 (rank 1 last at 'the save of step 2'" in log, log[-3000:]
     assert exited - start < LAUNCH_TIMEOUT_S
+
+
+def test_the_rank_behind_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two gloo ranks in fresh interpreters: rank 1 last marked step 3, rank 0 step 4;
+    # rank 0's collective then waits for rank 1, which never joins it.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gloo import run_ranks  # tests/ is on the path of pytest, not of the ranks
+
+    monkeypatch.setenv("MOEBLOCKS_COLLECTIVE_TIMEOUT_S", "2")
+    code = """
+import time
+from moeblocks.distributed.comm import collective_timeout, mark, timeout_error
+group = dist.new_group([0, 1], timeout=collective_timeout())
+mark(f"step {4 - rank}", 2 * (4 - rank))
+dist.barrier()  # both marks are in the store
+if rank == 1:
+    time.sleep(8)  # never joins rank 0's all-reduce
+else:
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+        message = "no timeout"
+    except RuntimeError as err:
+        named = timeout_error(err)
+        message = "not a timeout: " + str(err) if named is None else str(named)
+    open(sys.argv[1], "w").write(message)
+"""
+    out = run_ranks(code, tmp_path, timeout=LAUNCH_TIMEOUT_S)
+    message = out[0].read_text()
+    assert message == (
+        "rank 0: a collective waited longer than 2 s (MOEBLOCKS_COLLECTIVE_TIMEOUT_S) for "
+        "rank 1 (rank 1 last at 'step 3'; this rank at 'step 4')"
+    ), message
 
 
 def test_collective_timeout_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -521,7 +521,7 @@ def _fit(
     try:
         with StopSignals() as signals:
             while step < last_stop:
-                mark(f"step {step + 1}", 2 * step)
+                mark(f"step {step + 1}", 2 * (step + 1))  # the save of step N marks 2N + 1
                 model.train()
                 model.set_step(step)
                 lr = lr_at(step, config)
