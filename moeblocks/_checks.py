@@ -15,6 +15,9 @@ Every error names the argument, the expected shape or range and what was given.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -95,3 +98,30 @@ def check_expert_ids(
             f"{name} must hold expert ids in [0, {num_experts}) (num_experts={num_experts}), "
             f"got values in [{int(low)}, {int(high)}]"
         )
+
+
+def warn_non_finite(values: Mapping[str, Tensor | float], where: str) -> bool:
+    """Warn (once per ``where``) when any of the scalar ``values`` is NaN or inf.
+
+    Reads the values on the host: call it where they are there already (CPU tensors,
+    or numbers brought over for logging), never as an extra sync on a GPU. The message
+    names ``where`` and nothing that changes between calls, so Python's default warning
+    filter shows it once per ``where``.
+
+    Returns:
+        True if a value was not finite.
+    """
+    if not values:
+        return False
+    flags = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in values.values()])
+    ok = torch.isfinite(flags).tolist()  # one host read for all values
+    if all(ok):
+        return False
+    warnings.warn(
+        f"{where}: its aux losses are NaN or inf, so every gradient through them is too; "
+        "a NaN or inf input token is the usual cause (MoELayer(check_finite=True) names "
+        "it, at one device sync per call). Shown once.",
+        RuntimeWarning,
+        stacklevel=2,  # the caller's line (a layer's forward, a trainer): stable across calls
+    )
+    return True

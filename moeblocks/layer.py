@@ -7,6 +7,7 @@ token, R grouped rows.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -14,6 +15,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from moeblocks._checks import value_checks, warn_non_finite
 from moeblocks.capacity import Capacity
 from moeblocks.dispatch import Dispatcher
 from moeblocks.experts import ExpertBank
@@ -23,6 +25,21 @@ from moeblocks.routing import Layout, MoEOutput, Routing
 from moeblocks.shared import SharedExperts
 
 __all__ = ["MoELayer"]
+
+
+def _routes(router: nn.Module) -> bool:
+    """Whether ``router.forward`` takes ``(tokens, k=...)``, as a router's does.
+
+    The protocol's attributes alone do not tell a router from a scorer (both have
+    ``dim``, ``num_experts`` and a ``forward``): the call's shape does, without calling it.
+    """
+    try:
+        params = inspect.signature(router.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: trust the protocol
+        return True
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    return any(p.name == "k" and p.kind is not p.POSITIONAL_ONLY for p in params)
 
 
 def _row_weights(routing: Routing, layout: Layout) -> Float[Tensor, "R 1"]:
@@ -40,6 +57,11 @@ class MoELayer(nn.Module):
     outputs with the routing weights, adds the shared experts' output and restores the
     input shape. Nothing is kept on ``self`` between calls.
 
+    Loading weights: ``load_state_dict`` takes NaN or inf router weights without a word
+    (as every PyTorch module does), and every output is NaN after. Check loaded weights
+    with ``torch.isfinite`` where they come from outside; the SRA checkpoint loader
+    (:func:`moeblocks.sra.checkpoint.load_weights`) refuses them, naming the tensor.
+
     Args:
         router: Chooses experts and combine weights: any ``nn.Module`` satisfying
             :class:`~moeblocks.routers.RouterProtocol` (the stock
@@ -48,7 +70,11 @@ class MoELayer(nn.Module):
         experts: The expert bank; its ``dim`` and ``num_experts`` must match the router.
         losses: Named auxiliary losses; each value is multiplied by the loss's ``weight``.
         check_finite: Raise ``ValueError`` on NaN or inf in the input. This reads a flag
-            on the host (one device sync per call), so it is off by default.
+            on the host (one device sync per call), so it is off by default. Without it,
+            on CPU, aux losses made NaN or inf by such an input give a one-time
+            ``RuntimeWarning`` naming the layer (no check on a GPU: it would cost a sync;
+            check the aux values where they come to the host for logging, e.g. with
+            ``moeblocks._checks.warn_non_finite``, as the SRA trainer does).
         shared: Always-on experts added to the routed output
             (:class:`~moeblocks.shared.SharedExperts`).
         capacity: A per-expert :class:`~moeblocks.capacity.Capacity`; overflow copies
@@ -70,10 +96,15 @@ class MoELayer(nn.Module):
         weight_inputs: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(router, nn.Module) or not isinstance(router, RouterProtocol):
+        if (
+            not isinstance(router, nn.Module)
+            or not isinstance(router, RouterProtocol)
+            or not _routes(router)
+        ):
             raise TypeError(
                 "router must be an nn.Module with dim, num_experts and "
                 f"forward(tokens, k=None) -> Routing, got {type(router).__name__}"
+                + (" (a scorer? wrap it in a Router)" if hasattr(router, "num_experts") else "")
             )
         if not isinstance(dispatcher, Dispatcher):
             raise TypeError(
@@ -128,6 +159,10 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         """Number of experts E."""
         return self.router.num_experts
+
+    def _label(self) -> str:
+        """How warnings name this layer (a module does not know its name in a model)."""
+        return f"MoELayer(dim={self.dim}, num_experts={self.num_experts}) at 0x{id(self):x}"
 
     def _validate(self, x: Tensor, mask: Tensor | None) -> None:
         if not isinstance(x, Tensor):
@@ -215,4 +250,6 @@ class MoELayer(nn.Module):
             name: loss.weight * loss(routing, self.router, mask_T)
             for name, loss in all_losses.items()
         }
+        if not self.check_finite and value_checks(tokens_TD, sync_checks=False):
+            warn_non_finite(aux, f"{self._label()} (losses {sorted(aux)})")
         return MoEOutput(out_TD.reshape(x.shape), aux, routing)

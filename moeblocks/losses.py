@@ -33,7 +33,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from moeblocks.routers import CosineScorer
-from moeblocks.routing import Routing
+from moeblocks.routing import Routing, check_routing
 
 __all__ = [
     "AuxLoss",
@@ -84,6 +84,12 @@ def _check_mask(routing: Routing, mask: Tensor | None) -> Tensor | None:
     return mask
 
 
+def _router_experts(router: object) -> int | None:
+    """The E a loss's router chooses among (None for no router): the record must match."""
+    num_experts = getattr(router, "num_experts", None)
+    return num_experts if isinstance(num_experts, int) else None
+
+
 def _real_rows(values: Tensor, mask: Tensor | None) -> Tensor:
     """``values`` (``[T]`` or ``[T, E]``) with the rows of padding tokens set to 0.
 
@@ -129,12 +135,24 @@ class TokenStats:
     k_sum: Float[Tensor, ""]
 
     @classmethod
-    def of(cls, routing: Routing, mask: Bool[Tensor, " T"] | None = None) -> TokenStats:
+    def of(
+        cls,
+        routing: Routing,
+        mask: Bool[Tensor, " T"] | None = None,
+        *,
+        num_experts: int | None = None,
+    ) -> TokenStats:
         """The statistics of one routing record; ``mask`` is True for real tokens.
 
         Padding rows are replaced by zeros before any arithmetic, so NaN or inf there
         changes neither the sums nor their gradients.
+
+        Raises:
+            ValueError: If the record's fields disagree (see
+                :func:`~moeblocks.routing.check_routing`), or it is not for
+                ``num_experts`` experts when that is given.
         """
+        routing = check_routing(routing, num_experts)
         mask = _check_mask(routing, mask)
         probs_TE = _real_rows(routing.probs, mask)
         # Each token's K experts are distinct, so the scatter writes each cell once.
@@ -170,8 +188,15 @@ class TokenStats:
         return total
 
     def __add__(self, other: TokenStats) -> TokenStats:
-        """Statistics of the union of both token sets."""
-        return TokenStats.from_vector(self.to_vector() + other.to_vector())
+        """Statistics of the union of both token sets (of the same E experts)."""
+        if not isinstance(other, TokenStats):
+            return NotImplemented
+        E = self.prob_sum.shape[0]
+        if other.prob_sum.shape[0] != E:
+            raise ValueError(
+                f"other must be TokenStats of the same {E} experts, got {other.prob_sum.shape[0]}"
+            )
+        return TokenStats.from_vector(self.to_vector() + other.to_vector(), num_experts=E)
 
     def to_vector(self) -> Float[Tensor, " S"]:
         """All statistics in one vector of ``2E + 3`` numbers, e.g. for one all-reduce."""
@@ -186,8 +211,31 @@ class TokenStats:
         )
 
     @classmethod
-    def from_vector(cls, vector: Float[Tensor, " S"]) -> TokenStats:
-        """Inverse of :meth:`to_vector`."""
+    def from_vector(
+        cls, vector: Float[Tensor, " S"], *, num_experts: int | None = None
+    ) -> TokenStats:
+        """Inverse of :meth:`to_vector`.
+
+        Args:
+            vector: ``2E + 3`` floats, as :meth:`to_vector` lays them out.
+            num_experts: The E the statistics must be of. Give it whenever it is known:
+                a vector of another length is then refused, where without it any odd
+                length >= 5 reads as *some* E.
+
+        Raises:
+            TypeError: If ``vector`` is not a floating-point tensor.
+            ValueError: If its shape is not ``[2E + 3]`` (for ``num_experts`` when given).
+        """
+        if not isinstance(vector, Tensor) or not vector.is_floating_point():
+            got = vector.dtype if isinstance(vector, Tensor) else type(vector).__name__
+            raise TypeError(f"vector must be a floating-point tensor (from to_vector), got {got}")
+        if num_experts is not None:
+            want = 2 * num_experts + 3
+            if vector.shape != (want,):
+                raise ValueError(
+                    f"vector must have shape [2E + 3] = [{want}] for num_experts={num_experts} "
+                    f"(from to_vector), got {tuple(vector.shape)}"
+                )
         if vector.ndim != 1 or vector.shape[0] < 5 or (vector.shape[0] - 3) % 2:
             raise ValueError(
                 f"vector must have shape [2E + 3] with E >= 1 (from to_vector), "
@@ -227,7 +275,7 @@ def mean_expert_probs(
     routing: Routing, mask: Bool[Tensor, " T"] | None = None
 ) -> Float[Tensor, " E"]:
     """``P_e``: the mean router probability of each expert over the real tokens."""
-    mask = _check_mask(routing, mask)
+    mask = _check_mask(check_routing(routing), mask)
     return _real_rows(routing.probs, mask).sum(0) / _num_real(routing, mask).clamp(min=1.0)
 
 
@@ -256,8 +304,13 @@ class TokenStatLoss(_Loss):
     def forward(
         self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
     ) -> Float[Tensor, ""]:
-        """The unweighted loss."""
-        return self.from_stats(TokenStats.of(routing, mask))
+        """The unweighted loss.
+
+        Raises:
+            ValueError: If the record's fields disagree, or it is for another number
+                of experts than ``router.num_experts``.
+        """
+        return self.from_stats(TokenStats.of(routing, mask, num_experts=_router_experts(router)))
 
 
 class LoadBalanceLoss(TokenStatLoss):
@@ -301,7 +354,7 @@ class LoadBalanceLoss(TokenStatLoss):
         if self.group is not None:
             vector = stats.to_vector().detach().clone()
             dist.all_reduce(vector, group=self.group)
-            counts = TokenStats.from_vector(vector)
+            counts = TokenStats.from_vector(vector, num_experts=E)
         f_E = counts.token_fractions if self.fractions == "tokens" else counts.slot_fractions
         return E * (f_E.detach() * stats.mean_probs).sum()
 
@@ -334,8 +387,10 @@ class SequenceBalanceLoss(_Loss):
 
         Raises:
             ValueError: If ``routing.batch_shape`` does not cover the routing's T tokens,
-                or ``mask`` is not a bool ``[T]`` tensor on the routing's device.
+                ``mask`` is not a bool ``[T]`` tensor on the routing's device, or the
+                record's fields disagree (or are for another E than ``router``'s).
         """
+        routing = check_routing(routing, _router_experts(router))
         mask = _check_mask(routing, mask)
         B, S = routing.sequences()
         if routing.num_tokens != B * S:
@@ -445,13 +500,14 @@ class DispersionLoss(_Loss):
     def forward(
         self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
     ) -> Float[Tensor, ""]:
-        """The unweighted loss."""
+        """The unweighted loss (of the router's anchors; ``routing`` must fit the router)."""
         scorer = getattr(router, "scorer", None)
         if not isinstance(scorer, CosineScorer):
             raise TypeError(
                 "DispersionLoss needs a router with a CosineScorer, got scorer "
                 f"{type(scorer).__name__}"
             )
+        check_routing(routing, _router_experts(router))
         a_ED = F.normalize(scorer.anchors_ED.float(), dim=-1, eps=CosineScorer.eps)
         E = a_ED.shape[0]
         if E == 1:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["Layout", "MoEOutput", "Routing"]
+from moeblocks._checks import (
+    check_expert_ids,
+    check_float,
+    check_index,
+    check_same_device,
+)
+
+__all__ = ["Layout", "MoEOutput", "Routing", "check_routing"]
 
 
 @dataclass(frozen=True)
@@ -137,3 +144,52 @@ class MoEOutput:
         for value in self.aux_losses.values():
             total = total + value
         return total
+
+
+def check_routing(
+    routing: object,
+    num_experts: int | None = None,
+    *,
+    sync_checks: bool = False,
+    name: str = "routing",
+) -> Routing:
+    """A :class:`~moeblocks.routing.Routing` whose fields agree with each other.
+
+    ``scores`` and ``probs`` are ``[T, E]`` floats of one shape, ``experts`` an integer
+    ``[T, K]`` and ``weights`` a float ``[T, K]`` (``dropped`` too, when set), all on one
+    device. With ``num_experts``, E must equal it (a record from another router). The
+    expert ids are range-checked by the :func:`value_checks` rule. A record that passes
+    cannot make a loss fail inside ``scatter`` or ``gather``.
+    """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"{name} must be a Routing, got {type(routing).__name__}")
+    probs = check_float(routing.probs, f"{name}.probs", ndim=2)
+    scores = check_float(routing.scores, f"{name}.scores", ndim=2)
+    experts = check_index(routing.experts, f"{name}.experts", ndim=2)
+    weights = check_float(routing.weights, f"{name}.weights", ndim=2)
+    T, E = probs.shape
+    if scores.shape != probs.shape:
+        raise ValueError(
+            f"{name}.scores must have the shape of {name}.probs [{T}, {E}], "
+            f"got {tuple(scores.shape)}"
+        )
+    if experts.shape[0] != T or weights.shape != experts.shape:
+        raise ValueError(
+            f"{name}.experts and {name}.weights must both have shape [T, K] with T={T} "
+            f"(the tokens of {name}.probs), got experts {tuple(experts.shape)} and "
+            f"weights {tuple(weights.shape)}"
+        )
+    if routing.dropped is not None and routing.dropped.shape != experts.shape:
+        raise ValueError(
+            f"{name}.dropped must have shape {tuple(experts.shape)} like {name}.experts, "
+            f"got {tuple(routing.dropped.shape)}"
+        )
+    for field in ("scores", "experts", "weights"):
+        check_same_device(getattr(routing, field), f"{name}.{field}", probs, f"{name}.probs")
+    if num_experts is not None and num_experts != E:
+        raise ValueError(
+            f"{name} is for {E} experts ({name}.probs has shape [{T}, {E}]), expected "
+            f"{num_experts} (the router's num_experts)"
+        )
+    check_expert_ids(experts, E, sync_checks, name=f"{name}.experts")
+    return routing

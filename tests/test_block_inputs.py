@@ -447,6 +447,9 @@ def _padded_routing(poison: float, T: int = 10, num_experts: int = 5, K: int = 2
     return padded, mask, real
 
 
+# The padded records route among 5 experts: the losses check them against the router's E.
+ROUTER_5 = mb.Router(mb.LinearScorer(D, 5))
+
 LOSSES = {
     "load balance (slots)": mb.LoadBalanceLoss(),
     "load balance (tokens)": mb.LoadBalanceLoss(fractions="tokens"),
@@ -463,9 +466,9 @@ LOSSES = {
 def test_padding_nan_or_inf_leaves_losses_and_gradients_unchanged(name: str, poison: float) -> None:
     loss = LOSSES[name]
     padded, mask, real = _padded_routing(poison)
-    value = loss(padded, ROUTER, mask)
+    value = loss(padded, ROUTER_5, mask)
     grads = torch.autograd.grad(value, [padded.scores, padded.probs], allow_unused=True)
-    expected = loss(real, ROUTER)
+    expected = loss(real, ROUTER_5)
     expected_grads = torch.autograd.grad(expected, [padded.scores, padded.probs], allow_unused=True)
     assert torch.isfinite(value)
     # float64 throughout; sums over a different number of zero rows may round differently.
@@ -489,7 +492,7 @@ def test_padding_nan_in_sequences_leaves_sequence_loss_unchanged(poison: float) 
     values, grads = [], []
     for r in (padded, clean):
         r2 = mb.Routing(r.scores, r.probs, r.experts, r.weights, batch_shape=(2, 5))
-        values.append(seq(r2, ROUTER, mask))
+        values.append(seq(r2, ROUTER_5, mask))
         grads.append(torch.autograd.grad(values[-1], r.probs)[0])
     assert torch.isfinite(values[0])
     assert torch.equal(values[0], values[1])  # the padding rows are zeroed before any sum

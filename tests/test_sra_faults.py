@@ -852,6 +852,12 @@ def test_the_docs_table_names_real_tests() -> None:
     named = set(re.findall(r"`(test_\w+)`", page))
     assert len(named) >= 15
     tests = "".join(
-        (root / "tests" / f).read_text() for f in ("test_sra_faults.py", "test_sra_train.py")
+        (root / "tests" / f).read_text()
+        for f in (
+            "test_sra_faults.py",
+            "test_sra_train.py",
+            "test_multirank_faults.py",
+            "test_bad_inputs.py",
+        )
     )
     assert [n for n in sorted(named) if f"def {n}(" not in tests] == []

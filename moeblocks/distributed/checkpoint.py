@@ -17,11 +17,18 @@ Two forms, both keyed and shaped like the model on one process:
 
 Expert counts are checked on both sides: a checkpoint never loads with an expert
 duplicated or dropped.
+
+Fault tests place kills at named points of a save with :data:`FAULT_ENV`
+(:func:`fault_point`); the variable is unset in every real run, where the points do
+nothing.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import signal
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -31,11 +38,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from moeblocks.distributed.comm import collective_timeout
 from moeblocks.distributed.dispatch import AllToAllDispatcher
 from moeblocks.distributed.sharding import expert_parallel_layers, local_shard
 from moeblocks.layer import MoELayer
 
 __all__ = [
+    "FAULT_ENV",
+    "fault_point",
     "full_state_dict",
     "load_full_optimizer_state",
     "load_full_state_dict",
@@ -43,6 +53,78 @@ __all__ = [
     "save_sharded",
     "sharded_state_dict",
 ]
+
+
+FAULT_ENV = "MOEBLOCKS_FAULT"
+_FAULT_POINTS = ("dcp-write", "dcp-finish", "publish")
+# Times this process reached each point: a fault test's only state, read from nothing else.
+_reached: collections.Counter[str] = collections.Counter()
+
+
+def _fault_spec(name: str) -> str | None:
+    """The action :data:`FAULT_ENV` asks for at point ``name`` on this rank, else None.
+
+    The variable reads ``POINT@RANK[#N][:ACTION]``: the ``N``-th time (default 1) that
+    this process reaches ``POINT`` (one of ``dcp-write``, inside
+    DCP's write of this rank's shard file; ``dcp-finish``, rank 0 about to write DCP's
+    ``.metadata``; ``publish``, the SRA save after the shards are written, before the
+    checkpoint is published) on global rank ``RANK``. ACTION ``kill`` (default):
+    SIGKILL; ``hang``: sleep for three collective timeouts (a rank stuck outside any
+    collective while the others wait, which then goes on and fails on its own); a number
+    in [0, 1) at ``dcp-write``: cut this rank's shard file to that fraction of its bytes,
+    then SIGKILL (a kill in the middle of writing it).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    point, _, rest = spec.partition("@")
+    where, _, action = rest.partition(":")
+    rank_text, _, nth = where.partition("#")
+    if (
+        point not in _FAULT_POINTS
+        or not rank_text.isdigit()
+        or not (nth or "1").isdigit()
+        or not (action in ("", "kill", "hang") or _is_fraction(action))
+    ):
+        raise ValueError(
+            f"{FAULT_ENV} must read POINT@RANK[#N][:ACTION] with POINT one of {_FAULT_POINTS}, "
+            f"got {spec!r}"
+        )
+    rank = dist.get_rank() if _distributed() else 0
+    if point != name or int(rank_text) != rank:
+        return None
+    _reached[name] += 1
+    return (action or "kill") if _reached[name] == int(nth or "1") else None
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) < 1.0
+    except ValueError:
+        return False
+
+
+def fault_point(name: str) -> None:
+    """A named point of a save where a fault test may stop this process (see :data:`FAULT_ENV`).
+
+    Does nothing unless the variable names this point and this rank.
+    """
+    _fault(_fault_spec(name))
+
+
+def _fault(action: str | None, shards: str | None = None) -> None:
+    """Carry out a fault action; a fraction first cuts this rank's files in ``shards``."""
+    if action is None:
+        return
+    if action == "hang":
+        time.sleep(3 * collective_timeout().total_seconds())
+        return
+    if action != "kill" and shards is not None:
+        rank = dist.get_rank() if _distributed() else 0
+        for file in os.scandir(shards):
+            if file.name.startswith(f"__{rank}_"):  # DCP names each rank's file so
+                os.truncate(file.path, int(float(action) * file.stat().st_size))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _sharding(name: str, layer: MoELayer) -> tuple[int, int, AllToAllDispatcher]:
@@ -275,6 +357,23 @@ def _copy_into(target: Tensor, loaded: Any) -> None:
         dst.copy_(src)
 
 
+def _writer(path: str) -> Any:
+    """DCP's file writer (each file ``fsync``-ed), with the fault points of a save."""
+    import torch.distributed.checkpoint as dcp
+
+    class Writer(dcp.FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            written = super().write_data(plan, planner)
+            _fault(_fault_spec("dcp-write"), path)
+            return written
+
+        def finish(self, metadata: Any, results: Any) -> None:
+            _fault(_fault_spec("dcp-finish"))
+            super().finish(metadata, results)
+
+    return Writer(path, sync_files=True)
+
+
 def save_sharded(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -290,8 +389,7 @@ def save_sharded(
     import torch.distributed.checkpoint as dcp
 
     state = sharded_state_dict(model, optimizer, expert_mesh=expert_mesh)
-    writer = dcp.FileSystemWriter(os.fspath(path), sync_files=True)
-    dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+    dcp.save(state, storage_writer=_writer(os.fspath(path)), no_dist=not _distributed())
 
 
 def load_sharded(

@@ -7,10 +7,17 @@ Legend: N rows this rank sends, M rows it receives, D row width, C reduced eleme
 module; two small autograd functions here keep the backward explicit and use public API
 only. Every rank of the group must call each op, forward and backward, in the same order
 (a rank with no rows still calls it).
+
+A collective whose peer never comes waits for the process group's timeout
+(:func:`collective_timeout`, set by :data:`TIMEOUT_ENV`), then fails; gloo's error
+says only that a receive timed out. Ranks that :func:`mark` where they are in the
+rendezvous store let :func:`timeout_error` name the rank that was waited for.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +26,101 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-__all__ = ["all_reduce_sum", "all_to_all_rows"]
+__all__ = [
+    "TIMEOUT_ENV",
+    "CollectiveTimeoutError",
+    "all_reduce_sum",
+    "all_to_all_rows",
+    "collective_timeout",
+    "mark",
+    "timeout_error",
+]
+
+TIMEOUT_ENV = "MOEBLOCKS_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0  # a step of the paper preset takes seconds; a save, a minute
+_MARK_KEY = "moeblocks/mark/"
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited longer than :func:`collective_timeout`; names the ranks waited for."""
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for its peers: :data:`TIMEOUT_ENV` seconds (default 600).
+
+    Give it to ``init_process_group(timeout=...)``. Raises ValueError for a value that is
+    not a positive number of seconds.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _store() -> dist.Store | None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def mark(where: str, count: int) -> None:
+    """Record in the rendezvous store that this rank reached ``where``, its ``count``-th mark.
+
+    One small store write (no collective); a no-op without a process group. ``count``
+    must grow along the run (e.g. the step), so the ranks behind have the lower counts.
+    """
+    store = _store()
+    if store is not None:
+        store.set(f"{_MARK_KEY}{dist.get_rank()}", f"{count}|{where}")
+
+
+def _marks(store: dist.Store, world: int) -> dict[int, tuple[int, str]]:
+    """Every rank's last mark (``(-1, "no mark")`` for a rank that made none)."""
+    keys = [f"{_MARK_KEY}{r}" for r in range(world)]
+    present = [store.check([k]) for k in keys]
+    values = store.multi_get([k for k, ok in zip(keys, present, strict=True) if ok])
+    found = iter(values)
+    out = {}
+    for r, ok in enumerate(present):
+        count, _, where = next(found).decode().partition("|") if ok else ("-1", "", "no mark")
+        out[r] = (int(count), where)
+    return out
+
+
+def timeout_error(err: BaseException) -> CollectiveTimeoutError | None:
+    """For a collective's timeout error, one that names the ranks waited for; else None.
+
+    The ranks waited for are those whose last :func:`mark` is behind the newest one
+    (all other ranks when none is behind). Reads the rendezvous store, which outlives a
+    dead or stuck peer.
+    """
+    text = str(err)
+    if not isinstance(err, RuntimeError) or "timed out" not in text.lower():
+        return None
+    store, rank = _store(), dist.get_rank() if dist.is_initialized() else 0
+    limit = f"{collective_timeout().total_seconds():g} s ({TIMEOUT_ENV})"
+    try:
+        assert store is not None
+        marks = _marks(store, dist.get_world_size())
+    except Exception as store_err:  # the store is gone too: say what is known
+        return CollectiveTimeoutError(
+            f"rank {rank}: a collective waited longer than {limit} for another rank "
+            f"(their progress is unknown: {store_err}); {text.splitlines()[0]}"
+        )
+    newest = max(count for count, _ in marks.values())
+    behind = [r for r, (count, _) in marks.items() if count < newest and r != rank]
+    waited = behind or [r for r in marks if r != rank]
+    seen = "; ".join(f"rank {r} last at {marks[r][1]!r}" for r in waited)
+    return CollectiveTimeoutError(
+        f"rank {rank}: a collective waited longer than {limit} for rank "
+        f"{', '.join(map(str, waited))} ({seen}; this rank at {marks[rank][1]!r})"
+    )
 
 
 def _exchange(

@@ -245,6 +245,24 @@ def _register_records() -> None:
         torch.export.register_dataclass(MoEOutput, serialized_type_name="moeblocks.MoEOutput")
 
 
+def _no_view_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    """A forward hook: the unit's outputs that are views become tensors of their own.
+
+    FSDP2 hangs its pre-backward hook (the all-gather before the unit's backward) on every
+    output tensor; an in-place op on an output that is a *view* drops that hook. A
+    block's ``MoEOutput.out`` is one (``MoELayer`` reshapes ``[T, D]`` to the input's
+    shape), and code after the block may well update it in place (``moe.out += ...``).
+    One copy of that ``[*batch, D]`` tensor per block and step removes the hazard, and
+    FSDP2's warning with it. Registered to run before FSDP2's own post-forward hook.
+    """
+    from torch.utils._pytree import tree_map_only
+
+    def own(t: Tensor) -> Tensor:
+        return t.clone() if t._base is not None and t.requires_grad else t
+
+    return tree_map_only(Tensor, own, output)
+
+
 def _expert_mesh(groups: ExpertParallelGroups, device_type: str) -> DeviceMesh:
     """The ``("ep", "dp")`` mesh over the existing groups, ``mesh[p][q]`` a global rank.
 
@@ -374,6 +392,7 @@ def _fully_shard(
                 layer.experts.set_force_sum_reduction_for_comms(True)
     for block in blocks:
         fully_shard(block, mesh=world_mesh, reshard_after_forward=reshard, ignored_params=scalars)
+        block.register_forward_hook(_no_view_outputs, prepend=True)  # before FSDP2's hook
     # The root unit: embeddings, head, final norm.
     fully_shard(model, mesh=world_mesh, ignored_params=scalars)
 

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from moeblocks._version import __version__
+from moeblocks.distributed.checkpoint import fault_point
 from moeblocks.runtime.durable import atomic_write_text, fsync_dir, fsync_file, sha256_file
 from moeblocks.runtime.errors import CheckpointError, UsageError
 from moeblocks.sra.config import SRAConfig, fields_where
@@ -251,6 +252,7 @@ def _write_folder(final: Path, step: int, fill: Callable[[Path], None]) -> None:
         fsync_dir(tmp)
         if final.exists():  # a damaged checkpoint of the same step: replace it
             _discard(final)
+        fault_point("publish")  # fault tests kill here: all written, nothing published
         os.replace(tmp, final)
         fsync_dir(ckpt_root)
     except BaseException:
@@ -475,20 +477,27 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
 
     Raises:
         UsageError: When the checkpoint was trained with a different model config.
+        CheckpointError: When a loaded tensor holds NaN or inf (named): a run never
+            saves such weights, so the file was written by something else.
     """
     from moeblocks._optional import require
 
     require("safetensors", "sra", "SRA checkpoints")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     diffs = [d for d in ckpt.config.differences(config) if d not in fields_where("training_only")]
     if diffs:
         what = _describe(ckpt.config, config, diffs)
         raise UsageError(f"checkpoint {ckpt.path} is from a different config: {what}")
     if is_sharded(ckpt):
         _load_sharded_weights(model, ckpt)
-        return
+    else:
+        _load_safetensors(model, ckpt)
+    _refuse_non_finite(model, ckpt)
+
+
+def _load_safetensors(model: nn.Module, ckpt: Checkpoint) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
     try:
         load_model(
             model,
@@ -500,6 +509,18 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, config: SRAConfig) -> None:
         raise UsageError(
             f"checkpoint {ckpt.path} does not fit this model: {str(err).splitlines()[0]}"
         ) from err
+
+
+def _refuse_non_finite(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Raise :class:`CheckpointError` naming the loaded tensors that hold NaN or inf."""
+    floats = {n: t for n, t in model.state_dict().items() if t.is_floating_point()}
+    ok = torch.stack([torch.isfinite(t).all() for t in floats.values()]).tolist() if floats else []
+    bad = [n for n, good in zip(floats, ok, strict=True) if not good]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds NaN or inf weights ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); a run never saves those, refusing to load"
+        )
 
 
 def is_sharded(ckpt: Checkpoint) -> bool:

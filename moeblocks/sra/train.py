@@ -48,6 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moeblocks._checks import warn_non_finite
 from moeblocks.distributed import (
     ParallelConfig,
     ParallelModel,
@@ -57,6 +58,7 @@ from moeblocks.distributed import (
     parallelize,
     save_sharded,
 )
+from moeblocks.distributed.comm import collective_timeout, mark, timeout_error
 from moeblocks.routers import CosineScorer
 from moeblocks.runtime.device import resolve_device
 from moeblocks.runtime.durable import atomic_write_text
@@ -358,11 +360,17 @@ def _process_group(par: _Parallel, dev: torch.device) -> Iterator[torch.device]:
         torch.cuda.set_device(dev)
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=collective_timeout())
     try:
         if dist.get_world_size() != par.world or dist.get_rank() != par.rank:
             raise UsageError("the process group does not match WORLD_SIZE / RANK")
         yield dev
+    except RuntimeError as err:
+        named = timeout_error(err)  # gloo's timeout names no rank; the marks do
+        if named is None:
+            raise
+        raise named from err
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -641,6 +649,7 @@ class _Step:
     aux: float
     norm: float
     routings: tuple[Any, ...]
+    aux_losses: tuple[Any, ...]  # per MoE block, read only when a step is skipped
     signum: int | None  # a stop signal this step saw (on any rank)
 
 
@@ -668,7 +677,9 @@ def _train_step(ctx: _Context, step: int, signals: Any) -> _Step:
     ce_value, aux_value, norm_value = torch.stack(
         [ce.detach().float(), aux.detach().float(), norm.detach().float()]
     ).tolist()
-    return _Step(lr, ce_value, aux_value, norm_value, tuple(res.routings), signum)
+    return _Step(
+        lr, ce_value, aux_value, norm_value, tuple(res.routings), tuple(res.aux_losses), signum
+    )
 
 
 class _RoutingStats:
@@ -738,6 +749,9 @@ def _skip_or_apply(
             f"{err}; stopped without saving, {where} (resume with a lower lr, "
             "or a higher max_skipped_steps)"
         ) from None
+    if skipped is not None and not math.isfinite(st.aux):
+        for i, losses in enumerate(st.aux_losses):  # a sync, on this rare path only
+            warn_non_finite(losses, f"MoE block {i} (model.moe_layers[{i}])")
     if skipped is None:
         ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -764,6 +778,7 @@ def _record(ctx: _Context, st: _Step, step: int, skipped: str | None) -> dict[st
 
 
 def _save(ctx: _Context, at: int) -> None:
+    mark(f"the save of step {at}", 2 * at + 1)
     ctx.engine.save(ctx, at)
     ctx.last_saved = at
 
@@ -783,6 +798,7 @@ def _loop(ctx: _Context, step: int) -> TrainResult:
     try:
         with StopSignals() as signals:
             while step < last_stop:
+                mark(f"step {step + 1}", 2 * (step + 1))  # the save of step N marks 2N + 1
                 st = _train_step(ctx, step, signals)
                 skipped = _skip_or_apply(ctx, st, step, guard, log)
                 if tuner is not None:
