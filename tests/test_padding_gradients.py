@@ -125,3 +125,15 @@ def test_biased_experts_gradients_match_a_token_loop(name: str, pad_to: int) -> 
     assert set(got) == {"x", "w", "w_in_EDF", "w_out_EFD", "b_in_EF", "b_out_ED"}
     for key in want:
         torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("pad_to", [1, 3, 8])
+def test_segments_are_padded_to_the_next_multiple_only(pad_to: int) -> None:
+    # Counts [5, 5, 4] plus an empty expert: each segment is the smallest multiple of
+    # pad_to that holds its rows (an empty expert gets none), so padding costs at most
+    # pad_to - 1 rows per expert.
+    layout = mb.build_layout(EXPERTS_TK, E + 1, pad_to=pad_to)
+    want = [-(-c // pad_to) * pad_to for c in (5, 5, 4, 0)]
+    assert layout.counts.tolist() == [5, 5, 4, 0]
+    assert layout.group_sizes.tolist() == want
+    assert layout.num_rows == sum(want)
