@@ -3,7 +3,7 @@
 Usage (from the repository root; see CONTRIBUTING.md, "Mutation testing")::
 
     python tests/mutation/run.py                  # every mutant
-    python tests/mutation/run.py --only dispatch  # the mutants whose name starts so
+    python tests/mutation/run.py --only dispatch,kernels  # names starting so
     python tests/mutation/run.py --list           # print the list, run nothing
 
 The library (``moeblocks/``, ``kernels/src/`` as ``moeblocks/kernels/``) and ``tests/``
@@ -424,10 +424,12 @@ def run_one(m: Mutant, work: Path) -> tuple[str, float, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="run the mutants whose name starts with this")
+    parser.add_argument(
+        "--only", default="", help="run the mutants whose name starts so (comma-separated)"
+    )
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTANTS if m.name.startswith(args.only)]
+    chosen = [m for m in MUTANTS if m.name.startswith(tuple(args.only.split(",")))]
     if args.list:
         for m in chosen:
             print(f"{m.name:40} {m.path:36} {m.why}")
