@@ -193,7 +193,6 @@ balancer = mb.BiasBalancer(4, rate=0.5, group=dist.group.WORLD)
 balancer.observe(torch.tensor([[0], [0], [0]]) if rank == 0 else torch.tensor([[0, 1]]))
 used = balancer.step()
 torch.save({"bias": balancer.bias, "used": used, "load": balancer.load}, sys.argv[1])
-dist.destroy_process_group()
 """
 
 

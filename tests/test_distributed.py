@@ -16,7 +16,7 @@ import copy
 import os
 import subprocess
 import sys
-import time
+import threading
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -218,8 +218,14 @@ def _rank_main(workdir: Path) -> None:
         else:
             results["errors"] = _run_errors()
         torch.save(results, workdir / f"rank{rank}.pt")
+        del results
+        # No rank tears its connections down while another is still in a collective
+        # (see tests/gloo.py); after a failure the test process stops the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    assert not left, f"threads left after the shutdown: {left}"
 
 
 # ------------------------------------------------------------------------- launcher
@@ -233,35 +239,25 @@ def _launch(world: int, workdir: Path) -> list[dict]:
         "install_import_hook('moeblocks', 'beartype.beartype'); "
         f"import runpy; runpy.run_path({str(Path(__file__))!r}, run_name='__main__')"
     )
-    from gloo import rank_env  # only here: the ranks run this file without tests/ on the path
+    # Only here: the ranks run this file without tests/ on the path.
+    from gloo import agent_store, wait_all
 
-    env = rank_env(world)
     root = Path(__file__).resolve().parent.parent
     procs, logs = [], []
-    for rank in range(world):
-        logs.append(workdir / f"rank{rank}.log")
-        with logs[-1].open("w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code, str(workdir)],
-                    env={**env, "RANK": str(rank)},
-                    cwd=root,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+    with agent_store(world) as env:
+        for rank in range(world):
+            logs.append(workdir / f"rank{rank}.log")
+            with logs[-1].open("w") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", code, str(workdir)],
+                        env={**env, "RANK": str(rank)},
+                        cwd=root,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-            )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    try:
-        while any(p.poll() is None for p in procs):
-            # One failed rank leaves the others waiting in a collective: stop early.
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        wait_all(procs, LAUNCH_TIMEOUT_S)
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
         tails = "\n".join(f"--- rank {r}:\n{logs[r].read_text()[-3000:]}" for r in failed)

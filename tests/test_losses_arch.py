@@ -273,7 +273,6 @@ value = mb.LoadBalanceLoss(1.0, group=dist.group.WORLD)(routing, torch.nn.Identi
 value.backward()
 torch.save({"scores": scores.detach(), "value": value.detach(), "grad": scores.grad},
            sys.argv[1])
-dist.destroy_process_group()
 """
 
 

@@ -381,6 +381,33 @@ def test_damaged_file_is_named(name: str, how: str, base_run: Path, tmp_path: Pa
     assert name in ckpt.skipped[0]
 
 
+def _flip_hex_digit(digest: str) -> str:
+    return ("1" if digest[0] == "0" else "0") + digest[1:]
+
+
+@pytest.mark.parametrize("entry", ["own", *FILES])
+def test_manifest_damage_that_stays_valid_json_is_named(
+    entry: str, base_run: Path, tmp_path: Path
+) -> None:
+    # Every byte-level damage above breaks the manifest's JSON; this one keeps it valid:
+    # one hex digit of a recorded SHA-256 (the manifest's own digest, or a file's).
+    run = copy_run(base_run, tmp_path)
+    newest = run / "checkpoints" / "step-0000002"
+    manifest = json.loads((newest / MANIFEST).read_text())
+    record = manifest if entry == "own" else manifest["files"][entry]
+    record["sha256"] = _flip_hex_digit(record["sha256"])
+    (newest / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    # The manifest no longer matches its own digest: it is named, not the file it lists
+    # (whose bytes are intact).
+    damaged = f"{newest / MANIFEST} is damaged"
+    with pytest.raises(CheckpointError, match=damaged.replace(".", r"\.")):
+        verify_checkpoint(newest)
+    ckpt = find_checkpoint(run)
+    assert ckpt is not None
+    assert ckpt.step == 1
+    assert ckpt.skipped == (f"step-0000002: checkpoint {newest} does not verify: {damaged}",)
+
+
 @pytest.mark.parametrize("name", CKPT_FILES)
 def test_resume_skips_a_damaged_checkpoint(
     name: str,
