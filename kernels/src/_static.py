@@ -253,6 +253,7 @@ def mul32_addresses(ttir: str) -> tuple[str, ...]:
     A forward taint over the SSA values of the TTIR: a multiply of i32 values taints
     its result, any op using a tainted value taints its results (comparisons excepted:
     a mask is no address). Such a product wraps past 2^31 elements before it is widened.
+    Values carried around a loop (``scf.for`` iteration arguments) are not followed.
     """
     lines = _source_lines(ttir)
     tainted: dict[str, str] = {}
