@@ -6,8 +6,9 @@ Triton compiles for a GPU it does not have: a stand-in driver names the target
 (``GPUTarget("cuda", 90, 32)`` for H100, 80 for A100), and each kernel's own
 ``warmup`` runs Triton's launch-time binder (argument specialisation, autotune pruning,
 heuristics) exactly as a launch would, then compiles to PTX and a cubin. The cubin is
-read with ``cuobjdump`` (registers, stack = spills, shared memory, SASS), the TTIR with a
-small data-flow pass (32-bit multiplies that reach an address). Nothing here runs a
+read with ``cuobjdump`` (registers, stack = spills, shared memory), the TTIR with a
+small data-flow pass (32-bit multiplies that reach an address), the PTX for access
+widths and barriers. Nothing here runs a
 kernel, so it works on a CPU-only machine; it needs the kernels compiled, not
 interpreted, so run it in a process without ``TRITON_INTERPRET=1``
 (``python -m moeblocks.kernels._static``, which prints JSON).
@@ -67,8 +68,8 @@ class KernelStats:
         occupancy: Theoretical resident warps / 64 on the target.
         load_bits: Widest global load, in bits.
         store_bits: Widest global store, in bits.
-        narrow_accesses: Global loads and stores narrower than 32 bits in the SASS.
-        barriers: Block-wide barriers (``BAR``) in the SASS.
+        narrow_accesses: Global loads and stores narrower than 32 bits in the PTX.
+        barriers: Block-wide barriers (``bar.sync``) in the PTX.
         mul32_addresses: Source lines of 32-bit multiplies that reach an address.
     """
 
@@ -200,26 +201,29 @@ def index_variants(T: int, K: int, E: int, pad_to: int = 1) -> list[tuple]:
     ]
 
 
-def _sass(cubin: bytes) -> tuple[str, dict[str, int]]:
-    cuobjdump = tool("cuobjdump")
+def _resources(cubin: bytes) -> dict[str, int]:
+    # cuobjdump's resource table is quick (~10 ms); a SASS listing would take ~0.3 s of
+    # CPU per variant, so widths and barriers are read from the PTX instead.
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run(
-            [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+            [tool("cuobjdump"), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
-        sass = subprocess.run(
-            [cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    numbers = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    return sass, numbers
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
 
 
-def _access_bits(sass: str, op: str) -> list[int]:
+def _access_bits(ptx: str, op: str) -> list[int]:
+    """Width in bits of every global ``ld``/``st`` in the PTX (vector count × element bits)."""
     bits = []
-    for suffix in re.findall(rf"\b{op}\.E((?:\.[A-Z0-9]+)*)", sass):
-        widths = [int(w) for w in re.findall(r"\.(?:U|S)?(8|16|32|64|128)\b", suffix)]
-        bits.append(max(widths) if widths else 32)  # plain LDG.E is a 32-bit access
+    for modifiers in re.findall(rf"\b{op}\.global((?:\.[\w:]+)+)", ptx):
+        parts = modifiers.split(".")
+        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        width = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bufs]\d+", p)), 32)
+        bits.append(lanes * width)
     return bits
 
 
@@ -277,10 +281,11 @@ def mul32_addresses(ttir: str) -> tuple[str, ...]:
 
 
 def _stats(name: str, compiled: object, arch: int, dtype: str, D: int, label: str) -> KernelStats:
-    sass, numbers = _sass(compiled.asm["cubin"])
+    numbers = _resources(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
     meta = compiled.metadata
     shared = max(numbers.get("SHARED", 0), int(getattr(meta, "shared", 0)))
-    loads, stores = _access_bits(sass, "LDG"), _access_bits(sass, "STG")
+    loads, stores = _access_bits(ptx, "ld"), _access_bits(ptx, "st")
     return KernelStats(
         kernel=name,
         arch=arch,
@@ -295,7 +300,7 @@ def _stats(name: str, compiled: object, arch: int, dtype: str, D: int, label: st
         load_bits=max(loads, default=0),
         store_bits=max(stores, default=0),
         narrow_accesses=sum(b < 32 for b in loads + stores),
-        barriers=len(re.findall(r"\bBAR\.", sass)),
+        barriers=len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
         mul32_addresses=mul32_addresses(compiled.asm["ttir"]),
     )
 
