@@ -175,7 +175,6 @@ def variants(T: int, D: int, K: int, E: int, dtype: str, pad_to: int = 1) -> lis
     backward_args = (x, x, w, i64, i64, x, torch.float32, T, P, D, K)
     kwargs = {**shared, "PADDED": P > 0, "K_POW2": triton.next_power_of_2(K)}
     out.append(("unpermute_backward", _kernel("unpermute_backward"), backward_args, kwargs, ""))
-    shared.pop("D_SHIFT")
     slot_dot_args = (x, x, i64, torch.float32, N, D, K)
     out.append(("slot_dot", _kernel("slot_dot"), slot_dot_args, shared, ""))
     return out
