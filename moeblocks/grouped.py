@@ -7,8 +7,11 @@ expert ``e``. It is the compute seam of the expert banks; backends are chosen by
 
 - ``"torch"``: ``torch._grouped_mm``, one fused call with no host sync. Used where the
   installed torch supports it for the device and dtype (see :func:`torch_grouped_mm_supported`).
-- ``"loop"``: one matmul per expert over ``torch.split`` views. It reads the group sizes
-  on the host (one device sync) and works on every device and dtype.
+- ``"loop"``: one matmul per expert over ``torch.split`` views. It needs the group sizes
+  on the host and works on every device and dtype. Read from a GPU tensor they cost one
+  device sync per call; a caller that multiplies the same segments several times (an
+  expert bank's in and out projections, their backward) reads them once per step
+  (``group_sizes_E.tolist()``) and passes them as ``host_sizes``: one sync per step.
 - ``"auto"``: ``"torch"`` where supported, else ``"loop"``.
 
 Inputs are checked before any backend runs: shapes, dtypes and devices always; that the
@@ -18,6 +21,8 @@ A wrong sum would otherwise make ``torch._grouped_mm`` return uninitialised rows
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -82,10 +87,30 @@ def _check_operands(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor) -> None:
     check_same_device(group_sizes_E, "group_sizes_E", x_RI, "x_RI")
 
 
-def _loop(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor) -> Tensor:
-    sizes = group_sizes_E.tolist()  # host sync: split needs Python ints
-    if not torch.compiler.is_compiling():
-        _check_sizes(sizes, x_RI.shape[0])
+def _check_host_sizes(
+    host_sizes: Sequence[int], group_sizes_E: Tensor, rows: int, sync_checks: bool
+) -> list[int]:
+    sizes = [int(s) for s in host_sizes]
+    if len(sizes) != group_sizes_E.shape[0]:
+        raise ValueError(
+            f"host_sizes must hold one size per expert ({group_sizes_E.shape[0]}), got {len(sizes)}"
+        )
+    _check_sizes(sizes, rows)
+    if value_checks(group_sizes_E, sync_checks):  # CPU: free; GPU: one sync, opt-in
+        device_sizes = group_sizes_E.long().cpu()
+        if not torch.equal(device_sizes, torch.tensor(sizes, dtype=torch.long)):
+            raise ValueError(
+                "host_sizes must equal group_sizes_E (the same sizes, read on the host), "
+                f"got {sizes[:16]} against {device_sizes[:16].tolist()}"
+            )
+    return sizes
+
+
+def _loop(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor, sizes: list[int] | None) -> Tensor:
+    if sizes is None:
+        sizes = group_sizes_E.tolist()  # host sync: split needs Python ints
+        if not torch.compiler.is_compiling():
+            _check_sizes(sizes, x_RI.shape[0])
     # unbind/split (not w[e] / x[a:b]) so the backward stacks the per-expert gradients
     # instead of adding E full-size zero tensors.
     outs = [
@@ -124,6 +149,7 @@ def grouped_mm(
     backend: str = "auto",
     *,
     sync_checks: bool = False,
+    host_sizes: Sequence[int] | None = None,
 ) -> Float[Tensor, "R O"]:
     """Multiply each expert's contiguous rows by that expert's weight matrix.
 
@@ -134,8 +160,11 @@ def grouped_mm(
         backend: ``"auto"``, ``"torch"`` or ``"loop"`` (see the module docstring).
             Asking for ``"torch"`` where it is unsupported raises ``ValueError``.
         sync_checks: Also check the group sizes of GPU tensors for the ``"torch"``
-            backend, at the cost of one device sync (CPU tensors and the ``"loop"``
-            backend are always checked).
+            backend, and ``host_sizes`` against them, at the cost of one device sync
+            (CPU tensors and the ``"loop"`` backend's own read are always checked).
+        host_sizes: ``group_sizes_E`` already read on the host, for the ``"loop"``
+            backend: it then reads nothing back (no sync). Checked for length and sum
+            always, against ``group_sizes_E`` on CPU or with ``sync_checks``.
 
     Returns:
         ``out[r] = x[r] @ w[expert of r]``.
@@ -168,5 +197,8 @@ def grouped_mm(
                 _check_sizes(group_sizes_E.tolist(), x_RI.shape[0])
         return _torch(x_RI, w_EIO, group_sizes_E)
     if backend == "loop":
-        return _loop(x_RI, w_EIO, group_sizes_E)
+        sizes = None
+        if host_sizes is not None:
+            sizes = _check_host_sizes(host_sizes, group_sizes_E, x_RI.shape[0], sync_checks)
+        return _loop(x_RI, w_EIO, group_sizes_E, sizes)
     raise ValueError(f"backend must be 'auto', 'torch' or 'loop', got {backend!r}")

@@ -141,6 +141,12 @@ class TritonDispatcher:
 
         if weights.dim() != 2:
             raise ValueError(f"weights must be (T, K), got shape {tuple(weights.shape)}")
+        # K comes from weights, so a wrong K would otherwise surface as a row_of_slot error.
+        if weights.numel() != layout.row_of_slot.shape[0]:
+            raise ValueError(
+                f"weights must have shape [T, K] with T·K = {layout.row_of_slot.shape[0]} "
+                f"slots (layout.row_of_slot), got {tuple(weights.shape)}"
+            )
         return kernels.unpermute(
             grouped, layout.row_of_slot, layout.slot_of_row, weights.shape[1], weights
         )

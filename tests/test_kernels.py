@@ -530,6 +530,13 @@ def _bad_calls():
             ValueError,
             "routing.experts is on meta",
         ),
+        (  # K is read from weights: a wrong K must blame weights, not row_of_slot (issue 31)
+            lambda: TritonDispatcher().unpermute(
+                *TritonDispatcher().permute(x, make_routing(ex, 3, 0)), torch.ones(2, 3)
+            ),
+            ValueError,
+            r"^weights must have shape \[T, K\] with T·K = 4 slots .*got \(2, 3\)",
+        ),
     ]
 
 

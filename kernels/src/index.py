@@ -9,7 +9,7 @@ A counting sort instead of a comparison sort, in three launches and no host sync
    E + 1 bins: bin E collects ids outside ``[0, E)``). With padding, the same programs
    also write -1 over ``slot_of_row`` (``_place`` overwrites the rows that hold slots).
 2. ``_scan``: per bin, an exclusive prefix sum of the block counts over the blocks (a
-   ``tl.cumsum`` over a tile of up to 512 blocks at a time, bins spread over programs)
+   ``tl.cumsum`` over a tile of up to 128 blocks at a time, bins spread over programs)
    gives where each block's run of that expert starts; the totals are the counts.
 3. ``_place``: each program turns the totals into segment offsets (counts rounded up to
    ``pad_to``, prefix-summed over the bins), adds them to its block's starts, and gives
@@ -118,18 +118,20 @@ def _scan(
     BLOCK_B: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    bins = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    bins = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     bin_ok = bins <= E
     carry = tl.zeros([BLOCK_E], dtype=tl.int64)
     for first in range(0, num_blocks, BLOCK_B):
         blocks = first + tl.arange(0, BLOCK_B)
         mask = (blocks < num_blocks)[:, None] & bin_ok[None, :]
         where = blocks.to(tl.int64)[:, None] * (E + 1) + bins[None, :]
-        tile = tl.load(block_counts_ptr + where, mask=mask, other=0).to(tl.int64)
-        # Exclusive prefix over blocks = inclusive prefix minus the block itself.
-        start = tl.cumsum(tile, axis=0) - tile + carry[None, :]
+        tile = tl.load(block_counts_ptr + where, mask=mask, other=0)
+        # Exclusive prefix over blocks = inclusive prefix minus the block itself. In
+        # int32 inside the tile (exact: at most BLOCK_B · BLOCK_N slots), int64 across
+        # tiles; an int64 tile needs twice the registers and spilled on sm_90.
+        start = (tl.cumsum(tile, axis=0) - tile).to(tl.int64) + carry[None, :]
         tl.store(block_start_ptr + where, start, mask=mask)
-        carry += tl.sum(tile, axis=0)
+        carry += tl.sum(tile, axis=0).to(tl.int64)
     tl.store(totals_ptr + bins, carry, mask=bin_ok)
 
 
@@ -186,13 +188,25 @@ def _place(
     slots = block.to(tl.int64) * BLOCK_N + lane
     valid = slots < N
     expert = tl.load(experts_ptr + slots, mask=valid, other=0).to(tl.int64)
-    bins = tl.where((expert >= 0) & (expert < E), expert, E)
+    # int32 bins and ranks (exact: E + 1 bins, ranks < BLOCK_N): the BLOCK_N² pair tile
+    # in int64 took every register and spilled.
+    bins = tl.where((expert >= 0) & (expert < E), expert, E).to(tl.int32)
     earlier_same = (bins[:, None] == bins[None, :]) & (lane[None, :] < lane[:, None])
-    rank = tl.sum(earlier_same.to(tl.int64), axis=1)
+    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
     start = tl.load(row_base + bins, mask=valid, other=0, volatile=True)
-    row = start + rank
+    row = start + rank.to(tl.int64)
     tl.store(row_of_slot_ptr + slots, row, mask=valid)
     tl.store(slot_of_row_ptr + row, slots, mask=valid)
+
+
+def _scan_block(interpreted: bool) -> int:
+    """Blocks per scan step: fewer under the interpreter, so the CPU tests cross steps."""
+    return 16 if interpreted else 128
+
+
+def _offset_bins(num_experts: int) -> int:
+    """Bins per piece of the offsets prefix sum in ``_place``."""
+    return min(triton.next_power_of_2(num_experts + 1), _OFFSET_BINS)
 
 
 def num_rows_bound(num_slots: int, num_experts: int, pad_to: int) -> int:
@@ -246,14 +260,13 @@ def _launch(experts_TK: Tensor, num_experts: int, pad_to: int) -> SlotIndex:
         BINS=bins,
         FILL=R > N,
     )
-    scan_blocks = 16 if interpreted(_scan) else 512
     _scan[(triton.cdiv(E + 1, _SCAN_BINS),)](
         block_counts_BE1,
         block_start_BE1,
         totals_E1,
         num_blocks,
         E,
-        BLOCK_B=scan_blocks,
+        BLOCK_B=_scan_block(interpreted(_scan)),
         BLOCK_E=_SCAN_BINS,
     )
     _place[(num_blocks,)](
@@ -271,7 +284,7 @@ def _launch(experts_TK: Tensor, num_experts: int, pad_to: int) -> SlotIndex:
         R,
         pad_to,
         BLOCK_N=_BLOCK_N,
-        BLOCK_E=min(triton.next_power_of_2(E + 1), _OFFSET_BINS),
+        BLOCK_E=_offset_bins(E),
     )
     return SlotIndex(row_of_slot_N, slot_of_row_R, counts_E, group_sizes_E, offsets_E1, rows_used)
 

@@ -6,8 +6,9 @@ padding), D model dim.
 ``grouped[r] = w[s] · x[s // K]`` for the slot ``s = slot_of_row[r]`` (``w = 1`` when no
 weights are given), and zero for padding rows (``s = -1``). The kernel is token-major:
 one program reads ``x[t]`` once and writes its K rows through ``row_of_slot`` (a
-row-major gather would read every token row K times); padding rows are zeroed by extra
-programs that scan ``slot_of_row``, launched only when there is padding. Every output
+row-major gather would read every token row K times); the ``R − N`` padding rows are
+listed once (``torch.nonzero_static``, no sync) and zeroed by one extra program per
+``BLOCK_ROWS`` of them, launched only when there is padding. Every output
 row is written by exactly one program, so the op is deterministic. The optional
 per-slot scale makes the op the exact transpose of :mod:`.unpermute`, which is what
 their backward passes use.
@@ -19,7 +20,17 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_float, check_launchable, check_same_device, check_slot_index
-from ._tiles import LAUNCH_OPTIONS, accumulator, autotuned, row_grid, zero_padding_rows
+from ._tiles import (
+    LAUNCH_OPTIONS,
+    accumulator,
+    aligned,
+    alignment_shift,
+    autotuned,
+    padding_rows,
+    row_grid,
+    t_bucket,
+    zero_padding_rows,
+)
 
 __all__ = ["permute"]
 
@@ -30,20 +41,24 @@ def _permute(
     x_ptr,
     w_ptr,
     row_of_slot_ptr,
-    slot_of_row_ptr,
+    pad_rows_ptr,
     out_ptr,
     T,
-    R,
+    P,
     D,
     K,
+    T_BUCKET,  # read by the autotuner's key only
     HAS_WEIGHTS: tl.constexpr,
+    PADDED: tl.constexpr,
+    D_SHIFT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # Token-major: the first cdiv(T, BLOCK_ROWS) programs each read BLOCK_ROWS token rows
     # once and write their K copies; the programs after them (launched only when there
-    # are padding rows) write zeros to the rows whose slot is -1.
+    # are padding rows) write zeros to BLOCK_ROWS of the P padding rows each.
+    D = aligned(D, D_SHIFT)
     block = tl.program_id(0)
     if block < tl.cdiv(T, BLOCK_ROWS):
         tokens = block.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -65,10 +80,9 @@ def _permute(
                     out.to(out_ptr.dtype.element_ty),
                     mask=mask,
                 )
-    else:
-        zero_padding_rows(
-            slot_of_row_ptr, out_ptr, block - tl.cdiv(T, BLOCK_ROWS), R, D, BLOCK_ROWS, BLOCK_D
-        )
+    elif PADDED:
+        first_padding = block - tl.cdiv(T, BLOCK_ROWS)
+        zero_padding_rows(pad_rows_ptr, P, out_ptr, first_padding, D, BLOCK_ROWS, BLOCK_D)
 
 
 @torch.library.custom_op("moeblocks::permute", mutates_args=())
@@ -80,17 +94,22 @@ def _permute_op(
     if R == 0 or D == 0:
         return out_RD
     w = weights.contiguous() if weights is not None else x  # x: a placeholder, never read
-    _permute[row_grid(T, N, R)](
+    pad_rows_P = padding_rows(slot_of_row, N)
+    P = pad_rows_P.shape[0]
+    _permute[row_grid(T, P)](
         x.contiguous(),
         w,
         row_of_slot.contiguous(),
-        slot_of_row.contiguous(),
+        pad_rows_P if P else row_of_slot,  # a placeholder when there is no padding
         out_RD,
         T,
-        R,
+        P,
         D,
         top_k,
+        t_bucket(T),
         HAS_WEIGHTS=weights is not None,
+        PADDED=P > 0,
+        D_SHIFT=alignment_shift(D),
         ACC=accumulator(x.dtype),
         **LAUNCH_OPTIONS,
     )

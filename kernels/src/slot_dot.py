@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_float, check_launchable, check_same_device, check_slot_index
-from ._tiles import LAUNCH_OPTIONS, accumulator, fixed
+from ._tiles import LAUNCH_OPTIONS, accumulator, aligned, alignment_shift, fixed
 
 __all__ = ["slot_dot"]
 
@@ -32,10 +32,12 @@ def _slot_dot(
     N,
     D,
     K,
+    D_SHIFT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    D = aligned(D, D_SHIFT)
     slots = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     slot_ok = slots < N
     token = slots // K
@@ -72,6 +74,7 @@ def _slot_dot_op(
         N,
         D,
         top_k,
+        D_SHIFT=alignment_shift(D),
         ACC=accumulator(dtype),
         **LAUNCH_OPTIONS,
     )

@@ -21,7 +21,7 @@ from ._checks import (
     check_same_device,
     check_slot_index,
 )
-from ._tiles import LAUNCH_OPTIONS, accumulator, autotuned
+from ._tiles import LAUNCH_OPTIONS, accumulator, aligned, alignment_shift, autotuned, t_bucket
 
 __all__ = ["unpermute"]
 
@@ -36,11 +36,14 @@ def _unpermute(
     T,
     D,
     K,
+    T_BUCKET,  # read by the autotuner's key only
     HAS_WEIGHTS: tl.constexpr,
+    D_SHIFT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    D = aligned(D, D_SHIFT)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     token_ok = tokens < T
     for first in range(0, D, BLOCK_D):
@@ -79,7 +82,9 @@ def _unpermute_op(
         T,
         D,
         top_k,
+        t_bucket(T),
         HAS_WEIGHTS=weights is not None,
+        D_SHIFT=alignment_shift(D),
         ACC=accumulator(y.dtype),
         **LAUNCH_OPTIONS,
     )

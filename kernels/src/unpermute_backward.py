@@ -12,9 +12,14 @@ Computed separately, ``g`` is read K times by each. Here one program owns a few 
 it reads ``g[t]`` once per column piece, and for each j reads ``y[row(t, j)]`` and writes
 ``grad_y[row(t, j)]``, accumulating the K dot products as it goes (in float32, float64
 for float64 inputs). That moves ``T·D`` + ``2·N·D`` elements instead of ``2·T·D + 2·N·D``
-plus the K-fold re-reads. The tile is a fixed function of D (never autotuned), so the
-dot products are summed in the same order on every run.
+plus the K-fold re-reads. The tile is fixed (never autotuned), so the dot products are
+summed in the same order on every run: 4 rows of up to 256 columns on 4 warps, one warp
+per row, so each dot product reduces inside a warp and the loop has no block-wide
+barrier (the earlier 2 × 1024 tile spread a row over all warps: two barriers per piece
+and K step).
 """
+
+import functools
 
 import torch
 import triton
@@ -22,30 +27,43 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_float, check_launchable, check_same_device, check_slot_index
-from ._tiles import LAUNCH_OPTIONS, accumulator, fixed, row_grid, zero_padding_rows
+from ._tiles import (
+    LAUNCH_OPTIONS,
+    accumulator,
+    aligned,
+    alignment_shift,
+    backward_tile,
+    fixed,
+    padding_rows,
+    row_grid,
+    zero_padding_rows,
+)
 
 __all__ = ["unpermute_backward"]
 
 
-@fixed
+@functools.partial(fixed, gpu=lambda args: backward_tile(args["D"], args["g_ptr"].dtype.itemsize))
 @triton.jit
 def _unpermute_backward(
     g_ptr,
     y_ptr,
     w_ptr,
     row_of_slot_ptr,
-    slot_of_row_ptr,
+    pad_rows_ptr,
     grad_y_ptr,
     grad_w_ptr,
     T,
-    R,
+    P,
     D,
     K,
+    PADDED: tl.constexpr,
+    D_SHIFT: tl.constexpr,
     ACC: tl.constexpr,
     K_POW2: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    D = aligned(D, D_SHIFT)
     block = tl.program_id(0)
     if block < tl.cdiv(T, BLOCK_ROWS):
         tokens = block.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -74,9 +92,9 @@ def _unpermute_backward(
             dots,
             mask=token_ok[:, None] & (choices < K)[None, :],
         )
-    else:
+    elif PADDED:
         zero_padding_rows(
-            slot_of_row_ptr, grad_y_ptr, block - tl.cdiv(T, BLOCK_ROWS), R, D, BLOCK_ROWS, BLOCK_D
+            pad_rows_ptr, P, grad_y_ptr, block - tl.cdiv(T, BLOCK_ROWS), D, BLOCK_ROWS, BLOCK_D
         )
 
 
@@ -99,18 +117,22 @@ def _unpermute_backward_op(
     if R == 0 or D == 0:
         return grad_y_RD.zero_(), grad.new_zeros(T, top_k, dtype=dtype)
     grad_w_TK = grad.new_empty(T, top_k, dtype=dtype)
-    _unpermute_backward[row_grid(T, N, R)](
+    pad_rows_P = padding_rows(slot_of_row, N)
+    P = pad_rows_P.shape[0]
+    _unpermute_backward[row_grid(T, P)](
         grad.contiguous(),
         y.contiguous(),
         weights.contiguous(),
         row_of_slot.contiguous(),
-        slot_of_row.contiguous(),
+        pad_rows_P if P else row_of_slot,  # a placeholder when there is no padding
         grad_y_RD,
         grad_w_TK,
         T,
-        R,
+        P,
         D,
         top_k,
+        PADDED=P > 0,
+        D_SHIFT=alignment_shift(D),
         ACC=accumulator(dtype),
         K_POW2=triton.next_power_of_2(top_k),
         **LAUNCH_OPTIONS,
