@@ -7,6 +7,8 @@ token, R grouped rows.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -17,12 +19,21 @@ from torch import Tensor, nn
 from moeblocks.capacity import Capacity
 from moeblocks.dispatch import Dispatcher
 from moeblocks.experts import ExpertBank
-from moeblocks.losses import AuxLoss
+from moeblocks.losses import AuxLoss, DispersionLoss
 from moeblocks.routers import RouterProtocol
 from moeblocks.routing import Layout, MoEOutput, Routing
 from moeblocks.shared import SharedExperts
 
 __all__ = ["MoELayer"]
+
+
+def _takes_router(loss: AuxLoss) -> bool:
+    """Whether a loss has the 0.1 signature ``(routing, router, mask)`` (deprecated)."""
+    fn = loss.forward if isinstance(loss, nn.Module) else loss
+    try:
+        return "router" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the current form
+        return False
 
 
 def _row_weights(routing: Routing, layout: Layout) -> Float[Tensor, "R 1"]:
@@ -46,7 +57,11 @@ class MoELayer(nn.Module):
             :class:`~moeblocks.Router` or your own).
         dispatcher: Groups routed copies by expert and combines them back.
         experts: The expert bank; its ``dim`` and ``num_experts`` must match the router.
-        losses: Named auxiliary losses; each value is multiplied by the loss's ``weight``.
+        losses: Named auxiliary losses ``(routing, mask) -> scalar``; each value is
+            multiplied by the loss's ``weight``. A :class:`~moeblocks.DispersionLoss`
+            without a source is replaced by a copy that reads this layer's router. A loss
+            with the 0.1 signature ``(routing, router, mask)`` still gets the router, with
+            a ``DeprecationWarning`` here (for one release).
         check_finite: Raise ``ValueError`` on NaN or inf in the input. This reads a flag
             on the host (one device sync per call), so it is off by default.
         shared: Always-on experts added to the routed output
@@ -99,6 +114,17 @@ class MoELayer(nn.Module):
         for name, loss in losses.items():
             if not isinstance(name, str) or not isinstance(loss, AuxLoss):
                 raise TypeError(f"losses must map str names to AuxLoss, got {name!r}: {loss!r}")
+            if isinstance(loss, DispersionLoss) and loss.source is None:
+                losses[name] = loss.bind(router)
+        self._router_losses = frozenset(n for n, f in losses.items() if _takes_router(f))
+        if self._router_losses:
+            warnings.warn(
+                f"losses {sorted(self._router_losses)} take (routing, router, mask), which is "
+                "deprecated and will be removed in the next release; take (routing, mask) "
+                "and any module state at construction",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
@@ -212,7 +238,12 @@ class MoELayer(nn.Module):
             out_TD = out_TD + self.shared(tokens_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}
         aux = {
-            name: loss.weight * loss(routing, self.router, mask_T)
+            name: loss.weight
+            * (
+                loss(routing, self.router, mask_T)
+                if name in self._router_losses
+                else loss(routing, mask_T)
+            )
             for name, loss in all_losses.items()
         }
         return MoEOutput(out_TD.reshape(x.shape), aux, routing)

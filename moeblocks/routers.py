@@ -160,6 +160,11 @@ class CosineScorer(nn.Module):
         self._seeded = True
 
     @property
+    def anchors(self) -> Float[Tensor, "E D"]:
+        """The anchors ``a[E, D]`` (the parameter itself, not a copy)."""
+        return self.anchors_ED
+
+    @property
     def needs_seed(self) -> bool:
         """True until the anchors of ``init="batch"`` are seeded from a training batch."""
         return not self._seeded
@@ -318,6 +323,12 @@ class Router(nn.Module):
     def num_experts(self) -> int:
         """Number of experts E."""
         return self.scorer.num_experts
+
+    @property
+    def anchors(self) -> Float[Tensor, "E D"] | None:
+        """The scorer's anchors ``[E, D]`` (a cosine scorer), else None."""
+        anchors = getattr(self.scorer, "anchors", None)
+        return anchors if isinstance(anchors, Tensor) else None
 
     def check_k(self, k: int) -> int:
         """Validate an explicit k against the number of experts and the selection."""
