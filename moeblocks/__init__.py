@@ -32,6 +32,7 @@ from moeblocks.losses import TokenStatLoss as TokenStatLoss
 from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
 from moeblocks.routers import CosineScorer as CosineScorer
+from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
 from moeblocks.routers import Router as Router
 from moeblocks.routers import RouterProtocol as RouterProtocol
@@ -61,6 +62,7 @@ __all__ = [
     "GELUExperts",
     "GatedActivation",
     "GroupLimitedTopK",
+    "InspectableRouter",
     "KSchedule",
     "Layout",
     "LinearScorer",

@@ -216,9 +216,8 @@ class MoELayer(nn.Module):
         self._validate(x, mask)
         tokens_TD = x.reshape(-1, self.dim)
         mask_T = None if mask is None else mask.reshape(-1)
-        scorer = getattr(self.router, "scorer", None)
-        if mask_T is not None and self.training and getattr(scorer, "needs_seed", False):
-            scorer.seed_from(tokens_TD[mask_T])  # once per model: padding is no anchor
+        if mask_T is not None and self.training and getattr(self.router, "needs_seed", False):
+            self.router.seed_from(tokens_TD[mask_T])  # once per model: padding is no anchor
         routing = self.router(tokens_TD, k=k)
         self._check_routing(routing, tokens_TD.shape[0])
         routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))

@@ -11,8 +11,8 @@ accepts any module that satisfies :class:`RouterProtocol`.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -34,7 +34,14 @@ from moeblocks.gating import (
 from moeblocks.routing import Routing
 from moeblocks.schedules import ConstantK, KSchedule
 
-__all__ = ["CosineScorer", "LinearScorer", "Router", "RouterProtocol", "Scorer"]
+__all__ = [
+    "CosineScorer",
+    "InspectableRouter",
+    "LinearScorer",
+    "Router",
+    "RouterProtocol",
+    "Scorer",
+]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -209,6 +216,12 @@ class RouterProtocol(Protocol):
 
     ``router(tokens, k=None)`` returns a :class:`~moeblocks.routing.Routing`; ``k=None``
     means the router's own choice of k.
+
+    Optional, read with a default when absent: ``needs_seed`` (bool) and
+    ``seed_from(tokens)``, for a router whose parameters are seeded from the first
+    training batch; the layer passes the real tokens of a masked batch to ``seed_from``
+    (padding never seeds). Everything else a reader may take from a router is named by
+    :class:`InspectableRouter`; nothing reads a router's parts past these two protocols.
     """
 
     dim: int
@@ -216,6 +229,49 @@ class RouterProtocol(Protocol):
 
     def __call__(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
         """Route tokens."""
+        ...
+
+
+@runtime_checkable
+class InspectableRouter(RouterProtocol, Protocol):
+    """A router whose scoring parameters losses, inspection and ``hf/`` may read.
+
+    Each member is the parameter itself (not a copy), or None where the router's scorer
+    has no such part, so a converter can copy weights in and out of it in place.
+
+    Attributes:
+        anchors: ``[E, D]`` anchors of a cosine scorer (:class:`DispersionLoss`,
+            anchor similarity in inspection).
+        temperature: The 0-dim temperature τ of a cosine scorer (anchor traces).
+        gate_weight: ``[E, D]`` weight of a linear scorer (Hugging Face conversion).
+        gate_bias: ``[E]`` bias of a linear scorer.
+        compute_dtype: ``"input"`` when the scores are computed in the tokens' dtype
+            (Hugging Face returns its router logits in that dtype), else ``"float32"``.
+    """
+
+    @property
+    def anchors(self) -> Float[Tensor, "E D"] | None:
+        """Anchors of a cosine scorer."""
+        ...
+
+    @property
+    def temperature(self) -> Float[Tensor, ""] | None:
+        """Temperature of a cosine scorer."""
+        ...
+
+    @property
+    def gate_weight(self) -> Float[Tensor, "E D"] | None:
+        """Weight of a linear scorer."""
+        ...
+
+    @property
+    def gate_bias(self) -> Float[Tensor, " E"] | None:
+        """Bias of a linear scorer."""
+        ...
+
+    @property
+    def compute_dtype(self) -> str:
+        """``"input"`` or ``"float32"``."""
         ...
 
 
@@ -324,11 +380,72 @@ class Router(nn.Module):
         """Number of experts E."""
         return self.scorer.num_experts
 
+    def _scorer_part(self, name: str) -> Tensor | None:
+        part = getattr(self.scorer, name, None)
+        return part if isinstance(part, Tensor) else None
+
     @property
     def anchors(self) -> Float[Tensor, "E D"] | None:
         """The scorer's anchors ``[E, D]`` (a cosine scorer), else None."""
-        anchors = getattr(self.scorer, "anchors", None)
-        return anchors if isinstance(anchors, Tensor) else None
+        return self._scorer_part("anchors_ED")
+
+    @property
+    def temperature(self) -> Float[Tensor, ""] | None:
+        """The scorer's temperature τ (a cosine scorer), else None."""
+        return self._scorer_part("temperature")
+
+    @property
+    def gate_weight(self) -> Float[Tensor, "E D"] | None:
+        """The scorer's weight ``[E, D]`` (a linear scorer), else None."""
+        return self._scorer_part("weight_ED")
+
+    @property
+    def gate_bias(self) -> Float[Tensor, " E"] | None:
+        """The scorer's bias ``[E]`` (a linear scorer with a bias), else None."""
+        return self._scorer_part("bias_E")
+
+    @property
+    def compute_dtype(self) -> str:
+        """``"input"`` if the scorer computes in the tokens' dtype, else ``"float32"``."""
+        return getattr(self.scorer, "compute_dtype", "float32")
+
+    @property
+    def needs_seed(self) -> bool:
+        """True while the scorer waits for its first batch (``init="batch"``)."""
+        return bool(getattr(self.scorer, "needs_seed", False))
+
+    def seed_from(self, tokens: Float[Tensor, "T D"]) -> None:
+        """Seed the scorer from these (real) tokens, if it waits for a batch."""
+        if self.needs_seed:
+            self.scorer.seed_from(tokens)
+
+    def with_parts(
+        self, *, scorer: Scorer | None = None, selection: Selection | None = None
+    ) -> Router:
+        """A router that shares every part of this one except those given.
+
+        Nothing is copied: the schedule, balancer, weight policy and (unless replaced)
+        the scorer are the same objects, so the new router's parameters are this one's.
+        Interventions use it to edit the scores or the choice without a hook here.
+
+        Raises:
+            ValueError: If the new scorer has another dim or expert count, or the new
+                selection cannot serve this router's experts and k.
+        """
+        twin = copy.copy(self)
+        # Its own registry of parts, so that replacing one leaves this router alone.
+        twin._modules = dict(self._modules)
+        if scorer is not None:
+            if (scorer.dim, scorer.num_experts) != (self.dim, self.num_experts):
+                raise ValueError(
+                    f"scorer must have dim={self.dim} and num_experts={self.num_experts}, "
+                    f"got dim={scorer.dim} and num_experts={scorer.num_experts}"
+                )
+            twin.scorer = scorer
+        if selection is not None:
+            selection.check(self.num_experts, self.schedule.max_k)
+            twin.selection = selection
+        return twin
 
     def check_k(self, k: int) -> int:
         """Validate an explicit k against the number of experts and the selection."""
@@ -373,7 +490,6 @@ class Router(nn.Module):
         scores: Float[Tensor, "T E"],
         logits: Float[Tensor, "T E"],
         k: int,
-        key_edit: Callable[[Tensor], Tensor] | None = None,
     ) -> Routing:
         """The routing decision for given logits (``scores`` is only recorded).
 
@@ -381,8 +497,6 @@ class Router(nn.Module):
             scores: Clean scores, stored in the record.
             logits: The scores the decision uses (noisy in training).
             k: Experts per token (already validated).
-            key_edit: Optional edit of the selection key before the choice (used by
-                interventions to force experts).
 
         Raises:
             ValueError: If ``scores`` and ``logits`` are not both ``[T, num_experts]``.
@@ -398,8 +512,6 @@ class Router(nn.Module):
         key_TE = selection_key(self.scoring, logits, probs_TE)
         if self.balancer is not None:
             key_TE = key_TE + self.balancer.bias.to(key_TE.dtype)
-        if key_edit is not None:
-            key_TE = key_edit(key_TE)
         experts_TK = self.selection(key_TE, k)
         weights_TK = self.weights(gates(self.scoring, logits, probs_TE, experts_TK))
         if self.balancer is not None and self.training:

@@ -52,7 +52,6 @@ from moeblocks.inspect.probe import (
     run_condition_probe,
     run_overlap_probe,
 )
-from moeblocks.routers import CosineScorer
 
 __all__ = [
     "RunInspection",
@@ -300,9 +299,9 @@ def inspect_run(
         sweep_tokens = res.tokens
     bar.close()
     sims = [
-        anchor_similarity(m.router.scorer)
+        anchor_similarity(m.router.anchors)
         for m in model.moe_layers
-        if isinstance(m.router.scorer, CosineScorer)
+        if getattr(m.router, "anchors", None) is not None
     ]
     if text is None:
         text = next((ln for ln in corpus.valid.splitlines() if ln.strip()), "")
