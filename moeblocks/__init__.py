@@ -21,6 +21,8 @@ from moeblocks.gating import Selection as Selection
 from moeblocks.gating import TopK as TopK
 from moeblocks.gating import WeightPolicy as WeightPolicy
 from moeblocks.grouped import grouped_mm as grouped_mm
+from moeblocks.initialization import init_weights as init_weights
+from moeblocks.initialization import materialize as materialize
 from moeblocks.layer import MoELayer as MoELayer
 from moeblocks.losses import AuxLoss as AuxLoss
 from moeblocks.losses import BandpassLoss as BandpassLoss
@@ -88,6 +90,8 @@ __all__ = [
     "__version__",
     "build_layout",
     "grouped_mm",
+    "init_weights",
     "make_dispatcher",
+    "materialize",
     "step_balancers",
 ]

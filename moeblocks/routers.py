@@ -72,10 +72,17 @@ class LinearScorer(nn.Module):
         compute_dtype: ``"input"`` runs the matmul in the tokens' dtype (Mixtral, Qwen,
             GPT-OSS); ``"float32"`` casts tokens and weight to float32 first (DeepSeek-V3
             keeps its gate in float32 even in a bf16 model).
+        init_std: Normal std of the weight (0.02 in GPT-2-style recipes); None keeps
+            ``nn.Linear``'s default (Kaiming uniform).
     """
 
     def __init__(
-        self, dim: int, num_experts: int, bias: bool = False, compute_dtype: str = "input"
+        self,
+        dim: int,
+        num_experts: int,
+        bias: bool = False,
+        compute_dtype: str = "input",
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.dim = _check_positive_int("dim", dim)
@@ -83,9 +90,22 @@ class LinearScorer(nn.Module):
         if compute_dtype not in ("input", "float32"):
             raise ValueError(f"compute_dtype must be 'input' or 'float32', got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
+        if init_std is not None and not (math.isfinite(init_std) and init_std > 0):
+            raise ValueError(f"init_std must be None or a finite number > 0, got {init_std!r}")
+        self.init_std = init_std
         self.weight_ED = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight_ED, a=math.sqrt(5))
-        self.bias_E = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.bias_E = nn.Parameter(torch.empty(num_experts)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the weight (see ``init_std``) and zero the bias, in place."""
+        with torch.no_grad():
+            if self.init_std is None:
+                nn.init.kaiming_uniform_(self.weight_ED, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.weight_ED, 0.0, self.init_std)
+            if self.bias_E is not None:
+                self.bias_E.zero_()
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """Score tokens; float32 results, or float64 for float64 tokens."""
@@ -138,15 +158,23 @@ class CosineScorer(nn.Module):
         if not math.isfinite(temperature) or temperature == 0:
             raise ValueError(f"temperature must be finite and non-zero, got {temperature!r}")
         self.init = init
+        self.initial_temperature = float(temperature)
         self.anchors_ED = nn.Parameter(torch.empty(num_experts, dim))
-        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.anchors_ED, a=math.sqrt(5))
-        else:
-            nn.init.orthogonal_(self.anchors_ED)
+        self.temperature = nn.Parameter(torch.empty(()))
         # Persistent so a resumed run does not re-seed its anchors.
-        self.register_buffer("seeded", torch.tensor(init != "batch"))
-        self._seeded = init != "batch"
+        self.register_buffer("seeded", torch.empty((), dtype=torch.bool))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the anchors (see ``init``) and τ; ``init="batch"`` waits for a batch."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.anchors_ED, a=math.sqrt(5))
+            else:
+                nn.init.orthogonal_(self.anchors_ED)
+            self.temperature.fill_(self.initial_temperature)
+            self.seeded.fill_(self.init != "batch")
+        self._seeded = self.init != "batch"
 
     @torch.no_grad()
     def _seed_from_batch(self, tokens: Float[Tensor, "T D"]) -> None:
