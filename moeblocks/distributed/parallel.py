@@ -211,12 +211,17 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if p is None else local_shard(p).device
 
 
-def _is_meta(model: nn.Module) -> bool:
-    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-
-
-def _init_device(device: torch.device | str | None) -> torch.device:
-    """Where a meta-built model is materialised: ``device``, else the GPU or the CPU."""
+def _init_device(
+    model: nn.Module, device: torch.device | str | None, groups: ExpertParallelGroups | None
+) -> torch.device | None:
+    """Where a meta-built model is materialised; None for a model not built on meta."""
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return None
+    if groups is not None:
+        raise ValueError(
+            "a meta-built model cannot be expert-parallelised yet (ep_size > 1): build it "
+            "on a device, or use ep_size=1"
+        )
     if device is not None:
         return torch.device(device)
     if dist.get_backend() == "nccl":
@@ -294,13 +299,11 @@ def parallelize(
     """Apply expert parallelism, checkpointing, compile and FSDP2 or DDP to ``model``.
 
     Build the full model identically on every rank (same seed; load or seed weights
-    first), or build it on the ``meta`` device (``with torch.device("meta"): ...``) and
-    seed every rank alike: then FSDP2 shards the meta parameters and each rank
-    allocates and initialises only its shards (:func:`~moeblocks.initialization`), with
-    the values the unsharded model would hold; no rank holds the full weights (DDP
-    replicates them, so it materialises the whole model first). Call this on every
-    rank, then build the optimizer from ``result.model.parameters()``: expert shards
-    and FSDP2's sharded parameters are new objects. In the loop::
+    first), or on ``meta`` with every rank seeded alike: FSDP2 then shards the meta
+    parameters and each rank initialises only its shards to the unsharded model's
+    values (:func:`~moeblocks.initialization.materialize`). Call this on every rank,
+    then build the optimizer from ``result.model.parameters()``: expert shards and
+    FSDP2's sharded parameters are new objects. In the loop::
 
         out = pm(x)                     # pm.module(x)
         loss.backward()
@@ -319,18 +322,16 @@ def parallelize(
         groups: Existing groups for expert parallelism; default: made with
             :func:`~moeblocks.distributed.make_expert_parallel_groups` from
             ``config.ep_size`` (a collective: every rank must call this).
-        device: Where a ``meta``-built model is materialised; default: this rank's GPU
-            under NCCL, else the CPU. Ignored for a model that is not on ``meta``.
+        device: Where a ``meta``-built model is materialised (default: GPU under NCCL, else CPU).
 
     Returns:
         The :class:`ParallelModel`.
 
     Raises:
         RuntimeError: If ``torch.distributed`` is not initialised.
-        ValueError: For an ``ep_size`` that does not divide the world or the experts,
-            ``groups`` that disagree with ``ep_size``, a model without MoE layers and
-            ``ep_size`` > 1, a ``blocks`` name that is not a ``ModuleList``, or a
-            ``meta``-built model with expert parallelism (not supported yet).
+        ValueError: For an ``ep_size`` that does not divide the world or the experts or
+            disagrees with ``groups``, a model without MoE layers and ``ep_size`` > 1, a
+            ``blocks`` name that is not a ``ModuleList``, or ``ep_size`` > 1 on ``meta``.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("parallelize needs torch.distributed initialised")
@@ -344,14 +345,8 @@ def parallelize(
         raise ValueError(
             f"groups have expert-parallel size {groups.ep_size}, config.ep_size is {config.ep_size}"
         )
-    meta = _is_meta(model)
-    if meta and groups is not None:
-        raise ValueError(
-            "a meta-built model cannot be expert-parallelised yet (ep_size > 1): build it "
-            "on a device, or use ep_size=1"
-        )
-    init_device = _init_device(device) if meta else None
-    device_type = init_device.type if init_device is not None else _device(model).type
+    init_device = _init_device(model, device, groups)
+    device_type = (init_device or _device(model)).type
     if groups is not None:
         expert_parallelize(model, groups.ep)
     reduce_aux_losses(model)
@@ -369,11 +364,10 @@ def parallelize(
     expert_mesh = None if groups is None else _expert_mesh(groups, device_type)
     if config.engine == "fsdp":
         _fully_shard(model, blocks, groups, expert_mesh, config, device_type)
-        if init_device is not None:
-            materialize(model, init_device)  # each rank allocates its shards only
-        return ParallelModel(model, model, config, groups, expert_mesh)
     if init_device is not None:
-        materialize(model, init_device)  # DDP replicates: the whole model on every rank
+        materialize(model, init_device)  # after fully_shard: each rank's shards only
+    if config.engine == "fsdp":
+        return ParallelModel(model, model, config, groups, expert_mesh)
     return ParallelModel(_ddp(model), model, config, groups, expert_mesh)
 
 
