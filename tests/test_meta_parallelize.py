@@ -135,3 +135,27 @@ def test_meta_built_paper_model_never_holds_its_full_weights(tmp_path: Path) -> 
         # MiB), under the full model (eager construction alone costs all of it).
         assert r["grown"] < 0.95 * r["full"], r  # measured 0.82 (eager: 1.12)
         assert torch.isfinite(r["losses"]).all()
+
+
+DDP = """
+from moeblocks.distributed import ParallelConfig, parallelize
+from moeblocks.sra.config import PRESETS
+from moeblocks.sra.model import SRATransformer
+cfg = PRESETS["tiny"].replace(n_layers=1)
+torch.manual_seed(3)
+eager = SRATransformer(cfg)
+torch.manual_seed(3)
+with torch.device("meta"):
+    lazy = SRATransformer(cfg)
+pm = parallelize(lazy, ParallelConfig(engine="ddp", blocks="blocks"), device="cpu")
+same = all(torch.equal(a, b) for a, b in zip(lazy.state_dict().values(),
+                                             eager.state_dict().values(), strict=True))
+torch.save({"same": same, "tied": lazy.head.weight is lazy.embed.weight}, sys.argv[1])
+"""
+
+
+def test_ddp_materialises_a_meta_built_model_in_full(tmp_path: Path) -> None:
+    for out in run_ranks(DDP, tmp_path, world=2, shape_checks=False):
+        r = torch.load(out, weights_only=False)
+        assert r["same"]
+        assert r["tied"]
