@@ -159,7 +159,7 @@ def hf_block(impl: str, args: argparse.Namespace) -> torch.nn.Module:
     # Mixtral renormalises its top-k weights even for k = 1 (the plain layer does not).
     ours = moe_layer(args, weights=mb.WeightPolicy("always"))
     with torch.no_grad():  # HF stores every weight as [out, in]
-        block.gate.weight.copy_(ours.router.scorer.weight_ED)
+        block.gate.weight.copy_(ours.router.gate_weight)
         block.experts.gate_up_proj.copy_(ours.experts.w_in_EDF2.transpose(1, 2))
         block.experts.down_proj.copy_(ours.experts.w_out_EFD.transpose(1, 2))
         x = torch.randn(2, 8, args.dim)

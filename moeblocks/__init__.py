@@ -21,6 +21,8 @@ from moeblocks.gating import Selection as Selection
 from moeblocks.gating import TopK as TopK
 from moeblocks.gating import WeightPolicy as WeightPolicy
 from moeblocks.grouped import grouped_mm as grouped_mm
+from moeblocks.initialization import init_weights as init_weights
+from moeblocks.initialization import materialize as materialize
 from moeblocks.layer import MoELayer as MoELayer
 from moeblocks.losses import AuxLoss as AuxLoss
 from moeblocks.losses import BandpassLoss as BandpassLoss
@@ -32,6 +34,7 @@ from moeblocks.losses import TokenStatLoss as TokenStatLoss
 from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
 from moeblocks.routers import CosineScorer as CosineScorer
+from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
 from moeblocks.routers import Router as Router
 from moeblocks.routers import RouterProtocol as RouterProtocol
@@ -61,6 +64,7 @@ __all__ = [
     "GELUExperts",
     "GatedActivation",
     "GroupLimitedTopK",
+    "InspectableRouter",
     "KSchedule",
     "Layout",
     "LinearScorer",
@@ -86,6 +90,8 @@ __all__ = [
     "__version__",
     "build_layout",
     "grouped_mm",
+    "init_weights",
     "make_dispatcher",
+    "materialize",
     "step_balancers",
 ]

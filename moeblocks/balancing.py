@@ -64,8 +64,15 @@ class BiasBalancer(nn.Module):
         self.rate = float(rate)
         self.group = group
         self.sync_checks = bool(sync_checks)
-        self.register_buffer("bias", torch.zeros(num_experts))
-        self.register_buffer("load", torch.zeros(num_experts))
+        self.register_buffer("bias", torch.empty(num_experts))
+        self.register_buffer("load", torch.empty(num_experts))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero the bias and the loads, in place."""
+        self.bias.zero_()
+        self.load.zero_()
 
     @torch.no_grad()
     def observe(self, experts: Int[Tensor, "T K"]) -> None:

@@ -129,12 +129,21 @@ class _StackedMLP(nn.Module):
         # Registered by name so each bank keeps its shape-lettered attribute names.
         self.register_parameter(w_in_name, nn.Parameter(torch.empty(num_experts, dim, in_width)))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        init.apply(getattr(self, w_in_name), dim)
-        init.apply(self.w_out_EFD, hidden, output=True)
-        b_in = nn.Parameter(torch.zeros(num_experts, in_width)) if bias else None
+        b_in = nn.Parameter(torch.empty(num_experts, in_width)) if bias else None
         self.register_parameter(b_in_name, b_in)
-        self.b_out_ED = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.b_out_ED = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
+        self._w_in_name = w_in_name
         self._b_in_name = b_in_name
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the weights by ``self.init`` and zero the biases, in place."""
+        self.init.apply(getattr(self, self._w_in_name), self.dim)
+        self.init.apply(self.w_out_EFD, self.hidden, output=True)
+        with torch.no_grad():
+            for b in (getattr(self, self._b_in_name), self.b_out_ED):
+                if b is not None:
+                    b.zero_()
 
     def _check(self, grouped: Tensor, group_sizes: Tensor) -> None:
         check_float(grouped, "grouped")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -19,7 +20,7 @@ from moeblocks._checks import value_checks, warn_non_finite
 from moeblocks.capacity import Capacity
 from moeblocks.dispatch import Dispatcher
 from moeblocks.experts import ExpertBank
-from moeblocks.losses import AuxLoss
+from moeblocks.losses import AuxLoss, DispersionLoss
 from moeblocks.routers import RouterProtocol
 from moeblocks.routing import Layout, MoEOutput, Routing
 from moeblocks.shared import SharedExperts
@@ -40,6 +41,15 @@ def _routes(router: nn.Module) -> bool:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return True
     return any(p.name == "k" and p.kind is not p.POSITIONAL_ONLY for p in params)
+
+
+def _takes_router(loss: AuxLoss) -> bool:
+    """Whether a loss has the 0.1 signature ``(routing, router, mask)`` (deprecated)."""
+    fn = loss.forward if isinstance(loss, nn.Module) else loss
+    try:
+        return "router" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the current form
+        return False
 
 
 def _row_weights(routing: Routing, layout: Layout) -> Float[Tensor, "R 1"]:
@@ -68,7 +78,11 @@ class MoELayer(nn.Module):
             :class:`~moeblocks.Router` or your own).
         dispatcher: Groups routed copies by expert and combines them back.
         experts: The expert bank; its ``dim`` and ``num_experts`` must match the router.
-        losses: Named auxiliary losses; each value is multiplied by the loss's ``weight``.
+        losses: Named auxiliary losses ``(routing, mask) -> scalar``; each value is
+            multiplied by the loss's ``weight``. A :class:`~moeblocks.DispersionLoss`
+            without a source is replaced by a copy that reads this layer's router. A loss
+            with the 0.1 signature ``(routing, router, mask)`` still gets the router, with
+            a ``DeprecationWarning`` here (for one release).
         check_finite: Raise ``ValueError`` on NaN or inf in the input. This reads a flag
             on the host (one device sync per call), so it is off by default. Without it,
             on CPU, aux losses made NaN or inf by such an input give a one-time
@@ -130,6 +144,17 @@ class MoELayer(nn.Module):
         for name, loss in losses.items():
             if not isinstance(name, str) or not isinstance(loss, AuxLoss):
                 raise TypeError(f"losses must map str names to AuxLoss, got {name!r}: {loss!r}")
+            if isinstance(loss, DispersionLoss) and loss.source is None:
+                losses[name] = loss.bind(router)
+        self._router_losses = frozenset(n for n, f in losses.items() if _takes_router(f))
+        if self._router_losses:
+            warnings.warn(
+                f"losses {sorted(self._router_losses)} take (routing, router, mask), which is "
+                "deprecated and will be removed in the next release; take (routing, mask) "
+                "and any module state at construction",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
@@ -225,9 +250,8 @@ class MoELayer(nn.Module):
         self._validate(x, mask)
         tokens_TD = x.reshape(-1, self.dim)
         mask_T = None if mask is None else mask.reshape(-1)
-        scorer = getattr(self.router, "scorer", None)
-        if mask_T is not None and self.training and getattr(scorer, "needs_seed", False):
-            scorer.seed_from(tokens_TD[mask_T])  # once per model: padding is no anchor
+        if mask_T is not None and self.training and getattr(self.router, "needs_seed", False):
+            self.router.seed_from(tokens_TD[mask_T])  # once per model: padding is no anchor
         routing = self.router(tokens_TD, k=k)
         self._check_routing(routing, tokens_TD.shape[0])
         routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
@@ -247,7 +271,12 @@ class MoELayer(nn.Module):
             out_TD = out_TD + self.shared(tokens_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}
         aux = {
-            name: loss.weight * loss(routing, self.router, mask_T)
+            name: loss.weight
+            * (
+                loss(routing, self.router, mask_T)
+                if name in self._router_losses
+                else loss(routing, mask_T)
+            )
             for name, loss in all_losses.items()
         }
         if not self.check_finite and value_checks(tokens_TD, sync_checks=False):

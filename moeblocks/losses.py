@@ -2,8 +2,13 @@
 
 Legend: T tokens, E experts, K experts per token.
 
-Every loss takes ``(routing, router, mask)`` and returns an *unweighted* scalar;
-:class:`~moeblocks.MoELayer` multiplies it by the loss's ``weight``. ``mask`` is a
+Every loss takes ``(routing, mask=None)`` and returns an *unweighted* scalar;
+:class:`~moeblocks.MoELayer` multiplies it by the loss's ``weight``. A loss that needs
+module state (:class:`DispersionLoss` reads the anchors) is given its source at
+construction and borrows it: the source is not registered as a submodule, so the loss
+owns no parameter and its ``state_dict`` stays empty. The form
+``(routing, router, mask)`` of moeblocks 0.1 still works for one release, with a
+``DeprecationWarning``. ``mask`` is a
 boolean ``[T]`` tensor, True for real tokens: padding is left out of every statistic.
 Padding is excluded with ``torch.where``, never by multiplying by the mask (``0 · NaN``
 is NaN), so NaN or inf in a padding token cannot reach a loss value or the gradient a
@@ -22,9 +27,10 @@ by balancing; use :class:`SequenceBalanceLoss` (which normalises per token) or a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeAlias, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -51,15 +57,42 @@ __all__ = [
 
 @runtime_checkable
 class AuxLoss(Protocol):
-    """An auxiliary loss: ``(routing, router, mask) -> scalar``, with a ``weight``."""
+    """An auxiliary loss: ``(routing, mask=None) -> scalar``, with a ``weight``."""
 
     weight: float
 
     def __call__(
-        self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
+        self, routing: Routing, mask: Bool[Tensor, " T"] | None = None
     ) -> Float[Tensor, ""]:
         """The unweighted loss value."""
         ...
+
+
+# The second argument of a loss call: the mask, or (deprecated, one release) the router
+# of the 0.1 form ``(routing, router, mask)``.
+MaskArg: TypeAlias = Bool[Tensor, " T"] | nn.Module | None
+
+
+def _is_legacy(mask: object) -> bool:
+    return mask is not None and not isinstance(mask, Tensor)
+
+
+def _mask_of(mask: MaskArg, legacy: tuple[Tensor | None, ...]) -> Tensor | None:
+    """The mask of a loss call, accepting the deprecated ``(routing, router, mask)``."""
+    if not _is_legacy(mask):
+        if legacy:
+            raise TypeError(f"a loss takes (routing, mask=None), got {2 + len(legacy)} arguments")
+        return mask  # type: ignore[return-value]
+    if len(legacy) > 1:
+        raise TypeError(f"a loss takes (routing, mask=None), got {2 + len(legacy)} arguments")
+    warnings.warn(
+        "loss(routing, router, mask) is deprecated and will be removed in the next "
+        "release; call loss(routing, mask) (a DispersionLoss takes its anchors' source "
+        "at construction)",
+        DeprecationWarning,
+        stacklevel=5,
+    )
+    return legacy[0] if legacy else None
 
 
 def _check_weight(weight: float) -> float:
@@ -82,12 +115,6 @@ def _check_mask(routing: Routing, mask: Tensor | None) -> Tensor | None:
             "expected both on the same device"
         )
     return mask
-
-
-def _router_experts(router: object) -> int | None:
-    """The E a loss's router chooses among (None for no router): the record must match."""
-    num_experts = getattr(router, "num_experts", None)
-    return num_experts if isinstance(num_experts, int) else None
 
 
 def _real_rows(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -292,7 +319,7 @@ class _Loss(nn.Module):
 class TokenStatLoss(_Loss):
     """Base of the losses that are a function of :class:`TokenStats` alone.
 
-    ``forward(routing, router, mask)`` is ``from_stats(TokenStats.of(routing, mask))``;
+    ``forward(routing, mask)`` is ``from_stats(TokenStats.of(routing, mask))``;
     wrappers that combine statistics across batches or ranks call :meth:`from_stats`
     on the combined statistics.
     """
@@ -302,15 +329,15 @@ class TokenStatLoss(_Loss):
         raise NotImplementedError
 
     def forward(
-        self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
+        self, routing: Routing, mask: MaskArg = None, *legacy: Bool[Tensor, " T"] | None
     ) -> Float[Tensor, ""]:
         """The unweighted loss.
 
         Raises:
-            ValueError: If the record's fields disagree, or it is for another number
-                of experts than ``router.num_experts``.
+            ValueError: If the record's fields disagree (see
+                :func:`~moeblocks.routing.check_routing`).
         """
-        return self.from_stats(TokenStats.of(routing, mask, num_experts=_router_experts(router)))
+        return self.from_stats(TokenStats.of(routing, _mask_of(mask, legacy)))
 
 
 class LoadBalanceLoss(TokenStatLoss):
@@ -381,7 +408,7 @@ class SequenceBalanceLoss(_Loss):
         super().__init__(weight)
 
     def forward(
-        self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
+        self, routing: Routing, mask: MaskArg = None, *legacy: Bool[Tensor, " T"] | None
     ) -> Float[Tensor, ""]:
         """The unweighted loss.
 
@@ -390,8 +417,8 @@ class SequenceBalanceLoss(_Loss):
                 ``mask`` is not a bool ``[T]`` tensor on the routing's device, or the
                 record's fields disagree (or are for another E than ``router``'s).
         """
-        routing = check_routing(routing, _router_experts(router))
-        mask = _check_mask(routing, mask)
+        routing = check_routing(routing)
+        mask = _check_mask(routing, _mask_of(mask, legacy))
         B, S = routing.sequences()
         if routing.num_tokens != B * S:
             raise ValueError(
@@ -486,29 +513,80 @@ class BandpassLoss(TokenStatLoss):
         return f"floor={self.floor}, ceiling={self.ceiling}, weight={self.weight}"
 
 
+class _Borrowed:
+    """Holds a module without registering it, so the holder owns none of its state.
+
+    A plain object, not a closure: ``copy.deepcopy`` of a model copies it through the
+    same memo as the model, so a copied loss borrows from the copied module.
+    """
+
+    def __init__(self, module: object) -> None:
+        self.module = module
+
+
+def _anchors_of(source: object) -> Tensor:
+    anchors = getattr(source, "anchors", None)
+    if not isinstance(anchors, Tensor) or anchors.ndim != 2:
+        raise TypeError(
+            "DispersionLoss needs a source whose `anchors` is an [E, D] tensor (a Router "
+            f"with a CosineScorer, or the CosineScorer), got {type(source).__name__} with "
+            f"anchors={type(anchors).__name__}"
+        )
+    return anchors
+
+
 class DispersionLoss(_Loss):
     """Mean off-diagonal cosine similarity of the anchors: ``Σ_{e≠f} cos(a_e, a_f) / (E(E−1))``.
 
-    Pushes anchors apart so experts cover different directions. Needs a router whose
-    scorer is a :class:`~moeblocks.routers.CosineScorer`; zero for a single expert. The
-    mask is accepted for a uniform signature and has no effect.
+    Pushes anchors apart so experts cover different directions; zero for a single
+    expert. The routing record and the mask are accepted for a uniform signature and
+    have no effect.
+
+    Args:
+        weight: Multiplier applied by the layer.
+        source: Where the anchors are read at every call: any object whose ``anchors``
+            is an ``[E, D]`` tensor (a :class:`~moeblocks.Router` with a
+            :class:`~moeblocks.CosineScorer`, or the scorer itself). Borrowed, not
+            owned: it is not registered as a submodule, so the loss has no parameters
+            and an empty ``state_dict``. None: an :class:`~moeblocks.MoELayer` binds a
+            copy of this loss to its router at construction.
     """
 
-    def __init__(self, weight: float = 0.01) -> None:
+    def __init__(self, weight: float = 0.01, source: object | None = None) -> None:
         super().__init__(weight)
+        if source is not None:
+            _anchors_of(source)
+        self._source = None if source is None else _Borrowed(source)
+
+    @property
+    def source(self) -> object | None:
+        """The borrowed object the anchors are read from (None: not bound yet)."""
+        return None if self._source is None else self._source.module
+
+    def bind(self, source: object) -> DispersionLoss:
+        """A new loss of the same weight that reads its anchors from ``source``."""
+        return DispersionLoss(self.weight, source)
 
     def forward(
-        self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
+        self, routing: Routing, mask: MaskArg = None, *legacy: Bool[Tensor, " T"] | None
     ) -> Float[Tensor, ""]:
-        """The unweighted loss (of the router's anchors; ``routing`` must fit the router)."""
-        scorer = getattr(router, "scorer", None)
-        if not isinstance(scorer, CosineScorer):
+        """The unweighted loss.
+
+        Raises:
+            TypeError: If the loss has no source (and is not called in the deprecated
+                form that passes the router).
+        """
+        source = self.source
+        if _is_legacy(mask):
+            source = mask if source is None else source
+            _mask_of(mask, legacy)
+        if source is None:
             raise TypeError(
-                "DispersionLoss needs a router with a CosineScorer, got scorer "
-                f"{type(scorer).__name__}"
+                "DispersionLoss has no anchors to read: give source= (the router or its "
+                "CosineScorer) at construction, or use it inside an MoELayer"
             )
-        check_routing(routing, _router_experts(router))
-        a_ED = F.normalize(scorer.anchors_ED.float(), dim=-1, eps=CosineScorer.eps)
+        a_ED = F.normalize(_anchors_of(source).float(), dim=-1, eps=CosineScorer.eps)
+        check_routing(routing, a_ED.shape[0])  # a record for the anchors' E experts
         E = a_ED.shape[0]
         if E == 1:
             return a_ED.sum() * 0

@@ -11,8 +11,8 @@ accepts any module that satisfies :class:`RouterProtocol`.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -34,7 +34,14 @@ from moeblocks.gating import (
 from moeblocks.routing import Routing
 from moeblocks.schedules import ConstantK, KSchedule
 
-__all__ = ["CosineScorer", "LinearScorer", "Router", "RouterProtocol", "Scorer"]
+__all__ = [
+    "CosineScorer",
+    "InspectableRouter",
+    "LinearScorer",
+    "Router",
+    "RouterProtocol",
+    "Scorer",
+]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -65,10 +72,17 @@ class LinearScorer(nn.Module):
         compute_dtype: ``"input"`` runs the matmul in the tokens' dtype (Mixtral, Qwen,
             GPT-OSS); ``"float32"`` casts tokens and weight to float32 first (DeepSeek-V3
             keeps its gate in float32 even in a bf16 model).
+        init_std: Normal std of the weight (0.02 in GPT-2-style recipes); None keeps
+            ``nn.Linear``'s default (Kaiming uniform).
     """
 
     def __init__(
-        self, dim: int, num_experts: int, bias: bool = False, compute_dtype: str = "input"
+        self,
+        dim: int,
+        num_experts: int,
+        bias: bool = False,
+        compute_dtype: str = "input",
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.dim = _check_positive_int("dim", dim)
@@ -76,9 +90,22 @@ class LinearScorer(nn.Module):
         if compute_dtype not in ("input", "float32"):
             raise ValueError(f"compute_dtype must be 'input' or 'float32', got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
+        if init_std is not None and not (math.isfinite(init_std) and init_std > 0):
+            raise ValueError(f"init_std must be None or a finite number > 0, got {init_std!r}")
+        self.init_std = init_std
         self.weight_ED = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight_ED, a=math.sqrt(5))
-        self.bias_E = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.bias_E = nn.Parameter(torch.empty(num_experts)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the weight (see ``init_std``) and zero the bias, in place."""
+        with torch.no_grad():
+            if self.init_std is None:
+                nn.init.kaiming_uniform_(self.weight_ED, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.weight_ED, 0.0, self.init_std)
+            if self.bias_E is not None:
+                self.bias_E.zero_()
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """Score tokens; float32 results, or float64 for float64 tokens."""
@@ -131,15 +158,23 @@ class CosineScorer(nn.Module):
         if not math.isfinite(temperature) or temperature == 0:
             raise ValueError(f"temperature must be finite and non-zero, got {temperature!r}")
         self.init = init
+        self.initial_temperature = float(temperature)
         self.anchors_ED = nn.Parameter(torch.empty(num_experts, dim))
-        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.anchors_ED, a=math.sqrt(5))
-        else:
-            nn.init.orthogonal_(self.anchors_ED)
+        self.temperature = nn.Parameter(torch.empty(()))
         # Persistent so a resumed run does not re-seed its anchors.
-        self.register_buffer("seeded", torch.tensor(init != "batch"))
-        self._seeded = init != "batch"
+        self.register_buffer("seeded", torch.empty((), dtype=torch.bool))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the anchors (see ``init``) and τ; ``init="batch"`` waits for a batch."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.anchors_ED, a=math.sqrt(5))
+            else:
+                nn.init.orthogonal_(self.anchors_ED)
+            self.temperature.fill_(self.initial_temperature)
+            self.seeded.fill_(self.init != "batch")
+        self._seeded = self.init != "batch"
 
     @torch.no_grad()
     def _seed_from_batch(self, tokens: Float[Tensor, "T D"]) -> None:
@@ -158,6 +193,11 @@ class CosineScorer(nn.Module):
         )
         self.seeded.fill_(True)
         self._seeded = True
+
+    @property
+    def anchors(self) -> Float[Tensor, "E D"]:
+        """The anchors ``a[E, D]`` (the parameter itself, not a copy)."""
+        return self.anchors_ED
 
     @property
     def needs_seed(self) -> bool:
@@ -204,6 +244,12 @@ class RouterProtocol(Protocol):
 
     ``router(tokens, k=None)`` returns a :class:`~moeblocks.routing.Routing`; ``k=None``
     means the router's own choice of k.
+
+    Optional, read with a default when absent: ``needs_seed`` (bool) and
+    ``seed_from(tokens)``, for a router whose parameters are seeded from the first
+    training batch; the layer passes the real tokens of a masked batch to ``seed_from``
+    (padding never seeds). Everything else a reader may take from a router is named by
+    :class:`InspectableRouter`; nothing reads a router's parts past these two protocols.
     """
 
     dim: int
@@ -211,6 +257,49 @@ class RouterProtocol(Protocol):
 
     def __call__(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
         """Route tokens."""
+        ...
+
+
+@runtime_checkable
+class InspectableRouter(RouterProtocol, Protocol):
+    """A router whose scoring parameters losses, inspection and ``hf/`` may read.
+
+    Each member is the parameter itself (not a copy), or None where the router's scorer
+    has no such part, so a converter can copy weights in and out of it in place.
+
+    Attributes:
+        anchors: ``[E, D]`` anchors of a cosine scorer (:class:`DispersionLoss`,
+            anchor similarity in inspection).
+        temperature: The 0-dim temperature τ of a cosine scorer (anchor traces).
+        gate_weight: ``[E, D]`` weight of a linear scorer (Hugging Face conversion).
+        gate_bias: ``[E]`` bias of a linear scorer.
+        compute_dtype: ``"input"`` when the scores are computed in the tokens' dtype
+            (Hugging Face returns its router logits in that dtype), else ``"float32"``.
+    """
+
+    @property
+    def anchors(self) -> Float[Tensor, "E D"] | None:
+        """Anchors of a cosine scorer."""
+        ...
+
+    @property
+    def temperature(self) -> Float[Tensor, ""] | None:
+        """Temperature of a cosine scorer."""
+        ...
+
+    @property
+    def gate_weight(self) -> Float[Tensor, "E D"] | None:
+        """Weight of a linear scorer."""
+        ...
+
+    @property
+    def gate_bias(self) -> Float[Tensor, " E"] | None:
+        """Bias of a linear scorer."""
+        ...
+
+    @property
+    def compute_dtype(self) -> str:
+        """``"input"`` or ``"float32"``."""
         ...
 
 
@@ -319,6 +408,73 @@ class Router(nn.Module):
         """Number of experts E."""
         return self.scorer.num_experts
 
+    def _scorer_part(self, name: str) -> Tensor | None:
+        part = getattr(self.scorer, name, None)
+        return part if isinstance(part, Tensor) else None
+
+    @property
+    def anchors(self) -> Float[Tensor, "E D"] | None:
+        """The scorer's anchors ``[E, D]`` (a cosine scorer), else None."""
+        return self._scorer_part("anchors_ED")
+
+    @property
+    def temperature(self) -> Float[Tensor, ""] | None:
+        """The scorer's temperature τ (a cosine scorer), else None."""
+        return self._scorer_part("temperature")
+
+    @property
+    def gate_weight(self) -> Float[Tensor, "E D"] | None:
+        """The scorer's weight ``[E, D]`` (a linear scorer), else None."""
+        return self._scorer_part("weight_ED")
+
+    @property
+    def gate_bias(self) -> Float[Tensor, " E"] | None:
+        """The scorer's bias ``[E]`` (a linear scorer with a bias), else None."""
+        return self._scorer_part("bias_E")
+
+    @property
+    def compute_dtype(self) -> str:
+        """``"input"`` if the scorer computes in the tokens' dtype, else ``"float32"``."""
+        return getattr(self.scorer, "compute_dtype", "float32")
+
+    @property
+    def needs_seed(self) -> bool:
+        """True while the scorer waits for its first batch (``init="batch"``)."""
+        return bool(getattr(self.scorer, "needs_seed", False))
+
+    def seed_from(self, tokens: Float[Tensor, "T D"]) -> None:
+        """Seed the scorer from these (real) tokens, if it waits for a batch."""
+        if self.needs_seed:
+            self.scorer.seed_from(tokens)
+
+    def with_parts(
+        self, *, scorer: Scorer | None = None, selection: Selection | None = None
+    ) -> Router:
+        """A router that shares every part of this one except those given.
+
+        Nothing is copied: the schedule, balancer, weight policy and (unless replaced)
+        the scorer are the same objects, so the new router's parameters are this one's.
+        Interventions use it to edit the scores or the choice without a hook here.
+
+        Raises:
+            ValueError: If the new scorer has another dim or expert count, or the new
+                selection cannot serve this router's experts and k.
+        """
+        twin = copy.copy(self)
+        # Its own registry of parts, so that replacing one leaves this router alone.
+        twin._modules = dict(self._modules)
+        if scorer is not None:
+            if (scorer.dim, scorer.num_experts) != (self.dim, self.num_experts):
+                raise ValueError(
+                    f"scorer must have dim={self.dim} and num_experts={self.num_experts}, "
+                    f"got dim={scorer.dim} and num_experts={scorer.num_experts}"
+                )
+            twin.scorer = scorer
+        if selection is not None:
+            selection.check(self.num_experts, self.schedule.max_k)
+            twin.selection = selection
+        return twin
+
     def check_k(self, k: int) -> int:
         """Validate an explicit k against the number of experts and the selection."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
@@ -362,7 +518,6 @@ class Router(nn.Module):
         scores: Float[Tensor, "T E"],
         logits: Float[Tensor, "T E"],
         k: int,
-        key_edit: Callable[[Tensor], Tensor] | None = None,
     ) -> Routing:
         """The routing decision for given logits (``scores`` is only recorded).
 
@@ -370,8 +525,6 @@ class Router(nn.Module):
             scores: Clean scores, stored in the record.
             logits: The scores the decision uses (noisy in training).
             k: Experts per token (already validated).
-            key_edit: Optional edit of the selection key before the choice (used by
-                interventions to force experts).
 
         Raises:
             ValueError: If ``scores`` and ``logits`` are not both ``[T, num_experts]``.
@@ -387,8 +540,6 @@ class Router(nn.Module):
         key_TE = selection_key(self.scoring, logits, probs_TE)
         if self.balancer is not None:
             key_TE = key_TE + self.balancer.bias.to(key_TE.dtype)
-        if key_edit is not None:
-            key_TE = key_edit(key_TE)
         experts_TK = self.selection(key_TE, k)
         weights_TK = self.weights(gates(self.scoring, logits, probs_TE, experts_TK))
         if self.balancer is not None and self.training:

@@ -34,7 +34,13 @@ class KSchedule(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("step", torch.empty((), dtype=torch.long))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Move the schedule back to step 0, in place."""
+        self.step.zero_()
         self._step = 0
 
     def k_at(self, step: int) -> int:

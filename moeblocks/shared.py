@@ -40,7 +40,14 @@ class SharedExperts(nn.Module):
                 f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
             )
         self.experts = experts
-        self.gate_D = nn.Parameter(torch.zeros(experts.dim)) if gate else None
+        self.gate_D = nn.Parameter(torch.empty(experts.dim)) if gate else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero the gate weight (the gate starts at σ(0) = 1/2), in place."""
+        if self.gate_D is not None:
+            self.gate_D.zero_()
 
     @property
     def dim(self) -> int:

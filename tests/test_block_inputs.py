@@ -69,7 +69,7 @@ def _sequence_loss_on_bad_batch_shape() -> None:
     routing = mb.Routing(
         routing.scores, routing.probs, routing.experts, routing.weights, batch_shape=(4, 4)
     )
-    mb.SequenceBalanceLoss()(routing, ROUTER)
+    mb.SequenceBalanceLoss()(routing)
 
 
 class _RouterWithTooManyExperts(torch.nn.Module):
@@ -308,9 +308,7 @@ BAD_INPUTS = {
     ),
     # Losses.
     "loss mask device": (
-        lambda: mb.ZLoss()(
-            routing_for([[0], [1]]), ROUTER, torch.ones(2, dtype=torch.bool, device="meta")
-        ),
+        lambda: mb.ZLoss()(routing_for([[0], [1]]), torch.ones(2, dtype=torch.bool, device="meta")),
         ValueError,
         r"mask is on meta but routing.probs is on cpu",
     ),
@@ -457,7 +455,7 @@ LOSSES = {
     "cv squared": mb.CVSquaredLoss(),
     "z": mb.ZLoss(),
     "bandpass": mb.BandpassLoss(floor=0.15, ceiling=0.25),
-    "mean expert probs": lambda r, router, mask=None: mean_expert_probs(r, mask).square().sum(),
+    "mean expert probs": lambda r, mask=None: mean_expert_probs(r, mask).square().sum(),
 }
 
 
@@ -466,9 +464,9 @@ LOSSES = {
 def test_padding_nan_or_inf_leaves_losses_and_gradients_unchanged(name: str, poison: float) -> None:
     loss = LOSSES[name]
     padded, mask, real = _padded_routing(poison)
-    value = loss(padded, ROUTER_5, mask)
+    value = loss(padded, mask)
     grads = torch.autograd.grad(value, [padded.scores, padded.probs], allow_unused=True)
-    expected = loss(real, ROUTER_5)
+    expected = loss(real)
     expected_grads = torch.autograd.grad(expected, [padded.scores, padded.probs], allow_unused=True)
     assert torch.isfinite(value)
     # float64 throughout; sums over a different number of zero rows may round differently.
@@ -492,7 +490,7 @@ def test_padding_nan_in_sequences_leaves_sequence_loss_unchanged(poison: float) 
     values, grads = [], []
     for r in (padded, clean):
         r2 = mb.Routing(r.scores, r.probs, r.experts, r.weights, batch_shape=(2, 5))
-        values.append(seq(r2, ROUTER_5, mask))
+        values.append(seq(r2, mask))
         grads.append(torch.autograd.grad(values[-1], r.probs)[0])
     assert torch.isfinite(values[0])
     assert torch.equal(values[0], values[1])  # the padding rows are zeroed before any sum

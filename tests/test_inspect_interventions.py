@@ -28,9 +28,35 @@ def test_no_edit_is_identity_and_parameters_are_shared():
     layer, x = make_layer(), torch.randn(T, D)
     edited = mi.EditedRouter(layer.router)
     same_routing(edited(x), layer.router(x))
-    assert edited.scorer is layer.router.scorer
+    assert edited.base is layer.router  # wrapped, not copied
     assert edited.schedule is layer.router.schedule
-    assert edited.state_dict().keys() == layer.router.state_dict().keys()
+    assert [id(p) for p in edited.parameters()] == [id(p) for p in layer.router.parameters()]
+
+
+def test_the_core_router_has_no_intervention_hook():
+    import inspect
+
+    assert list(inspect.signature(mb.Router.decide).parameters) == [
+        "self",
+        "scores",
+        "logits",
+        "k",
+    ]
+
+
+@torch.no_grad()
+def test_with_parts_shares_the_rest_and_leaves_the_router_alone():
+    layer, x = make_layer(), torch.randn(T, D)
+    router = layer.router
+    twin = router.with_parts(selection=mb.TopK())
+    assert twin.scorer is router.scorer
+    assert twin.schedule is router.schedule
+    same_routing(twin(x), router(x))
+    other = mb.CosineScorer(D, E)
+    assert router.with_parts(scorer=other).scorer is other
+    assert router.scorer is not other
+    with pytest.raises(ValueError, match="num_experts"):
+        router.with_parts(scorer=mb.CosineScorer(D, E + 1))
 
 
 @torch.no_grad()

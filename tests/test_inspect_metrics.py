@@ -222,6 +222,10 @@ def test_anchor_similarity_and_traces():
     sim = mi.anchor_similarity(scorer)
     assert torch.allclose(sim, torch.eye(4), atol=1e-5)  # orthogonal init
     router = mb.Router(scorer, 2)
+    assert torch.equal(mi.anchor_similarity(router.anchors), sim)
+    assert mi.layer_temperatures(
+        mb.MoELayer(router, mb.TorchDispatcher(), mb.GELUExperts(4, 16, 8))
+    ) == [5.0]
     x = torch.randn(3, 16)
     r = router(x)
     tr = mi.anchor_traces([r, r], [5.0, None])

@@ -93,7 +93,7 @@ def test_aux_losses_are_weighted_and_masked() -> None:
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 3:] = False
     res = layer(x, mask=mask)
-    raw = mb.LoadBalanceLoss()(res.routing, layer.router, mask.reshape(-1))
+    raw = mb.LoadBalanceLoss()(res.routing, mask.reshape(-1))
     torch.testing.assert_close(res.aux_losses["balance"], 0.5 * raw)
     torch.testing.assert_close(
         res.total_aux_loss(), res.aux_losses["balance"] + res.aux_losses["z"]
@@ -169,7 +169,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_plain_callable_losses_are_listed_read_only() -> None:
-    def entropy(routing, router, mask=None):
+    def entropy(routing, mask=None):
         return -(routing.probs * routing.probs.clamp_min(1e-12).log()).sum(-1).mean()
 
     entropy.weight = 0.1  # type: ignore[attr-defined]
@@ -182,8 +182,23 @@ def test_plain_callable_losses_are_listed_read_only() -> None:
     with pytest.raises(TypeError):
         layer.plain_losses["x"] = entropy  # type: ignore[index]
     res = layer(torch.randn(3, 8))
-    torch.testing.assert_close(res.aux_losses["h"], 0.1 * entropy(res.routing, router))
+    torch.testing.assert_close(res.aux_losses["h"], 0.1 * entropy(res.routing))
     from moeblocks.distributed import reduce_aux_losses
 
     with pytest.raises(TypeError, match="plain-callable losses"):
         reduce_aux_losses(layer)
+
+
+def test_a_loss_of_the_01_signature_gets_the_router_and_a_deprecation_warning() -> None:
+    seen = []
+
+    def old(routing, router, mask=None):
+        seen.append(router)
+        return routing.probs.sum() * 0
+
+    old.weight = 1.0  # type: ignore[attr-defined]
+    router = mb.Router(mb.LinearScorer(8, 4))
+    with pytest.warns(DeprecationWarning, match=r"\['old'\] take \(routing, router, mask\)"):
+        layer = mb.MoELayer(router, mb.TorchDispatcher(), mb.GELUExperts(4, 8, 8), {"old": old})
+    layer(torch.randn(3, 8))
+    assert seen == [router]

@@ -21,14 +21,13 @@ import torch
 from gloo import run_ranks
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import Tensor, nn
+from torch import Tensor
 
 import moeblocks as mb
 
 # Float64 on both sides, same formula, different summation order (per-token loops
 # against batched sums of at most a few hundred terms): ~1e-14 relative at worst.
 RTOL, ATOL = 1e-10, 1e-12
-NO_ROUTER = nn.Identity()  # these losses do not read the router
 
 
 def deepseek_sequence_loss(
@@ -116,7 +115,7 @@ def test_sequence_balance_loss_is_one_for_uniform_routing() -> None:
         routing = mb.Routing(
             torch.zeros(B * S, E), probs, experts_TK, torch.ones(B * S, K), batch_shape=(B, S)
         )
-        value = mb.SequenceBalanceLoss()(routing, NO_ROUTER)
+        value = mb.SequenceBalanceLoss()(routing)
         # f_i = E/(K·S) · S·K/E = 1 and P_i = 1/E: L = Σ_i 1/E = 1, up to float32 rounding.
         torch.testing.assert_close(value, torch.tensor(1.0), rtol=1e-6, atol=0)
 
@@ -130,9 +129,9 @@ def test_sequence_balance_loss_is_per_sequence() -> None:
     experts = torch.tensor([[0]] * 4 + [[1]] * 4)
     routing = mb.Routing(probs.log(), probs, experts, torch.ones(8, 1, dtype=torch.float64))
     loss = mb.SequenceBalanceLoss()
-    split = loss(dataclasses.replace(routing, batch_shape=(2, 4)), NO_ROUTER)
+    split = loss(dataclasses.replace(routing, batch_shape=(2, 4)))
     assert split.item() == pytest.approx(E)
-    assert loss(routing, NO_ROUTER).item() == pytest.approx(1.0)
+    assert loss(routing).item() == pytest.approx(1.0)
 
 
 def test_sequence_balance_loss_masks() -> None:
@@ -174,8 +173,8 @@ def test_load_balance_token_fractions_are_k_times_slots(data: st.DataObject) -> 
     E = data.draw(st.integers(1, 8))
     k = data.draw(st.integers(1, E))
     routing, mask = make_routing(E, k, *data.draw(routing_args))
-    slots = mb.LoadBalanceLoss(fractions="slots")(routing, NO_ROUTER, mask)
-    tokens = mb.LoadBalanceLoss(fractions="tokens")(routing, NO_ROUTER, mask)
+    slots = mb.LoadBalanceLoss(fractions="slots")(routing, mask)
+    tokens = mb.LoadBalanceLoss(fractions="tokens")(routing, mask)
     # Same float64 sums, one extra multiplication by K/1 (k_sum / num_tokens).
     torch.testing.assert_close(tokens, k * slots, rtol=RTOL, atol=ATOL)
     stats = mb.TokenStats.of(routing, mask)
@@ -216,9 +215,7 @@ def test_pooled_stats_equal_stats_of_the_concatenation(data: st.DataObject) -> N
     torch.testing.assert_close(added.to_vector(), pooled.to_vector(), rtol=0, atol=0)
     loss = mb.LoadBalanceLoss(fractions="tokens")
     routing, mask = _concat(parts)
-    torch.testing.assert_close(
-        loss.from_stats(pooled), loss(routing, NO_ROUTER, mask), rtol=RTOL, atol=ATOL
-    )
+    torch.testing.assert_close(loss.from_stats(pooled), loss(routing, mask), rtol=RTOL, atol=ATOL)
 
 
 def test_pooled_stats_with_different_k() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -143,3 +146,33 @@ def test_explicit_k_out_of_range(k: int) -> None:
 def test_router_rejects_non_scorer() -> None:
     with pytest.raises(TypeError, match="scorer"):
         mb.Router(torch.nn.Linear(4, 4))  # type: ignore[arg-type]
+
+
+def test_the_router_names_what_readers_take_from_it() -> None:
+    cosine = mb.Router(mb.CosineScorer(8, 4))
+    linear = mb.Router(mb.LinearScorer(8, 4, bias=True, compute_dtype="float32"))
+    for router in (cosine, linear):
+        assert isinstance(router, mb.InspectableRouter)
+    assert cosine.anchors is cosine.scorer.anchors_ED  # the parameter, not a copy
+    assert cosine.temperature is cosine.scorer.temperature
+    assert cosine.gate_weight is None
+    assert cosine.gate_bias is None
+    assert linear.gate_weight is linear.scorer.weight_ED
+    assert linear.gate_bias is linear.scorer.bias_E
+    assert linear.anchors is None
+    assert linear.temperature is None
+    assert linear.compute_dtype == "float32"
+    assert mb.Router(mb.LinearScorer(8, 4)).compute_dtype == "input"
+
+
+def test_nothing_reaches_past_the_router_protocol() -> None:
+    root = Path(__file__).resolve().parent.parent / "moeblocks"
+    reach = re.compile(r"router\.scorer|\.scorer\.(weight_ED|bias_E|anchors_ED|temperature)")
+    hits = [
+        f"{p.relative_to(root)}:{i}"
+        for p in sorted(root.rglob("*.py"))
+        if p.name != "routers.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if reach.search(line)
+    ]
+    assert hits == []

@@ -27,7 +27,14 @@ from torch.distributed import ProcessGroup
 
 from moeblocks.distributed.comm import all_reduce_sum
 from moeblocks.layer import MoELayer
-from moeblocks.losses import AuxLoss, DispersionLoss, TokenStatLoss, TokenStats
+from moeblocks.losses import (
+    AuxLoss,
+    DispersionLoss,
+    MaskArg,
+    TokenStatLoss,
+    TokenStats,
+    _mask_of,
+)
 from moeblocks.routing import Routing
 
 __all__ = [
@@ -97,12 +104,12 @@ class GroupReducedLoss(nn.Module):
         return self.loss.weight
 
     def forward(
-        self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None
+        self, routing: Routing, mask: MaskArg = None, *legacy: Bool[Tensor, " T"] | None
     ) -> Float[Tensor, ""]:
         """The unweighted loss on global statistics (the same value on every rank)."""
         if isinstance(self.loss, DispersionLoss):
-            return self.loss(routing, router, mask)
-        return self.loss.from_stats(global_token_stats(routing, mask, self.group))
+            return self.loss(routing, mask, *legacy)
+        return self.loss.from_stats(global_token_stats(routing, _mask_of(mask, legacy), self.group))
 
     def extra_repr(self) -> str:
         """Name the group in the module's repr."""

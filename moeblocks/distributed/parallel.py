@@ -50,6 +50,7 @@ from moeblocks.distributed.sharding import (
     expert_parallelize,
     local_shard,
 )
+from moeblocks.initialization import materialize
 from moeblocks.layer import MoELayer
 from moeblocks.routing import MoEOutput
 
@@ -210,6 +211,24 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if p is None else local_shard(p).device
 
 
+def _init_device(
+    model: nn.Module, device: torch.device | str | None, groups: ExpertParallelGroups | None
+) -> torch.device | None:
+    """Where a meta-built model is materialised; None for a model not built on meta."""
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return None
+    if groups is not None:
+        raise ValueError(
+            "a meta-built model cannot be expert-parallelised yet (ep_size > 1): build it "
+            "on a device, or use ep_size=1"
+        )
+    if device is not None:
+        return torch.device(device)
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _find_blocks(model: nn.Module, name: str | None) -> list[nn.Module]:
     """The repeated blocks that get their own FSDP2 unit, checkpointing and compile."""
     if name is not None:
@@ -293,13 +312,16 @@ def parallelize(
     config: ParallelConfig | None = None,
     *,
     groups: ExpertParallelGroups | None = None,
+    device: torch.device | str | None = None,
 ) -> ParallelModel:
     """Apply expert parallelism, checkpointing, compile and FSDP2 or DDP to ``model``.
 
     Build the full model identically on every rank (same seed; load or seed weights
-    first), call this on every rank, then build the optimizer from
-    ``result.model.parameters()``: expert shards and FSDP2's sharded parameters are new
-    objects. In the loop::
+    first), or on ``meta`` with every rank seeded alike: FSDP2 then shards the meta
+    parameters and each rank initialises only its shards to the unsharded model's
+    values (:func:`~moeblocks.initialization.materialize`). Call this on every rank,
+    then build the optimizer from ``result.model.parameters()``: expert shards and
+    FSDP2's sharded parameters are new objects. In the loop::
 
         out = pm(x)                     # pm.module(x)
         loss.backward()
@@ -318,15 +340,16 @@ def parallelize(
         groups: Existing groups for expert parallelism; default: made with
             :func:`~moeblocks.distributed.make_expert_parallel_groups` from
             ``config.ep_size`` (a collective: every rank must call this).
+        device: Where a ``meta``-built model is materialised (default: GPU under NCCL, else CPU).
 
     Returns:
         The :class:`ParallelModel`.
 
     Raises:
         RuntimeError: If ``torch.distributed`` is not initialised.
-        ValueError: For an ``ep_size`` that does not divide the world or the experts,
-            ``groups`` that disagree with ``ep_size``, a model without MoE layers and
-            ``ep_size`` > 1, or a ``blocks`` name that is not a ``ModuleList``.
+        ValueError: For an ``ep_size`` that does not divide the world or the experts or
+            disagrees with ``groups``, a model without MoE layers and ``ep_size`` > 1, a
+            ``blocks`` name that is not a ``ModuleList``, or ``ep_size`` > 1 on ``meta``.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("parallelize needs torch.distributed initialised")
@@ -340,7 +363,8 @@ def parallelize(
         raise ValueError(
             f"groups have expert-parallel size {groups.ep_size}, config.ep_size is {config.ep_size}"
         )
-    device_type = _device(model).type
+    init_device = _init_device(model, device, groups)
+    device_type = (init_device or _device(model)).type
     if groups is not None:
         expert_parallelize(model, groups.ep)
     reduce_aux_losses(model)
@@ -357,7 +381,10 @@ def parallelize(
             _compile_forward(block, config.compile_backend)
     expert_mesh = None if groups is None else _expert_mesh(groups, device_type)
     if config.engine == "fsdp":
-        _fully_shard(model, blocks, groups, expert_mesh, config)
+        _fully_shard(model, blocks, groups, expert_mesh, config, device_type)
+    if init_device is not None:
+        materialize(model, init_device)  # after fully_shard: each rank's shards only
+    if config.engine == "fsdp":
         return ParallelModel(model, model, config, groups, expert_mesh)
     return ParallelModel(_ddp(model), model, config, groups, expert_mesh)
 
@@ -368,11 +395,12 @@ def _fully_shard(
     groups: ExpertParallelGroups | None,
     expert_mesh: DeviceMesh | None,
     config: ParallelConfig,
+    device_type: str,
 ) -> None:
     from torch.distributed.fsdp import fully_shard
 
     _register_records()
-    world_mesh = DeviceMesh.from_group(dist.group.WORLD, _device(model).type)
+    world_mesh = DeviceMesh.from_group(dist.group.WORLD, device_type)
     reshard = config.reshard_after_forward
     # fully_shard refuses 0-dim parameters; they stay replicated, their gradients
     # averaged by ParallelModel.sync_gradients.

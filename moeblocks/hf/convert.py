@@ -136,7 +136,7 @@ def _check_bank(
         )
     if bank.has_bias != bias:
         raise ValueError(f"to_hf: a {name} has {'' if bias else 'no '}expert biases")
-    if (getattr(layer.router.scorer, "bias_E", None) is not None) != router_bias:
+    if (layer.router.gate_bias is not None) != router_bias:
         raise ValueError(f"to_hf: a {name} has {'a' if router_bias else 'no'} router bias")
 
 
@@ -173,7 +173,7 @@ def _from_qwen(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 
 def _to_concat(layer: MoELayer, block: nn.Module) -> None:
     gate = block.gate
-    _copy(gate.weight, layer.router.scorer.weight_ED)
+    _copy(gate.weight, layer.router.gate_weight)
     _check_bank(layer, SwiGLUExperts, block)
     _concat_bank_back(layer.experts, block.experts)
     if getattr(block, "shared_expert", None) is not None:
@@ -234,8 +234,8 @@ def _from_gpt_oss(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 def _to_gpt_oss(layer: MoELayer, block: nn.Module) -> None:
     r, ex, bank = block.router, block.experts, layer.experts
     _check_bank(layer, SwiGLUExperts, block, bias=True, router_bias=True)
-    _copy(r.weight, layer.router.scorer.weight_ED)
-    _copy(r.bias, layer.router.scorer.bias_E)
+    _copy(r.weight, layer.router.gate_weight)
+    _copy(r.bias, layer.router.gate_bias)
     F = bank.hidden
     gate, up = bank.w_in_EDF2[..., :F], bank.w_in_EDF2[..., F:]
     _copy(ex.gate_up_proj, torch.stack([gate, up], dim=-1).flatten(-2))
@@ -267,7 +267,7 @@ def _from_llama4(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 
 def _to_llama4(layer: MoELayer, block: nn.Module) -> None:
     _check_bank(layer, SwiGLUExperts, block)
-    _copy(block.router.weight, layer.router.scorer.weight_ED)
+    _copy(block.router.weight, layer.router.gate_weight)
     _copy(block.experts.gate_up_proj, layer.experts.w_in_EDF2)
     _copy(block.experts.down_proj, layer.experts.w_out_EFD)
     _dense_glu_back(layer.shared, block.shared_expert)
@@ -298,9 +298,9 @@ def _from_switch(block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
 def _to_switch(layer: MoELayer, block: nn.Module) -> None:
     cls = block.router.classifier
     _check_bank(layer, MLPExperts, block, router_bias=cls.bias is not None)
-    _copy(cls.weight, layer.router.scorer.weight_ED)
+    _copy(cls.weight, layer.router.gate_weight)
     if cls.bias is not None:
-        _copy(cls.bias, layer.router.scorer.bias_E)
+        _copy(cls.bias, layer.router.gate_bias)
     for e in range(layer.num_experts):
         expert = block.experts[f"expert_{e}"]
         _copy(expert.wi.weight, layer.experts.w_in_EDF[e].t())

@@ -161,8 +161,7 @@ class HFMoEBlock(nn.Module):
 
     def _logits(self, scores: Tensor, x: Tensor) -> Tensor:
         """Router logits as HF's router returns them: its dtype, its shape."""
-        scorer = getattr(self.layer.router, "scorer", None)
-        in_input_dtype = getattr(scorer, "compute_dtype", "float32") == "input"
+        in_input_dtype = getattr(self.layer.router, "compute_dtype", "float32") == "input"
         logits = scores.to(x.dtype) if in_input_dtype else scores
         if self.family.batched_logits:
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])

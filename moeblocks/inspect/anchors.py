@@ -29,12 +29,16 @@ __all__ = [
 ]
 
 
-def anchor_similarity(scorer: CosineScorer) -> Float[Tensor, "E E"]:
+def anchor_similarity(anchors: CosineScorer | Float[Tensor, "E D"]) -> Float[Tensor, "E E"]:
     """Cosine similarity of every pair of anchors, ``cos(a_i, a_j)``, in [-1, 1].
+
+    Args:
+        anchors: The ``[E, D]`` anchors (e.g. ``router.anchors``) or a cosine scorer.
 
     The diagonal is 1; an orthogonal init gives 0 off the diagonal (for E <= D).
     """
-    a_ED = F.normalize(scorer.anchors_ED.detach().float(), dim=-1, eps=scorer.eps)
+    a = anchors.anchors_ED if isinstance(anchors, CosineScorer) else anchors
+    a_ED = F.normalize(a.detach().float(), dim=-1, eps=CosineScorer.eps)
     return (a_ED @ a_ED.t()).cpu()
 
 
@@ -43,9 +47,8 @@ def layer_temperatures(model: nn.Module) -> list[float | None]:
     out: list[float | None] = []
     for m in model.modules():
         if isinstance(m, MoELayer):
-            scorer = m.router.scorer
-            cosine = isinstance(scorer, CosineScorer)
-            out.append(abs(float(scorer.temperature.detach())) if cosine else None)
+            tau = getattr(m.router, "temperature", None)
+            out.append(None if tau is None else abs(float(tau.detach())))
     return out
 
 

@@ -4,9 +4,10 @@ Forbid or force experts, knock one out, change k, scale one expert's output.
 
 Legend: T tokens, E experts, K experts per token, R grouped rows, D model dim.
 
-:class:`EditedRouter` is a :class:`~moeblocks.Router` that shares the original router's
-scorer and schedule and edits the choice; :class:`ScaledExperts` wraps an expert bank
-and multiplies the output rows of chosen experts. :func:`intervene` swaps them into an
+:class:`EditedRouter` wraps a :class:`~moeblocks.Router` and edits its scores and its
+selection through ``Router.with_parts`` (no copy of a part, no hook in the router);
+:class:`ScaledExperts` wraps an expert bank and multiplies the output rows of chosen
+experts. :func:`intervene` swaps them into an
 :class:`~moeblocks.MoELayer` for the duration of a ``with`` block and always restores
 the original modules.
 
@@ -37,9 +38,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from moeblocks.experts import ExpertBank
+from moeblocks.gating import Selection
 from moeblocks.layer import MoELayer
 from moeblocks.routers import Router
 from moeblocks.routing import Routing
+from moeblocks.schedules import KSchedule
 
 __all__ = ["EditedRouter", "ScaledExperts", "intervene", "knockout", "token_mask"]
 
@@ -58,14 +61,48 @@ def token_mask(ids: Int[Tensor, "*batch"], token_ids: Iterable[int]) -> Bool[Ten
     return torch.isin(ids.reshape(-1), wanted)
 
 
-class EditedRouter(Router):
+class _MaskedScorer(nn.Module):
+    """A scorer whose scores are ``-inf`` where ``masked_TE`` is True."""
+
+    def __init__(self, base: nn.Module, masked_TE: Bool[Tensor, "T E"]) -> None:
+        super().__init__()
+        self.base = base
+        self.dim, self.num_experts = base.dim, base.num_experts
+        self.masked_TE = masked_TE
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """The base scores with the masked cells at ``-inf``."""
+        return self.base(tokens).masked_fill(self.masked_TE, float("-inf"))
+
+
+class _ForcedFirst:
+    """A selection that ranks the forced cells above all others, then defers to ``base``."""
+
+    def __init__(self, base: Selection, forced_TE: Bool[Tensor, "T E"]) -> None:
+        self.base = base
+        self.forced_TE = forced_TE
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """As the base selection."""
+        self.base.check(num_experts, max_k)
+
+    def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
+        """Lift the forced experts' keys above every finite key; keep their order."""
+        finite = key.masked_fill(~torch.isfinite(key), 0)
+        lift = 2 * finite.abs().amax() + 1 if finite.numel() else 1.0
+        return self.base(torch.where(self.forced_TE, key + lift, key), k)
+
+
+class EditedRouter(nn.Module):
     """A router that forbids / forces experts for selected tokens or fixes k.
 
-    See the module docstring for the exact behaviour. It shares ``base.scorer`` and
-    ``base.schedule`` (no copy), so its parameters are the original ones.
+    See the module docstring for the exact behaviour. It wraps ``base`` (no copy): each
+    call routes through ``base.with_parts(...)`` with a scorer that masks the forbidden
+    scores and a selection that ranks the forced experts first, so every parameter and
+    the k schedule are the original ones and the core router has no hook for this.
 
     Args:
-        base: The router to edit.
+        base: The router to edit (a stock :class:`~moeblocks.Router`).
         forbid: Experts never chosen for the selected tokens.
         force: Experts always chosen for the selected tokens (disjoint from ``forbid``).
         tokens: Flattened mask of the selected tokens, matching the T of the next calls;
@@ -81,17 +118,10 @@ class EditedRouter(Router):
         tokens: Bool[Tensor, " T"] | None = None,
         k: int | None = None,
     ) -> None:
-        super().__init__(
-            base.scorer,
-            base.schedule,
-            base.noise_std,
-            scoring=base.scoring,
-            selection=base.selection,
-            weights=base.weights,
-            balancer=base.balancer,
-            jitter=base.jitter,
-            routing_dtype=base.routing_dtype,
-        )
+        super().__init__()
+        if not isinstance(base, Router):
+            raise TypeError(f"base must be a Router, got {type(base).__name__}")
+        self.base = base
         self.train(base.training)
         E = self.num_experts
         self.forbid = _expert_set("forbid", forbid, E)
@@ -102,30 +132,45 @@ class EditedRouter(Router):
             )
         if len(set(self.forbid)) >= E:
             raise ValueError(f"forbid must leave at least one of the {E} experts allowed")
-        self.k_override = None if k is None else self.check_k(k)
+        self.k_override = None if k is None else base.check_k(k)
         if tokens is not None and (tokens.dtype != torch.bool or tokens.ndim != 1):
             raise ValueError(
                 f"tokens must be a 1-D bool mask, got {tokens.dtype} {tuple(tokens.shape)}"
             )
         self.tokens = tokens
 
-    def forward(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
-        """Route tokens with the edits applied (see the module docstring)."""
-        if self.k_override is not None:
-            k = self.k_override
-        k = self.schedule.k if k is None else self.check_k(k)
-        T, E = tokens.shape[0], self.num_experts
-        scores_TE, logits_TE = self.score(tokens)
+    @property
+    def dim(self) -> int:
+        """Token dimension D."""
+        return self.base.dim
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.base.num_experts
+
+    @property
+    def schedule(self) -> KSchedule:
+        """The base router's k schedule."""
+        return self.base.schedule
+
+    def _selected(self, T: int, device: torch.device) -> Bool[Tensor, "T 1"]:
         if self.tokens is None:
-            sel_T1 = torch.ones(T, 1, dtype=torch.bool, device=tokens.device)
-        elif self.tokens.shape[0] != T:
+            return torch.ones(T, 1, dtype=torch.bool, device=device)
+        if self.tokens.shape[0] != T:
             raise ValueError(
                 f"the tokens mask has {self.tokens.shape[0]} entries but this call routes {T} "
                 "tokens; build the mask for the flattened batch of the call"
             )
-        else:
-            sel_T1 = self.tokens.to(tokens.device).reshape(T, 1)
-        dev = tokens.device
+        return self.tokens.to(device).reshape(T, 1)
+
+    def forward(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
+        """Route tokens with the edits applied (see the module docstring)."""
+        if self.k_override is not None:
+            k = self.k_override
+        k = self.base.schedule.k if k is None else self.base.check_k(k)
+        T, E, dev = tokens.shape[0], self.num_experts, tokens.device
+        sel_T1 = self._selected(T, dev)
         forbid_E = torch.zeros(E, dtype=torch.bool, device=dev)
         forbid_E[list(self.forbid)] = True
         force_E = torch.zeros(E, dtype=torch.bool, device=dev)
@@ -137,16 +182,11 @@ class EditedRouter(Router):
                 f"the edits leave {allowed} allowed experts for the selected tokens, "
                 f"fewer than k={k}"
             )
-        logits_TE = logits_TE.masked_fill(sel_T1 & masked_E, float("-inf"))
-        scores_TE = scores_TE.masked_fill(sel_T1 & masked_E, float("-inf"))
-
-        def force_first(key_TE: Tensor) -> Tensor:
-            # Forced experts rank above all others and keep their order among themselves.
-            finite = key_TE.masked_fill(~torch.isfinite(key_TE), 0)
-            lift = 2 * finite.abs().amax() + 1 if finite.numel() else 1.0
-            return torch.where(sel_T1 & force_E, key_TE + lift, key_TE)
-
-        r = self.decide(scores_TE, logits_TE, k, key_edit=force_first)
+        edited = self.base.with_parts(
+            scorer=_MaskedScorer(self.base.scorer, sel_T1 & masked_E),
+            selection=_ForcedFirst(self.base.selection, sel_T1 & force_E),
+        )
+        r = edited(tokens, k)
         gates_TK = r.probs.gather(1, r.experts)
         order_TK = gates_TK.sort(dim=-1, descending=True, stable=True).indices
         return Routing(

@@ -33,7 +33,6 @@ from moeblocks.inspect.report import (
     token_classes,
     word_ids_from_pieces,
 )
-from moeblocks.routers import CosineScorer
 from moeblocks.runtime.errors import UsageError
 from moeblocks.sra.checkpoint import Checkpoint
 from moeblocks.sra.data import WORD_CLASSES, eval_windows
@@ -95,9 +94,9 @@ def _run_fields(model: SRATransformer, ckpt: Checkpoint, run: Path) -> dict[str,
     """What only an SRA run has: anchors, the corridor, its k schedule and training log."""
     cfg = ckpt.config
     sims = tuple(
-        anchor_similarity(m.router.scorer)
+        anchor_similarity(m.router.anchors)
         for m in model.moe_layers
-        if isinstance(m.router.scorer, CosineScorer)
+        if getattr(m.router, "anchors", None) is not None
     )
     return {
         "anchor_sims": sims,

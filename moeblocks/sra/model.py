@@ -110,11 +110,23 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles_SF = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
         # Not persistent: derived from the config, so checkpoints stay small.
-        self.register_buffer("cos_SF", angles_SF.cos(), persistent=False)
-        self.register_buffer("sin_SF", angles_SF.sin(), persistent=False)
+        self.register_buffer("cos_SF", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin_SF", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fill the cos/sin tables (no randomness), in place."""
+        dev = self.cos_SF.device
+        half = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=dev)
+        inv_freq = self.base ** (-half / self.head_dim)
+        angles_SF = torch.outer(
+            torch.arange(self.max_len, dtype=torch.float32, device=dev), inv_freq
+        )
+        self.cos_SF.copy_(angles_SF.cos())
+        self.sin_SF.copy_(angles_SF.sin())
 
     def forward(self, x: Float[Tensor, "B H S Dh"]) -> Float[Tensor, "B H S Dh"]:
         """Rotate the two halves of the last dim as (real, imaginary) pairs."""
@@ -124,6 +136,26 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class NormalLinear(nn.Linear):
+    """``nn.Linear`` initialised GPT-2 style: weight N(0, std²), bias 0.
+
+    Each dense layer owns its init, so :func:`moeblocks.init_weights` (every module's
+    ``reset_parameters``, children first) initialises a sharded model one module at a
+    time and eagerly built and ``meta``-built models draw the same numbers.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, std: float) -> None:
+        self.std = std  # read by reset_parameters, which nn.Linear's __init__ calls
+        super().__init__(in_features, out_features, bias=bias)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Weight N(0, std²), bias 0, in place."""
+        nn.init.normal_(self.weight, std=self.std)
+        if self.bias is not None:
+            self.bias.zero_()
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with RoPE on queries and keys."""
 
@@ -131,8 +163,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.attn_bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.attn_bias)
+        D = config.d_model
+        self.qkv = NormalLinear(D, 3 * D, bias=config.attn_bias, std=0.02)
+        self.proj = NormalLinear(D, D, bias=config.attn_bias, std=_residual_std(config))
         self.rotary = Rotary(config.d_model // config.n_heads, config.seq_len)
 
     def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
@@ -155,8 +188,9 @@ class DenseFFN(nn.Module):
         self.kind = config.expert
         self.dropout = config.dropout
         width = (2 if self.kind == "swiglu" else 1) * hidden
-        self.w_in = nn.Linear(config.d_model, width, bias=config.expert_bias)
-        self.w_out = nn.Linear(hidden, config.d_model, bias=config.expert_bias)
+        bias, std_out = config.expert_bias, _residual_std(config)
+        self.w_in = NormalLinear(config.d_model, width, bias=bias, std=0.02)
+        self.w_out = NormalLinear(hidden, config.d_model, bias=bias, std=std_out)
 
     def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
         """Apply the MLP token-wise."""
@@ -187,9 +221,12 @@ def build_moe(config: SRAConfig) -> MoELayer:
         )
     else:
         # float32 scores, as the official gate (and the cosine scorer) computes them.
-        scorer = LinearScorer(config.d_model, config.num_experts, compute_dtype="float32")
-        if gpt2:
-            nn.init.normal_(scorer.weight_ED, std=0.02)
+        scorer = LinearScorer(
+            config.d_model,
+            config.num_experts,
+            compute_dtype="float32",
+            init_std=0.02 if gpt2 else None,
+        )
     router = Router(
         scorer,
         schedule=build_schedule(config),
@@ -232,6 +269,35 @@ class Block(nn.Module):
         return x + self.ffn(h), None
 
 
+class NormalEmbedding(nn.Embedding):
+    """``nn.Embedding`` initialised N(0, std²) (GPT-2: 0.02) instead of N(0, 1)."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float) -> None:
+        self.std = std  # read by reset_parameters, which nn.Embedding's __init__ calls
+        super().__init__(num_embeddings, dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, std²), in place."""
+        nn.init.normal_(self.weight, std=self.std)
+
+
+class TiedHead(nn.Module):
+    """The output projection ``logits = x · Wᵀ`` with ``W`` the embedding's own weight.
+
+    Registered as ``head.weight`` (the same parameter as ``embed.weight``) and without
+    a ``reset_parameters``: the embedding initialises it.
+    """
+
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = embed.weight
+
+    def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S V"]:
+        """Project onto the vocabulary."""
+        return F.linear(x, self.weight)
+
+
 class SRATransformer(nn.Module):
     """Decoder-only language model whose FFNs are mixtures of experts.
 
@@ -243,26 +309,11 @@ class SRATransformer(nn.Module):
     def __init__(self, config: SRAConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = NormalEmbedding(config.vocab_size, config.d_model, std=0.02)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_out = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied input/output embedding, as in GPT-2
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # GPT-2 init for the dense parts (biases start at zero); the MoE blocks follow
-        # config.init (see build_moe).
-        nn.init.normal_(self.embed.weight, std=0.02)
-        for block in self.blocks:
-            dense = [(block.attn.qkv, 0.02), (block.attn.proj, _residual_std(self.config))]
-            if isinstance(block.ffn, DenseFFN):
-                dense += [(block.ffn.w_in, 0.02), (block.ffn.w_out, _residual_std(self.config))]
-            for linear, std in dense:
-                nn.init.normal_(linear.weight, std=std)
-                if linear.bias is not None:
-                    nn.init.zeros_(linear.bias)
+        self.head = TiedHead(self.embed)  # tied input/output embedding, as in GPT-2
 
     @property
     def moe_layers(self) -> list[MoELayer]:
