@@ -5,25 +5,27 @@ Legend: T tokens, E experts, K experts per token, G expert groups.
 A router turns raw scores (logits) into a :class:`~moeblocks.routing.Routing` in three
 independent steps:
 
-1. **Scoring function** (by name) maps logits to per-expert probabilities ``probs``,
-   the *selection key* the experts are chosen by, and the raw *gates* of the chosen ones:
+1.  **Scoring function** (by name) maps logits to per-expert probabilities ``probs``,
+    the *selection key* the experts are chosen by, and the raw *gates* of the chosen
+    ones:
 
-   ==================  ======================  ==============  =============================
-   name                ``probs``               selection key   gates of the K chosen experts
-   ==================  ======================  ==============  =============================
-   ``"softmax"``       softmax over all E      ``probs``       ``probs`` of the chosen
-   ``"sigmoid"``       ``sigmoid(logits)``     ``probs``       ``probs`` of the chosen
-   ``"softmax_topk"``  softmax over all E      ``logits``      softmax over the K chosen logits
-   ==================  ======================  ==============  =============================
+    | name | ``probs`` | selection key | gates of the K chosen experts |
+    |---|---|---|---|
+    | ``"softmax"`` | softmax over all E | ``probs`` | ``probs`` of the chosen |
+    | ``"sigmoid"`` | ``sigmoid(logits)`` | ``probs`` | ``probs`` of the chosen |
+    | ``"softmax_topk"`` | softmax over all E | ``logits`` | softmax over the K chosen logits |
 
-   (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
-   ``"sigmoid"``; GPT-OSS ``"softmax_topk"``.) A selection-only bias (see
-   :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
-2. **Selection** picks K experts per token from the key: :class:`TopK`, or
-   :class:`GroupLimitedTopK` (DeepSeek-V3: first the best groups, then top-k inside them).
-3. **Weight policy** turns the gates into combine weights: :class:`WeightPolicy`
-   (renormalise always, only for K > 1, or never; then multiply by a routed scaling
-   factor).
+    (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
+    ``"sigmoid"``; GPT-OSS ``"softmax_topk"``.) A selection-only bias (see
+    :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
+
+2.  **Selection** picks K experts per token from the key: :class:`TopK`, or
+    :class:`GroupLimitedTopK` (DeepSeek-V3: first the best groups, then top-k inside
+    them).
+
+3.  **Weight policy** turns the gates into combine weights: :class:`WeightPolicy`
+    (renormalise always, only for K > 1, or never; then multiply by a routed scaling
+    factor).
 """
 
 from __future__ import annotations

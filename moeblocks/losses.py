@@ -54,6 +54,7 @@ class AuxLoss(Protocol):
     """An auxiliary loss: ``(routing, router, mask) -> scalar``, with a ``weight``."""
 
     weight: float
+    """Factor the layer multiplies the value by before it reports it."""
 
     def __call__(
         self, routing: Routing, router: nn.Module, mask: Bool[Tensor, " T"] | None = None

@@ -48,7 +48,9 @@ class Scorer(Protocol):
     """Maps tokens to scores (float32, or float64 for float64 tokens), one per expert."""
 
     dim: int
+    """Token dimension D."""
     num_experts: int
+    """Number of experts E (columns of the scores)."""
 
     def __call__(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """Score every token against every expert."""
@@ -207,10 +209,12 @@ class RouterProtocol(Protocol):
     """
 
     dim: int
+    """Token dimension D; the layer checks it against the expert bank's."""
     num_experts: int
+    """Number of experts E the router chooses from."""
 
     def __call__(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
-        """Route tokens."""
+        """Route tokens: ``k`` experts each (``None``: the router's schedule)."""
         ...
 
 
