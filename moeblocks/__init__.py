@@ -42,6 +42,7 @@ from moeblocks.routing import Routing as Routing
 from moeblocks.schedules import ConstantK as ConstantK
 from moeblocks.schedules import KSchedule as KSchedule
 from moeblocks.schedules import StepK as StepK
+from moeblocks.schedules import step_schedules as step_schedules
 from moeblocks.shared import SharedExperts as SharedExperts
 
 __all__ = [
@@ -88,4 +89,5 @@ __all__ = [
     "grouped_mm",
     "make_dispatcher",
     "step_balancers",
+    "step_schedules",
 ]

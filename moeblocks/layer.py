@@ -20,6 +20,7 @@ from moeblocks.experts import ExpertBank
 from moeblocks.losses import AuxLoss
 from moeblocks.routers import RouterProtocol
 from moeblocks.routing import Layout, MoEOutput, Routing
+from moeblocks.schedules import KSchedule
 from moeblocks.shared import SharedExperts
 
 __all__ = ["MoELayer"]
@@ -30,6 +31,20 @@ def _row_weights(routing: Routing, layout: Layout) -> Float[Tensor, "R 1"]:
     slot_R = layout.slot_of_row
     w_R = routing.weights.reshape(-1).index_select(0, slot_R.clamp(min=0))
     return w_R.masked_fill(slot_R < 0, 0).unsqueeze(1)
+
+
+def _check_losses(losses: object) -> dict[str, AuxLoss]:
+    """``losses`` as a dict, or a ``TypeError`` that shows the expected form."""
+    if losses is not None and not isinstance(losses, Mapping):
+        raise TypeError(
+            "losses must be a mapping of names to AuxLoss, e.g. "
+            f"{{'balance': LoadBalanceLoss()}}, got {type(losses).__name__}"
+        )
+    losses = dict(losses or {})
+    for name, loss in losses.items():
+        if not isinstance(name, str) or not isinstance(loss, AuxLoss):
+            raise TypeError(f"losses must map str names to AuxLoss, got {name!r}: {loss!r}")
+    return losses
 
 
 class MoELayer(nn.Module):
@@ -95,10 +110,7 @@ class MoELayer(nn.Module):
                 raise ValueError(f"shared experts have dim {shared.dim}, the router {router.dim}")
         if capacity is not None and not isinstance(capacity, Capacity):
             raise TypeError(f"capacity must be a Capacity, got {type(capacity).__name__}")
-        losses = dict(losses or {})
-        for name, loss in losses.items():
-            if not isinstance(name, str) or not isinstance(loss, AuxLoss):
-                raise TypeError(f"losses must map str names to AuxLoss, got {name!r}: {loss!r}")
+        losses = _check_losses(losses)
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
@@ -193,6 +205,9 @@ class MoELayer(nn.Module):
         scorer = getattr(self.router, "scorer", None)
         if mask_T is not None and self.training and getattr(scorer, "needs_seed", False):
             scorer.seed_from(tokens_TD[mask_T])  # once per model: padding is no anchor
+        schedule = getattr(self.router, "schedule", None)
+        if self.training and k is None and isinstance(schedule, KSchedule):
+            schedule.note_training_use()  # warns once if nobody steps a curriculum
         routing = self.router(tokens_TD, k=k)
         self._check_routing(routing, tokens_TD.shape[0])
         routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))

@@ -218,6 +218,20 @@ class RouterProtocol(Protocol):
         ...
 
 
+def _schedule(schedule: KSchedule | int | None, k: int | None) -> KSchedule:
+    """The router's schedule from ``schedule=`` or its spelling ``k=`` (default k = 1)."""
+    if k is not None and schedule is not None:
+        raise ValueError(
+            f"give the router either k={k!r} (a constant k) or schedule={schedule!r}, not both"
+        )
+    schedule = (1 if k is None else k) if schedule is None else schedule
+    if isinstance(schedule, int) and not isinstance(schedule, bool):
+        return ConstantK(schedule)
+    if not isinstance(schedule, KSchedule):
+        raise TypeError(f"schedule must be a KSchedule or an int, got {type(schedule).__name__}")
+    return schedule
+
+
 class Router(nn.Module):
     """The stock router: scorer → scoring function → selection → weight policy.
 
@@ -228,7 +242,8 @@ class Router(nn.Module):
 
     Args:
         scorer: Any :class:`Scorer` (``LinearScorer``, ``CosineScorer``, ...).
-        schedule: A :class:`~moeblocks.schedules.KSchedule`, or an int for a constant k.
+        schedule: A :class:`~moeblocks.schedules.KSchedule`, or an int for a constant k
+            (default 1).
         noise_std: Standard deviation of Gaussian noise added to the scores, in training
             mode only (0 disables it). ``Routing.scores`` records the clean scores;
             ``probs`` and the choice use the noisy ones.
@@ -246,12 +261,13 @@ class Router(nn.Module):
         routing_dtype: Dtype the scoring function runs in; None takes the scores' dtype
             promoted to at least float32 (float64 stays float64); ``torch.float32`` pins
             it (Mixtral and Qwen route in float32 even in a float64 model).
+        k: A constant k, the same as ``schedule=k``; give one or the other.
     """
 
     def __init__(
         self,
         scorer: Scorer,
-        schedule: KSchedule | int = 1,
+        schedule: KSchedule | int | None = None,
         noise_std: float = 0.0,
         *,
         scoring: str = "softmax",
@@ -260,6 +276,7 @@ class Router(nn.Module):
         balancer: BiasBalancer | None = None,
         jitter: float = 0.0,
         routing_dtype: torch.dtype | None = None,
+        k: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(scorer, nn.Module) or not isinstance(scorer, Scorer):
@@ -267,12 +284,7 @@ class Router(nn.Module):
                 f"scorer must be an nn.Module with dim, num_experts and forward(tokens), "
                 f"got {type(scorer).__name__}"
             )
-        if isinstance(schedule, int) and not isinstance(schedule, bool):
-            schedule = ConstantK(schedule)
-        if not isinstance(schedule, KSchedule):
-            raise TypeError(
-                f"schedule must be a KSchedule or an int, got {type(schedule).__name__}"
-            )
+        schedule = _schedule(schedule, k)
         if schedule.max_k > scorer.num_experts:
             raise ValueError(
                 f"schedule reaches k={schedule.max_k} but the scorer has only "
