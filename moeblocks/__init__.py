@@ -4,6 +4,9 @@ from moeblocks._version import __version__ as __version__
 from moeblocks.activations import GLU as GLU
 from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
 from moeblocks.activations import GatedActivation as GatedActivation
+from moeblocks.adapters import AuxLosses as AuxLosses
+from moeblocks.adapters import TensorMoE as TensorMoE
+from moeblocks.adapters import collect_aux_losses as collect_aux_losses
 from moeblocks.balancing import BiasBalancer as BiasBalancer
 from moeblocks.balancing import step_balancers as step_balancers
 from moeblocks.capacity import Capacity as Capacity
@@ -48,6 +51,7 @@ from moeblocks.shared import SharedExperts as SharedExperts
 __all__ = [
     "GLU",
     "AuxLoss",
+    "AuxLosses",
     "BandpassLoss",
     "BiasBalancer",
     "CVSquaredLoss",
@@ -78,6 +82,7 @@ __all__ = [
     "SharedExperts",
     "StepK",
     "SwiGLUExperts",
+    "TensorMoE",
     "TokenStatLoss",
     "TokenStats",
     "TopK",
@@ -86,6 +91,7 @@ __all__ = [
     "ZLoss",
     "__version__",
     "build_layout",
+    "collect_aux_losses",
     "grouped_mm",
     "make_dispatcher",
     "step_balancers",

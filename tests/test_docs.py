@@ -373,6 +373,29 @@ def test_home_page_leads_to_every_section() -> None:
     assert not missing, f"docs/index.md's 'Where to go next' leaves out {missing}"
 
 
+@pytest.mark.slow
+def test_your_own_model_compiles(tmp_path: Path) -> None:
+    """The page's blocks up to its torch.compile block, in an interpreter without the
+    test run's jaxtyping hook (dynamo cannot trace beartype's wrappers)."""
+    pytest.importorskip("torch")
+    page = DOCS / "your-own-model.md"
+    blocks = [b for b in extract_blocks(page) if b.lang in PYTHON_LANGS]
+    upto = next(i for i, b in enumerate(blocks) if "torch.compile(" in b.code)
+    assert blocks[upto].skip, "the compile block runs here, not in the hooked runner"
+    check = "\ntorch.testing.assert_close(logits, model(ids)[0], rtol=1e-4, atol=1e-4)\n"
+    # Inductor may reorder float32 reductions: a few ulps of the eager logits.
+    script = "".join(b.code for b in blocks[: upto + 1]) + "model.eval()\n" + check
+    script = script.replace("logits, aux = compiled(ids)", "logits, aux = compiled.eval()(ids)")
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard: compiling the tiny model takes seconds to a minute
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 # --- the site's math: KaTeX at build time ----------------------------------------------
 
 
