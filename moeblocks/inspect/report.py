@@ -136,6 +136,8 @@ class RunInspection:
         mean_probs: Per layer: mean router probability ``P_e`` of every expert.
         corridor: ``(floor, ceiling)`` of the run's bandpass loss on ``P_e``, else None.
         sweep_tokens: Predicted tokens each k-sweep perplexity is over.
+        split_tokens: Predicted tokens of the whole validation split, which ``eval``
+            reads unless given ``--max-tokens`` (0: not known).
         training: The run's ``log.jsonl`` records (empty when there is no log).
         k_switch: Step at which k rose during training (None: k never changed).
     """
@@ -162,8 +164,24 @@ class RunInspection:
     mean_probs: tuple[Tensor, ...] = ()
     corridor: tuple[float, float] | None = None
     sweep_tokens: int = 0
+    split_tokens: int = 0
     training: tuple[Mapping[str, Any], ...] = ()
     k_switch: int | None = None
+
+
+def _sweep_budget(sweep_tokens: int, split_tokens: int) -> str:
+    """What the k-sweep's perplexities are over, and how ``eval`` gets the same numbers."""
+    if not sweep_tokens:
+        return ""
+    if split_tokens and sweep_tokens < split_tokens:
+        # eval reads the whole split by default: a different text, a different perplexity.
+        return (
+            f" (perplexity over the first {sweep_tokens} of {split_tokens} validation tokens;"
+            f" eval reads all {split_tokens}, eval --max-tokens {sweep_tokens} these)"
+        )
+    if split_tokens:
+        return f" (perplexity over all {split_tokens} validation tokens, as eval)"
+    return f" (perplexity over {sweep_tokens} tokens)"
 
 
 def _contrast(forward: Any, encode: Any, items: Sequence[ProbeItem]) -> list[ConditionTest]:
@@ -321,7 +339,8 @@ def inspect_run(
         sweep, cfg.k_final, sims,
         [tok.decode([i]) for i in sent_ids], trace,
         mean_probs=tuple(r.probs.mean(0) for r in rs.layers), corridor=corridor,
-        sweep_tokens=sweep_tokens, training=tuple(run_summary(run_folder(Path(run)))["train"]),
+        sweep_tokens=sweep_tokens, split_tokens=eval_windows(tokens, cfg.seq_len)[1].numel(),
+        training=tuple(run_summary(run_folder(Path(run)))["train"]),
         k_switch=k_switch,
     )  # fmt: skip
 
@@ -381,7 +400,7 @@ def format_inspection(ins: RunInspection, experts_shown: int = 6) -> str:
                 f"{c.mean_second:.3f}, permutation p = {c.p_value:.4f}"
             )
     if ins.k_sweep:
-        over = f" (perplexity over {ins.sweep_tokens} tokens)" if ins.sweep_tokens else ""
+        over = _sweep_budget(ins.sweep_tokens, ins.split_tokens)
         lines += ["", f"k-sweep{over}:  " + "  ".join(f"k={k}: {p:.2f}" for k, p in ins.k_sweep)]
     lines += ["", "busiest experts and their top tokens:"]
     for i, s in enumerate(ins.summaries):
