@@ -19,9 +19,12 @@ from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
 from moeblocks.experts import MLPExperts as MLPExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
+from moeblocks.gating import DynamicSelection as DynamicSelection
+from moeblocks.gating import ExpertChoice as ExpertChoice
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
 from moeblocks.gating import Selection as Selection
 from moeblocks.gating import TopK as TopK
+from moeblocks.gating import TopP as TopP
 from moeblocks.gating import WeightPolicy as WeightPolicy
 from moeblocks.grouped import grouped_mm as grouped_mm
 from moeblocks.layer import MoELayer as MoELayer
@@ -61,7 +64,9 @@ __all__ = [
     "CosineScorer",
     "Dispatcher",
     "DispersionLoss",
+    "DynamicSelection",
     "ExpertBank",
+    "ExpertChoice",
     "ExpertInit",
     "GELUExperts",
     "GatedActivation",
@@ -86,6 +91,7 @@ __all__ = [
     "TokenStatLoss",
     "TokenStats",
     "TopK",
+    "TopP",
     "TorchDispatcher",
     "WeightPolicy",
     "ZLoss",

@@ -181,6 +181,42 @@ class MoELayer(nn.Module):
                 f"{self.num_experts} experts"
             )
 
+    def _routed(self, tokens_TD: Tensor, routing: Routing) -> Tensor:
+        """Dispatch every slot of ``routing``, run the experts, combine."""
+        grouped_RD, layout = self.dispatcher.permute(tokens_TD, routing)
+        combine_TK = routing.weights
+        if self.weight_inputs:
+            grouped_RD = grouped_RD * _row_weights(routing, layout).to(grouped_RD.dtype)
+            kept_TK = torch.ones_like(combine_TK)
+            combine_TK = (
+                kept_TK if routing.dropped is None else kept_TK.masked_fill(routing.dropped, 0)
+            )
+        expert_out_RD = self.experts(grouped_RD, layout.group_sizes)
+        return self.dispatcher.unpermute(expert_out_RD, layout, combine_TK)
+
+    def _real_slots_only(self, tokens_TD: Tensor, routing: Routing) -> Tensor:
+        """Dynamic k: dispatch the real slots alone, as N one-slot rows, and sum back.
+
+        Sizing the N real slots reads the slot mask on the host (one device sync).
+        """
+        slots_TK = routing.slots
+        token_N = torch.arange(routing.num_tokens, device=slots_TK.device)
+        token_N = token_N.unsqueeze(1).expand_as(slots_TK)[slots_TK]
+        N, E = token_N.shape[0], routing.num_experts
+        # The dispatcher reads experts and weights only: stride-0 views stand for scores.
+        blank_NE = routing.scores.new_zeros(()).expand(N, E)
+        real = Routing(
+            blank_NE,
+            blank_NE,
+            routing.experts[slots_TK].unsqueeze(1),
+            routing.weights[slots_TK].unsqueeze(1),
+        )
+        out_ND = self._routed(tokens_TD.index_select(0, token_N), real)
+        # Back to [T, K] then a sum in slot order: deterministic, no atomics.
+        out_TKD = out_ND.new_zeros(*slots_TK.shape, out_ND.shape[-1])
+        out_TKD[slots_TK] = out_ND
+        return out_TKD.sum(1)
+
     def forward(
         self,
         x: Float[Tensor, "*batch D"],
@@ -212,17 +248,13 @@ class MoELayer(nn.Module):
         self._check_routing(routing, tokens_TD.shape[0])
         routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
         if self.capacity is not None:
+            if routing.slots is not None:
+                raise ValueError("a capacity limit does not apply to a dynamic-k routing")
             routing = self.capacity(routing)
-        grouped_RD, layout = self.dispatcher.permute(tokens_TD, routing)
-        combine_TK = routing.weights
-        if self.weight_inputs:
-            grouped_RD = grouped_RD * _row_weights(routing, layout).to(grouped_RD.dtype)
-            kept_TK = torch.ones_like(combine_TK)
-            combine_TK = (
-                kept_TK if routing.dropped is None else kept_TK.masked_fill(routing.dropped, 0)
-            )
-        expert_out_RD = self.experts(grouped_RD, layout.group_sizes)
-        out_TD = self.dispatcher.unpermute(expert_out_RD, layout, combine_TK)
+        if routing.slots is None:
+            out_TD = self._routed(tokens_TD, routing)
+        else:
+            out_TD = self._real_slots_only(tokens_TD, routing)
         if self.shared is not None:
             out_TD = out_TD + self.shared(tokens_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from moeblocks._checks import check_float, check_tokens
 from moeblocks.balancing import BiasBalancer
 from moeblocks.gating import (
+    DynamicSelection,
     Selection,
     TopK,
     WeightPolicy,
@@ -249,7 +250,9 @@ class Router(nn.Module):
             ``probs`` and the choice use the noisy ones.
         scoring: ``"softmax"``, ``"sigmoid"`` or ``"softmax_topk"``.
         selection: :class:`~moeblocks.gating.TopK` (default) or
-            :class:`~moeblocks.gating.GroupLimitedTopK`.
+            :class:`~moeblocks.gating.GroupLimitedTopK`; or a dynamic k
+            (:class:`~moeblocks.gating.TopP`, :class:`~moeblocks.gating.ExpertChoice`),
+            whose record marks its real slots in ``Routing.slots``.
         weights: The :class:`~moeblocks.gating.WeightPolicy` (default: renormalise for
             k > 1, no scaling).
         balancer: A :class:`~moeblocks.balancing.BiasBalancer` whose bias is added to
@@ -271,7 +274,7 @@ class Router(nn.Module):
         noise_std: float = 0.0,
         *,
         scoring: str = "softmax",
-        selection: Selection | None = None,
+        selection: Selection | DynamicSelection | None = None,
         weights: WeightPolicy | None = None,
         balancer: BiasBalancer | None = None,
         jitter: float = 0.0,
@@ -293,10 +296,10 @@ class Router(nn.Module):
         if not (noise_std >= 0 and math.isfinite(noise_std)):
             raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
         selection = TopK() if selection is None else selection
-        if not isinstance(selection, Selection):
+        if not isinstance(selection, (Selection, DynamicSelection)):
             raise TypeError(
-                f"selection must implement check() and __call__(key, k), "
-                f"got {type(selection).__name__}"
+                f"selection must implement check() and __call__(key, k) (or select(key, k) "
+                f"for a dynamic k), got {type(selection).__name__}"
             )
         selection.check(scorer.num_experts, schedule.max_k)
         weights = WeightPolicy() if weights is None else weights
@@ -405,11 +408,18 @@ class Router(nn.Module):
             key_TE = key_TE + self.balancer.bias.to(key_TE.dtype)
         if key_edit is not None:
             key_TE = key_edit(key_TE)
-        experts_TK = self.selection(key_TE, k)
-        weights_TK = self.weights(gates(self.scoring, logits, probs_TE, experts_TK))
+        slots_TK = None
+        if isinstance(self.selection, DynamicSelection):
+            experts_TK, slots_TK = self.selection.select(key_TE, k)
+        else:
+            experts_TK = self.selection(key_TE, k)
+        gates_TK = gates(self.scoring, logits, probs_TE, experts_TK)
+        weights_TK = self.weights(gates_TK, slots_TK)
         if self.balancer is not None and self.training:
-            self.balancer.observe(experts_TK)
-        return Routing(scores, probs_TE, experts_TK, weights_TK)
+            # Only real slots are load (a [N, 1] record: one sync, on the dynamic path).
+            seen = experts_TK if slots_TK is None else experts_TK[slots_TK].unsqueeze(1)
+            self.balancer.observe(seen)
+        return Routing(scores, probs_TE, experts_TK, weights_TK, slots=slots_TK)
 
     def forward(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
         """Route tokens.

@@ -353,14 +353,14 @@ def _counted(batches: Iterable[Tensor], bar: Any) -> Iterator[Tensor]:
 
 def _layer_table(ins: RunInspection) -> list[str]:
     lines = [
-        "layer  dead      saturation  entropy/logE  usage-H/logE  vocab-H  "
+        "layer  dead      mean-k  saturation  entropy/logE  usage-H/logE  vocab-H  "
         "coherence top1 (shuffled)  jaccard (shuffled)" + ("  purity" if ins.purity else ""),
     ]
     for i, s in enumerate(ins.summaries):
         c = ins.coherence[i]
         E = len(s.utilisation)
         row = (
-            f"{i:5d}  {len(s.dead):3d}/{E:<4d} {s.saturation:10.3f}  "
+            f"{i:5d}  {len(s.dead):3d}/{E:<4d} {s.mean_k:6.2f}  {s.saturation:10.3f}  "
             f"{s.entropy / s.max_entropy:12.3f}  {s.usage_entropy / s.max_entropy:12.3f}  "
             f"{ins.vocab_entropy[i]:7.2f}  "
             f"{c.top1_agreement:14.3f} ({c.baseline_top1:.3f})  "
