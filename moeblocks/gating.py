@@ -295,7 +295,9 @@ class ExpertChoice:
     Every expert takes the ``C = ceil(capacity_factor · T · k / E)`` tokens with the
     largest key for it (``k`` is the router's k: the mean experts per token), so a token
     gets 0..E experts. The record is ``k_max`` wide, a token's experts best first; a
-    token chosen by more than ``k_max`` experts keeps its best ``k_max``.
+    token chosen by more than ``k_max`` experts keeps its best ``k_max``. The choice ranks
+    the tokens of the whole batch: in a causal model a token's experts depend on later
+    tokens.
 
     Args:
         capacity_factor: Multiplies the capacity, > 0.
