@@ -4,6 +4,9 @@ from moeblocks._version import __version__ as __version__
 from moeblocks.activations import GLU as GLU
 from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
 from moeblocks.activations import GatedActivation as GatedActivation
+from moeblocks.adapters import AuxLosses as AuxLosses
+from moeblocks.adapters import TensorMoE as TensorMoE
+from moeblocks.adapters import collect_aux_losses as collect_aux_losses
 from moeblocks.balancing import BiasBalancer as BiasBalancer
 from moeblocks.balancing import step_balancers as step_balancers
 from moeblocks.capacity import Capacity as Capacity
@@ -16,9 +19,12 @@ from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
 from moeblocks.experts import MLPExperts as MLPExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
+from moeblocks.gating import DynamicSelection as DynamicSelection
+from moeblocks.gating import ExpertChoice as ExpertChoice
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
 from moeblocks.gating import Selection as Selection
 from moeblocks.gating import TopK as TopK
+from moeblocks.gating import TopP as TopP
 from moeblocks.gating import WeightPolicy as WeightPolicy
 from moeblocks.grouped import grouped_mm as grouped_mm
 from moeblocks.initialization import init_weights as init_weights
@@ -45,11 +51,13 @@ from moeblocks.routing import Routing as Routing
 from moeblocks.schedules import ConstantK as ConstantK
 from moeblocks.schedules import KSchedule as KSchedule
 from moeblocks.schedules import StepK as StepK
+from moeblocks.schedules import step_schedules as step_schedules
 from moeblocks.shared import SharedExperts as SharedExperts
 
 __all__ = [
     "GLU",
     "AuxLoss",
+    "AuxLosses",
     "BandpassLoss",
     "BiasBalancer",
     "CVSquaredLoss",
@@ -59,7 +67,9 @@ __all__ = [
     "CosineScorer",
     "Dispatcher",
     "DispersionLoss",
+    "DynamicSelection",
     "ExpertBank",
+    "ExpertChoice",
     "ExpertInit",
     "GELUExperts",
     "GatedActivation",
@@ -81,17 +91,21 @@ __all__ = [
     "SharedExperts",
     "StepK",
     "SwiGLUExperts",
+    "TensorMoE",
     "TokenStatLoss",
     "TokenStats",
     "TopK",
+    "TopP",
     "TorchDispatcher",
     "WeightPolicy",
     "ZLoss",
     "__version__",
     "build_layout",
+    "collect_aux_losses",
     "grouped_mm",
     "init_weights",
     "make_dispatcher",
     "materialize",
     "step_balancers",
+    "step_schedules",
 ]

@@ -34,7 +34,9 @@ class ExpertBank(Protocol):
     """Runs each expert on its own contiguous rows."""
 
     num_experts: int
+    """Number of experts E (entries of ``group_sizes``)."""
     dim: int
+    """Model dimension D of the rows in and out."""
 
     def __call__(
         self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]

@@ -5,25 +5,29 @@ Legend: T tokens, E experts, K experts per token, G expert groups.
 A router turns raw scores (logits) into a :class:`~moeblocks.routing.Routing` in three
 independent steps:
 
-1. **Scoring function** (by name) maps logits to per-expert probabilities ``probs``,
-   the *selection key* the experts are chosen by, and the raw *gates* of the chosen ones:
+1.  **Scoring function** (by name) maps logits to per-expert probabilities ``probs``,
+    the *selection key* the experts are chosen by, and the raw *gates* of the chosen
+    ones:
 
-   ==================  ======================  ==============  =============================
-   name                ``probs``               selection key   gates of the K chosen experts
-   ==================  ======================  ==============  =============================
-   ``"softmax"``       softmax over all E      ``probs``       ``probs`` of the chosen
-   ``"sigmoid"``       ``sigmoid(logits)``     ``probs``       ``probs`` of the chosen
-   ``"softmax_topk"``  softmax over all E      ``logits``      softmax over the K chosen logits
-   ==================  ======================  ==============  =============================
+    | name | ``probs`` | selection key | gates of the K chosen experts |
+    |---|---|---|---|
+    | ``"softmax"`` | softmax over all E | ``probs`` | ``probs`` of the chosen |
+    | ``"sigmoid"`` | ``sigmoid(logits)`` | ``probs`` | ``probs`` of the chosen |
+    | ``"softmax_topk"`` | softmax over all E | ``logits`` | softmax over the K chosen logits |
 
-   (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
-   ``"sigmoid"``; GPT-OSS ``"softmax_topk"``.) A selection-only bias (see
-   :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
-2. **Selection** picks K experts per token from the key: :class:`TopK`, or
-   :class:`GroupLimitedTopK` (DeepSeek-V3: first the best groups, then top-k inside them).
-3. **Weight policy** turns the gates into combine weights: :class:`WeightPolicy`
-   (renormalise always, only for K > 1, or never; then multiply by a routed scaling
-   factor).
+    (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
+    ``"sigmoid"``; GPT-OSS ``"softmax_topk"``.) A selection-only bias (see
+    :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
+
+2.  **Selection** picks K experts per token from the key: :class:`TopK`, or
+    :class:`GroupLimitedTopK` (DeepSeek-V3: first the best groups, then top-k inside
+    them). A :class:`DynamicSelection` gives each token its own number of experts and
+    marks which of the K slots are real: :class:`TopP` (experts until their mass
+    reaches p) and :class:`ExpertChoice` (each expert takes its best tokens).
+
+3.  **Weight policy** turns the gates into combine weights: :class:`WeightPolicy`
+    (renormalise always, only for K > 1, or never; then multiply by a routed scaling
+    factor).
 """
 
 from __future__ import annotations
@@ -33,16 +37,19 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from moeblocks._checks import check_float
+from moeblocks._checks import check_float, value_checks
 
 __all__ = [
     "SCORINGS",
+    "DynamicSelection",
+    "ExpertChoice",
     "GroupLimitedTopK",
     "Selection",
     "TopK",
+    "TopP",
     "WeightPolicy",
     "check_scoring",
     "gates",
@@ -201,6 +208,141 @@ class GroupLimitedTopK:
         return key.masked_fill(~allowed_TE, -math.inf).topk(k, dim=-1).indices
 
 
+@runtime_checkable
+class DynamicSelection(Protocol):
+    """Chooses a varying number of experts per token: K slots, of which some are real."""
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """Raise ``ValueError`` when this selection cannot serve E experts and k up to max_k."""
+        ...
+
+    def select(
+        self, key: Float[Tensor, "T E"], k: int
+    ) -> tuple[Int[Tensor, "T K"], Bool[Tensor, "T K"]]:
+        """Expert ids (real slots first, best first) and the mask of real slots.
+
+        ``k`` is the router's k (for :class:`ExpertChoice`, the mean experts per token
+        that sizes each expert's capacity). Empty slots hold a valid expert id.
+        """
+        ...
+
+
+def _check_width(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TopP:
+    """Top-p routing: each token takes experts, best first, until their mass reaches p.
+
+    The mass is the key normalised per token (the probabilities, for softmax scoring):
+    a token takes the smallest number of experts whose mass is at least ``p``, then
+    clamped to ``[k_min, k_max]``. The record is ``k_max`` wide; slots past a token's
+    count are empty. The router's k is not used.
+
+    Args:
+        p: Mass threshold in (0, 1].
+        k_min: Fewest experts per token, >= 1.
+        k_max: Most experts per token (the width K); None: all E.
+    """
+
+    p: float
+    k_min: int = 1
+    k_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.p, (int, float)) and 0 < self.p <= 1):
+            raise ValueError(f"p must be a number in (0, 1], got {self.p!r}")
+        _check_width("k_min", self.k_min)
+        _check_width("k_max", self.k_max)
+        if self.k_max is not None and self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """``k_min`` and ``k_max`` must not exceed E."""
+        if max(self.k_min, self.k_max or 1) > num_experts:
+            raise ValueError(
+                f"TopP(k_min={self.k_min}, k_max={self.k_max}) exceeds the {num_experts} experts"
+            )
+
+    def select(
+        self, key: Float[Tensor, "T E"], k: int
+    ) -> tuple[Int[Tensor, "T K"], Bool[Tensor, "T K"]]:
+        """The best experts of each token until their mass reaches ``p``.
+
+        Raises:
+            ValueError: If ``key`` is not ``[T, E]`` or (on CPU) holds a negative value.
+        """
+        check_float(key, "key", 2)
+        self.check(key.shape[1], 1)
+        if value_checks(key, False) and key.numel() and bool(key.min() < 0):
+            raise ValueError("TopP needs a non-negative key (softmax or sigmoid scoring)")
+        width = key.shape[1] if self.k_max is None else self.k_max
+        # Float64 cumulative mass: the threshold test must not flip with summation order.
+        sorted_TE, order_TE = key.double().sort(dim=-1, descending=True, stable=True)
+        mass_TE = sorted_TE / sorted_TE.sum(-1, keepdim=True).clamp(min=1e-300)
+        before_TE = mass_TE.cumsum(-1) - mass_TE  # mass of the better experts
+        count_T = (before_TE < self.p).sum(-1).clamp(self.k_min, width)
+        slots_TK = torch.arange(width, device=key.device) < count_T.unsqueeze(-1)
+        return order_TE[:, :width], slots_TK
+
+
+@dataclass(frozen=True)
+class ExpertChoice:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its best tokens.
+
+    Every expert takes the ``C = ceil(capacity_factor · T · k / E)`` tokens with the
+    largest key for it (``k`` is the router's k: the mean experts per token), so a token
+    gets 0..E experts. The record is ``k_max`` wide, a token's experts best first; a
+    token chosen by more than ``k_max`` experts keeps its best ``k_max``. The choice ranks
+    the tokens of the whole batch: in a causal model a token's experts depend on later
+    tokens.
+
+    Args:
+        capacity_factor: Multiplies the capacity, > 0.
+        k_max: Most experts per token (the width K); None: all E.
+    """
+
+    capacity_factor: float = 1.0
+    k_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be a number > 0, got {self.capacity_factor!r}")
+        _check_width("k_max", self.k_max)
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """``k_max`` must not exceed E; any k in [1, E] sizes the capacity."""
+        if (self.k_max or 1) > num_experts or max_k > num_experts:
+            raise ValueError(
+                f"ExpertChoice(k_max={self.k_max}) with k up to {max_k} exceeds the "
+                f"{num_experts} experts"
+            )
+
+    def capacity(self, num_tokens: int, k: int, num_experts: int) -> int:
+        """Tokens each expert takes: ``min(T, ceil(capacity_factor · T · k / E))``."""
+        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * k / num_experts))
+
+    def select(
+        self, key: Float[Tensor, "T E"], k: int
+    ) -> tuple[Int[Tensor, "T K"], Bool[Tensor, "T K"]]:
+        """Each expert's top-C tokens, regrouped per token."""
+        check_float(key, "key", 2)
+        _check_k(k, key.shape[1])
+        T, E = key.shape
+        width = E if self.k_max is None else self.k_max
+        C = self.capacity(T, k, E)
+        chosen_TE = torch.zeros_like(key, dtype=torch.bool)
+        if C:
+            top_CE = key.topk(C, dim=0).indices  # per expert, its C best tokens
+            chosen_TE.scatter_(0, top_CE, True)
+        # Per token: chosen experts first, by key; -inf sorts the others last.
+        ranked_TE = key.masked_fill(~chosen_TE, -math.inf)
+        order_TE = ranked_TE.sort(dim=-1, descending=True, stable=True).indices[:, :width]
+        return order_TE, chosen_TE.gather(1, order_TE)
+
+
 _RENORMALIZE = ("always", "k>1", "never")
 
 
@@ -234,10 +376,30 @@ class WeightPolicy:
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
 
-    def __call__(self, gates: Float[Tensor, "T K"]) -> Float[Tensor, "T K"]:
-        """Combine weights from the chosen experts' gates (``[T, K]``, floating)."""
+    def __call__(
+        self, gates: Float[Tensor, "T K"], slots: Bool[Tensor, "T K"] | None = None
+    ) -> Float[Tensor, "T K"]:
+        """Combine weights from the chosen experts' gates (``[T, K]``, floating).
+
+        With ``slots`` (dynamic k), empty slots weigh 0, renormalising sums the real
+        slots only, and ``"k>1"`` renormalises the tokens with more than one real slot.
+        """
         check_float(gates, "gates", 2)
         K = gates.shape[1]
-        if self.renormalize == "always" or (self.renormalize == "k>1" and K > 1):
+        if slots is not None:
+            gates = self._renormalise_real(gates.masked_fill(~slots, 0), slots)
+        elif self.renormalize == "always" or (self.renormalize == "k>1" and K > 1):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)
         return gates * self.scale if self.scale != 1.0 else gates
+
+    def _renormalise_real(
+        self, gates: Float[Tensor, "T K"], slots: Bool[Tensor, "T K"]
+    ) -> Float[Tensor, "T K"]:
+        if self.renormalize == "never":
+            return gates
+        # +1 where a token has no real slot: 0 / 1, not 0 / 0 (and no NaN gradient).
+        empty_T1 = ~slots.any(dim=-1, keepdim=True)
+        normed = gates / (gates.sum(dim=-1, keepdim=True) + self.eps + empty_T1)
+        if self.renormalize == "always":
+            return normed
+        return torch.where(slots.sum(-1, keepdim=True) > 1, normed, gates)

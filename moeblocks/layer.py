@@ -23,6 +23,7 @@ from moeblocks.experts import ExpertBank
 from moeblocks.losses import AuxLoss, DispersionLoss
 from moeblocks.routers import RouterProtocol
 from moeblocks.routing import Layout, MoEOutput, Routing
+from moeblocks.schedules import KSchedule
 from moeblocks.shared import SharedExperts
 
 __all__ = ["MoELayer"]
@@ -57,6 +58,20 @@ def _row_weights(routing: Routing, layout: Layout) -> Float[Tensor, "R 1"]:
     slot_R = layout.slot_of_row
     w_R = routing.weights.reshape(-1).index_select(0, slot_R.clamp(min=0))
     return w_R.masked_fill(slot_R < 0, 0).unsqueeze(1)
+
+
+def _check_losses(losses: object) -> dict[str, AuxLoss]:
+    """``losses`` as a dict, or a ``TypeError`` that shows the expected form."""
+    if losses is not None and not isinstance(losses, Mapping):
+        raise TypeError(
+            "losses must be a mapping of names to AuxLoss, e.g. "
+            f"{{'balance': LoadBalanceLoss()}}, got {type(losses).__name__}"
+        )
+    losses = dict(losses or {})
+    for name, loss in losses.items():
+        if not isinstance(name, str) or not isinstance(loss, AuxLoss):
+            raise TypeError(f"losses must map str names to AuxLoss, got {name!r}: {loss!r}")
+    return losses
 
 
 class MoELayer(nn.Module):
@@ -140,10 +155,8 @@ class MoELayer(nn.Module):
                 raise ValueError(f"shared experts have dim {shared.dim}, the router {router.dim}")
         if capacity is not None and not isinstance(capacity, Capacity):
             raise TypeError(f"capacity must be a Capacity, got {type(capacity).__name__}")
-        losses = dict(losses or {})
+        losses = _check_losses(losses)
         for name, loss in losses.items():
-            if not isinstance(name, str) or not isinstance(loss, AuxLoss):
-                raise TypeError(f"losses must map str names to AuxLoss, got {name!r}: {loss!r}")
             if isinstance(loss, DispersionLoss) and loss.source is None:
                 losses[name] = loss.bind(router)
         self._router_losses = frozenset(n for n, f in losses.items() if _takes_router(f))
@@ -229,6 +242,42 @@ class MoELayer(nn.Module):
                 f"{self.num_experts} experts"
             )
 
+    def _routed(self, tokens_TD: Tensor, routing: Routing) -> Tensor:
+        """Dispatch every slot of ``routing``, run the experts, combine."""
+        grouped_RD, layout = self.dispatcher.permute(tokens_TD, routing)
+        combine_TK = routing.weights
+        if self.weight_inputs:
+            grouped_RD = grouped_RD * _row_weights(routing, layout).to(grouped_RD.dtype)
+            kept_TK = torch.ones_like(combine_TK)
+            combine_TK = (
+                kept_TK if routing.dropped is None else kept_TK.masked_fill(routing.dropped, 0)
+            )
+        expert_out_RD = self.experts(grouped_RD, layout.group_sizes)
+        return self.dispatcher.unpermute(expert_out_RD, layout, combine_TK)
+
+    def _real_slots_only(self, tokens_TD: Tensor, routing: Routing) -> Tensor:
+        """Dynamic k: dispatch the real slots alone, as N one-slot rows, and sum back.
+
+        Sizing the N real slots reads the slot mask on the host (one device sync).
+        """
+        slots_TK = routing.slots
+        token_N = torch.arange(routing.num_tokens, device=slots_TK.device)
+        token_N = token_N.unsqueeze(1).expand_as(slots_TK)[slots_TK]
+        N, E = token_N.shape[0], routing.num_experts
+        # The dispatcher reads experts and weights only: stride-0 views stand for scores.
+        blank_NE = routing.scores.new_zeros(()).expand(N, E)
+        real = Routing(
+            blank_NE,
+            blank_NE,
+            routing.experts[slots_TK].unsqueeze(1),
+            routing.weights[slots_TK].unsqueeze(1),
+        )
+        out_ND = self._routed(tokens_TD.index_select(0, token_N), real)
+        # Back to [T, K] then a sum in slot order: deterministic, no atomics.
+        out_TKD = out_ND.new_zeros(*slots_TK.shape, out_ND.shape[-1])
+        out_TKD[slots_TK] = out_ND
+        return out_TKD.sum(1)
+
     def forward(
         self,
         x: Float[Tensor, "*batch D"],
@@ -252,21 +301,20 @@ class MoELayer(nn.Module):
         mask_T = None if mask is None else mask.reshape(-1)
         if mask_T is not None and self.training and getattr(self.router, "needs_seed", False):
             self.router.seed_from(tokens_TD[mask_T])  # once per model: padding is no anchor
+        schedule = getattr(self.router, "schedule", None)
+        if self.training and k is None and isinstance(schedule, KSchedule):
+            schedule.note_training_use()  # warns once if nobody steps a curriculum
         routing = self.router(tokens_TD, k=k)
         self._check_routing(routing, tokens_TD.shape[0])
         routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
         if self.capacity is not None:
+            if routing.slots is not None:
+                raise ValueError("a capacity limit does not apply to a dynamic-k routing")
             routing = self.capacity(routing)
-        grouped_RD, layout = self.dispatcher.permute(tokens_TD, routing)
-        combine_TK = routing.weights
-        if self.weight_inputs:
-            grouped_RD = grouped_RD * _row_weights(routing, layout).to(grouped_RD.dtype)
-            kept_TK = torch.ones_like(combine_TK)
-            combine_TK = (
-                kept_TK if routing.dropped is None else kept_TK.masked_fill(routing.dropped, 0)
-            )
-        expert_out_RD = self.experts(grouped_RD, layout.group_sizes)
-        out_TD = self.dispatcher.unpermute(expert_out_RD, layout, combine_TK)
+        if routing.slots is None:
+            out_TD = self._routed(tokens_TD, routing)
+        else:
+            out_TD = self._real_slots_only(tokens_TD, routing)
         if self.shared is not None:
             out_TD = out_TD + self.shared(tokens_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}

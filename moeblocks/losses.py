@@ -60,6 +60,7 @@ class AuxLoss(Protocol):
     """An auxiliary loss: ``(routing, mask=None) -> scalar``, with a ``weight``."""
 
     weight: float
+    """Factor the layer multiplies the value by before it reports it."""
 
     def __call__(
         self, routing: Routing, mask: Bool[Tensor, " T"] | None = None
@@ -129,6 +130,18 @@ def _real_rows(values: Tensor, mask: Tensor | None) -> Tensor:
     return torch.where(keep, values, 0.0)
 
 
+def _routed_TE(routing: Routing) -> Tensor:
+    """1 where token t has a real slot on expert e, else 0, in the probabilities' dtype.
+
+    A token's experts are distinct, so each cell gets at most one slot; the empty slots
+    of a dynamic-k record (``routing.slots``) add 0.
+    """
+    zeros_TE = torch.zeros_like(routing.probs)
+    if routing.slots is None:
+        return zeros_TE.scatter_(1, routing.experts, 1.0)
+    return zeros_TE.scatter_add_(1, routing.experts, routing.slots.to(zeros_TE.dtype))
+
+
 def _num_real(routing: Routing, mask: Tensor | None) -> Tensor:
     """The number of real tokens, as a scalar tensor of the probabilities' dtype."""
     probs = routing.probs
@@ -149,10 +162,11 @@ class TokenStats:
     Attributes:
         prob_sum: ``Σ_t probs[t, e]`` (differentiable).
         slot_count: ``Σ_t (slots of t routed to e)``: routed slots per expert; sums to
-            ``k_sum``.
+            ``k_sum``. Empty slots of a dynamic-k record count nowhere.
         z2_sum: ``Σ_t logsumexp(scores[t])²`` (differentiable).
         num_tokens: The number of real tokens, as a float tensor.
-        k_sum: ``Σ_t K``, the routed slots of the real tokens (K·T for a constant K).
+        k_sum: ``Σ_t K_t``, the real routed slots of the real tokens (K·T for a
+            constant K).
     """
 
     prob_sum: Float[Tensor, " E"]
@@ -182,14 +196,13 @@ class TokenStats:
         routing = check_routing(routing, num_experts)
         mask = _check_mask(routing, mask)
         probs_TE = _real_rows(routing.probs, mask)
-        # Each token's K experts are distinct, so the scatter writes each cell once.
-        slots_TE = torch.zeros_like(routing.probs).scatter_(1, routing.experts, 1.0)
+        slots_TE = _routed_TE(routing)
         # Zeroed scores keep logsumexp finite on padding rows; the rows are then dropped.
         z2_T = _real_rows(torch.logsumexp(_real_rows(routing.scores, mask), dim=-1).square(), mask)
         n = _num_real(routing, mask)
-        return cls(
-            probs_TE.sum(0), _real_rows(slots_TE, mask).sum(0), z2_T.sum(), n, n * routing.top_k
-        )
+        slots_E = _real_rows(slots_TE, mask).sum(0)
+        k_sum = n * routing.top_k if routing.slots is None else slots_E.sum()
+        return cls(probs_TE.sum(0), slots_E, z2_T.sum(), n, k_sum)
 
     @classmethod
     def pooled(
@@ -429,14 +442,17 @@ class SequenceBalanceLoss(_Loss):
         # Padding rows become 0 first (their normalised row is then 0 / tiny = 0).
         probs = _real_rows(routing.probs, mask)
         s_TE = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
-        slots_TE = _real_rows(torch.zeros_like(probs).scatter_(1, routing.experts, 1.0), mask)
+        slots_TE = _real_rows(_routed_TE(routing), mask)
         if mask is None:
             n_B = probs.new_ones(B, S).sum(1)
         else:
             n_B = mask.view(B, S).sum(1).to(probs.dtype)
         n_B1 = n_B.clamp(min=1).unsqueeze(-1)
         P_BE = s_TE.view(B, S, E).sum(1) / n_B1
-        f_BE = slots_TE.view(B, S, E).sum(1) * E / (K * n_B1)
+        slots_BE = slots_TE.view(B, S, E).sum(1)
+        # Real slots per sequence: K·n for a fixed k, the sum of the record's for dynamic k.
+        k_B1 = K * n_B1 if routing.slots is None else slots_BE.sum(-1, keepdim=True).clamp(min=1)
+        f_BE = slots_BE * E / k_B1
         per_seq_B = (f_BE * P_BE).sum(-1)
         has_B = n_B > 0
         return _real_rows(per_seq_B, has_B).sum() / has_B.sum().clamp(min=1)

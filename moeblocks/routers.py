@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from moeblocks._checks import check_float, check_tokens
 from moeblocks.balancing import BiasBalancer
 from moeblocks.gating import (
+    DynamicSelection,
     Selection,
     TopK,
     WeightPolicy,
@@ -55,7 +56,9 @@ class Scorer(Protocol):
     """Maps tokens to scores (float32, or float64 for float64 tokens), one per expert."""
 
     dim: int
+    """Token dimension D."""
     num_experts: int
+    """Number of experts E (columns of the scores)."""
 
     def __call__(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """Score every token against every expert."""
@@ -253,10 +256,12 @@ class RouterProtocol(Protocol):
     """
 
     dim: int
+    """Token dimension D; the layer checks it against the expert bank's."""
     num_experts: int
+    """Number of experts E the router chooses from."""
 
     def __call__(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
-        """Route tokens."""
+        """Route tokens: ``k`` experts each (``None``: the router's schedule)."""
         ...
 
 
@@ -303,6 +308,20 @@ class InspectableRouter(RouterProtocol, Protocol):
         ...
 
 
+def _schedule(schedule: KSchedule | int | None, k: int | None) -> KSchedule:
+    """The router's schedule from ``schedule=`` or its spelling ``k=`` (default k = 1)."""
+    if k is not None and schedule is not None:
+        raise ValueError(
+            f"give the router either k={k!r} (a constant k) or schedule={schedule!r}, not both"
+        )
+    schedule = (1 if k is None else k) if schedule is None else schedule
+    if isinstance(schedule, int) and not isinstance(schedule, bool):
+        return ConstantK(schedule)
+    if not isinstance(schedule, KSchedule):
+        raise TypeError(f"schedule must be a KSchedule or an int, got {type(schedule).__name__}")
+    return schedule
+
+
 class Router(nn.Module):
     """The stock router: scorer → scoring function → selection → weight policy.
 
@@ -313,13 +332,16 @@ class Router(nn.Module):
 
     Args:
         scorer: Any :class:`Scorer` (``LinearScorer``, ``CosineScorer``, ...).
-        schedule: A :class:`~moeblocks.schedules.KSchedule`, or an int for a constant k.
+        schedule: A :class:`~moeblocks.schedules.KSchedule`, or an int for a constant k
+            (default 1).
         noise_std: Standard deviation of Gaussian noise added to the scores, in training
             mode only (0 disables it). ``Routing.scores`` records the clean scores;
             ``probs`` and the choice use the noisy ones.
         scoring: ``"softmax"``, ``"sigmoid"`` or ``"softmax_topk"``.
         selection: :class:`~moeblocks.gating.TopK` (default) or
-            :class:`~moeblocks.gating.GroupLimitedTopK`.
+            :class:`~moeblocks.gating.GroupLimitedTopK`; or a dynamic k
+            (:class:`~moeblocks.gating.TopP`, :class:`~moeblocks.gating.ExpertChoice`),
+            whose record marks its real slots in ``Routing.slots``.
         weights: The :class:`~moeblocks.gating.WeightPolicy` (default: renormalise for
             k > 1, no scaling).
         balancer: A :class:`~moeblocks.balancing.BiasBalancer` whose bias is added to
@@ -331,20 +353,22 @@ class Router(nn.Module):
         routing_dtype: Dtype the scoring function runs in; None takes the scores' dtype
             promoted to at least float32 (float64 stays float64); ``torch.float32`` pins
             it (Mixtral and Qwen route in float32 even in a float64 model).
+        k: A constant k, the same as ``schedule=k``; give one or the other.
     """
 
     def __init__(
         self,
         scorer: Scorer,
-        schedule: KSchedule | int = 1,
+        schedule: KSchedule | int | None = None,
         noise_std: float = 0.0,
         *,
         scoring: str = "softmax",
-        selection: Selection | None = None,
+        selection: Selection | DynamicSelection | None = None,
         weights: WeightPolicy | None = None,
         balancer: BiasBalancer | None = None,
         jitter: float = 0.0,
         routing_dtype: torch.dtype | None = None,
+        k: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(scorer, nn.Module) or not isinstance(scorer, Scorer):
@@ -352,12 +376,7 @@ class Router(nn.Module):
                 f"scorer must be an nn.Module with dim, num_experts and forward(tokens), "
                 f"got {type(scorer).__name__}"
             )
-        if isinstance(schedule, int) and not isinstance(schedule, bool):
-            schedule = ConstantK(schedule)
-        if not isinstance(schedule, KSchedule):
-            raise TypeError(
-                f"schedule must be a KSchedule or an int, got {type(schedule).__name__}"
-            )
+        schedule = _schedule(schedule, k)
         if schedule.max_k > scorer.num_experts:
             raise ValueError(
                 f"schedule reaches k={schedule.max_k} but the scorer has only "
@@ -366,10 +385,10 @@ class Router(nn.Module):
         if not (noise_std >= 0 and math.isfinite(noise_std)):
             raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
         selection = TopK() if selection is None else selection
-        if not isinstance(selection, Selection):
+        if not isinstance(selection, (Selection, DynamicSelection)):
             raise TypeError(
-                f"selection must implement check() and __call__(key, k), "
-                f"got {type(selection).__name__}"
+                f"selection must implement check() and __call__(key, k) (or select(key, k) "
+                f"for a dynamic k), got {type(selection).__name__}"
             )
         selection.check(scorer.num_experts, schedule.max_k)
         weights = WeightPolicy() if weights is None else weights
@@ -540,11 +559,18 @@ class Router(nn.Module):
         key_TE = selection_key(self.scoring, logits, probs_TE)
         if self.balancer is not None:
             key_TE = key_TE + self.balancer.bias.to(key_TE.dtype)
-        experts_TK = self.selection(key_TE, k)
-        weights_TK = self.weights(gates(self.scoring, logits, probs_TE, experts_TK))
+        slots_TK = None
+        if isinstance(self.selection, DynamicSelection):
+            experts_TK, slots_TK = self.selection.select(key_TE, k)
+        else:
+            experts_TK = self.selection(key_TE, k)
+        gates_TK = gates(self.scoring, logits, probs_TE, experts_TK)
+        weights_TK = self.weights(gates_TK, slots_TK)
         if self.balancer is not None and self.training:
-            self.balancer.observe(experts_TK)
-        return Routing(scores, probs_TE, experts_TK, weights_TK)
+            # Only real slots are load (a [N, 1] record: one sync, on the dynamic path).
+            seen = experts_TK if slots_TK is None else experts_TK[slots_TK].unsqueeze(1)
+            self.balancer.observe(seen)
+        return Routing(scores, probs_TE, experts_TK, weights_TK, slots=slots_TK)
 
     def forward(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
         """Route tokens.

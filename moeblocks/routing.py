@@ -50,6 +50,10 @@ class Routing:
         batch_shape: Leading shape of the layer input the T tokens were flattened from
             (set by :class:`~moeblocks.MoELayer`); sequence-wise losses and per-sequence
             capacity read the last entry as the sequence length. None: one sequence.
+        slots: True for a real slot, False for an empty one (dynamic k: top-p, expert
+            choice), whose weight is 0, which the layer does not compute and which the
+            losses and inspection do not count; K is then the widest token's width.
+            None: every slot is real (a fixed k).
     """
 
     scores: Float[Tensor, "T E"]
@@ -58,6 +62,7 @@ class Routing:
     weights: Float[Tensor, "T K"]
     dropped: Bool[Tensor, "T K"] | None = None
     batch_shape: tuple[int, ...] | None = None
+    slots: Bool[Tensor, "T K"] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +76,15 @@ class Routing:
 
     @property
     def top_k(self) -> int:
-        """K, the number of experts chosen per token."""
+        """K, the number of experts chosen per token (the width, with dynamic k)."""
         return self.experts.shape[1]
+
+    @property
+    def k_per_token(self) -> Int[Tensor, " T"]:
+        """The real slots of every token: K each for a fixed k, 0..K with dynamic k."""
+        if self.slots is None:
+            return self.experts.new_full((self.num_tokens,), self.top_k)
+        return self.slots.sum(1)
 
     @property
     def num_dropped(self) -> Int[Tensor, ""]:

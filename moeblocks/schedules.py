@@ -1,18 +1,20 @@
 """k schedules: how many experts each token uses at a given training step.
 
 A schedule is a small module whose only state is the current step, kept in a persistent
-buffer so that ``state_dict`` round trips (and resumed runs) keep their k.
+buffer so that ``state_dict`` round trips (and resumed runs) keep their k. The training
+loop moves it: :func:`step_schedules` sets the step of every schedule of a model.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ConstantK", "KSchedule", "StepK"]
+__all__ = ["ConstantK", "KSchedule", "StepK", "step_schedules"]
 
 
 def _check_k(name: str, k: object) -> int:
@@ -42,6 +44,10 @@ class KSchedule(nn.Module):
         """Move the schedule back to step 0, in place."""
         self.step.zero_()
         self._step = 0
+        # For the never-stepped warning only: whether anyone moved the schedule, and how
+        # many training forwards used it since construction while nobody did.
+        self._stepped = False
+        self._unstepped_uses = 0
 
     def k_at(self, step: int) -> int:
         """The k in force at ``step``."""
@@ -57,12 +63,44 @@ class KSchedule(nn.Module):
         """The k in force at the current step."""
         return self.k_at(self._step)
 
+    @property
+    def first_change(self) -> int | None:
+        """The first step whose k differs from step 0's; None for a constant schedule."""
+        return None
+
     def set_step(self, step: int) -> None:
         """Move the schedule to training step ``step`` (>= 0)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self._step = step
+        self._stepped = True
         self.step.fill_(step)
+
+    def note_training_use(self) -> None:
+        """Count one training forward; warn once if k should have changed by now.
+
+        A schedule that changes k (``first_change`` is not None) but that nobody has
+        stepped keeps the k of step 0 forever. Once it has served ``first_change``
+        training forwards (at least one optimizer step each) without a
+        :meth:`set_step` or a loaded state, this warns once (``UserWarning``).
+        :class:`~moeblocks.layer.MoELayer` calls it in training mode; it is skipped
+        under ``torch.compile`` (a Python counter there would recompile every step).
+        """
+        if self._stepped or torch.compiler.is_compiling():
+            return
+        change = self.first_change
+        if change is None:
+            return
+        self._unstepped_uses += 1
+        if self._unstepped_uses == change:
+            warnings.warn(
+                f"{type(self).__name__} {self.extra_repr()} has served {change} training "
+                f"forwards but was never stepped, so k is still {self.k_at(0)} (it changes "
+                f"at step {change}); call moeblocks.step_schedules(model, step) (or "
+                "schedule.set_step(step)) in the training loop",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _load_from_state_dict(
         self,
@@ -85,6 +123,7 @@ class KSchedule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._step = int(self.step)
+        self._stepped = True
 
 
 class ConstantK(KSchedule):
@@ -146,6 +185,32 @@ class StepK(KSchedule):
         """The largest k of any phase."""
         return max(k for _, k in self._milestones)
 
+    @property
+    def first_change(self) -> int | None:
+        """The first milestone whose k differs from step 0's (None if none does)."""
+        k0 = self._milestones[0][1]
+        return next((start for start, k in self._milestones if k != k0), None)
+
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"milestones={dict(self._milestones)}"
+
+
+def step_schedules(model: nn.Module, step: int) -> int:
+    """Set every k schedule of ``model`` to training step ``step``; returns how many.
+
+    Put it next to :func:`~moeblocks.balancing.step_balancers` in a training loop, with
+    the number of optimizer steps taken so far (0 before the first).
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module``.
+        ValueError: If ``step`` is not an int >= 0.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    schedules = [m for m in model.modules() if isinstance(m, KSchedule)]
+    for schedule in schedules:
+        schedule.set_step(step)
+    return len(schedules)

@@ -5,7 +5,7 @@ Legend: T tokens, D model dim, S shared experts.
 DeepSeek-V3, Qwen2-MoE and Llama-4 run one or more dense experts on every token next to
 the routed ones. :class:`SharedExperts` wraps any expert bank and runs each of its S
 experts on all T tokens, summing their outputs; an optional sigmoid gate (Qwen2-MoE)
-scales the sum per token: ``shared(x) = σ(x · w_gate) · Σ_s expert_s(x)``.
+scales the sum per token: ``shared(x) = σ(x · gate_D) · Σ_s expert_s(x)``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class SharedExperts(nn.Module):
     Args:
         experts: An expert bank (e.g. ``SwiGLUExperts(1, dim, hidden)``); each of its
             experts runs on every token.
-        gate: Add a learnable gate ``σ(x · w_gate)`` (``w_gate`` of shape ``[D]``) that
+        gate: Add a learnable gate ``σ(x · gate_D)`` (``gate_D`` of shape ``[D]``) that
             scales the shared output per token (Qwen2-MoE).
     """
 

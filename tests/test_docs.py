@@ -212,6 +212,190 @@ def test_griffe_extension_turns_rest_blocks_into_fences() -> None:
     ]
 
 
+# --- what renders wrong although the strict build passes ---------------------------------
+
+# C0 controls but newline, and DEL: a "\t" meant as TeX's \text in a non-raw string.
+_CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+# A reST simple table's rule (``===  ===``) or a grid table's border (``+---+``).
+_REST_TABLE_RE = re.compile(r"^[ \t]*(=+([ \t]+=+)+|\+(-+\+)+|\+(=+\+)+)[ \t]*$", re.M)
+_DOC_FENCE_RE = re.compile(r"^[ \t]*(`{3,}|~{3,}).*?^[ \t]*\1[ \t]*$", re.S | re.M)
+
+
+def _mkdocstrings_options() -> dict:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    plugin = next(p["mkdocstrings"] for p in config["plugins"] if isinstance(p, dict))
+    return plugin["handlers"]["python"]["options"]
+
+
+@pytest.fixture(scope="module")
+def api_objects() -> list:
+    """Every object of the package as mkdocstrings sees it (same extension and options)."""
+    griffe = pytest.importorskip("griffe")
+    options = _mkdocstrings_options()
+    package = griffe.load(
+        "moeblocks",
+        search_paths=[str(ROOT)],
+        docstring_parser=options["docstring_style"],
+        docstring_options=options.get("docstring_options", {}),
+        resolve_aliases=False,
+        extensions=griffe.load_extensions(*options["extensions"]),
+    )
+
+    def walk(obj):  # type: ignore[no-untyped-def]
+        for member in obj.members.values():
+            if not member.is_alias:
+                yield member
+                if member.is_module or member.is_class:
+                    yield from walk(member)
+
+    return [package, *walk(package)]
+
+
+def control_characters(text: str) -> list[str]:
+    """Each line of ``text`` that holds a control character (a TAB included)."""
+    return [repr(line.strip())[:80] for line in text.splitlines() if _CONTROL_RE.search(line)]
+
+
+def rest_tables(text: str) -> list[str]:
+    """The reST table rules of ``text`` outside fenced code: Markdown shows them raw."""
+    return [m[0].strip() for m in _REST_TABLE_RE.finditer(_DOC_FENCE_RE.sub("", text))]
+
+
+def test_docs_checks_catch_their_cases() -> None:
+    assert control_characters("a\n\\( \text{x} \\)\nb") == ["'\\\\( \\text{x} \\\\)'"]
+    assert control_characters("plain\n  indented\n") == []
+    table = "1. x:\n\n   ====  ====\n   a     b\n   ====  ====\n"
+    assert rest_tables(table) == ["====  ====", "====  ===="]
+    assert rest_tables("+---+---+\n| a | b |\n+===+===+\n") == ["+---+---+", "+===+===+"]
+    assert rest_tables("```text\n==== ====\n```\n| a |\n|---|\nx = 1\n") == []
+
+
+@pytest.mark.parametrize("page", _pages(), ids=_page_id)
+def test_pages_hold_no_control_characters(page: Path) -> None:
+    found = control_characters(page.read_text(encoding="utf-8"))
+    assert not found, f"{page}: control characters (a TAB where \\t was meant?): {found}"
+
+
+def test_docstrings_hold_no_control_characters_or_rest_tables(api_objects: list) -> None:
+    bad = []
+    for obj in api_objects:
+        if obj.docstring is not None:
+            text = obj.docstring.value
+            bad += [f"{obj.path}: {s}" for s in control_characters(text) + rest_tables(text)]
+    assert not bad, "write docstrings as raw strings and tables as Markdown:\n" + "\n".join(bad)
+
+
+def _returned_values(annotation: object) -> int:
+    """How many values a return annotation promises: a fixed tuple's length, else one."""
+    text = str(annotation)
+    if not text.startswith("tuple[") or "..." in text:
+        return 1
+    depth, parts = 0, 1
+    for char in text[len("tuple[") : -1]:
+        depth += 1 if char in "[(" else (-1 if char in "])" else 0)
+        parts += char == "," and depth == 0
+    return parts
+
+
+def returns_mismatches(function) -> list[str]:  # type: ignore[no-untyped-def]
+    """Why ``function``'s parsed Returns section disagrees with its signature, if it does.
+
+    More rows than values returned means the parser split prose into items; a row whose
+    type is not the signature's means it took the text before a colon for a type.
+    """
+    rows = [
+        row
+        for section in function.docstring.parsed
+        if section.kind.value == "returns"
+        for row in section.value
+    ]
+    problems = []
+    if len(rows) > _returned_values(function.returns):
+        problems.append(f"{len(rows)} rows for {function.returns}")
+    typed = function.returns is not None and len(rows) == 1
+    if typed and str(rows[0].annotation) != str(function.returns):
+        problems.append(f"type {str(rows[0].annotation)!r} is not {function.returns}")
+    return problems
+
+
+def test_returns_sections_match_signatures(api_objects: list) -> None:
+    bad = [
+        f"{obj.path}: {problem}"
+        for obj in api_objects
+        if obj.is_function and obj.docstring is not None
+        for problem in returns_mismatches(obj)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_returns_check_catches_split_rows() -> None:
+    griffe = pytest.importorskip("griffe")
+    source = (
+        "def f() -> int:\n"
+        '    """F.\n\n    Returns:\n        A number,\n        and more prose.\n    """\n'
+        "def g() -> dict:\n"
+        '    """G.\n\n    Returns:\n        ``{"a": 1}``: a mapping.\n    """\n'
+    )
+    # Griffe's defaults split at each line; the site's options keep one row, but still
+    # take the text before a colon for a type.
+    module = griffe.visit("m", Path("m.py"), source, docstring_parser="google")
+    assert returns_mismatches(module["f"]) == ["2 rows for int"]
+    options = _mkdocstrings_options()["docstring_options"]
+    module = griffe.visit(
+        "m", Path("m.py"), source, docstring_parser="google", docstring_options=options
+    )
+    assert returns_mismatches(module["f"]) == []
+    assert returns_mismatches(module["g"]) == ["""type '``{"a"' is not dict"""]
+    assert _returned_values("tuple[Float[Tensor, 'M D'], Layout]") == 2
+
+
+def _nav_entries(nav: list) -> list[str]:
+    """The first page of each top-level entry of the nav (a page, or a section's first)."""
+    firsts = []
+    for entry in nav:
+        value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+        while isinstance(value, list):
+            value = next(iter(value[0].values())) if isinstance(value[0], dict) else value[0]
+        firsts.append(value)
+    return firsts
+
+
+def test_home_page_leads_to_every_section() -> None:
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+    home = (DOCS / "index.md").read_text(encoding="utf-8")
+    section = home[home.index("## Where to go next") :]
+    linked = set(re.findall(r"\]\(([^)#]+)", section))
+    missing = [page for page in _nav_entries(nav)[1:] if page not in linked]
+    assert not missing, f"docs/index.md's 'Where to go next' leaves out {missing}"
+
+
+@pytest.mark.slow
+def test_your_own_model_compiles(tmp_path: Path) -> None:
+    """The page's blocks up to its torch.compile block, in an interpreter without the
+    test run's jaxtyping hook (dynamo cannot trace beartype's wrappers)."""
+    pytest.importorskip("torch")
+    page = DOCS / "your-own-model.md"
+    blocks = [b for b in extract_blocks(page) if b.lang in PYTHON_LANGS]
+    upto = next(i for i, b in enumerate(blocks) if "torch.compile(" in b.code)
+    assert blocks[upto].skip, "the compile block runs here, not in the hooked runner"
+    check = "\ntorch.testing.assert_close(logits, model(ids)[0], rtol=1e-4, atol=1e-4)\n"
+    # Inductor may reorder float32 reductions: a few ulps of the eager logits.
+    script = "".join(b.code for b in blocks[: upto + 1]) + "model.eval()\n" + check
+    script = script.replace("logits, aux = compiled(ids)", "logits, aux = compiled.eval()(ids)")
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard: compiling the tiny model takes seconds to a minute
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 # --- the site's math: KaTeX at build time ----------------------------------------------
 
 
@@ -376,3 +560,40 @@ def test_built_site_generated_pages(built_site: Path) -> None:
     index = (built_site / "index.html").read_text(encoding="utf-8")
     assert "https://arxiv.org/abs/2509.14255" in index
     assert "https://github.com/moeblocks/moeblocks" in index  # repo_url
+
+
+def _api_page(built_site: Path, module: str) -> Path:
+    parts = module.split(".")[1:]
+    page = built_site / "api" / Path(*parts) / "index.html"
+    return page if page.is_file() else built_site / "api" / Path(*parts) / "index" / "index.html"
+
+
+@pytest.mark.slow
+def test_built_site_shows_every_protocol_member(built_site: Path, api_objects: list) -> None:
+    # A protocol's page is its contract: what a Selection returns is said on __call__.
+    protocols = [
+        obj for obj in api_objects if obj.is_class and any("Protocol" in str(b) for b in obj.bases)
+    ]
+    assert {"Selection", "RouterProtocol", "Scorer", "ExpertBank"} <= {p.name for p in protocols}
+    for proto in protocols:
+        html_text = _api_page(built_site, proto.module.path).read_text(encoding="utf-8")
+        members = [n for n in proto.members if not n.startswith("_") or n == "__call__"]
+        assert members, proto.path
+        for name in members:
+            assert f'id="{proto.path}.{name}"' in html_text, f"{proto.path}.{name} not shown"
+
+
+@pytest.mark.slow
+def test_built_site_has_no_raw_rest_or_run_in_lists(built_site: Path) -> None:
+    verbatim = re.compile(r"<(pre|code|script|style|textarea)\b.*?</\1>", re.S | re.I)
+    bad = []
+    for page in sorted(built_site.rglob("*.html")):
+        text = verbatim.sub("", page.read_text(encoding="utf-8"))
+        bad += [f"{page}: {rule}" for rule in rest_tables(re.sub(r"<[^>]+>", "", text))]
+        # A list item that Markdown glued onto the paragraph before it (a numbered step
+        # after a lazy continuation line, or an item indented less than 4 spaces).
+        for para in re.findall(r"<p>(.*?)</p>", text, re.S):
+            for line in para.splitlines()[1:]:
+                if re.match(r"\s*(\d+[.)]|[-*+])\s+\S", line):
+                    bad.append(f"{page}: list item run into a paragraph: {line.strip()[:60]}")
+    assert not bad, "\n".join(bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,12 @@ def test_inspect_command_writes_report_with_pngs(tiny_run, capsys):
     assert "routing collected over 512 tokens" in printed
     assert "overlap probe (synthetic, 16 items)" in printed
     assert "condition contrast (synthetic-swap, 6 'similar' vs 6 'dissimilar'" in printed
-    assert "k-sweep (perplexity over 512 tokens):" in printed  # says what eval would differ by
+    # The line itself says why eval's perplexity differs, and how to get the same.
+    assert re.search(
+        r"k-sweep \(perplexity over the first 512 of \d+ validation tokens; eval reads all "
+        r"\d+, eval --max-tokens 512 these\):",
+        printed,
+    )
     assert "purity" in printed
     assert "sentence trace" in printed
     assert "'now'" in printed
@@ -109,3 +115,20 @@ def test_log_records_carry_expert_counts_and_router_entropy(tiny_run):
     for step in range(cfg.steps):
         expected += cfg.batch_size * cfg.seq_len * schedule.k_at(step)
     assert slots == expected
+
+
+def test_inspect_and_eval_print_the_same_perplexity(tiny_run, capsys, tmp_path):
+    # Issue 32: inspect printed 16.49 over 8,192 tokens, eval 19.82 over 9,984. On the
+    # same token budget the k-sweep's training k and eval's perplexity are one number.
+    from moeblocks.cli import main
+
+    out = ["--out", str(tmp_path), "--quiet"]
+    assert _inspect([str(tiny_run), "--max-tokens", "256", "--format", "svg", *out]) == 0
+    inspected = capsys.readouterr().out
+    assert main(["eval", str(tiny_run), "--max-tokens", "256", *out]) == 0
+    evaluated = capsys.readouterr().out
+    k_train = int(re.search(r"k \d+->(\d+)", evaluated)[1])
+    eval_ppl = re.search(r"perplexity (\S+) over 256 tokens", evaluated)[1]
+    sweep = dict(re.findall(r"k=(\d+): (\S+?)(?=\s|$)", inspected.split("k-sweep", 1)[1]))
+    assert sweep[str(k_train)] == eval_ppl  # printed to 2 decimals: the same string
+    assert "over the first 256 of" in inspected

@@ -117,3 +117,35 @@ def test_ablation_chart_takes_pairs_numbers_and_cell_records(tmp_path: Path) -> 
     assert written(plots.plot_ablation(rows, tmp_path / "a.pdf", metrics=["ppl"]))
     with pytest.raises(ValueError, match="at least one variant"):
         plots.plot_ablation([], tmp_path / "x.png")
+
+
+def test_nothing_drawn_outside_the_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A title or label wider than its figure is cut off in the saved file (the routing
+    # map's title was): every drawn artist, small inputs included, lies on the canvas.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    experts = torch.tensor([[[0, 1], [1, 2], [3, 0]], [[3, 2], [3, 1], [1, 0]]])
+    util = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    weights = torch.full((2, 3, 2), 0.5)
+    plots.plot_routing_map(experts, weights, ["a", "b", "c"], tmp_path / "r.png", 4)
+    plots.plot_routing_map(experts[:, :1], torch.ones(2, 1, 2), ["a"], tmp_path / "r1.png", 4)
+    plots.plot_utilisation(util, tmp_path / "u.png", util * 0.9, (0.05, 0.4))
+    plots.plot_anchor_similarity([torch.eye(4)], tmp_path / "a.png")
+    plots.plot_class_heatmap(torch.rand(4, 3), ["x", "y", "z"], tmp_path / "c.png")
+    plots.plot_k_sweep([1, 2, 3], [30.0, 28.0, 28.5], 2, tmp_path / "k.png", 512)
+    plots.plot_training_curves(log_records(), tmp_path / "t.png", k_switch=25)
+    plots.plot_dead_history(log_records(), tmp_path / "d.png")
+    assert len(figures) == 8
+    for fig in figures:
+        FigureCanvasAgg(fig).draw()
+        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches; drawn artists only
+        width, height = fig.get_size_inches()
+        # 0.01 in: half a pixel at the 150 dpi of the saved PNGs, for rounding.
+        title = fig.axes[0].get_title()
+        assert box.x0 >= -0.01, (title, box)
+        assert box.y0 >= -0.01, (title, box)
+        assert box.x1 <= width + 0.01, (title, box)
+        assert box.y1 <= height + 0.01, (title, box)

@@ -71,7 +71,8 @@ def floor(name: str) -> str:
     named = {"kernels", "runtime", "distributed", "inspect", "hf", "sra", "cli"}
     if top in named:
         return top
-    return {"routing": "records", "layer": "layer"}.get(top, "components")
+    # adapters.py wraps MoELayer for tensor-only slots: it sits on the layer floor.
+    return {"routing": "records", "layer": "layer", "adapters": "layer"}.get(top, "components")
 
 
 def _imported(node: ast.AST, name: str, is_package: bool, known: Mapping[str, Path]) -> set[str]:

@@ -122,7 +122,8 @@ class AllToAllDispatcher:
             send_counts: Rows this rank sends to each global expert.
 
         Returns:
-            ``recv_counts[p, l]``: rows rank ``p`` sends to this rank's local expert ``l``.
+            ``recv_counts[p, l]``, the rows rank ``p`` sends to this rank's local expert
+            ``l``.
         """
         L = self.local_experts(send_counts.shape[0])
         recv_counts = torch.empty_like(send_counts)
@@ -139,8 +140,8 @@ class AllToAllDispatcher:
             recv_counts: Rows per source rank and local expert, from :meth:`exchange_counts`.
 
         Returns:
-            The rows grouped by local expert (stable: source rank, then token order) and
-            their layout over L local experts.
+            The rows grouped by local expert (stable, by source rank, then token order)
+            and their layout over L local experts.
         """
         P, L = recv_counts.shape
         local_ids = torch.arange(L, device=recv.device).repeat(P)

@@ -29,6 +29,7 @@ from moeblocks.inspect.metrics import class_counts as class_counts
 from moeblocks.inspect.metrics import dead_experts as dead_experts
 from moeblocks.inspect.metrics import expert_counts as expert_counts
 from moeblocks.inspect.metrics import expert_token_counts as expert_token_counts
+from moeblocks.inspect.metrics import mean_k as mean_k
 from moeblocks.inspect.metrics import npmi as npmi
 from moeblocks.inspect.metrics import purity as purity
 from moeblocks.inspect.metrics import router_saturation as router_saturation
@@ -78,6 +79,7 @@ __all__ = [
     "layer_temperatures",
     "load_probes",
     "locate_word",
+    "mean_k",
     "npmi",
     "overlap_permutation_test",
     "purity",

@@ -71,11 +71,16 @@ def concat_routings(records: Sequence[Routing]) -> Routing:
     for r in records:
         if r.num_experts != E:
             raise ValueError(f"all records must have E={E} experts, got {r.num_experts}")
+    slots = None
+    if any(r.slots is not None for r in records):  # dynamic k: fixed-k records are all real
+        slots = torch.cat([r.k_per_token.new_ones(r.experts.shape, dtype=torch.bool)
+                           if r.slots is None else r.slots for r in records])  # fmt: skip
     return Routing(
         torch.cat([r.scores for r in records]),
         torch.cat([r.probs for r in records]),
         torch.cat([r.experts for r in records]),
         torch.cat([r.weights for r in records]),
+        slots=slots,
     )
 
 
@@ -85,6 +90,7 @@ def _to_cpu(r: Routing) -> Routing:
         r.probs.detach().float().cpu(),
         r.experts.detach().cpu(),
         r.weights.detach().float().cpu(),
+        slots=None if r.slots is None else r.slots.cpu(),
     )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "dead_experts",
     "expert_counts",
     "expert_token_counts",
+    "mean_k",
     "npmi",
     "purity",
     "router_saturation",
@@ -48,14 +49,29 @@ def _chosen(routing: Routing, top1: bool) -> Int[Tensor, "T K"]:
     return routing.experts[:, :1] if top1 else routing.experts
 
 
+def _real(routing: Routing, top1: bool) -> Bool[Tensor, "T K"]:
+    """Which slots of :func:`_chosen` are real (dynamic k: the empty ones are not)."""
+    if routing.slots is None:
+        return torch.ones_like(_chosen(routing, top1), dtype=torch.bool)
+    return routing.slots[:, :1] if top1 else routing.slots
+
+
+def mean_k(routing: Routing) -> float:
+    """Mean number of real experts per token: K for a fixed k, less with empty slots."""
+    return routing.k_per_token.float().mean().item() if routing.num_tokens else 0.0
+
+
 def expert_counts(routing: Routing, top1: bool = False) -> Int[Tensor, " E"]:
     """Routed slots per expert: ``c_e = #{(t, j) : experts[t, j] = e}``.
 
     Args:
         routing: One layer's record.
         top1: Count only each token's first choice (then the counts sum to T, else T·K).
+
+    With dynamic k (``routing.slots``) only the real slots count.
     """
-    return torch.bincount(_chosen(routing, top1).reshape(-1), minlength=routing.num_experts)
+    real_N = _chosen(routing, top1)[_real(routing, top1)]
+    return torch.bincount(real_N, minlength=routing.num_experts)
 
 
 def utilisation(routing: Routing, top1: bool = False) -> Float[Tensor, " E"]:
@@ -111,6 +127,7 @@ class LayerSummary:
         entropy: Mean per-token router entropy, nats.
         usage_entropy: Entropy of the utilisation, nats.
         max_entropy: ``log E``, nats, for scale.
+        mean_k: Mean real experts per token (:func:`mean_k`): K for a fixed k.
     """
 
     utilisation: Float[Tensor, " E"]
@@ -120,6 +137,7 @@ class LayerSummary:
     entropy: float
     usage_entropy: float
     max_entropy: float
+    mean_k: float = 0.0
 
 
 def summarise_layer(routing: Routing) -> LayerSummary:
@@ -134,6 +152,7 @@ def summarise_layer(routing: Routing) -> LayerSummary:
         routing_entropy(routing),
         usage_entropy(routing),
         math.log(E),
+        mean_k(routing),
     )
 
 
@@ -163,7 +182,7 @@ def expert_token_counts(
     E = routing.num_experts
     chosen_TK = _chosen(routing, top1)
     ids_TK = token_ids.long().reshape(-1, 1).expand_as(chosen_TK)
-    flat = (chosen_TK * vocab_size + ids_TK).reshape(-1)
+    flat = (chosen_TK * vocab_size + ids_TK)[_real(routing, top1)]
     return torch.bincount(flat, minlength=E * vocab_size).view(E, vocab_size)
 
 
@@ -207,7 +226,7 @@ def class_counts(
     E = routing.num_experts
     chosen_TK = _chosen(routing, top1)
     cls_TK = classes.long().reshape(-1, 1).expand_as(chosen_TK)
-    keep = cls_TK >= 0
+    keep = (cls_TK >= 0) & _real(routing, top1)
     flat = (chosen_TK * num_classes + cls_TK)[keep]
     return torch.bincount(flat, minlength=E * num_classes).view(E, num_classes)
 

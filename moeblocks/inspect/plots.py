@@ -30,6 +30,7 @@ written on the cell as well.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,17 @@ def _figure(**kw: Any) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(layout="constrained", **kw)
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``fontsize`` points.
+
+    A title wider than its figure is cut off at both edges (constrained layout makes
+    room above and below a title, never beside it), so narrow figures wrap theirs.
+    """
+    # A character of the default sans-serif font averages under 0.6 em wide.
+    chars = max(12, int(width_in * 72 / (0.6 * fontsize)))
+    return textwrap.fill(text, chars)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -279,10 +291,8 @@ def plot_routing_map(
     ax.set_ylim(L, 0)
     ax.set_xticks(range(T), [_visible(p) for p in pieces], rotation=60, fontsize=7)
     ax.set_yticks([layer + 0.5 for layer in range(L)], [f"layer {i}" for i in range(L)])
-    ax.set_title(
-        f"all {K} experts per token (first choice on top; opacity = weight; thick lines: words)",
-        fontsize=9,
-    )
+    title = f"all {K} experts per token (first choice on top; opacity = weight; thick lines: words)"
+    ax.set_title(_wrap(title, float(fig.get_figwidth()), 9.0), fontsize=9)
     return _save(fig, path)
 
 

@@ -177,6 +177,8 @@ class Inspection:
         k_sweep: ``(k, perplexity)`` pairs; the model's own k is ``k_train``.
         k_train: k the model was trained with (or runs with).
         sweep_tokens: Predicted tokens each k-sweep perplexity is over (0: unknown).
+        split_tokens: Predicted tokens of the whole validation split, which ``eval``
+            reads unless given ``--max-tokens`` (0: not known).
         word_classes: Experts × word classes, where the corpus labels its words.
         anchor_sims: Per cosine-routed layer: anchor similarity matrix ``[E, E]``.
         mean_probs: Per layer: mean router probability ``P_e`` of every expert.
@@ -196,6 +198,7 @@ class Inspection:
     k_sweep: tuple[tuple[int, float], ...] = ()
     k_train: int = 0
     sweep_tokens: int = 0
+    split_tokens: int = 0
     word_classes: WordClasses | None = None
     anchor_sims: tuple[Tensor, ...] = ()
     mean_probs: tuple[Tensor, ...] = ()
@@ -284,14 +287,14 @@ def run_probes(
 
 def _layer_table(ins: Inspection) -> list[str]:
     lines = [
-        "layer  dead      saturation  entropy/logE  usage-H/logE  vocab-H  "
+        "layer  dead      mean-k  saturation  entropy/logE  usage-H/logE  vocab-H  "
         "coherence top1 (shuffled)  jaccard (shuffled)" + ("  purity" if ins.word_classes else ""),
     ]
     for i, s in enumerate(ins.tables.summaries):
         c = ins.tables.coherence[i]
         E = len(s.utilisation)
         row = (
-            f"{i:5d}  {len(s.dead):3d}/{E:<4d} {s.saturation:10.3f}  "
+            f"{i:5d}  {len(s.dead):3d}/{E:<4d} {s.mean_k:6.2f}  {s.saturation:10.3f}  "
             f"{s.entropy / s.max_entropy:12.3f}  {s.usage_entropy / s.max_entropy:12.3f}  "
             f"{ins.tables.vocab_entropy[i]:7.2f}  "
             f"{c.top1_agreement:14.3f} ({c.baseline_top1:.3f})  "
@@ -301,6 +304,21 @@ def _layer_table(ins: Inspection) -> list[str]:
             row += f"  {ins.word_classes.purity[i]:6.3f}"
         lines.append(row)
     return lines
+
+
+def _sweep_budget(sweep_tokens: int, split_tokens: int) -> str:
+    """What the k-sweep's perplexities are over, and how ``eval`` gets the same numbers."""
+    if not sweep_tokens:
+        return ""
+    if split_tokens and sweep_tokens < split_tokens:
+        # eval reads the whole split by default: a different text, a different perplexity.
+        return (
+            f" (perplexity over the first {sweep_tokens} of {split_tokens} validation tokens;"
+            f" eval reads all {split_tokens}, eval --max-tokens {sweep_tokens} these)"
+        )
+    if split_tokens:
+        return f" (perplexity over all {split_tokens} validation tokens, as eval)"
+    return f" (perplexity over {sweep_tokens} tokens)"
 
 
 def format_inspection(ins: Inspection, experts_shown: int = 6) -> str:
@@ -339,7 +357,7 @@ def _tables_text(ins: Inspection, experts_shown: int = 6) -> str:
                 f"{c.mean_second:.3f}, permutation p = {c.p_value:.4f}"
             )
     if ins.k_sweep:
-        over = f" (perplexity over {ins.sweep_tokens} tokens)" if ins.sweep_tokens else ""
+        over = _sweep_budget(ins.sweep_tokens, ins.split_tokens)
         lines += ["", f"k-sweep{over}:  " + "  ".join(f"k={k}: {p:.2f}" for k, p in ins.k_sweep)]
     lines += ["", "busiest experts and their top tokens:"]
     for i, s in enumerate(ins.tables.summaries):

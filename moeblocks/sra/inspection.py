@@ -178,6 +178,7 @@ def inspect_run(
         probes=found,
         k_sweep=sweep,
         sweep_tokens=sweep_tokens,
+        split_tokens=eval_windows(tokens, cfg.seq_len)[1].numel(),
         word_classes=_word_classes(rs, pieces, word_ids) if synthetic else None,
         mean_probs=tuple(r.probs.mean(0) for r in rs.layers),
         **_trace_sentence(model, forward, enc(text)[: cfg.seq_len] or [0], show),

@@ -157,8 +157,8 @@ def run_summary(out: Path) -> dict[str, Any]:
     """The log records of a run, for reports.
 
     Returns:
-        ``{"train": [...], "eval": [...], "skipped": [...]}``: the records of applied
-        steps, those with a validation pass, and those of skipped (non-finite) steps.
+        The records of applied steps, those with a validation pass, and those of
+        skipped (non-finite) steps, as ``{"train": [...], "eval": [...], "skipped": [...]}``.
     """
     path = out / "log.jsonl"
     records = []
