@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moeblocks._checks import check_float, check_index, check_same_device, value_checks
 from moeblocks.activations import GLU, GatedActivation, activation_fn
-from moeblocks.grouped import grouped_mm
+from moeblocks.grouped import grouped_mm, torch_grouped_mm_supported
 
 __all__ = ["ExpertBank", "ExpertInit", "GELUExperts", "MLPExperts", "SwiGLUExperts"]
 
@@ -175,17 +175,32 @@ class _StackedMLP(nn.Module):
                     f"{int(sizes.sum())}"
                 )
 
-    def _project_in(self, w_in: Tensor, grouped: Tensor, group_sizes: Tensor) -> Tensor:
+    def _loop_sizes(self, grouped: Tensor, w: Tensor, group_sizes: Tensor) -> list[int] | None:
+        """``group_sizes`` on the host, read once per forward when the loop backend runs.
+
+        Both projections reuse the list, so a GPU forward on the loop backend (A100, or
+        non-bf16 on H100) syncs once instead of once per grouped matmul; the torch
+        backend reads nothing back (None).
+        """
+        loop = self.backend == "loop" or (
+            self.backend == "auto" and not torch_grouped_mm_supported(grouped, w)
+        )
+        return group_sizes.tolist() if loop else None  # the one host sync of the loop path
+
+    def _project_in(
+        self, w_in: Tensor, grouped: Tensor, group_sizes: Tensor
+    ) -> tuple[Tensor, list[int] | None]:
         self._check(grouped, group_sizes)
         # grouped_mm repeats the value check on CPU (cheap); on a GPU it runs without
-        # sync_checks, so the bank's check above is the only sync.
-        h = grouped_mm(grouped, w_in, group_sizes, self.backend)
-        return _add_row_bias(h, getattr(self, self._b_in_name), group_sizes)
+        # sync_checks, so the bank's check above and the sizes read here are the only syncs.
+        sizes = self._loop_sizes(grouped, w_in, group_sizes)
+        h = grouped_mm(grouped, w_in, group_sizes, self.backend, host_sizes=sizes)
+        return _add_row_bias(h, getattr(self, self._b_in_name), group_sizes), sizes
 
-    def _project_out(self, h: Tensor, group_sizes: Tensor) -> Tensor:
+    def _project_out(self, h: Tensor, group_sizes: Tensor, sizes: list[int] | None) -> Tensor:
         if self.dropout > 0:
             h = F.dropout(h, self.dropout, self.training)
-        out = grouped_mm(h, self.w_out_EFD, group_sizes, self.backend)
+        out = grouped_mm(h, self.w_out_EFD, group_sizes, self.backend, host_sizes=sizes)
         return _add_row_bias(out, self.b_out_ED, group_sizes)
 
     @property
@@ -261,8 +276,9 @@ class SwiGLUExperts(_StackedMLP):
         self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
     ) -> Float[Tensor, "R D"]:
         """Run every expert on its rows."""
-        gate_RF, up_RF = self._project_in(self.w_in_EDF2, grouped, group_sizes).chunk(2, dim=-1)
-        return self._project_out(self.activation(gate_RF, up_RF), group_sizes)
+        h_RF2, sizes = self._project_in(self.w_in_EDF2, grouped, group_sizes)
+        gate_RF, up_RF = h_RF2.chunk(2, dim=-1)
+        return self._project_out(self.activation(gate_RF, up_RF), group_sizes, sizes)
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
@@ -318,8 +334,8 @@ class MLPExperts(_StackedMLP):
         self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
     ) -> Float[Tensor, "R D"]:
         """Run every expert on its rows."""
-        h_RF = self._project_in(self.w_in_EDF, grouped, group_sizes)
-        return self._project_out(activation_fn(self.activation)(h_RF), group_sizes)
+        h_RF, sizes = self._project_in(self.w_in_EDF, grouped, group_sizes)
+        return self._project_out(activation_fn(self.activation)(h_RF), group_sizes, sizes)
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
