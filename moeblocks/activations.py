@@ -6,6 +6,8 @@ activation maps the gate and up projections of a GLU expert to its hidden vector
 - :class:`GLU`: ``act(gate) ⊙ up`` (SwiGLU with ``"silu"``, GEGLU with ``"gelu"``).
 - :class:`ClampedSwiGLU` (GPT-OSS): ``(clamp(up, −l, l) + 1) ⊙ g · σ(α g)`` with
   ``g = min(gate, l)``.
+- :class:`ClampedGLU` (GLM-5-Next, HY-V4, DeepSeek-V4): ``act(min(gate, l)) ⊙ clamp(up, −l, l)``,
+  both halves clamped *before* the activation.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "GLU", "ClampedSwiGLU", "GatedActivation", "activation_fn"]
+__all__ = [
+    "ACTIVATIONS",
+    "GLU",
+    "ClampedGLU",
+    "ClampedSwiGLU",
+    "GatedActivation",
+    "activation_fn",
+]
 
 
 def _check_pair(gate: Tensor, up: Tensor) -> None:
@@ -111,3 +120,35 @@ class ClampedSwiGLU:
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+@dataclass(frozen=True)
+class ClampedGLU:
+    """A GLU whose inputs are clamped first: ``act(min(gate, l)) ⊙ clamp(up, −l, l)``.
+
+    The form of GLM-5-Next, HY-V4 and DeepSeek-V4 (``swiglu_limit``): unlike
+    :class:`ClampedSwiGLU` there is no ``+ 1`` on ``up`` and no sigmoid slope.
+
+    Args:
+        activation: A plain activation name (see :data:`ACTIVATIONS`; ``"silu"``).
+        limit: Clamp limit l, finite and > 0.
+    """
+
+    activation: str = "silu"
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        activation_fn(self.activation)
+        if not (isinstance(self.limit, (int, float)) and math.isfinite(self.limit)):
+            raise ValueError(f"limit must be a finite number > 0, got {self.limit!r}")
+        if self.limit <= 0:
+            raise ValueError(f"limit must be a finite number > 0, got {self.limit!r}")
+
+    def __call__(
+        self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
+    ) -> Float[Tensor, "R F"]:
+        """``act(min(gate, l)) ⊙ clamp(up, −l, l)``."""
+        _check_pair(gate, up)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return activation_fn(self.activation)(gate) * up

@@ -1,0 +1,343 @@
+"""The family table: every routed MoE block class of transformers, converted or refused.
+
+Legend: T tokens, D model dim, E experts, K experts per token.
+
+A converted family is one :class:`Family` row of :data:`FAMILIES`: where its router
+lives, how it routes (:class:`~moeblocks.hf.layouts.RouterForm`), how it stores its
+experts (:class:`~moeblocks.hf.layouts.BankLayout`) and its shared experts
+(:class:`~moeblocks.hf.layouts.SharedForm`), and what its forward returns. Many rows
+differ from another only by class names (transformers copies a block per model). A block
+class that cannot be expressed with today's parts is a row of :data:`REFUSED`, with the
+reason. ``tests/test_hf_discovery.py`` walks the installed transformers and fails on a
+routed MoE block class that is in neither table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from moeblocks.dispatch import Dispatcher
+from moeblocks.hf.layouts import (
+    CONCAT,
+    CONCAT_CLAMPED,
+    DEEPSEEK,
+    GATED_SHARED_EXPERT,
+    GPT_OSS,
+    INTERLEAVED,
+    LLAMA4,
+    NO_SHARED,
+    PER_EXPERT,
+    SHARED_EXPERT,
+    SHARED_EXPERTS,
+    SOFTMAX,
+    SOFTMAX_NORM_FLAG,
+    STACKED,
+    SWITCH,
+    BankLayout,
+    RouterForm,
+    SharedForm,
+    compose,
+)
+from moeblocks.layer import MoELayer
+
+__all__ = [
+    "FAMILIES",
+    "REFUSED",
+    "SUPPORTED",
+    "Family",
+    "Refusal",
+    "family_of",
+    "refusal_of",
+]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one Hugging Face sparse-MoE block class maps onto moeblocks (one table row).
+
+    Attributes:
+        name: Family name (``"mixtral"``, ``"deepseek_v3"``, ...).
+        block_class: The transformers class name of the sparse-MoE block.
+        router_class: The class name of its router module (the module whose output
+            transformers records for ``output_router_logits``).
+        router: How the router routes and where its weights live.
+        bank: How the routed experts (``block.experts``) are stored.
+        shared: The shared experts, if any.
+        router_attr: Attribute of the block that holds the router.
+        returns: What the block's forward returns: ``"tensor"`` (the output, same
+            shape as the input), ``"tensor_and_weights"`` (GPT-OSS: the output and the
+            ``[T, K]`` combine weights) or ``"flat_and_logits"`` (Llama-4: the output
+            flattened to ``[T, D]`` and the ``[T, E]`` router logits).
+        logits_index: Index of the router logits in the router module's output tuple.
+        batched_logits: Whether the router returns logits in the input's leading shape
+            (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
+    """
+
+    name: str
+    block_class: str
+    router_class: str
+    router: RouterForm
+    bank: BankLayout
+    shared: SharedForm = NO_SHARED
+    router_attr: str = "gate"
+    returns: str = "tensor"
+    logits_index: int = 0
+    batched_logits: bool = False
+
+    def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
+        """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
+        return compose(block, self.router_attr, self.router, self.bank, self.shared, dispatcher)
+
+    def write_back(self, layer: MoELayer, block: nn.Module) -> None:
+        """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
+        self.router.write(layer.router, getattr(block, self.router_attr))
+        self.bank.write(layer.experts, block.experts)
+        self.shared.write(layer.shared, block)
+
+
+def _softmax(name: str, block: str, router: str, norm_flag: bool = True) -> Family:
+    return Family(name, block, router, SOFTMAX_NORM_FLAG if norm_flag else SOFTMAX, CONCAT)
+
+
+def _qwen_shared(name: str, block: str, router: str, norm_flag: bool = True) -> Family:
+    form = SOFTMAX_NORM_FLAG if norm_flag else SOFTMAX
+    return Family(name, block, router, form, CONCAT, GATED_SHARED_EXPERT)
+
+
+def _deepseek(name: str, block: str, router: str, bank: BankLayout = CONCAT) -> Family:
+    return Family(name, block, router, DEEPSEEK, bank, SHARED_EXPERTS)
+
+
+FAMILIES: tuple[Family, ...] = (
+    _softmax("mixtral", "MixtralSparseMoeBlock", "MixtralTopKRouter", norm_flag=False),
+    _softmax("minimax", "MiniMaxSparseMoeBlock", "MiniMaxTopKRouter", norm_flag=False),
+    _qwen_shared("qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeTopKRouter"),
+    _qwen_shared("qwen3_next", "Qwen3NextSparseMoeBlock", "Qwen3NextTopKRouter"),
+    _qwen_shared("qwen4_exp", "Qwen4ExpTextSparseMoeBlock", "Qwen4ExpTextTopKRouter"),
+    _qwen_shared(
+        "qwen3_omni_moe_talker",
+        "Qwen3OmniMoeTalkerTextSparseMoeBlock",
+        "Qwen3OmniMoeTalkerTextTopKRouter",
+    ),
+    _qwen_shared(
+        "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", "Qwen3_5MoeTopKRouter", norm_flag=False
+    ),
+    _softmax("qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeTopKRouter"),
+    _softmax(
+        "qwen3_omni_moe_thinker",
+        "Qwen3OmniMoeThinkerTextSparseMoeBlock",
+        "Qwen3OmniMoeThinkerTextTopKRouter",
+    ),
+    _softmax(
+        "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextTopKRouter", norm_flag=False
+    ),
+    _softmax("mellum", "MellumSparseMoeBlock", "MellumTopKRouter"),
+    _softmax("olmoe", "OlmoeSparseMoeBlock", "OlmoeTopKRouter"),
+    _softmax("flex_olmo", "FlexOlmoSparseMoeBlock", "FlexOlmoTopKRouter"),
+    _deepseek("deepseek_v3", "DeepseekV3MoE", "DeepseekV3TopkRouter"),
+    _deepseek("deepseek_v32", "DeepseekV32MoE", "DeepseekV32TopkRouter"),
+    _deepseek("dots1", "Dots1MoE", "Dots1TopkRouter"),
+    _deepseek("kimi_linear", "KimiLinearMoE", "KimiLinearTopkRouter"),
+    _deepseek("glm4_moe", "Glm4MoeMoE", "Glm4MoeTopkRouter"),
+    _deepseek("glm4_moe_lite", "Glm4MoeLiteMoE", "Glm4MoeLiteTopkRouter"),
+    _deepseek("glm4v_moe", "Glm4vMoeTextMoE", "Glm4vMoeTextTopkRouter"),
+    _deepseek("glm_moe_dsa", "GlmMoeDsaMoE", "GlmMoeDsaTopkRouter"),
+    _deepseek("solar_open", "SolarOpenMoE", "SolarOpenTopkRouter"),
+    _deepseek("minicpm5_moe", "MiniCPM5MoeMoE", "MiniCPM5MoeTopkRouter"),
+    _deepseek("glm5_next", "Glm5NextTextMoE", "Glm5NextTextTopkRouter", CONCAT_CLAMPED),
+    _deepseek("hy_v4", "HYV4MoE", "HYV4TopkRouter", CONCAT_CLAMPED),
+    _deepseek("hy_v4_vl", "HYV4VLMoE", "HYV4VLTopkRouter", CONCAT_CLAMPED),
+    Family(
+        "gpt_oss",
+        "GptOssMLP",
+        "GptOssTopKRouter",
+        GPT_OSS,
+        INTERLEAVED,
+        router_attr="router",
+        returns="tensor_and_weights",
+    ),
+    Family(
+        "llama4",
+        "Llama4TextMoe",
+        "Llama4Router",
+        LLAMA4,
+        STACKED,
+        SHARED_EXPERT,
+        router_attr="router",
+        returns="flat_and_logits",
+        logits_index=1,
+    ),
+    Family(
+        "switch_transformers",
+        "SwitchTransformersSparseMLP",
+        "SwitchTransformersTop1Router",
+        SWITCH,
+        PER_EXPERT,
+        router_attr="router",
+        logits_index=2,
+        batched_logits=True,
+    ),
+)
+"""Every converted block class, one row each."""
+
+SUPPORTED = tuple(f.block_class for f in FAMILIES)
+"""The block classes :func:`~moeblocks.hf.from_hf` converts."""
+
+_BY_CLASS = {f.block_class: f for f in FAMILIES}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A routed MoE block class that :func:`~moeblocks.hf.from_hf` refuses, and why.
+
+    Attributes:
+        family: The transformers model folder (``"phimoe"``).
+        block_class: The block class name.
+        reason: What it needs that moeblocks lacks ("needs part X (not built yet)"), or
+            why it is no routed MoE, or what is wrong with HF's block.
+    """
+
+    family: str
+    block_class: str
+    reason: str
+
+
+def _needs(*parts: str) -> str:
+    return "needs " + "; ".join(parts) + " (not built yet)"
+
+
+_OUT_BIAS = "a bias added to the layer output"
+_NOT_REVIEWED = "not reviewed yet: its router or experts differ from every converted row"
+
+REFUSED: tuple[Refusal, ...] = (
+    Refusal("afmoe", "AfmoeSparseMoeBlock", _NOT_REVIEWED),
+    Refusal("aria", "AriaTextMoELayer", _NOT_REVIEWED),
+    Refusal("axk1", "AXK1MoE", _needs("a norm on the MoE output")),
+    Refusal("axk2", "AXK2MoE", _NOT_REVIEWED),
+    Refusal("bailing_hybrid", "BailingHybridMoE", _needs("an expert activation clamped after it")),
+    Refusal("beam", "BeamMoE", _NOT_REVIEWED),
+    Refusal("cohere2_moe", "Cohere2MoeSparseMoeBlock", _NOT_REVIEWED),
+    Refusal("dbrx", "DbrxFFN", _needs("DBRX's p-norm weight normalisation", "its expert layout")),
+    Refusal("deepseek_ocr2", "DeepseekOcr2TextMoe", _NOT_REVIEWED),
+    Refusal("deepseek_v2", "DeepseekV2Moe", _NOT_REVIEWED),
+    Refusal(
+        "deepseek_v4",
+        "DeepseekV4SparseMoeBlock",
+        _needs("sqrt-softplus scoring", "token-id hash routing", "a GLU clamped before it"),
+    ),
+    Refusal(
+        "diffusion_gemma",
+        "DiffusionGemmaEncoderTextLayer",
+        _needs("a decoder-inline MoE with its own norms and a normalising router"),
+    ),
+    Refusal(
+        "diffusion_gemma",
+        "DiffusionGemmaDecoderTextLayer",
+        _needs("a decoder-inline MoE with its own norms and a normalising router"),
+    ),
+    Refusal("dots3_note", "Dots3NoteTextMoE", _NOT_REVIEWED),
+    Refusal("dots3_note", "Dots3NoteVisionMoE", _NOT_REVIEWED),
+    Refusal(
+        "ergo",
+        "ErgoMoE",
+        _needs("relu² experts", "a per-expert output norm", "a norm on the shared output"),
+    ),
+    Refusal("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", _NOT_REVIEWED),
+    Refusal(
+        "ernie4_5_vl_moe",
+        "Ernie4_5_VLMoeSparseMoeBlock",
+        _needs("tokens split between a text and a vision MoE"),
+    ),
+    Refusal("exaone_moe", "ExaoneMoeSparseMoEBlock", _NOT_REVIEWED),
+    Refusal("flint", "FlintSparseMoeBlock", _NOT_REVIEWED),
+    Refusal(
+        "gemma4",
+        "Gemma4TextDecoderLayer",
+        _needs(
+            "a router that RMS-normalises its input",
+            "routed and shared experts fed different inputs, with a norm on each branch",
+        ),
+    ),
+    Refusal("granitemoe", "GraniteMoeMoE", _NOT_REVIEWED),
+    Refusal("granitemoe_swa", "GraniteMoeSWAMoE", _NOT_REVIEWED),
+    Refusal("granitemoehybrid", "GraniteMoeHybridMoE", _NOT_REVIEWED),
+    Refusal("granitemoeshared", "GraniteMoeSharedMoE", _NOT_REVIEWED),
+    Refusal("hunyuan_v1_moe", "HunYuanMoEV1Moe", _NOT_REVIEWED),
+    Refusal("hy_v3", "HYV3MoE", _NOT_REVIEWED),
+    Refusal(
+        "inkling", "InklingMoE", _needs("shared experts weighted by the router with the routed")
+    ),
+    Refusal("inkling2", "Inkling2SparseMoeBlock", _needs("a soft-capped SwiGLU")),
+    Refusal("inkling2_loop", "Inkling2LoopSparseMoeBlock", _needs("a soft-capped SwiGLU")),
+    Refusal("jamba", "JambaSparseMoeBlock", _NOT_REVIEWED),
+    Refusal(
+        "jetmoe",
+        "JetMoeAttention",
+        _needs("attention-head experts (mixture of attention heads)"),
+    ),
+    Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
+    Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
+    Refusal("kolibri1", "Kolibri1SparseMoeBlock", _needs("a selection bias added to the logits")),
+    Refusal(
+        "kolibri1_1", "Kolibri1_1SparseMoeBlock", _needs("a selection bias added to the logits")
+    ),
+    Refusal("laguna", "LagunaSparseMoeBlock", _needs("logit soft-capping")),
+    Refusal("lara_mini", "LaraMiniSparseMoeBlock", _NOT_REVIEWED),
+    Refusal("lfm2_moe", "Lfm2MoeSparseMoeBlock", _NOT_REVIEWED),
+    Refusal(
+        "longcat_flash",
+        "LongcatFlashMoE",
+        _needs("parameter-free (zero/identity) experts"),
+    ),
+    Refusal("mimo_v2_flash", "MiMoV2FlashMoE", _NOT_REVIEWED),
+    Refusal("minimax_m2", "MiniMaxM2SparseMoeBlock", _NOT_REVIEWED),
+    Refusal("minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock", _NOT_REVIEWED),
+    Refusal("mistral4", "Mistral4MoE", _NOT_REVIEWED),
+    Refusal("mistral_large4", "MistralLarge4TextMoE", _NOT_REVIEWED),
+    Refusal(
+        "muse_spark",
+        "MuseSparkMoE",
+        _needs("a down/up projection around the experts", "a per-expert output norm"),
+    ),
+    Refusal(
+        "nemotron_h",
+        "NemotronHMoE",
+        _needs("relu² experts", "a down/up projection around the experts"),
+    ),
+    Refusal(
+        "nllb_moe",
+        "NllbMoeSparseMLP",
+        "HF's block is wrong in transformers 5.25: it runs expert 1 with the top-1 gate and "
+        "expert 0 with the top-2 gate for every token, ignoring the router's choice",
+    ),
+    Refusal("openai_privacy_filter", "OpenAIPrivacyFilterMLP", _NOT_REVIEWED),
+    Refusal("phimoe", "PhimoeSparseMoeBlock", _needs("PhiMoE's SparseMixer routing")),
+    Refusal("step3p7", "Step3p7SparseMoeBlock", _needs("an expert activation clamped after it")),
+    Refusal("unlimited_ocr", "UnlimitedOcrTextMoe", _NOT_REVIEWED),
+    Refusal(
+        "vitpose_backbone",
+        "VitPoseBackboneMoeMLP",
+        "not a routed MoE: the expert is chosen by the dataset index passed in",
+    ),
+    Refusal("zaya", "ZayaSparseMoeBlock", _needs("an MLP router", "parameter-free experts")),
+)
+"""Every routed MoE block class of the installed transformers that is not converted."""
+
+
+def family_of(block: nn.Module) -> Family | None:
+    """The :class:`Family` of an HF sparse-MoE block (by its class or a base class), or None."""
+    for cls in type(block).__mro__:
+        if cls.__name__ in _BY_CLASS:
+            return _BY_CLASS[cls.__name__]
+    return None
+
+
+def refusal_of(block: nn.Module) -> Refusal | None:
+    """Why ``block``'s class is refused (by its class or a base class), or None."""
+    by_class = {r.block_class: r for r in REFUSED}
+    for cls in type(block).__mro__:
+        if cls.__name__ in by_class:
+            return by_class[cls.__name__]
+    return None
