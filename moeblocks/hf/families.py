@@ -31,6 +31,7 @@ from moeblocks.hf.layouts import (
     PER_EXPERT,
     SHARED_EXPERT,
     SHARED_EXPERTS,
+    SHARED_EXPERTS_CLAMPED,
     SOFTMAX,
     SOFTMAX_NORM_FLAG,
     STACKED,
@@ -106,8 +107,14 @@ def _qwen_shared(name: str, block: str, router: str, norm_flag: bool = True) -> 
     return Family(name, block, router, form, CONCAT, GATED_SHARED_EXPERT)
 
 
-def _deepseek(name: str, block: str, router: str, bank: BankLayout = CONCAT) -> Family:
-    return Family(name, block, router, DEEPSEEK, bank, SHARED_EXPERTS)
+def _deepseek(
+    name: str,
+    block: str,
+    router: str,
+    bank: BankLayout = CONCAT,
+    shared: SharedForm = SHARED_EXPERTS,
+) -> Family:
+    return Family(name, block, router, DEEPSEEK, bank, shared)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -146,7 +153,13 @@ FAMILIES: tuple[Family, ...] = (
     _deepseek("glm_moe_dsa", "GlmMoeDsaMoE", "GlmMoeDsaTopkRouter"),
     _deepseek("solar_open", "SolarOpenMoE", "SolarOpenTopkRouter"),
     _deepseek("minicpm5_moe", "MiniCPM5MoeMoE", "MiniCPM5MoeTopkRouter"),
-    _deepseek("glm5_next", "Glm5NextTextMoE", "Glm5NextTextTopkRouter", CONCAT_CLAMPED),
+    _deepseek(
+        "glm5_next",
+        "Glm5NextTextMoE",
+        "Glm5NextTextTopkRouter",
+        CONCAT_CLAMPED,
+        SHARED_EXPERTS_CLAMPED,
+    ),
     _deepseek("hy_v4", "HYV4MoE", "HYV4TopkRouter", CONCAT_CLAMPED),
     _deepseek("hy_v4_vl", "HYV4VLMoE", "HYV4VLTopkRouter", CONCAT_CLAMPED),
     Family(
@@ -275,7 +288,12 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(
         "jetmoe",
         "JetMoeAttention",
-        _needs("attention-head experts (mixture of attention heads)"),
+        _needs("attention-head experts: its projections are a JetMoeMoA"),
+    ),
+    Refusal(
+        "jetmoe",
+        "JetMoeMoA",
+        _needs("attention-head experts (a mixture of attention heads)"),
     ),
     Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
     Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),

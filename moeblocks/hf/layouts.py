@@ -50,6 +50,7 @@ __all__ = [
     "PER_EXPERT",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
+    "SHARED_EXPERTS_CLAMPED",
     "SOFTMAX",
     "SOFTMAX_NORM_FLAG",
     "STACKED",
@@ -395,10 +396,16 @@ def _mlp_act(mlp: nn.Module) -> nn.Module:
     return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn
 
 
-def _dense_glu(mlp: nn.Module) -> SwiGLUExperts:
-    """One-expert bank from an ``nn.Linear`` gate_proj / up_proj / down_proj MLP."""
+def _dense_glu(mlp: nn.Module, clamped: bool = False) -> SwiGLUExperts:
+    """One-expert bank from an ``nn.Linear`` gate_proj / up_proj / down_proj MLP.
+
+    ``clamped``: the MLP clamps gate and up at ``mlp.swiglu_limit`` before its
+    activation (GLM-5-Next's shared experts).
+    """
     F, D = mlp.gate_proj.weight.shape
-    bank = SwiGLUExperts(1, D, F, activation=GLU(activation_name(_mlp_act(mlp))))
+    act = activation_name(_mlp_act(mlp))
+    activation = ClampedGLU(act, float(mlp.swiglu_limit)) if clamped else GLU(act)
+    bank = SwiGLUExperts(1, D, F, activation=activation)
     _like(bank, mlp.gate_proj.weight)
     copy_into(bank.w_in_EDF2[0], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t())
     copy_into(bank.w_out_EFD[0], mlp.down_proj.weight.t())
@@ -415,17 +422,18 @@ def _dense_glu_back(shared: SharedExperts | None, mlp: nn.Module) -> None:
     copy_into(mlp.down_proj.weight, bank.w_out_EFD[0].t())
 
 
-def _ungated_read(block: nn.Module, attr: str) -> SharedExperts:
-    return SharedExperts(_dense_glu(getattr(block, attr)))
+def _ungated_read(block: nn.Module, attr: str, clamped: bool) -> SharedExperts:
+    return SharedExperts(_dense_glu(getattr(block, attr), clamped))
 
 
 def _ungated_write(shared: SharedExperts | None, block: nn.Module, attr: str) -> None:
     _dense_glu_back(shared, getattr(block, attr))
 
 
-def _ungated(attr: str) -> SharedForm:
-    read, write = partial(_ungated_read, attr=attr), partial(_ungated_write, attr=attr)
-    return SharedForm(f"ungated `{attr}`", read, write)
+def _ungated(attr: str, clamped: bool = False) -> SharedForm:
+    read = partial(_ungated_read, attr=attr, clamped=clamped)
+    write = partial(_ungated_write, attr=attr)
+    return SharedForm(f"ungated `{attr}`" + (", clamped GLU" if clamped else ""), read, write)
 
 
 def _gated_read(block: nn.Module) -> SharedExperts:
@@ -454,6 +462,7 @@ def _none_write(shared: SharedExperts | None, block: nn.Module) -> None:
 NO_SHARED = SharedForm("—", _none_read, _none_write)
 SHARED_EXPERTS = _ungated("shared_experts")
 SHARED_EXPERT = _ungated("shared_expert")
+SHARED_EXPERTS_CLAMPED = _ungated("shared_experts", clamped=True)
 GATED_SHARED_EXPERT = SharedForm("σ-gated `shared_expert`", _gated_read, _gated_write)
 
 
