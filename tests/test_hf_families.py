@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hf_errors
 import pytest
@@ -24,7 +26,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from moeblocks.hf import FAMILIES, family_of, from_hf, to_hf
+from moeblocks.hf import FAMILIES, REFUSED, family_of, from_hf, to_hf
 from moeblocks.layer import MoELayer
 
 D, F, E = 16, 8, 8
@@ -251,3 +253,22 @@ def test_recorded_errors_cover_every_family() -> None:
     for name, row in recorded.items():
         assert row["fp32"] <= TOL[torch.float32], name
         assert row["fp64"] <= TOL[torch.float64], name
+
+
+def test_docs_tables_list_every_family() -> None:
+    # The tables of hf.md and architectures.md are rendered by this hook at build time.
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("hf_hook", root / "docs/_hooks/hf_families.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    families = hook.render_families(hf_errors.load())
+    refused = hook.render_refused()
+    for f in FAMILIES:
+        assert f"`{f.block_class}`" in families
+    assert "not measured" not in families
+    for r in REFUSED:
+        assert f"`{r.block_class}`" in refused
+    for page in hook.PAGES:
+        text = (root / "docs" / page).read_text(encoding="utf-8")
+        assert hook.FAMILIES_MARKER in text, page
+        assert hook.REFUSED_MARKER in text, page
