@@ -20,22 +20,30 @@ from torch import nn
 
 from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.layouts import (
+    BLOCK_BIAS_SIGMOID,
     CONCAT,
     CONCAT_CLAMPED,
     DEEPSEEK,
+    DEEPSEEK_V2,
     GATED_SHARED_EXPERT,
     GPT_OSS,
     INTERLEAVED,
     LLAMA4,
+    MISTRAL4,
+    MISTRAL_LARGE4,
     NO_SHARED,
     PER_EXPERT,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
+    SHARED_MLP,
     SOFTMAX,
     SOFTMAX_NORM_FLAG,
+    SOFTMAX_RAW,
+    SOFTMAX_TOPK,
     STACKED,
     SWITCH,
+    WG_SOFTMAX,
     BankLayout,
     RouterForm,
     SharedForm,
@@ -93,7 +101,7 @@ class Family:
 
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
-        self.router.write(layer.router, getattr(block, self.router_attr))
+        self.router.write(layer.router, getattr(block, self.router_attr), block)
         self.bank.write(layer.experts, block.experts)
         self.shared.write(layer.shared, block)
 
@@ -115,6 +123,13 @@ def _deepseek(
     shared: SharedForm = SHARED_EXPERTS,
 ) -> Family:
     return Family(name, block, router, DEEPSEEK, bank, shared)
+
+
+def _granite(name: str, prefix: str) -> Family:
+    # The shared MLP of GraniteMoeShared/Hybrid sits in the decoder layer, not the block.
+    return Family(
+        name, f"{prefix}MoE", f"{prefix}TopKRouter", SOFTMAX_TOPK, CONCAT, router_attr="router"
+    )
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -162,6 +177,45 @@ FAMILIES: tuple[Family, ...] = (
     ),
     _deepseek("hy_v4", "HYV4MoE", "HYV4TopkRouter", CONCAT_CLAMPED),
     _deepseek("hy_v4_vl", "HYV4VLMoE", "HYV4VLTopkRouter", CONCAT_CLAMPED),
+    Family(
+        "deepseek_v2", "DeepseekV2Moe", "DeepseekV2TopkRouter", DEEPSEEK_V2, CONCAT, SHARED_EXPERTS
+    ),
+    Family(
+        "deepseek_ocr2",
+        "DeepseekOcr2TextMoe",
+        "DeepseekOcr2TextTopkRouter",
+        DEEPSEEK_V2,
+        CONCAT,
+        SHARED_EXPERTS,
+    ),
+    Family(
+        "unlimited_ocr",
+        "UnlimitedOcrTextMoe",
+        "UnlimitedOcrTextTopkRouter",
+        DEEPSEEK_V2,
+        CONCAT,
+        SHARED_EXPERTS,
+    ),
+    Family("mistral4", "Mistral4MoE", "Mistral4TopkRouter", MISTRAL4, CONCAT, SHARED_EXPERTS),
+    Family(
+        "mistral_large4",
+        "MistralLarge4TextMoE",
+        "MistralLarge4TextTopkRouter",
+        MISTRAL_LARGE4,
+        CONCAT,
+        SHARED_EXPERTS,
+    ),
+    _granite("granitemoe", "GraniteMoe"),
+    _granite("granitemoe_swa", "GraniteMoeSWA"),
+    _granite("granitemoehybrid", "GraniteMoeHybrid"),
+    _granite("granitemoeshared", "GraniteMoeShared"),
+    Family(
+        "jamba", "JambaSparseMoeBlock", "JambaTopKRouter", SOFTMAX_RAW, CONCAT, router_attr="router"
+    ),
+    Family(
+        "minimax_m2", "MiniMaxM2SparseMoeBlock", "MiniMaxM2TopKRouter", BLOCK_BIAS_SIGMOID, CONCAT
+    ),
+    Family("hunyuan_v1_moe", "HunYuanMoEV1Moe", "HunYuanMoEV1Gate", WG_SOFTMAX, CONCAT, SHARED_MLP),
     Family(
         "gpt_oss",
         "GptOssMLP",
@@ -233,8 +287,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("beam", "BeamMoE", _NOT_REVIEWED),
     Refusal("cohere2_moe", "Cohere2MoeSparseMoeBlock", _NOT_REVIEWED),
     Refusal("dbrx", "DbrxFFN", _needs("DBRX's p-norm weight normalisation", "its expert layout")),
-    Refusal("deepseek_ocr2", "DeepseekOcr2TextMoe", _NOT_REVIEWED),
-    Refusal("deepseek_v2", "DeepseekV2Moe", _NOT_REVIEWED),
     Refusal(
         "deepseek_v4",
         "DeepseekV4SparseMoeBlock",
@@ -273,18 +325,12 @@ REFUSED: tuple[Refusal, ...] = (
             "routed and shared experts fed different inputs, with a norm on each branch",
         ),
     ),
-    Refusal("granitemoe", "GraniteMoeMoE", _NOT_REVIEWED),
-    Refusal("granitemoe_swa", "GraniteMoeSWAMoE", _NOT_REVIEWED),
-    Refusal("granitemoehybrid", "GraniteMoeHybridMoE", _NOT_REVIEWED),
-    Refusal("granitemoeshared", "GraniteMoeSharedMoE", _NOT_REVIEWED),
-    Refusal("hunyuan_v1_moe", "HunYuanMoEV1Moe", _NOT_REVIEWED),
     Refusal("hy_v3", "HYV3MoE", _NOT_REVIEWED),
     Refusal(
         "inkling", "InklingMoE", _needs("shared experts weighted by the router with the routed")
     ),
     Refusal("inkling2", "Inkling2SparseMoeBlock", _needs("a soft-capped SwiGLU")),
     Refusal("inkling2_loop", "Inkling2LoopSparseMoeBlock", _needs("a soft-capped SwiGLU")),
-    Refusal("jamba", "JambaSparseMoeBlock", _NOT_REVIEWED),
     Refusal(
         "jetmoe",
         "JetMoeAttention",
@@ -310,10 +356,7 @@ REFUSED: tuple[Refusal, ...] = (
         _needs("parameter-free (zero/identity) experts"),
     ),
     Refusal("mimo_v2_flash", "MiMoV2FlashMoE", _NOT_REVIEWED),
-    Refusal("minimax_m2", "MiniMaxM2SparseMoeBlock", _NOT_REVIEWED),
     Refusal("minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock", _NOT_REVIEWED),
-    Refusal("mistral4", "Mistral4MoE", _NOT_REVIEWED),
-    Refusal("mistral_large4", "MistralLarge4TextMoE", _NOT_REVIEWED),
     Refusal(
         "muse_spark",
         "MuseSparkMoE",
@@ -333,7 +376,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("openai_privacy_filter", "OpenAIPrivacyFilterMLP", _NOT_REVIEWED),
     Refusal("phimoe", "PhimoeSparseMoeBlock", _needs("PhiMoE's SparseMixer routing")),
     Refusal("step3p7", "Step3p7SparseMoeBlock", _needs("an expert activation clamped after it")),
-    Refusal("unlimited_ocr", "UnlimitedOcrTextMoe", _NOT_REVIEWED),
     Refusal(
         "vitpose_backbone",
         "VitPoseBackboneMoeMLP",

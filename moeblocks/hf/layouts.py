@@ -39,22 +39,30 @@ from moeblocks.routers import LinearScorer, Router
 from moeblocks.shared import SharedExperts
 
 __all__ = [
+    "BLOCK_BIAS_SIGMOID",
     "CONCAT",
     "CONCAT_CLAMPED",
     "DEEPSEEK",
+    "DEEPSEEK_V2",
     "GATED_SHARED_EXPERT",
     "GPT_OSS",
     "INTERLEAVED",
     "LLAMA4",
+    "MISTRAL4",
+    "MISTRAL_LARGE4",
     "NO_SHARED",
     "PER_EXPERT",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
+    "SHARED_MLP",
     "SOFTMAX",
     "SOFTMAX_NORM_FLAG",
+    "SOFTMAX_RAW",
+    "SOFTMAX_TOPK",
     "STACKED",
     "SWITCH",
+    "WG_SOFTMAX",
     "BankLayout",
     "RouterForm",
     "SharedForm",
@@ -229,13 +237,14 @@ class RouterForm:
     Attributes:
         name: Short name shown in the docs.
         read: ``(router module, block) -> (Router, Capacity or None)``.
-        write: ``(Router, router module) -> None``: writes the router back in place.
+        write: ``(Router, router module, block) -> None``: writes the router back in
+            place.
         weight_inputs: The combine weight scales the expert's input (Llama-4).
     """
 
     name: str
     read: Callable[[nn.Module, nn.Module], tuple[Router, Capacity | None]]
-    write: Callable[[Router, nn.Module], None]
+    write: Callable[[Router, nn.Module, nn.Module], None]
     weight_inputs: bool = False
 
 
@@ -254,15 +263,18 @@ def _check_router_bias(router: Router, gate: nn.Module, has: bool) -> None:
         raise ValueError(f"to_hf: a {type(gate).__name__} has {'a' if has else 'no'} router bias")
 
 
-def _write_weight(router: Router, gate: nn.Module) -> None:
+def _write_weight(router: Router, gate: nn.Module, block: nn.Module) -> None:
     _check_router_bias(router, gate, False)
     copy_into(gate.weight, router.scorer.weight_ED)
 
 
-def _softmax_read(gate: nn.Module, block: nn.Module, norm_flag: bool) -> tuple[Router, None]:
+def _softmax_read(gate: nn.Module, block: nn.Module, norm_flag: bool | None) -> tuple[Router, None]:
     # Mixtral renormalises the top-k probabilities even for k = 1 (the weight is then 1);
     # Qwen-style routers only when norm_topk_prob is set.
-    renormalize = "always" if not norm_flag or gate.norm_topk_prob else "never"
+    if norm_flag is None:  # Jamba: the raw probabilities
+        renormalize = "never"
+    else:
+        renormalize = "always" if not norm_flag or gate.norm_topk_prob else "never"
     router = Router(
         _linear_scorer(gate.weight, None, "input"),
         gate.top_k,
@@ -297,8 +309,8 @@ def _deepseek_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
     return router, None
 
 
-def _deepseek_write(router: Router, gate: nn.Module) -> None:
-    _write_weight(router, gate)
+def _deepseek_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
     if router.balancer is None:
         raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
     copy_into(gate.e_score_correction_bias, router.balancer.bias)
@@ -314,7 +326,7 @@ def _gpt_oss_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
     return router, None
 
 
-def _gpt_oss_write(router: Router, r: nn.Module) -> None:
+def _gpt_oss_write(router: Router, r: nn.Module, block: nn.Module) -> None:
     _check_router_bias(router, r, True)
     copy_into(r.weight, router.scorer.weight_ED)
     copy_into(r.bias, router.scorer.bias_E)
@@ -345,12 +357,89 @@ def _switch_read(r: nn.Module, block: nn.Module) -> tuple[Router, Capacity]:
     return router, Capacity(limit=int(r.expert_capacity), per="sequence")
 
 
-def _switch_write(router: Router, r: nn.Module) -> None:
+def _switch_write(router: Router, r: nn.Module, block: nn.Module) -> None:
     cls = r.classifier
     _check_router_bias(router, r, cls.bias is not None)
     copy_into(cls.weight, router.scorer.weight_ED)
     if cls.bias is not None:
         copy_into(cls.bias, router.scorer.bias_E)
+
+
+def _softmax_grouped_read(
+    gate: nn.Module, block: nn.Module, fp32: bool, group_score_k: int, always: bool
+) -> tuple[Router, None]:
+    """DeepSeek-V2 / Mistral-4: softmax over all experts, (group-limited) top-k, scaled."""
+    G, topk_group = int(gate.num_group), int(gate.topk_group)
+    method = getattr(gate, "topk_method", "group_limited_greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"unsupported topk_method {method!r} of {type(gate).__name__}")
+    grouped = method == "group_limited_greedy" and G > 1
+    selection: Selection = GroupLimitedTopK(G, topk_group, group_score_k) if grouped else TopK()
+    norm = always or bool(getattr(gate, "norm_topk_prob", False))
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32" if fp32 else "input"),
+        gate.top_k,
+        selection=selection,
+        weights=WeightPolicy(
+            "always" if norm else "never",
+            scale=float(gate.routed_scaling_factor),
+            eps=1e-20 if norm else 0.0,
+        ),
+        # fp32: logits and softmax in float32; else the softmax runs in the model dtype.
+        routing_dtype=torch.float32 if fp32 else None,
+    )
+    return router, None
+
+
+def _softmax_topk_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    router = Router(
+        _linear_scorer(gate.weight, None, "input"),
+        gate.top_k,
+        scoring="softmax_topk",
+        weights=WeightPolicy("never"),  # the softmax over the top-k already sums to 1
+        routing_dtype=torch.float32,  # Granite casts its logits to float32
+    )
+    return router, None
+
+
+def _block_bias_sigmoid_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """MiniMax-M2: sigmoid (float32), a selection bias kept on the block, renormalised."""
+    E = gate.weight.shape[0]
+    balancer = BiasBalancer(E, rate=0.0).to(block.e_score_correction_bias.device)
+    copy_into(balancer.bias, block.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "input"),
+        gate.top_k,
+        scoring="sigmoid",
+        weights=WeightPolicy("always"),
+        balancer=balancer,
+        jitter=float(getattr(block, "jitter_noise", 0.0)),
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _block_bias_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
+    if router.balancer is None:
+        raise ValueError(f"to_hf: a {type(block).__name__} needs a router with a BiasBalancer")
+    copy_into(block.e_score_correction_bias, router.balancer.bias)
+
+
+def _wg_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """HunYuan-MoE-V1: an ``nn.Linear`` ``wg``, softmax in float32, renormalised."""
+    router = Router(
+        _linear_scorer(gate.wg.weight, None, "input"),
+        gate.top_k,
+        weights=WeightPolicy("always"),
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _wg_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, gate, False)
+    copy_into(gate.wg.weight, router.scorer.weight_ED)
 
 
 # partial of module-level functions, not closures: a swapped model pickles its rows.
@@ -371,6 +460,33 @@ GPT_OSS = RouterForm("biased linear, top-k, softmax over the k", _gpt_oss_read, 
 LLAMA4 = RouterForm(
     "sigmoid of the top-k score, on the expert input", _llama4_read, _write_weight, True
 )
+SOFTMAX_RAW = RouterForm(
+    "softmax, top-k, not renormalised", partial(_softmax_read, norm_flag=None), _write_weight
+)
+DEEPSEEK_V2 = RouterForm(
+    "softmax (float32), group-limited (max) or plain top-k, scaled",
+    partial(_softmax_grouped_read, fp32=True, group_score_k=1, always=False),
+    _write_weight,
+)
+MISTRAL4 = RouterForm(
+    "softmax, group-limited top-k, scaled",
+    partial(_softmax_grouped_read, fp32=False, group_score_k=2, always=False),
+    _write_weight,
+)
+MISTRAL_LARGE4 = RouterForm(
+    "softmax (float32), group-limited top-k, renormalised, scaled",
+    partial(_softmax_grouped_read, fp32=True, group_score_k=2, always=True),
+    _write_weight,
+)
+SOFTMAX_TOPK = RouterForm(
+    "top-k of the logits, softmax over the k", _softmax_topk_read, _write_weight
+)
+BLOCK_BIAS_SIGMOID = RouterForm(
+    "sigmoid (float32), selection bias on the block, renormalised",
+    _block_bias_sigmoid_read,
+    _block_bias_write,
+)
+WG_SOFTMAX = RouterForm("softmax (float32) of `wg`, top-k, renormalised", _wg_read, _wg_write)
 SWITCH = RouterForm("softmax (float32), top-1, capacity per sequence", _switch_read, _switch_write)
 
 
@@ -463,6 +579,7 @@ NO_SHARED = SharedForm("—", _none_read, _none_write)
 SHARED_EXPERTS = _ungated("shared_experts")
 SHARED_EXPERT = _ungated("shared_expert")
 SHARED_EXPERTS_CLAMPED = _ungated("shared_experts", clamped=True)
+SHARED_MLP = _ungated("shared_mlp")
 GATED_SHARED_EXPERT = SharedForm("σ-gated `shared_expert`", _gated_read, _gated_write)
 
 
