@@ -44,8 +44,13 @@ DEEPSEEK = {
     "routed_scaling_factor": 2.5,
     "norm_topk_prob": True,
 }
+DEEPSEEK_BASE = {
+    k: v for k, v in DEEPSEEK.items() if k not in ("n_routed_experts", "n_shared_experts")
+}
+MIXTRAL_NO_E = {"hidden_size": D, "intermediate_size": F}
 NO_NORM = {k: v for k, v in DEEPSEEK.items() if k != "norm_topk_prob"}
-HEADS = {"num_attention_heads": 2}  # configs that check D against the heads
+# Configs that check D against their attention heads.
+HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1}
 GRANITE = {**MIXTRAL, "num_experts_per_tok": 2}
 # A limit the N(0, 0.5²) weights cross often, so the clamps are exercised both ways.
 CLAMPED = {**DEEPSEEK, "swiglu_limit": 1.0}
@@ -127,6 +132,74 @@ SPECS = {
         "HunYuanMoEV1Config",
         {"hidden_size": D, "intermediate_size": F, "num_experts": E, "moe_topk": 2},
     ),
+    "exaone_moe": Spec(
+        "exaone_moe",
+        "ExaoneMoeConfig",
+        {**DEEPSEEK_BASE, **HEADS, "num_experts": E, "num_shared_experts": 2},
+    ),
+    "mimo_v2_flash": Spec("mimo_v2_flash", "MiMoV2FlashConfig", {**DEEPSEEK, **HEADS}),
+    "flint": Spec("flint", "FlintConfig", {**QWEN_SHARED, **HEADS, "norm_topk_prob": True}),
+    "lara_mini": Spec("lara_mini", "LaraMiniConfig", {**QWEN_SHARED, **HEADS}),
+    "lfm2_moe": Spec(
+        "lfm2_moe",
+        "Lfm2MoeConfig",
+        {
+            **QWEN,
+            **HEADS,
+            "use_expert_bias": True,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+        },
+    ),
+    "hy_v3": Spec(
+        "hy_v3",
+        "HYV3Config",
+        {
+            **QWEN,
+            **HEADS,
+            "num_shared_experts": 2,
+            "router_scaling_factor": 2.5,
+            # Its float32 combine would round a float64 model's output to float32.
+            "enable_moe_fp32_combine": False,
+        },
+    ),
+    "afmoe": Spec(
+        "afmoe", "AfmoeConfig", {**QWEN, **HEADS, "num_shared_experts": 2, "route_scale": 2.5}
+    ),
+    "cohere2_moe": Spec(
+        "cohere2_moe",
+        "Cohere2MoeConfig",
+        {
+            **MIXTRAL_NO_E,
+            **HEADS,
+            "num_experts": E,
+            "num_experts_per_tok": 2,
+            "num_shared_experts": 1,
+            "shared_expert_combination_strategy": "sum",
+            "expert_selection_fn": "softmax",
+        },
+    ),
+    "dots3_note": Spec(
+        "dots3_note",
+        "Dots3NoteTextConfig",
+        {
+            **DEEPSEEK,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "shared_experts_intermediate_size": F,
+        },
+    ),
+    "aria": Spec(
+        "aria",
+        "AriaTextConfig",
+        {
+            **MIXTRAL_NO_E,
+            **HEADS,
+            "moe_num_experts": E,
+            "moe_topk": 2,
+            "moe_num_shared_experts": 2,
+        },
+    ),
 }
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}
@@ -164,8 +237,13 @@ def _router(block: nn.Module) -> nn.Module:
 def _route(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """HF's (router logits [T, E], chosen experts [T, K]) from the block's own router."""
     router = _router(block)
-    if family_of(block).name == "minimax_m2":  # its router takes the block's bias
+    name = family_of(block).name
+    if name in ("minimax_m2", "hy_v3"):  # their routers take the block's bias
         logits, _, experts = router(tokens, block.e_score_correction_bias)
+    elif name == "lfm2_moe":
+        logits, _, experts = router(tokens, block.expert_bias)
+    elif name == "afmoe":  # [B, S, D] in, its bias
+        logits, _, experts = router(tokens[None], block.expert_bias)
     else:
         logits, _, experts = router(tokens)
     return logits, experts
@@ -176,7 +254,8 @@ def _inputs(block: nn.Module, dtype: torch.dtype, skew: bool) -> Tensor:
     if skew:
         # Along one router row, most tokens pick the same experts: others get no token.
         router = _router(block)
-        weight = router.wg.weight if hasattr(router, "wg") else router.weight
+        holder = getattr(router, "wg", None) or getattr(router, "gate", router)
+        weight = holder.weight
         w = weight[3].detach().to(dtype)
         x = 0.1 * x + 4 * w / w.norm()
     return x
@@ -204,7 +283,8 @@ def _grads_as_hf(layer: MoELayer, block: nn.Module) -> Iterator[tuple[str, Tenso
     for (name, p_hf), (_, g) in zip(
         block.named_parameters(), mapped.named_parameters(), strict=True
     ):
-        yield name, (p_hf.grad if p_hf.grad is not None else torch.zeros_like(p_hf)), g
+        if p_hf.requires_grad:  # AFMoE keeps its selection bias as a frozen parameter
+            yield name, (p_hf.grad if p_hf.grad is not None else torch.zeros_like(p_hf)), g
 
 
 def _compare(name: str, block: nn.Module, layer: MoELayer, x: Tensor) -> float:

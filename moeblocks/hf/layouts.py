@@ -39,14 +39,20 @@ from moeblocks.routers import LinearScorer, Router
 from moeblocks.shared import SharedExperts
 
 __all__ = [
+    "AFMOE",
     "BLOCK_BIAS_SIGMOID",
+    "COHERE2",
+    "COHERE2_SHARED",
     "CONCAT",
     "CONCAT_CLAMPED",
     "DEEPSEEK",
+    "DEEPSEEK_BLOCK_SCALE",
     "DEEPSEEK_V2",
     "GATED_SHARED_EXPERT",
     "GPT_OSS",
+    "HY_V3",
     "INTERLEAVED",
+    "LFM2",
     "LLAMA4",
     "MISTRAL4",
     "MISTRAL_LARGE4",
@@ -56,10 +62,13 @@ __all__ = [
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
     "SHARED_MLP",
+    "SIGMOID_TOPK",
     "SOFTMAX",
+    "SOFTMAX_FP32_FLAG",
     "SOFTMAX_NORM_FLAG",
     "SOFTMAX_RAW",
     "SOFTMAX_TOPK",
+    "SOFTMAX_TOPK_MODEL_DTYPE",
     "STACKED",
     "SWITCH",
     "WG_SOFTMAX",
@@ -81,8 +90,10 @@ _ACTIVATIONS = {
 }
 
 
-def activation_name(act: nn.Module) -> str:
-    """The moeblocks name of a transformers activation module."""
+def activation_name(act: nn.Module | Callable) -> str:
+    """The moeblocks name of a transformers activation module (or of ``F.silu`` itself)."""
+    if act is torch.nn.functional.silu:  # LFM2-MoE's experts store the function
+        return "silu"
     name = type(act).__name__
     if name == "GELU" and getattr(act, "approximate", "none") == "tanh":
         return "gelu_tanh"
@@ -268,7 +279,9 @@ def _write_weight(router: Router, gate: nn.Module, block: nn.Module) -> None:
     copy_into(gate.weight, router.scorer.weight_ED)
 
 
-def _softmax_read(gate: nn.Module, block: nn.Module, norm_flag: bool | None) -> tuple[Router, None]:
+def _softmax_read(
+    gate: nn.Module, block: nn.Module, norm_flag: bool | None, fp32: bool = False
+) -> tuple[Router, None]:
     # Mixtral renormalises the top-k probabilities even for k = 1 (the weight is then 1);
     # Qwen-style routers only when norm_topk_prob is set.
     if norm_flag is None:  # Jamba: the raw probabilities
@@ -276,7 +289,7 @@ def _softmax_read(gate: nn.Module, block: nn.Module, norm_flag: bool | None) -> 
     else:
         renormalize = "always" if not norm_flag or gate.norm_topk_prob else "never"
     router = Router(
-        _linear_scorer(gate.weight, None, "input"),
+        _linear_scorer(gate.weight, None, "float32" if fp32 else "input"),
         gate.top_k,
         weights=WeightPolicy(renormalize),
         jitter=float(getattr(block, "jitter_noise", 0.0)),
@@ -285,7 +298,12 @@ def _softmax_read(gate: nn.Module, block: nn.Module, norm_flag: bool | None) -> 
     return router, None
 
 
-def _deepseek_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+def _deepseek_read(
+    gate: nn.Module, block: nn.Module, scale_on_block: bool = False
+) -> tuple[Router, None]:
+    # scale_on_block: the block multiplies the summed routed output by the factor, which
+    # is the same as scaling every combine weight (the sum is linear).
+    scale = (block if scale_on_block else gate).routed_scaling_factor
     E = gate.weight.shape[0]
     selection: Selection = (
         TopK() if gate.num_group == 1 else GroupLimitedTopK(gate.num_group, gate.topk_group)
@@ -300,7 +318,7 @@ def _deepseek_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
         selection=selection,
         weights=WeightPolicy(
             "always" if gate.norm_topk_prob else "never",
-            scale=float(gate.routed_scaling_factor),
+            scale=float(scale),
             eps=1e-20 if gate.norm_topk_prob else 0.0,
         ),
         balancer=balancer,
@@ -391,27 +409,45 @@ def _softmax_grouped_read(
     return router, None
 
 
-def _softmax_topk_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+def _softmax_topk_read(gate: nn.Module, block: nn.Module, fp32: bool) -> tuple[Router, None]:
     router = Router(
         _linear_scorer(gate.weight, None, "input"),
         gate.top_k,
         scoring="softmax_topk",
         weights=WeightPolicy("never"),  # the softmax over the top-k already sums to 1
-        routing_dtype=torch.float32,  # Granite casts its logits to float32
+        # fp32: Granite casts its logits to float32; Aria's softmax runs in the model dtype.
+        routing_dtype=torch.float32 if fp32 else None,
     )
     return router, None
 
 
-def _block_bias_sigmoid_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
-    """MiniMax-M2: sigmoid (float32), a selection bias kept on the block, renormalised."""
-    E = gate.weight.shape[0]
-    balancer = BiasBalancer(E, rate=0.0).to(block.e_score_correction_bias.device)
-    copy_into(balancer.bias, block.e_score_correction_bias.float())
+def _sigmoid_biased_read(
+    gate: nn.Module,
+    block: nn.Module,
+    *,
+    weight: str,
+    bias: str,
+    fp32: bool,
+    eps: float,
+    scale: str | None,
+) -> tuple[Router, None]:
+    """Sigmoid scores, top-k by score + a selection bias kept on the block, renormalised.
+
+    ``weight``/``bias``: where the router weight (on the router) and the bias (on the
+    block) live; ``fp32``: the logits are computed in float32; ``scale``: the router
+    attribute holding the routed scaling factor, if any.
+    """
+    w = _get(gate, weight)
+    b = getattr(block, bias)
+    balancer = BiasBalancer(w.shape[0], rate=0.0).to(b.device)
+    copy_into(balancer.bias, b.detach().float())
     router = Router(
-        _linear_scorer(gate.weight, None, "input"),
+        _linear_scorer(w, None, "float32" if fp32 else "input"),
         gate.top_k,
         scoring="sigmoid",
-        weights=WeightPolicy("always"),
+        weights=WeightPolicy(
+            "always", scale=1.0 if scale is None else float(getattr(gate, scale)), eps=eps
+        ),
         balancer=balancer,
         jitter=float(getattr(block, "jitter_noise", 0.0)),
         routing_dtype=torch.float32,
@@ -419,11 +455,81 @@ def _block_bias_sigmoid_read(gate: nn.Module, block: nn.Module) -> tuple[Router,
     return router, None
 
 
-def _block_bias_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
-    _write_weight(router, gate, block)
+def _sigmoid_biased_write(
+    router: Router, gate: nn.Module, block: nn.Module, *, weight: str, bias: str
+) -> None:
+    _check_router_bias(router, gate, False)
+    copy_into(_get(gate, weight), router.scorer.weight_ED)
     if router.balancer is None:
         raise ValueError(f"to_hf: a {type(block).__name__} needs a router with a BiasBalancer")
-    copy_into(block.e_score_correction_bias, router.balancer.bias)
+    copy_into(getattr(block, bias), router.balancer.bias)
+
+
+def _get(module: nn.Module, path: str) -> Tensor:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def _sigmoid_topk_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Flint: float32 sigmoid scores, plain top-k, renormalised if norm_topk_prob."""
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid",
+        weights=WeightPolicy("always" if gate.norm_topk_prob else "never"),
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _lfm2_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """LFM2-MoE: sigmoid in the model dtype, an optional selection bias on the block."""
+    balancer = None
+    if block.use_expert_bias:
+        balancer = BiasBalancer(gate.weight.shape[0], rate=0.0).to(block.expert_bias.device)
+        copy_into(balancer.bias, block.expert_bias.float())
+    norm = bool(gate.norm_topk_prob)
+    router = Router(
+        _linear_scorer(gate.weight, None, "input"),
+        gate.top_k,
+        scoring="sigmoid",
+        weights=WeightPolicy(
+            "always" if norm else "never",
+            scale=float(gate.routed_scaling_factor),
+            eps=1e-6 if norm else 0.0,
+        ),
+        balancer=balancer,
+    )
+    return router, None
+
+
+def _lfm2_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
+    if (router.balancer is None) == bool(block.use_expert_bias):
+        raise ValueError(f"to_hf: the selection bias of a {type(block).__name__} does not match")
+    if block.use_expert_bias:
+        copy_into(block.expert_bias, router.balancer.bias)
+
+
+def _cohere2_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Cohere2-MoE: top-k of the logits, then a softmax over the k or their sigmoids."""
+    if gate.expert_selection_fn == "softmax":
+        scoring, renormalize, dtype = "softmax_topk", "never", torch.float32
+    elif gate.expert_selection_fn == "sigmoid":
+        # The sigmoid is monotone: the top-k of the logits are the top-k of the sigmoids.
+        scoring, dtype = "sigmoid", None
+        renormalize = "always" if gate.norm_topk_prob else "never"
+    else:
+        raise ValueError(f"unsupported expert_selection_fn {gate.expert_selection_fn!r}")
+    router = Router(
+        _linear_scorer(gate.weight, None, "input"),
+        gate.top_k,
+        scoring=scoring,
+        weights=WeightPolicy(renormalize),
+        routing_dtype=dtype,
+    )
+    return router, None
 
 
 def _wg_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
@@ -450,6 +556,11 @@ SOFTMAX_NORM_FLAG = RouterForm(
     "softmax, top-k, renormalised if norm_topk_prob",
     partial(_softmax_read, norm_flag=True),
     _write_weight,
+)
+DEEPSEEK_BLOCK_SCALE = RouterForm(
+    "sigmoid (float32), selection bias, group-limited top-k, scaled on the block",
+    partial(_deepseek_read, scale_on_block=True),
+    _deepseek_write,
 )
 DEEPSEEK = RouterForm(
     "sigmoid (float32), selection bias, group-limited top-k, scaled",
@@ -479,12 +590,66 @@ MISTRAL_LARGE4 = RouterForm(
     _write_weight,
 )
 SOFTMAX_TOPK = RouterForm(
-    "top-k of the logits, softmax over the k", _softmax_topk_read, _write_weight
+    "top-k of the logits, softmax (float32) over the k",
+    partial(_softmax_topk_read, fp32=True),
+    _write_weight,
+)
+SOFTMAX_TOPK_MODEL_DTYPE = RouterForm(
+    "top-k of the logits, softmax over the k",
+    partial(_softmax_topk_read, fp32=False),
+    _write_weight,
 )
 BLOCK_BIAS_SIGMOID = RouterForm(
     "sigmoid (float32), selection bias on the block, renormalised",
-    _block_bias_sigmoid_read,
-    _block_bias_write,
+    partial(
+        _sigmoid_biased_read,
+        weight="weight",
+        bias="e_score_correction_bias",
+        fp32=False,
+        eps=0.0,
+        scale=None,
+    ),
+    partial(_sigmoid_biased_write, weight="weight", bias="e_score_correction_bias"),
+)
+HY_V3 = RouterForm(
+    "sigmoid (float32), selection bias on the block, renormalised, scaled",
+    partial(
+        _sigmoid_biased_read,
+        weight="weight",
+        bias="e_score_correction_bias",
+        fp32=True,
+        eps=1e-20,
+        scale="router_scaling_factor",
+    ),
+    partial(_sigmoid_biased_write, weight="weight", bias="e_score_correction_bias"),
+)
+AFMOE = RouterForm(
+    "sigmoid (float32) of `gate`, selection bias on the block, renormalised, scaled",
+    partial(
+        _sigmoid_biased_read,
+        weight="gate.weight",
+        bias="expert_bias",
+        fp32=False,
+        eps=1e-20,
+        scale="route_scale",
+    ),
+    partial(_sigmoid_biased_write, weight="gate.weight", bias="expert_bias"),
+)
+SIGMOID_TOPK = RouterForm(
+    "sigmoid (float32), top-k, renormalised if norm_topk_prob", _sigmoid_topk_read, _write_weight
+)
+LFM2 = RouterForm(
+    "sigmoid, optional selection bias on the block, renormalised if norm_topk_prob, scaled",
+    _lfm2_read,
+    _lfm2_write,
+)
+COHERE2 = RouterForm(
+    "top-k of the logits, softmax over the k (or their sigmoids)", _cohere2_read, _write_weight
+)
+SOFTMAX_FP32_FLAG = RouterForm(
+    "softmax (float32 logits), top-k, renormalised if norm_topk_prob",
+    partial(_softmax_read, norm_flag=True, fp32=True),
+    _write_weight,
 )
 WG_SOFTMAX = RouterForm("softmax (float32) of `wg`, top-k, renormalised", _wg_read, _wg_write)
 SWITCH = RouterForm("softmax (float32), top-1, capacity per sequence", _switch_read, _switch_write)
@@ -519,6 +684,10 @@ def _dense_glu(mlp: nn.Module, clamped: bool = False) -> SwiGLUExperts:
     activation (GLM-5-Next's shared experts).
     """
     F, D = mlp.gate_proj.weight.shape
+    if any(
+        getattr(m, "bias", None) is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    ):
+        raise ValueError(f"shared expert {type(mlp).__name__} has biases; only bias-free is read")
     act = activation_name(_mlp_act(mlp))
     activation = ClampedGLU(act, float(mlp.swiglu_limit)) if clamped else GLU(act)
     bank = SwiGLUExperts(1, D, F, activation=activation)
@@ -575,11 +744,33 @@ def _none_write(shared: SharedExperts | None, block: nn.Module) -> None:
         raise ValueError(f"to_hf: a {type(block).__name__} has no shared experts")
 
 
+def _cohere2_shared_read(block: nn.Module) -> SharedExperts | None:
+    if block.num_shared_experts == 0:
+        return None
+    if block.shared_expert_combination_strategy != "sum":
+        # "average" halves the routed output too: a layer option moeblocks lacks.
+        raise ValueError(
+            "shared_expert_combination_strategy "
+            f"{block.shared_expert_combination_strategy!r} is not supported, only 'sum'"
+        )
+    return SharedExperts(_dense_glu(block.shared_experts))
+
+
+def _cohere2_shared_write(shared: SharedExperts | None, block: nn.Module) -> None:
+    if block.num_shared_experts == 0:
+        _none_write(shared, block)
+    else:
+        _dense_glu_back(shared, block.shared_experts)
+
+
 NO_SHARED = SharedForm("—", _none_read, _none_write)
 SHARED_EXPERTS = _ungated("shared_experts")
 SHARED_EXPERT = _ungated("shared_expert")
 SHARED_EXPERTS_CLAMPED = _ungated("shared_experts", clamped=True)
 SHARED_MLP = _ungated("shared_mlp")
+COHERE2_SHARED = SharedForm(
+    "ungated `shared_experts` if any (summed)", _cohere2_shared_read, _cohere2_shared_write
+)
 GATED_SHARED_EXPERT = SharedForm("σ-gated `shared_expert`", _gated_read, _gated_write)
 
 
