@@ -8,6 +8,7 @@ non-zero buffers (DeepSeek-style selection biases), then compared with the conve
 layer: outputs, router logits, chosen experts, the input gradient and every weight
 gradient (mapped back with ``to_hf``, so a weight the mapping misses fails), in fp32 and
 fp64, eval and training mode, plain and skewed routing (experts with no token).
+Two tiny whole models check swap_moe_blocks, capture_routing and unswap_moe_blocks.
 """
 
 from __future__ import annotations
@@ -404,3 +405,55 @@ def test_docs_tables_list_every_family() -> None:
         text = (root / "docs" / page).read_text(encoding="utf-8")
         assert hook.FAMILIES_MARKER in text, page
         assert hook.REFUSED_MARKER in text, page
+
+
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": D,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+}
+WHOLE = {
+    # A router under `router` whose model computes HF's aux loss from the recorded logits.
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        {"intermediate_size": F, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    # A router weight in an nn.Linear `wg`, a shared MLP under another name.
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        {"intermediate_size": F, "num_experts": 4, "moe_topk": 2, "head_dim": 8},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE))
+def test_swap_and_capture_a_whole_model(name: str) -> None:
+    from moeblocks.hf import capture_routing, swap_moe_blocks, unswap_moe_blocks
+
+    config, model_class, kwargs = WHOLE[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config)(**TINY, **kwargs))
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids, output_router_logits=True)
+        assert swap_moe_blocks(model) == 2
+        after = model(ids, output_router_logits=True)
+        with capture_routing(model) as rec:
+            model(ids)
+    # The same blocks, summed in another order: float32 rounding only.
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(after.router_logits, before.router_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if getattr(before, "aux_loss", None) is not None:
+        torch.testing.assert_close(after.aux_loss, before.aux_loss, rtol=1e-5, atol=1e-6)
+    assert [len(r) for r in rec.routings.values()] == [1, 1]
+    unswap_moe_blocks(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
