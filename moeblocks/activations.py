@@ -7,7 +7,8 @@ activation maps the gate and up projections of a GLU expert to its hidden vector
 - :class:`ClampedSwiGLU` (GPT-OSS): ``(clamp(up, −l, l) + 1) ⊙ g · σ(α g)`` with
   ``g = min(gate, l)``.
 - :class:`ClampedGLU` (GLM-5-Next, HY-V4, DeepSeek-V4): ``act(min(gate, l)) ⊙ clamp(up, −l, l)``,
-  both halves clamped *before* the activation.
+  both halves clamped *before* the activation; with ``after_activation=True``
+  (Bailing-Hybrid, Step-3.7): ``min(act(gate), l) ⊙ clamp(up, −l, l)``.
 """
 
 from __future__ import annotations
@@ -124,18 +125,22 @@ class ClampedSwiGLU:
 
 @dataclass(frozen=True)
 class ClampedGLU:
-    """A GLU whose inputs are clamped first: ``act(min(gate, l)) ⊙ clamp(up, −l, l)``.
+    """A GLU with clamped halves: ``act(min(gate, l)) ⊙ clamp(up, −l, l)``.
 
     The form of GLM-5-Next, HY-V4 and DeepSeek-V4 (``swiglu_limit``): unlike
-    :class:`ClampedSwiGLU` there is no ``+ 1`` on ``up`` and no sigmoid slope.
+    :class:`ClampedSwiGLU` there is no ``+ 1`` on ``up`` and no sigmoid slope. With
+    ``after_activation`` the gate is clamped after its activation instead,
+    ``min(act(gate), l) ⊙ clamp(up, −l, l)`` (Bailing-Hybrid, Step-3.7).
 
     Args:
         activation: A plain activation name (see :data:`ACTIVATIONS`; ``"silu"``).
         limit: Clamp limit l, finite and > 0.
+        after_activation: Clamp the activated gate rather than its input.
     """
 
     activation: str = "silu"
     limit: float = 7.0
+    after_activation: bool = False
 
     def __post_init__(self) -> None:
         activation_fn(self.activation)
@@ -147,8 +152,10 @@ class ClampedGLU:
     def __call__(
         self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
     ) -> Float[Tensor, "R F"]:
-        """``act(min(gate, l)) ⊙ clamp(up, −l, l)``."""
+        """``act(min(gate, l)) ⊙ clamp(up, −l, l)`` (or ``min(act(gate), l) ⊙ …``)."""
         _check_pair(gate, up)
-        gate = gate.clamp(max=self.limit)
+        act = activation_fn(self.activation)
         up = up.clamp(min=-self.limit, max=self.limit)
-        return activation_fn(self.activation)(gate) * up
+        if self.after_activation:
+            return act(gate).clamp(max=self.limit) * up
+        return act(gate.clamp(max=self.limit)) * up

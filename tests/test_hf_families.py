@@ -62,6 +62,7 @@ class Spec:
     folder: str  # transformers.models.<folder>.modeling_<folder>
     config: str  # the config class in transformers
     kwargs: dict = field(default_factory=dict)
+    init: dict = field(default_factory=dict)  # extra arguments of the block's __init__
 
 
 SPECS = {
@@ -201,6 +202,21 @@ SPECS = {
             "moe_num_shared_experts": 2,
         },
     ),
+    "bailing_hybrid": Spec(
+        "bailing_hybrid",
+        "BailingHybridConfig",
+        {
+            **DEEPSEEK,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            # Layer 0 clamps routed and shared experts after the activation.
+            "expert_swiglu_limit_list": [1.0, 0.0],
+            "share_expert_swiglu_limit_list": [1.0, 0.0],
+        },
+        {"layer_idx": 0},
+    ),
 }
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}
@@ -217,7 +233,7 @@ def _block(name: str) -> nn.Module:
         )
     except ImportError as error:  # an optional dependency of that model is missing
         pytest.skip(f"transformers' {spec.folder} does not import here: {error}")
-    block = getattr(module, ROWS[name].block_class)(config)
+    block = getattr(module, ROWS[name].block_class)(config, **spec.init)
     g = torch.Generator().manual_seed(len(name))
     with torch.no_grad():
         for p in block.parameters():

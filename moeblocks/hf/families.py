@@ -26,6 +26,7 @@ from moeblocks.hf.layouts import (
     COHERE2_SHARED,
     CONCAT,
     CONCAT_CLAMPED,
+    CONCAT_CLAMPED_AFTER,
     DEEPSEEK,
     DEEPSEEK_V2,
     GATED_SHARED_EXPERT,
@@ -41,6 +42,7 @@ from moeblocks.hf.layouts import (
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
+    SHARED_EXPERTS_CLAMPED_AFTER,
     SHARED_MLP,
     SIGMOID_TOPK,
     SOFTMAX,
@@ -255,6 +257,13 @@ FAMILIES: tuple[Family, ...] = (
         COHERE2_SHARED,
     ),
     _deepseek("dots3_note", "Dots3NoteTextMoE", "Dots3NoteTextTopkRouter"),
+    _deepseek(
+        "bailing_hybrid",
+        "BailingHybridMoE",
+        "BailingHybridTopkRouter",
+        CONCAT_CLAMPED_AFTER,
+        SHARED_EXPERTS_CLAMPED_AFTER,
+    ),
     Family(
         "aria",
         "AriaTextMoELayer",
@@ -336,7 +345,6 @@ REFUSED: tuple[Refusal, ...] = (
             "negative selection bias an expert outside the kept groups can win)"
         ),
     ),
-    Refusal("bailing_hybrid", "BailingHybridMoE", _needs("an expert activation clamped after it")),
     Refusal(
         "beam",
         "BeamMoE",

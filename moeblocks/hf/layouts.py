@@ -45,6 +45,7 @@ __all__ = [
     "COHERE2_SHARED",
     "CONCAT",
     "CONCAT_CLAMPED",
+    "CONCAT_CLAMPED_AFTER",
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
     "DEEPSEEK_V2",
@@ -61,6 +62,7 @@ __all__ = [
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
+    "SHARED_EXPERTS_CLAMPED_AFTER",
     "SHARED_MLP",
     "SIGMOID_TOPK",
     "SOFTMAX",
@@ -148,6 +150,14 @@ def _glu(experts: nn.Module) -> GatedActivation:
     return GLU(activation_name(experts.act_fn))
 
 
+def _clamped_after(experts: nn.Module) -> GatedActivation:
+    # Bailing-Hybrid: a per-layer limit, None (or 0 in the config) for no clamp.
+    act = activation_name(experts.act_fn)
+    if experts.limit is None:
+        return GLU(act)
+    return ClampedGLU(act, float(experts.limit), after_activation=True)
+
+
 def _clamped_glu(experts: nn.Module) -> GatedActivation:
     # These experts apply silu themselves (no act_fn attribute); the limit is the config's.
     return ClampedGLU("silu", float(experts.swiglu_limit))
@@ -230,6 +240,11 @@ def _per_expert_write(bank: nn.Module, ex: nn.Module) -> None:
 
 
 CONCAT = BankLayout("concat", partial(_concat_read, activation=_glu), _concat_write)
+CONCAT_CLAMPED_AFTER = BankLayout(
+    "concat, GLU clamped after the activation",
+    partial(_concat_read, activation=_clamped_after),
+    _concat_write,
+)
 CONCAT_CLAMPED = BankLayout(
     "concat, clamped GLU", partial(_concat_read, activation=_clamped_glu), _concat_write
 )
@@ -677,11 +692,12 @@ def _mlp_act(mlp: nn.Module) -> nn.Module:
     return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn
 
 
-def _dense_glu(mlp: nn.Module, clamped: bool = False) -> SwiGLUExperts:
+def _dense_glu(mlp: nn.Module, clamped: bool | str = False) -> SwiGLUExperts:
     """One-expert bank from an ``nn.Linear`` gate_proj / up_proj / down_proj MLP.
 
-    ``clamped``: the MLP clamps gate and up at ``mlp.swiglu_limit`` before its
-    activation (GLM-5-Next's shared experts).
+    ``clamped``: True when the MLP clamps gate and up at ``mlp.swiglu_limit`` before
+    its activation (GLM-5-Next's shared experts); ``"after"`` when it clamps the
+    activated gate at ``mlp.limit`` (Bailing-Hybrid; None: no clamp).
     """
     F, D = mlp.gate_proj.weight.shape
     if any(
@@ -689,7 +705,11 @@ def _dense_glu(mlp: nn.Module, clamped: bool = False) -> SwiGLUExperts:
     ):
         raise ValueError(f"shared expert {type(mlp).__name__} has biases; only bias-free is read")
     act = activation_name(_mlp_act(mlp))
-    activation = ClampedGLU(act, float(mlp.swiglu_limit)) if clamped else GLU(act)
+    if clamped == "after":
+        after = mlp.limit is not None
+        activation = ClampedGLU(act, float(mlp.limit), True) if after else GLU(act)
+    else:
+        activation = ClampedGLU(act, float(mlp.swiglu_limit)) if clamped else GLU(act)
     bank = SwiGLUExperts(1, D, F, activation=activation)
     _like(bank, mlp.gate_proj.weight)
     copy_into(bank.w_in_EDF2[0], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t())
@@ -707,7 +727,7 @@ def _dense_glu_back(shared: SharedExperts | None, mlp: nn.Module) -> None:
     copy_into(mlp.down_proj.weight, bank.w_out_EFD[0].t())
 
 
-def _ungated_read(block: nn.Module, attr: str, clamped: bool) -> SharedExperts:
+def _ungated_read(block: nn.Module, attr: str, clamped: bool | str) -> SharedExperts:
     return SharedExperts(_dense_glu(getattr(block, attr), clamped))
 
 
@@ -715,10 +735,11 @@ def _ungated_write(shared: SharedExperts | None, block: nn.Module, attr: str) ->
     _dense_glu_back(shared, getattr(block, attr))
 
 
-def _ungated(attr: str, clamped: bool = False) -> SharedForm:
+def _ungated(attr: str, clamped: bool | str = False) -> SharedForm:
     read = partial(_ungated_read, attr=attr, clamped=clamped)
     write = partial(_ungated_write, attr=attr)
-    return SharedForm(f"ungated `{attr}`" + (", clamped GLU" if clamped else ""), read, write)
+    note = {False: "", True: ", clamped GLU", "after": ", GLU clamped after the activation"}
+    return SharedForm(f"ungated `{attr}`{note[clamped]}", read, write)
 
 
 def _gated_read(block: nn.Module) -> SharedExperts:
@@ -768,6 +789,7 @@ SHARED_EXPERTS = _ungated("shared_experts")
 SHARED_EXPERT = _ungated("shared_expert")
 SHARED_EXPERTS_CLAMPED = _ungated("shared_experts", clamped=True)
 SHARED_MLP = _ungated("shared_mlp")
+SHARED_EXPERTS_CLAMPED_AFTER = _ungated("shared_experts", clamped="after")
 COHERE2_SHARED = SharedForm(
     "ungated `shared_experts` if any (summed)", _cohere2_shared_read, _cohere2_shared_write
 )
