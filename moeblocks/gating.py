@@ -8,16 +8,19 @@ independent steps:
 1. **Scoring function** (by name) maps logits to per-expert probabilities ``probs``,
    the *selection key* the experts are chosen by, and the raw *gates* of the chosen ones:
 
-   ==================  ======================  ==============  =============================
-   name                ``probs``               selection key   gates of the K chosen experts
-   ==================  ======================  ==============  =============================
-   ``"softmax"``       softmax over all E      ``probs``       ``probs`` of the chosen
-   ``"sigmoid"``       ``sigmoid(logits)``     ``probs``       ``probs`` of the chosen
-   ``"softmax_topk"``  softmax over all E      ``logits``      softmax over the K chosen logits
-   ==================  ======================  ==============  =============================
+   ====================  ===================  =============  ================================
+   name                  ``probs``            selection key  gates of the K chosen experts
+   ====================  ===================  =============  ================================
+   ``"softmax"``         softmax over all E   ``probs``      ``probs`` of the chosen
+   ``"sigmoid"``         ``sigmoid(logits)``  ``probs``      ``probs`` of the chosen
+   ``"softmax_topk"``    softmax over all E   ``logits``     softmax over the K chosen logits
+   ``"sigmoid_logits"``  ``sigmoid(logits)``  ``logits``     ``probs`` of the chosen
+   ====================  ===================  =============  ================================
 
    (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
-   ``"sigmoid"``; GPT-OSS ``"softmax_topk"``.) A selection-only bias (see
+   ``"sigmoid"``; GPT-OSS ``"softmax_topk"``; Kolibri ``"sigmoid_logits"``, which differs
+   from ``"sigmoid"`` only when a selection bias is added: to the logits, not to the
+   sigmoids.) A selection-only bias (see
    :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
 2. **Selection** picks K experts per token from the key: :class:`TopK`, or
    :class:`GroupLimitedTopK` (DeepSeek-V3: first the best groups, then top-k inside them).
@@ -50,7 +53,7 @@ __all__ = [
     "selection_key",
 ]
 
-SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sigmoid_logits")
 """The scoring-function names a :class:`~moeblocks.Router` accepts."""
 
 
@@ -64,7 +67,7 @@ def check_scoring(scoring: str) -> str:
 def score_probs(scoring: str, logits: Float[Tensor, "T E"]) -> Float[Tensor, "T E"]:
     """``probs`` of the :class:`~moeblocks.routing.Routing` record for this scoring."""
     check_scoring(scoring)
-    if scoring == "sigmoid":
+    if scoring in ("sigmoid", "sigmoid_logits"):
         return torch.sigmoid(logits)
     return torch.softmax(logits, dim=-1)
 
@@ -76,7 +79,7 @@ def selection_key(
     check_scoring(scoring)
     # softmax_topk ranks raw logits (as GPT-OSS does); the softmax is monotone, but two
     # distinct large logits can round to one probability.
-    return logits if scoring == "softmax_topk" else probs
+    return logits if scoring in ("softmax_topk", "sigmoid_logits") else probs
 
 
 def gates(

@@ -217,6 +217,12 @@ SPECS = {
         },
         {"layer_idx": 0},
     ),
+    "kolibri1": Spec(
+        "kolibri1", "Kolibri1Config", {**QWEN_SHARED, **HEADS, "norm_topk_prob": True}
+    ),
+    "kolibri1_1": Spec(
+        "kolibri1_1", "Kolibri1_1Config", {**QWEN_SHARED, **HEADS, "index_num_heads": 1}
+    ),
 }
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}

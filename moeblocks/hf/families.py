@@ -35,6 +35,7 @@ from moeblocks.hf.layouts import (
     INTERLEAVED,
     LFM2,
     LLAMA4,
+    LOGIT_BIAS_SIGMOID,
     MISTRAL4,
     MISTRAL_LARGE4,
     NO_SHARED,
@@ -265,6 +266,22 @@ FAMILIES: tuple[Family, ...] = (
         SHARED_EXPERTS_CLAMPED_AFTER,
     ),
     Family(
+        "kolibri1",
+        "Kolibri1SparseMoeBlock",
+        "Kolibri1TopKRouter",
+        LOGIT_BIAS_SIGMOID,
+        CONCAT,
+        SHARED_EXPERTS,
+    ),
+    Family(
+        "kolibri1_1",
+        "Kolibri1_1SparseMoeBlock",
+        "Kolibri1_1TopKRouter",
+        LOGIT_BIAS_SIGMOID,
+        CONCAT,
+        SHARED_EXPERTS,
+    ),
+    Family(
         "aria",
         "AriaTextMoELayer",
         "AriaTextTopKRouter",
@@ -415,10 +432,6 @@ REFUSED: tuple[Refusal, ...] = (
     ),
     Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
     Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
-    Refusal("kolibri1", "Kolibri1SparseMoeBlock", _needs("a selection bias added to the logits")),
-    Refusal(
-        "kolibri1_1", "Kolibri1_1SparseMoeBlock", _needs("a selection bias added to the logits")
-    ),
     Refusal("laguna", "LagunaSparseMoeBlock", _needs("logit soft-capping")),
     Refusal(
         "longcat_flash",

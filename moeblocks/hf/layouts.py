@@ -55,6 +55,7 @@ __all__ = [
     "INTERLEAVED",
     "LFM2",
     "LLAMA4",
+    "LOGIT_BIAS_SIGMOID",
     "MISTRAL4",
     "MISTRAL_LARGE4",
     "NO_SHARED",
@@ -527,6 +528,21 @@ def _lfm2_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
         copy_into(block.expert_bias, router.balancer.bias)
 
 
+def _logit_bias_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Kolibri: top-k of float32 logits + a selection bias, gates their sigmoids."""
+    balancer = BiasBalancer(gate.weight.shape[0], rate=0.0).to(gate.e_score_correction_bias.device)
+    copy_into(balancer.bias, gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid_logits",
+        weights=WeightPolicy("always" if gate.norm_topk_prob else "never"),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
 def _cohere2_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
     """Cohere2-MoE: top-k of the logits, then a softmax over the k or their sigmoids."""
     if gate.expert_selection_fn == "softmax":
@@ -649,6 +665,11 @@ AFMOE = RouterForm(
         scale="route_scale",
     ),
     partial(_sigmoid_biased_write, weight="gate.weight", bias="expert_bias"),
+)
+LOGIT_BIAS_SIGMOID = RouterForm(
+    "top-k of float32 logits + selection bias, sigmoid gates, renormalised if norm_topk_prob",
+    _logit_bias_read,
+    _deepseek_write,
 )
 SIGMOID_TOPK = RouterForm(
     "sigmoid (float32), top-k, renormalised if norm_topk_prob", _sigmoid_topk_read, _write_weight
