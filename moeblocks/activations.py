@@ -1,6 +1,7 @@
 """Expert activations: plain ones for two-matrix MLPs, gated ones for GLU experts.
 
-A plain activation is named (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``). A gated
+A plain activation is named (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"relu2"`` (squared
+ReLU), ``"silu"``). A gated
 activation maps the gate and up projections of a GLU expert to its hidden vector:
 
 - :class:`GLU`: ``act(gate) ⊙ up`` (SwiGLU with ``"silu"``, GEGLU with ``"gelu"``).
@@ -50,6 +51,8 @@ _PLAIN: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    # Squared ReLU (Primer; NemotronH's and Ergo's experts): relu(x)².
+    "relu2": lambda x: F.relu(x).square(),
     "silu": F.silu,
 }
 ACTIVATIONS = tuple(_PLAIN)
