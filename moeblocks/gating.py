@@ -37,7 +37,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from moeblocks._checks import check_float
 
@@ -45,6 +45,7 @@ __all__ = [
     "SCORINGS",
     "GroupLimitedTopK",
     "Selection",
+    "SoftCappedScorer",
     "TopK",
     "WeightPolicy",
     "check_scoring",
@@ -244,3 +245,54 @@ class WeightPolicy:
         if self.renormalize == "always" or (self.renormalize == "k>1" and K > 1):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)
         return gates * self.scale if self.scale != 1.0 else gates
+
+
+class SoftCappedScorer(nn.Module):
+    """Logit soft-capping around any scorer: ``cap · tanh(scores / cap)`` (Laguna).
+
+    The capped scores are what the router records and routes on. The cap runs in
+    ``dtype`` (float32 as Laguna's router, whatever the model dtype). No parameters of its
+    own: the wrapped scorer keeps its weights (``self.scorer``).
+
+    Args:
+        scorer: Any scorer (``tokens [T, D] -> scores [T, E]``, with ``dim`` and
+            ``num_experts``).
+        cap: The soft cap, finite and > 0.
+        dtype: Dtype of the capping (None: the scores' dtype).
+    """
+
+    def __init__(self, scorer: nn.Module, cap: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
+            raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
+        if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            raise ValueError(f"cap must be a finite number > 0, got {cap!r}")
+        self.scorer = scorer
+        self.cap = float(cap)
+        self.dtype = dtype
+
+    @property
+    def dim(self) -> int:
+        """Token dimension D."""
+        return self.scorer.dim
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.scorer.num_experts
+
+    @property
+    def compute_dtype(self) -> str:
+        """``"float32"`` when the cap runs in float32 (what a router logit tap reads)."""
+        return "float32" if self.dtype == torch.float32 else "input"
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """``cap · tanh(scorer(tokens) / cap)``."""
+        scores_TE = self.scorer(tokens)
+        if self.dtype is not None:
+            scores_TE = scores_TE.to(self.dtype)
+        return torch.tanh(scores_TE / self.cap) * self.cap
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"cap={self.cap}, dtype={self.dtype}"

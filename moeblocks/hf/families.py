@@ -432,7 +432,15 @@ REFUSED: tuple[Refusal, ...] = (
     ),
     Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
     Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
-    Refusal("laguna", "LagunaSparseMoeBlock", _needs("logit soft-capping")),
+    Refusal(
+        "laguna",
+        "LagunaSparseMoeBlock",
+        _needs(
+            "the routed-output scale applied after the experts, in the model dtype (folded "
+            "into the float32 combine weights, with SoftCappedScorer for its logit cap, a "
+            "float64 model differs by ~1e-8)"
+        ),
+    ),
     Refusal(
         "longcat_flash",
         "LongcatFlashMoE",
