@@ -2,6 +2,7 @@
 
 from moeblocks._version import __version__ as __version__
 from moeblocks.activations import GLU as GLU
+from moeblocks.activations import ClampedGLU as ClampedGLU
 from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
 from moeblocks.activations import GatedActivation as GatedActivation
 from moeblocks.adapters import AuxLosses as AuxLosses
@@ -62,6 +63,7 @@ __all__ = [
     "BiasBalancer",
     "CVSquaredLoss",
     "Capacity",
+    "ClampedGLU",
     "ClampedSwiGLU",
     "ConstantK",
     "CosineScorer",

@@ -1,11 +1,15 @@
 """Expert activations: plain ones for two-matrix MLPs, gated ones for GLU experts.
 
-A plain activation is named (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``). A gated
+A plain activation is named (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"relu2"`` (squared
+ReLU), ``"silu"``). A gated
 activation maps the gate and up projections of a GLU expert to its hidden vector:
 
 - :class:`GLU`: ``act(gate) ⊙ up`` (SwiGLU with ``"silu"``, GEGLU with ``"gelu"``).
 - :class:`ClampedSwiGLU` (GPT-OSS): ``(clamp(up, −l, l) + 1) ⊙ g · σ(α g)`` with
   ``g = min(gate, l)``.
+- :class:`ClampedGLU` (GLM-5-Next, HY-V4, DeepSeek-V4): ``act(min(gate, l)) ⊙ clamp(up, −l, l)``,
+  both halves clamped *before* the activation; with ``after_activation=True``
+  (Bailing-Hybrid, Step-3.7): ``min(act(gate), l) ⊙ clamp(up, −l, l)``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "GLU", "ClampedSwiGLU", "GatedActivation", "activation_fn"]
+__all__ = [
+    "ACTIVATIONS",
+    "GLU",
+    "ClampedGLU",
+    "ClampedSwiGLU",
+    "GatedActivation",
+    "activation_fn",
+]
 
 
 def _check_pair(gate: Tensor, up: Tensor) -> None:
@@ -40,6 +51,8 @@ _PLAIN: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    # Squared ReLU (Primer; NemotronH's and Ergo's experts): relu(x)².
+    "relu2": lambda x: F.relu(x).square(),
     "silu": F.silu,
 }
 ACTIVATIONS = tuple(_PLAIN)
@@ -111,3 +124,41 @@ class ClampedSwiGLU:
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+@dataclass(frozen=True)
+class ClampedGLU:
+    """A GLU with clamped halves: ``act(min(gate, l)) ⊙ clamp(up, −l, l)``.
+
+    The form of GLM-5-Next, HY-V4 and DeepSeek-V4 (``swiglu_limit``): unlike
+    :class:`ClampedSwiGLU` there is no ``+ 1`` on ``up`` and no sigmoid slope. With
+    ``after_activation`` the gate is clamped after its activation instead,
+    ``min(act(gate), l) ⊙ clamp(up, −l, l)`` (Bailing-Hybrid, Step-3.7).
+
+    Args:
+        activation: A plain activation name (see :data:`ACTIVATIONS`; ``"silu"``).
+        limit: Clamp limit l, finite and > 0.
+        after_activation: Clamp the activated gate rather than its input.
+    """
+
+    activation: str = "silu"
+    limit: float = 7.0
+    after_activation: bool = False
+
+    def __post_init__(self) -> None:
+        activation_fn(self.activation)
+        if not (isinstance(self.limit, (int, float)) and math.isfinite(self.limit)):
+            raise ValueError(f"limit must be a finite number > 0, got {self.limit!r}")
+        if self.limit <= 0:
+            raise ValueError(f"limit must be a finite number > 0, got {self.limit!r}")
+
+    def __call__(
+        self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
+    ) -> Float[Tensor, "R F"]:
+        """``act(min(gate, l)) ⊙ clamp(up, −l, l)`` (or ``min(act(gate), l) ⊙ …``)."""
+        _check_pair(gate, up)
+        act = activation_fn(self.activation)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        if self.after_activation:
+            return act(gate).clamp(max=self.limit) * up
+        return act(gate.clamp(max=self.limit)) * up

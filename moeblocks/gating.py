@@ -14,9 +14,12 @@ independent steps:
     | ``"softmax"`` | softmax over all E | ``probs`` | ``probs`` of the chosen |
     | ``"sigmoid"`` | ``sigmoid(logits)`` | ``probs`` | ``probs`` of the chosen |
     | ``"softmax_topk"`` | softmax over all E | ``logits`` | softmax over the K chosen logits |
+    | ``"sigmoid_logits"`` | ``sigmoid(logits)`` | ``logits`` | ``probs`` of the chosen |
 
     (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
-    ``"sigmoid"``; GPT-OSS ``"softmax_topk"``.) A selection-only bias (see
+    ``"sigmoid"``; GPT-OSS ``"softmax_topk"``; Kolibri ``"sigmoid_logits"``, which differs
+    from ``"sigmoid"`` only when a selection bias is added: to the logits, not to the
+    sigmoids.) A selection-only bias (see
     :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
 
 2.  **Selection** picks K experts per token from the key: :class:`TopK`, or
@@ -38,7 +41,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from moeblocks._checks import check_float, value_checks
 
@@ -48,6 +51,7 @@ __all__ = [
     "ExpertChoice",
     "GroupLimitedTopK",
     "Selection",
+    "SoftCappedScorer",
     "TopK",
     "TopP",
     "WeightPolicy",
@@ -57,7 +61,7 @@ __all__ = [
     "selection_key",
 ]
 
-SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sigmoid_logits")
 """The scoring-function names a :class:`~moeblocks.Router` accepts."""
 
 
@@ -71,7 +75,7 @@ def check_scoring(scoring: str) -> str:
 def score_probs(scoring: str, logits: Float[Tensor, "T E"]) -> Float[Tensor, "T E"]:
     """``probs`` of the :class:`~moeblocks.routing.Routing` record for this scoring."""
     check_scoring(scoring)
-    if scoring == "sigmoid":
+    if scoring in ("sigmoid", "sigmoid_logits"):
         return torch.sigmoid(logits)
     return torch.softmax(logits, dim=-1)
 
@@ -83,7 +87,7 @@ def selection_key(
     check_scoring(scoring)
     # softmax_topk ranks raw logits (as GPT-OSS does); the softmax is monotone, but two
     # distinct large logits can round to one probability.
-    return logits if scoring == "softmax_topk" else probs
+    return logits if scoring in ("softmax_topk", "sigmoid_logits") else probs
 
 
 def gates(
@@ -403,3 +407,54 @@ class WeightPolicy:
         if self.renormalize == "always":
             return normed
         return torch.where(slots.sum(-1, keepdim=True) > 1, normed, gates)
+
+
+class SoftCappedScorer(nn.Module):
+    """Logit soft-capping around any scorer: ``cap · tanh(scores / cap)`` (Laguna).
+
+    The capped scores are what the router records and routes on. The cap runs in
+    ``dtype`` (float32 as Laguna's router, whatever the model dtype). No parameters of its
+    own: the wrapped scorer keeps its weights (``self.scorer``).
+
+    Args:
+        scorer: Any scorer (``tokens [T, D] -> scores [T, E]``, with ``dim`` and
+            ``num_experts``).
+        cap: The soft cap, finite and > 0.
+        dtype: Dtype of the capping (None: the scores' dtype).
+    """
+
+    def __init__(self, scorer: nn.Module, cap: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
+            raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
+        if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            raise ValueError(f"cap must be a finite number > 0, got {cap!r}")
+        self.scorer = scorer
+        self.cap = float(cap)
+        self.dtype = dtype
+
+    @property
+    def dim(self) -> int:
+        """Token dimension D."""
+        return self.scorer.dim
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.scorer.num_experts
+
+    @property
+    def compute_dtype(self) -> str:
+        """``"float32"`` when the cap runs in float32 (what a router logit tap reads)."""
+        return "float32" if self.dtype == torch.float32 else "input"
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """``cap · tanh(scorer(tokens) / cap)``."""
+        scores_TE = self.scorer(tokens)
+        if self.dtype is not None:
+            scores_TE = scores_TE.to(self.dtype)
+        return torch.tanh(scores_TE / self.cap) * self.cap
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"cap={self.cap}, dtype={self.dtype}"

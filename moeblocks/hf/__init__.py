@@ -13,14 +13,20 @@ from moeblocks.hf.convert import family_of as family_of
 from moeblocks.hf.convert import from_hf as from_hf
 from moeblocks.hf.convert import is_moe_block as is_moe_block
 from moeblocks.hf.convert import to_hf as to_hf
+from moeblocks.hf.families import FAMILIES as FAMILIES
+from moeblocks.hf.families import REFUSED as REFUSED
+from moeblocks.hf.families import Refusal as Refusal
 from moeblocks.hf.swap import HFMoEBlock as HFMoEBlock
 from moeblocks.hf.swap import swap_moe_blocks as swap_moe_blocks
 from moeblocks.hf.swap import unswap_moe_blocks as unswap_moe_blocks
 
 __all__ = [
+    "FAMILIES",
+    "REFUSED",
     "SUPPORTED",
     "Family",
     "HFMoEBlock",
+    "Refusal",
     "RoutingRecorder",
     "capture_routing",
     "family_of",
