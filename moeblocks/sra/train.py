@@ -34,7 +34,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from moeblocks.distributed import (
     parallelize,
     save_sharded,
 )
+from moeblocks.progress import Progress, start_progress
 from moeblocks.routers import CosineScorer
 from moeblocks.sra.checkpoint import (
     SHARDS,
@@ -594,7 +594,7 @@ def _fit(
                 if skipped is not None:  # not applied; JSON has no NaN
                     record.update(loss=None, aux=None, skipped=skipped)
                     if main:
-                        bar.write(f"step {step}: skipped, {skipped}", file=sys.stderr)
+                        bar.write(f"step {step}: skipped, {skipped}")
                 if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
                     # Every rank evaluates the whole split (its MoE layers exchange rows).
                     ev = evaluate(
@@ -629,11 +629,11 @@ def _fit(
                         log_entropy_L.zero_()
                         log_steps = 0
                     _write(log, record)
-                bar.update(1)
                 ppl = math.exp(min(ce_value, 50.0))  # capped: exp overflows past ~709
                 bar.set_postfix_str(
                     f"loss {ce_value:.3f} ppl {ppl:.1f} k {model.k} dead {dead}", refresh=False
                 )
+                bar.update(1)  # after the postfix: a plain progress line shows this step's
                 save_due = save_due or bool(config.ckpt_every and step % config.ckpt_every == 0)
                 if step == last_stop or (save_due and guard.streak == 0):
                     save(step)
@@ -683,13 +683,8 @@ def _check_finite(weights: dict[str, torch.Tensor], step: int, *, collective: bo
         )
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from moeblocks._optional import require
-
-    require("tqdm", "sra", "the training progress bar")
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
+def _progress(total: int, initial: int, enabled: bool) -> Progress:
+    return start_progress(total, "train", enabled, unit="step", initial=initial)
 
 
 def run_summary(out: Path) -> dict[str, Any]:
