@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moeblocks.progress import LINE_EVERY_S, LINE_STEPS, LineProgress, start_progress
+from moeblocks.runtime.progress import LINE_EVERY_S, LINE_STEPS, LineProgress, start_progress
 
 _LINE_RE = re.compile(r"^(?P<desc>.+): (?P<n>\d+)/(?P<total>\d+) (?P<unit>\S+) \((?P<pct>\d+) %\)")
 

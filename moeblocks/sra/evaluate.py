@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from moeblocks.progress import Progress, start_progress
 from moeblocks.runtime.device import resolve_device
 from moeblocks.runtime.errors import UsageError
+from moeblocks.runtime.progress import Progress, start_progress
 from moeblocks.sra.checkpoint import (
     Checkpoint,
     check_corpus,
@@ -108,7 +108,7 @@ def num_batches(tokens: Int[Tensor, " N"], seq_len: int, batch_size: int, max_to
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "batch") -> Progress:
-    """A progress display on stderr (:func:`moeblocks.progress.start_progress`).
+    """A progress display on stderr (:func:`moeblocks.runtime.progress.start_progress`).
 
     A tqdm bar on a terminal, a plain line every 10 % or 30 s elsewhere (logs, CI);
     silent when not enabled. It has ``update(n)``, ``set_description_str(text)`` and

@@ -42,8 +42,8 @@ from moeblocks.inspect.metrics import (
     subtoken_coherence,
     summarise_layer,
 )
-from moeblocks.progress import start_progress
 from moeblocks.runtime.errors import UsageError
+from moeblocks.runtime.progress import start_progress
 from moeblocks.sra.config import SRAConfig, preset
 from moeblocks.sra.data import WORD_CLASSES, batch_at, synthetic_text
 from moeblocks.sra.model import SRATransformer

@@ -58,11 +58,11 @@ from moeblocks.distributed import (
     save_sharded,
 )
 from moeblocks.distributed.comm import collective_timeout, mark, timeout_error
-from moeblocks.progress import Progress, start_progress
 from moeblocks.routers import CosineScorer
 from moeblocks.runtime.device import resolve_device
 from moeblocks.runtime.durable import atomic_write_text
 from moeblocks.runtime.errors import UsageError
+from moeblocks.runtime.progress import Progress, start_progress
 from moeblocks.runtime.threads import ThreadTuner
 from moeblocks.sra.checkpoint import (
     SHARDS,
