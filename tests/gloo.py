@@ -8,9 +8,12 @@ does (the jaxtyping hook; ``shape_checks=False`` leaves it out, for ranks that
 ``rank`` and joins the gloo group. ``code`` must not shut the group down: the epilogue
 does, the same way for every test.
 
-A clean shutdown, which a busy machine needs (a rank that leaves early, or a group torn
-down by the interpreter's exit, ends as ``terminate called without an active
-exception``):
+A clean shutdown, which a busy machine needs. Before it, a rank of
+``test_group_sums_the_loads_before_the_update`` failed by chance with ``terminate called
+without an active exception``: its ``BiasBalancer`` held ``dist.group.WORLD`` in a
+module global, so ``destroy_process_group`` left the gloo group (its C++ threads and
+connections) to be torn down during interpreter finalisation, in whatever order the
+other rank's exit and the store's host (rank 0) allowed. So:
 
 - the rendezvous store lives in the test process, as torchrun's agent holds it, so no
   rank hosts it and none can take it away from the others by exiting first; and the

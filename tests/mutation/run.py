@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,7 @@ class Mutant:
 
 
 def _m(name: str, path: str, old: str, new: str, tests: str, why: str, **kw: object) -> Mutant:
-    return Mutant(name, path, old, new, tuple(tests.split()), why, **kw)  # type: ignore[arg-type]
+    return Mutant(name, path, old, new, tuple(shlex.split(tests)), why, **kw)  # type: ignore[arg-type]
 
 
 G, R, B, D = (
@@ -358,7 +359,7 @@ MUTANTS: list[Mutant] = [
         "moeblocks/sra/checkpoint.py",
         'if size != want["bytes"]:',
         'if size > want["bytes"]:',
-        "tests/test_sra_faults.py -k damage",
+        "tests/test_sra_faults.py -k 'damage or verifies_names'",
         "a truncated file is reported only by its hash",
     ),
 ]
@@ -376,7 +377,11 @@ def make_copy(dest: Path) -> None:
     shutil.copytree(ROOT / "kernels" / "src", dest / "kernels_src", ignore=ignore)
     (dest / "moeblocks" / "kernels").symlink_to(Path("..") / "kernels_src")
     shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
-    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    # What tests read besides the code: the README's and the docs' examples, CI's commands.
+    shutil.copytree(ROOT / "docs", dest / "docs", ignore=ignore)
+    shutil.copytree(ROOT / ".ci", dest / ".ci", ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "mkdocs.yml"):
+        shutil.copy(ROOT / name, dest / name)
     where = subprocess.run(
         [
             sys.executable,
@@ -396,6 +401,21 @@ def copy_path(rel: str) -> str:
     return rel.replace("kernels/src/", "kernels_src/", 1)
 
 
+def run_tests(tests: tuple[str, ...], work: Path) -> tuple[bool, str]:
+    """Run pytest on ``tests`` in the copy: ``(passed, the first failure or the summary)``."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {TIMEOUT_S} s"
+    lines = proc.stdout.strip().splitlines()
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    return proc.returncode == 0, (failed or lines[-1:] or [""])[0]
+
+
 def run_one(m: Mutant, work: Path) -> tuple[str, float, str]:
     """Plant ``m`` in the copy, run its tests, restore; ``(outcome, seconds, detail)``."""
     target = work / copy_path(m.path)
@@ -403,23 +423,12 @@ def run_one(m: Mutant, work: Path) -> tuple[str, float, str]:
     if original.count(m.old) != 1:
         return "stale", 0.0, f"{m.path}: the piece occurs {original.count(m.old)} times"
     target.write_text(original.replace(m.old, m.new), encoding="utf-8")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *m.tests]
     start = time.monotonic()
     try:
-        proc = subprocess.run(
-            cmd, cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-        )
-        outcome = "survived" if proc.returncode == 0 else "killed"
-        failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-        detail = (
-            failed[0] if failed else proc.stdout.strip().splitlines()[-1:][0] if proc.stdout else ""
-        )
-    except subprocess.TimeoutExpired:
-        outcome, detail = "killed", f"timed out after {TIMEOUT_S} s"
+        passed, detail = run_tests(m.tests, work)
     finally:
         target.write_text(original, encoding="utf-8")
-    return outcome, time.monotonic() - start, detail
+    return ("survived" if passed else "killed"), time.monotonic() - start, detail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help="run the mutants whose name starts so (comma-separated)"
     )
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first run each distinct test set unmutated: a failure there would count as a kill",
+    )
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if m.name.startswith(tuple(args.only.split(",")))]
     if args.list:
@@ -438,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moeblocks-mutants-") as tmp:
         work = Path(tmp)
         make_copy(work)
+        if args.baseline:
+            for tests in dict.fromkeys(m.tests for m in chosen):
+                passed, detail = run_tests(tests, work)
+                print(f"baseline  {'passed' if passed else 'FAILED'}: {' '.join(tests)}  {detail}")
+                if not passed:
+                    return 1
         for m in chosen:
             outcome, seconds, detail = run_one(m, work)
             results.append((m, outcome))
