@@ -128,7 +128,8 @@ def test_lowest_direct_constraints_are_the_lower_bounds() -> None:
 
 
 def test_no_unreachable_project_address() -> None:
-    for rel in ("README.md", "docs/index.md", "pyproject.toml"):
+    pages = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").rglob("*.md"))]
+    for rel in ("README.md", "pyproject.toml", "mkdocs.yml", "CHANGELOG.md", *pages):
         text = (ROOT / rel).read_text(encoding="utf-8")
         for address in UNREACHABLE:
             assert address not in text, f"{rel} names {address}, which cannot be reached"

@@ -585,7 +585,7 @@ def test_built_site_generated_pages(built_site: Path) -> None:
     assert "0.1.0" in changelog
     index = (built_site / "index.html").read_text(encoding="utf-8")
     assert "https://arxiv.org/abs/2509.14255" in index
-    assert "https://github.com/moeblocks/moeblocks" in index  # repo_url
+    assert "github.com/moeblocks" not in index  # no repo_url until it is published
 
 
 def _api_page(built_site: Path, module: str) -> Path:

@@ -12,8 +12,8 @@ preset, then ``--config FILE.json`` (an object of fields), then ``--set key=valu
 Reports of a run go to ``RUN/reports/``: ``eval.json`` (``eval``, ``demo``), ``demo.md``,
 ``inspect.md``, ``generate.md`` + ``generate.json``, and their plots
 (``<command>-<concept>.png``, ``training-*.png``); see :mod:`moeblocks.sra.evaluate`.
-Long commands show a progress bar on stderr (a line every 10 % without tqdm) unless
-``--quiet``.
+Long commands show a progress bar on stderr when it is a terminal (a plain line every
+10 % or 30 s otherwise, see :mod:`moeblocks.runtime.progress`) unless ``--quiet``.
 
 Bad input (a missing data path, an unknown preset, a checkpoint from another config or
 one that does not verify...) prints one line to stderr and exits with status 2. Ctrl-C,
