@@ -205,7 +205,7 @@ def start_progress(
         stream: Where the display goes (default ``sys.stderr``).
 
     Returns:
-        A :class:`Progress`: a tqdm bar when ``stream`` is a terminal and tqdm is
+        The progress display, a tqdm bar when ``stream`` is a terminal and tqdm is
         installed, else a :class:`LineProgress` (a line every tenth or 30 s).
     """
     out = sys.stderr if stream is None else stream
