@@ -178,6 +178,10 @@ class MoELayer(nn.Module):
         # Losses that are plain callables are kept outside the module tree.
         self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
         self.check_finite = bool(check_finite)
+        # The non-finite warning is shown once per layer: a plain flag, not Python's warning
+        # registry, whose once-per-location rule breaks when a wrapper (jaxtyping < 0.3)
+        # calls forward from a new frame each time. Not a buffer: not in the state dict.
+        self._warned_non_finite = False
 
     @property
     def plain_losses(self) -> Mapping[str, AuxLoss]:
@@ -327,6 +331,10 @@ class MoELayer(nn.Module):
             )
             for name, loss in all_losses.items()
         }
-        if not self.check_finite and value_checks(tokens_TD, sync_checks=False):
-            warn_non_finite(aux, f"{self._label()} (losses {sorted(aux)})")
+        if not (self.check_finite or self._warned_non_finite) and value_checks(
+            tokens_TD, sync_checks=False
+        ):
+            self._warned_non_finite = warn_non_finite(
+                aux, f"{self._label()} (losses {sorted(aux)})"
+            )
         return MoEOutput(out_TD.reshape(x.shape), aux, routing)

@@ -182,7 +182,7 @@ def test_a_non_finite_token_warns_once_naming_the_layer(bad: float) -> None:
     x = torch.randn(2, 5, D)
     x[1, 3, 2] = bad
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")  # Python's own once-per-message rule
+        warnings.simplefilter("always")  # once per layer by the layer's own flag
         layer(x)
         layer(x)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
