@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moeblocks._checks import check_float, check_index, check_same_device, value_checks
 from moeblocks.activations import GLU, GatedActivation, activation_fn
-from moeblocks.grouped import grouped_mm, torch_grouped_mm_supported
+from moeblocks.grouped import grouped_mm, resolve_backend
 
 __all__ = ["ExpertBank", "ExpertInit", "GELUExperts", "MLPExperts", "SwiGLUExperts"]
 
@@ -182,9 +182,7 @@ class _StackedMLP(nn.Module):
         non-bf16 on H100) syncs once instead of once per grouped matmul; the torch
         backend reads nothing back (None).
         """
-        loop = self.backend == "loop" or (
-            self.backend == "auto" and not torch_grouped_mm_supported(grouped, w)
-        )
+        loop = resolve_backend(grouped, w, self.backend) == "loop"
         return group_sizes.tolist() if loop else None  # the one host sync of the loop path
 
     def _project_in(

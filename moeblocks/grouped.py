@@ -30,7 +30,7 @@ from torch import Tensor
 
 from moeblocks._checks import check_float, check_index, check_same_device, value_checks
 
-__all__ = ["grouped_mm", "torch_grouped_mm_supported"]
+__all__ = ["grouped_mm", "resolve_backend", "torch_grouped_mm_supported"]
 
 
 def torch_grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -142,6 +142,29 @@ def _torch(x_RI: Tensor, w_EIO: Tensor, group_sizes_E: Tensor) -> Tensor:
     return _ContiguousGrad.apply(torch._grouped_mm(x_RI, w_EIO, offs=offs_E))
 
 
+def resolve_backend(x: Tensor, w: Tensor, backend: str) -> str:
+    """The backend that :func:`grouped_mm` runs for these operands: ``"torch"`` or ``"loop"``.
+
+    ``"auto"`` takes ``"torch"`` where :func:`torch_grouped_mm_supported` holds, else the
+    loop. Callers that read the group sizes to the host once for several calls (the
+    expert banks) ask here whether the loop will run.
+
+    Raises:
+        ValueError: For an unknown name, or ``"torch"`` where it is unsupported.
+    """
+    if backend == "auto":
+        return "torch" if torch_grouped_mm_supported(x, w) else "loop"
+    if backend == "torch" and not torch_grouped_mm_supported(x, w):
+        raise ValueError(
+            "backend='torch' needs torch._grouped_mm support for "
+            f"{x.dtype} on {x.device} (have torch {torch.__version__}); "
+            "use backend='loop' or 'auto'"
+        )
+    if backend not in ("torch", "loop"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'loop', got {backend!r}")
+    return backend
+
+
 def grouped_mm(
     x_RI: Float[Tensor, "R I"],
     w_EIO: Float[Tensor, "E I O"],
@@ -182,23 +205,14 @@ def grouped_mm(
             sizes that are negative or do not sum to R.
     """
     _check_operands(x_RI, w_EIO, group_sizes_E)
-    if backend == "auto":
-        backend = "torch" if torch_grouped_mm_supported(x_RI, w_EIO) else "loop"
+    backend = resolve_backend(x_RI, w_EIO, backend)
     if backend == "torch":
-        if not torch_grouped_mm_supported(x_RI, w_EIO):
-            raise ValueError(
-                "backend='torch' needs torch._grouped_mm support for "
-                f"{x_RI.dtype} on {x_RI.device} (have torch {torch.__version__}); "
-                "use backend='loop' or 'auto'"
-            )
         if group_sizes_E.numel() and value_checks(group_sizes_E, sync_checks):
             sizes_E = group_sizes_E.long()
             if bool((sizes_E.min() < 0) | (sizes_E.sum() != x_RI.shape[0])):  # host sync
                 _check_sizes(group_sizes_E.tolist(), x_RI.shape[0])
         return _torch(x_RI, w_EIO, group_sizes_E)
-    if backend == "loop":
-        sizes = None
-        if host_sizes is not None:
-            sizes = _check_host_sizes(host_sizes, group_sizes_E, x_RI.shape[0], sync_checks)
-        return _loop(x_RI, w_EIO, group_sizes_E, sizes)
-    raise ValueError(f"backend must be 'auto', 'torch' or 'loop', got {backend!r}")
+    sizes = None  # the loop backend
+    if host_sizes is not None:
+        sizes = _check_host_sizes(host_sizes, group_sizes_E, x_RI.shape[0], sync_checks)
+    return _loop(x_RI, w_EIO, group_sizes_E, sizes)
