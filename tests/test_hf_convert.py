@@ -34,6 +34,9 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 import moeblocks as mb
 from moeblocks.hf import family_of, from_hf, to_hf
 
+# Tiny blocks gain nothing from intra-op threads; on a busy machine they only wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, F, E = 16, 8, 8
 
 
