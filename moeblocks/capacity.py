@@ -92,12 +92,18 @@ class Capacity:
             sequence (the last entry of the layer input's leading shape).
         sync_checks: Also range-check the expert ids of GPU routing records, at one
             device sync per call (CPU records are always checked).
+        renormalize: After dropping, give each token's kept copies the token's whole
+            weight: ``w_j · Σ_i w_i / Σ_kept w_i`` (GShard and NLLB-MoE normalise the
+            top-2 gates after dropping, so a token whose second choice overflows keeps
+            its full weight on the first). A token with no kept copy keeps weight 0;
+            nothing changes for a token that lost no copy.
     """
 
     factor: float | None = None
     limit: int | None = None
     per: str = "batch"
     sync_checks: bool = False
+    renormalize: bool = False
 
     def __post_init__(self) -> None:
         if (self.factor is None) == (self.limit is None):
@@ -112,6 +118,8 @@ class Capacity:
             raise ValueError(f"per must be 'batch' or 'sequence', got {self.per!r}")
         if not isinstance(self.sync_checks, bool):
             raise TypeError(f"sync_checks must be a bool, got {self.sync_checks!r}")
+        if not isinstance(self.renormalize, bool):
+            raise TypeError(f"renormalize must be a bool, got {self.renormalize!r}")
 
     def capacity(self, group_tokens: int, top_k: int, num_experts: int) -> int:
         """C for a group of ``group_tokens`` tokens."""
@@ -143,4 +151,9 @@ class Capacity:
         if routing.dropped is not None:
             dropped_TK = dropped_TK | routing.dropped
         weights_TK = routing.weights.masked_fill(dropped_TK, 0.0)
+        if self.renormalize:
+            total_T1 = routing.weights.sum(-1, keepdim=True)
+            kept_T1 = weights_TK.sum(-1, keepdim=True)
+            # The same sum when nothing was dropped, so the ratio is exactly 1 there.
+            weights_TK = weights_TK * (total_T1 / kept_T1.masked_fill(kept_T1 == 0, 1.0))
         return dataclasses.replace(routing, weights=weights_TK, dropped=dropped_TK)

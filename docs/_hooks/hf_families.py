@@ -6,7 +6,9 @@ class of :data:`moeblocks.hf.FAMILIES` (its composition and the largest relative
 the tests measured against Hugging Face's block, read from
 ``tests/hf_family_errors.json``, which ``MOEBLOCKS_RECORD_HF_ERRORS=1`` makes the family
 tests write); the second one row per refused class of :data:`moeblocks.hf.REFUSED` with
-its reason. Nothing in these tables is typed by hand.
+its reason. A row whose Hugging Face block is wrong (``Family.hf_block_is_wrong``) is
+marked, its error is measured against the published routing, and a note under the table
+says what is wrong. Nothing in these tables is typed by hand.
 """
 
 from __future__ import annotations
@@ -39,13 +41,21 @@ def render_families(errors: dict[str, dict[str, float]]) -> str:
         "| largest error fp32 / fp64 |",
         "|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for f in FAMILIES:
         row = errors.get(f.name, {})
         err = f"{_err(row, 'fp32')} / {_err(row, 'fp64')}"
+        if f.hf_block_is_wrong:
+            err += " (vs the published routing, see below)"
+            notes.append(f"- **{f.name}**: HF's block is wrong: {f.hf_block_is_wrong}.")
+            if f.no_swap:
+                notes.append(f"  `swap_moe_blocks` refuses it: {f.no_swap}.")
         lines.append(
             f"| {f.name} | `{f.block_class}` | {f.router.name} | {f.bank.name} "
             f"| {f.shared.name} | {_RETURNS[f.returns]} | {err} |"
         )
+    if notes:
+        lines += ["", "Where Hugging Face's block is not the oracle:", "", *notes]
     return "\n".join(lines)
 
 

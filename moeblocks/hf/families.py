@@ -40,6 +40,7 @@ from moeblocks.hf.layouts import (
     MISTRAL_LARGE4,
     NO_SHARED,
     PER_EXPERT,
+    PER_EXPERT_FC,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -54,6 +55,7 @@ from moeblocks.hf.layouts import (
     SOFTMAX_TOPK_MODEL_DTYPE,
     STACKED,
     SWITCH,
+    TOP2_CAPACITY,
     WG_SOFTMAX,
     BankLayout,
     RouterForm,
@@ -93,6 +95,10 @@ class Family:
         logits_index: Index of the router logits in the router module's output tuple.
         batched_logits: Whether the router returns logits in the input's leading shape
             (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
+        hf_block_is_wrong: Empty, or what is wrong in transformers' block: the row then
+            computes the published routing instead, and the tests compare it with a
+            float64 reference of that routing rather than with the HF block.
+        no_swap: Empty, or why :func:`~moeblocks.hf.swap_moe_blocks` refuses the class.
     """
 
     name: str
@@ -105,6 +111,8 @@ class Family:
     returns: str = "tensor"
     logits_index: int = 0
     batched_logits: bool = False
+    hf_block_is_wrong: str = ""
+    no_swap: str = ""
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
@@ -320,6 +328,26 @@ FAMILIES: tuple[Family, ...] = (
         logits_index=2,
         batched_logits=True,
     ),
+    # j27f: NLLB-MoE, converted to the published top-2 routing (HF's block ignores it)
+    Family(
+        "nllb_moe",
+        "NllbMoeSparseMLP",
+        "NllbMoeTop2Router",
+        TOP2_CAPACITY,
+        PER_EXPERT_FC,
+        router_attr="router",
+        logits_index=2,
+        hf_block_is_wrong=(
+            "in transformers 5.25 NllbMoeExperts one-hots the router's [T, E] 0/1 top-1 "
+            "mask instead of expert ids, so every token runs expert 1 with its top-1 gate "
+            "and expert 0 with its top-2 gate, whatever the router chose; the row "
+            "computes the router's own top-2 choice (its gates, capacity and dropping)"
+        ),
+        no_swap=(
+            "its encoder and decoder layers pass a padding mask to the block (the router "
+            "routes padding to no expert), which the swap adapter does not take"
+        ),
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -461,12 +489,6 @@ REFUSED: tuple[Refusal, ...] = (
         "nemotron_h",
         "NemotronHMoE",
         _needs("a down/up projection around the experts"),
-    ),
-    Refusal(
-        "nllb_moe",
-        "NllbMoeSparseMLP",
-        "HF's block is wrong in transformers 5.25: it runs expert 1 with the top-1 gate and "
-        "expert 0 with the top-2 gate for every token, ignoring the router's choice",
     ),
     Refusal(
         "openai_privacy_filter",

@@ -60,6 +60,7 @@ __all__ = [
     "MISTRAL_LARGE4",
     "NO_SHARED",
     "PER_EXPERT",
+    "PER_EXPERT_FC",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
@@ -74,6 +75,7 @@ __all__ = [
     "SOFTMAX_TOPK_MODEL_DTYPE",
     "STACKED",
     "SWITCH",
+    "TOP2_CAPACITY",
     "WG_SOFTMAX",
     "BankLayout",
     "RouterForm",
@@ -835,3 +837,91 @@ def compose(
         capacity=capacity,
         weight_inputs=form.weight_inputs,
     )
+
+
+# --- top-2 gating with capacity (NLLB-MoE, GShard) --------------------------------------
+
+
+def _check_top2(r: nn.Module) -> None:
+    """Refuse the router options that are random or that no stock part computes."""
+    name = type(r).__name__
+    if r.second_expert_policy != "all":
+        raise ValueError(
+            f"{name}.second_expert_policy must be 'all' (a deterministic second expert), "
+            f"got {r.second_expert_policy!r}"
+        )
+    if r.batch_prioritized_routing:
+        raise ValueError(f"{name}.batch_prioritized_routing must be False, got True")
+    if r.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must route in float32 or float64 (router_dtype), got {r.dtype}")
+    if not r.moe_eval_capacity_token_fraction > 0:
+        raise ValueError(
+            f"{name}.moe_eval_capacity_token_fraction must be > 0, "
+            f"got {r.moe_eval_capacity_token_fraction}"
+        )
+
+
+def _top2_read(r: nn.Module, block: nn.Module) -> tuple[Router, Capacity]:
+    # The published evaluation routing: softmax in float32, the best expert, the best
+    # other, gates normalised (after dropping unless configured before), capacity
+    # ceil(fraction · T) per expert; the experts' eval output scale (1 - moe_token_dropout,
+    # expert output masking) folds into the weights.
+    _check_top2(r)
+    cls = r.classifier
+    keep = 1.0 - float(block.experts.moe_token_dropout)
+    # float32 in every NLLB config; float64 only where a float64 model is set so by hand.
+    compute = "float32" if r.dtype == torch.float32 else "input"
+    router = Router(
+        _linear_scorer(cls.weight, cls.bias, compute),
+        2,
+        weights=WeightPolicy("always", scale=keep),
+        routing_dtype=r.dtype,
+    )
+    # ceil(factor · T · K / E) with factor = fraction · E / K is ceil(fraction · T).
+    factor = float(r.moe_eval_capacity_token_fraction) * r.num_experts / 2
+    after = not r.normalize_router_prob_before_dropping
+    return router, Capacity(factor=factor, renormalize=after)
+
+
+def _top2_write(router: Router, r: nn.Module, block: nn.Module) -> None:
+    cls = r.classifier
+    _check_router_bias(router, r, cls.bias is not None)
+    copy_into(cls.weight, router.gate_weight)
+    if cls.bias is not None:
+        copy_into(cls.bias, router.gate_bias)
+
+
+TOP2_CAPACITY = RouterForm(
+    "softmax (float32), top-2, gates normalised after dropping, capacity ⌈fraction·T⌉",
+    _top2_read,
+    _top2_write,
+)
+
+
+def _fc_experts(ex: nn.Module) -> list[nn.Module]:
+    # The container also holds the experts' token dropout: take the experts by name.
+    return [ex[f"expert_{e}"] for e in range(ex.num_experts)]
+
+
+def _fc_read(ex: nn.Module) -> MLPExperts:
+    experts = _fc_experts(ex)
+    F, D = experts[0].fc1.weight.shape
+    bank = MLPExperts(len(experts), D, F, activation=activation_name(experts[0].act), bias=True)
+    _like(bank, experts[0].fc1.weight)
+    copy_into(bank.w_in_EDF, torch.stack([m.fc1.weight.t() for m in experts]))
+    copy_into(bank.b_in_EF, torch.stack([m.fc1.bias for m in experts]))
+    copy_into(bank.w_out_EFD, torch.stack([m.fc2.weight.t() for m in experts]))
+    copy_into(bank.b_out_ED, torch.stack([m.fc2.bias for m in experts]))
+    return bank
+
+
+def _fc_write(bank: nn.Module, ex: nn.Module) -> None:
+    _check_bank(bank, MLPExperts, True, ex)
+    for e, expert in enumerate(_fc_experts(ex)):
+        copy_into(expert.fc1.weight, bank.w_in_EDF[e].t())
+        copy_into(expert.fc1.bias, bank.b_in_EF[e])
+        copy_into(expert.fc2.weight, bank.w_out_EFD[e].t())
+        copy_into(expert.fc2.bias, bank.b_out_ED[e])
+
+
+PER_EXPERT_FC = BankLayout("per-expert `fc1`/`fc2` Linear, biases", _fc_read, _fc_write)

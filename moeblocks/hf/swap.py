@@ -210,7 +210,8 @@ def swap_moe_blocks(model: nn.Module, dispatcher: Dispatcher | None = None) -> i
 
     Raises:
         ValueError: When ``model`` contains no supported block (the message lists the
-            supported block classes), or is itself a block (use ``from_hf`` for that).
+            supported block classes), is itself a block (use ``from_hf`` for that), or
+            holds a block whose family the swap refuses (``Family.no_swap``, NLLB-MoE).
     """
     if family_of(model) is not None:
         raise ValueError(
@@ -226,6 +227,12 @@ def swap_moe_blocks(model: nn.Module, dispatcher: Dispatcher | None = None) -> i
             + (" (its blocks are already swapped)" if swapped else "")
             + f"; supported block classes: {', '.join(SUPPORTED)}"
         )
+    for name, _, family in blocks:
+        if family.no_swap:  # checked before any block is replaced
+            raise ValueError(
+                f"swap_moe_blocks does not swap {family.block_class} (at {name!r}): "
+                f"{family.no_swap}; convert its blocks one by one with from_hf"
+            )
     for name, block, family in blocks:
         router = getattr(block, family.router_attr)
         layer = from_hf(block, dispatcher)
