@@ -8,7 +8,10 @@ non-zero buffers (DeepSeek-style selection biases), then compared with the conve
 layer: outputs, router logits, chosen experts, the input gradient and every weight
 gradient (mapped back with ``to_hf``, so a weight the mapping misses fails), in fp32 and
 fp64, eval and training mode, plain and skewed routing (experts with no token).
-Two tiny whole models check swap_moe_blocks, capture_routing and unswap_moe_blocks.
+Every family's tiny whole model (two layers, its class found by the Spec's config class)
+checks swap_moe_blocks (logits, router logits and HF's aux loss kept), capture_routing
+(every MoE layer recorded, the same experts before and after the swap) and
+unswap_moe_blocks (every weight restored); a Spec says why where none is built.
 """
 
 from __future__ import annotations
@@ -422,20 +425,10 @@ def _write_errors() -> Iterator[None]:
     hf_errors.write()
 
 
-# Skewed routing (empty experts) is a question of which experts run, not of precision:
-# checked once, in fp64, to keep the suite inside its CI budget.
-@pytest.mark.parametrize(
-    ("skew", "dtype"),
-    [(False, torch.float32), (False, torch.float64), (True, torch.float64)],
-    ids=["plain-fp32", "plain-fp64", "skewed-fp64"],
-)
-@pytest.mark.parametrize("name", NAMES)
-def test_family_matches_hf_in_eval_mode(name: str, skew: bool, dtype: torch.dtype) -> None:
-    block = _fresh(name, dtype)
-    layer = from_hf(block)
+def _check_eval(name: str, block: nn.Module, layer: MoELayer, skew: bool) -> None:
+    dtype = next(block.parameters()).dtype
     x = _inputs(block, dtype, skew)
     _compare(name, block, layer, x)
-
     logits, experts = _route(block, x.reshape(-1, D))
     routing = layer(x).routing
     # The same F.linear; compared in the routing dtype (float32 where HF routes in fp32).
@@ -444,6 +437,23 @@ def test_family_matches_hf_in_eval_mode(name: str, skew: bool, dtype: torch.dtyp
     if skew:
         counts = torch.bincount(routing.experts.reshape(-1), minlength=E)
         assert (counts == 0).any(), "the skewed input should leave an expert without token"
+
+
+# fp32 and fp64, plain and skewed routing (experts with no token): one test per family,
+# so the four cases share one copy of the block per dtype and one conversion.
+@pytest.mark.parametrize("name", NAMES)
+def test_family_matches_hf_in_eval_mode(name: str) -> None:
+    for dtype in (torch.float32, torch.float64):
+        block = _fresh(name, dtype)
+        layer = from_hf(block)
+        for skew in (False, True):
+            block.zero_grad(set_to_none=True)  # each case compares its own gradients
+            layer.zero_grad(set_to_none=True)
+            case = f"{name}, {'skewed' if skew else 'plain'}, {dtype}"
+            try:
+                _check_eval(name, block, layer, skew)
+            except AssertionError as error:
+                raise AssertionError(f"{case}: {error}") from error
 
 
 @pytest.mark.parametrize("name", NAMES)
