@@ -592,7 +592,8 @@ FIRST = {
         "nllb_moe",
         "NllbMoeConfig",
         no_model="HF's block is wrong, so its model is no oracle, and swap_moe_blocks "
-        "refuses the class (its layers pass the block a padding mask)",
+        "refuses the class (its layers pass the block a padding mask); capture_routing "
+        "on its whole model is checked in test_hf_families_nllb.py",
     ),
 }
 MODEL_SPECS = {**FIRST, **SPECS}

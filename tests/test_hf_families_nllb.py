@@ -219,6 +219,46 @@ def test_swap_refuses_nllb_with_the_reason() -> None:
     assert isinstance(model[0], NllbMoeSparseMLP), "nothing is swapped when one is refused"
 
 
+def test_capture_records_every_sparse_layer_of_the_whole_model() -> None:
+    from moeblocks.hf import capture_routing
+
+    config = transformers.NllbMoeConfig(
+        vocab_size=64,
+        d_model=D,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=F,
+        decoder_ffn_dim=F,
+        num_experts=E,
+        encoder_sparse_step=1,  # every layer sparse (its default: one in four)
+        decoder_sparse_step=1,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.NllbMoeForConditionalGeneration(config).eval()
+    blocks = {n: m for n, m in model.named_modules() if family_of(m) is not None}
+    seen: dict[str, Tensor] = {}
+    for name, block in blocks.items():
+        block.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, args[0]))
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), capture_routing(model) as rec:
+        model(input_ids=ids, decoder_input_ids=ids[:, :5])
+        assert list(rec.routings) == list(blocks)
+        for name, block in blocks.items():
+            (routing,) = rec.routings[name]
+            # HF's router (right, unlike its block): the experts its combine weights use.
+            _, probs, _ = block.router(seen[name].reshape(-1, D))
+            chosen = torch.zeros_like(probs, dtype=torch.bool)
+            chosen.scatter_(1, routing.experts, True)
+            assert torch.equal(chosen, probs > 0), name
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _write_errors() -> object:
     yield
