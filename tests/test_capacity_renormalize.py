@@ -54,6 +54,7 @@ def test_renormalize_matches_the_published_rule() -> None:
     # A token that lost its second copy keeps its whole weight (0.8) on the first.
     lost_one = capped.dropped.sum(-1) == 1
     assert lost_one.any()
+    # float64: w_1 · (w_1 + w_2) / w_1 rounds to within a few ulps of 0.8.
     torch.testing.assert_close(
         capped.weights[lost_one].sum(-1).detach(),
         torch.full((int(lost_one.sum()),), 0.8, dtype=torch.float64),

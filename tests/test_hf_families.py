@@ -683,7 +683,7 @@ def test_swap_and_capture_the_whole_model(name: str) -> None:
     if getattr(before, "router_logits", None):
         for a, b in zip(after.router_logits, before.router_logits, strict=True):
             assert _max_rel(a, b) <= 1e-5, name
-    if getattr(before, "aux_loss", None) is not None:
+    if getattr(before, "aux_loss", None) is not None:  # from the same logits: as above
         torch.testing.assert_close(after.aux_loss, before.aux_loss, rtol=1e-5, atol=1e-6)
     assert list(rec.routings) == list(hf_rec.routings) == blocks
     for layer in blocks:

@@ -140,7 +140,8 @@ def test_nllb_matches_the_published_routing(
     if skew:
         counts = torch.bincount(routing.experts[~routing.dropped], minlength=E)
         assert (counts == 0).any(), "the skewed input should leave an expert without token"
-    # HF's router is right: its combine weights [T, E] are the layer's, before the 0.8.
+    # HF's router is right: its combine weights [T, E] are the layer's, before the 0.8
+    # (the same gates, normalised in another order: TOL as for the outputs).
     _, hf_probs, hf_logits = block.router(x.reshape(-1, D))
     mine = torch.zeros_like(hf_probs).scatter_add_(
         1, routing.experts, routing.weights.to(hf_probs.dtype) / (1 - DROP)
@@ -174,9 +175,11 @@ def test_hf_block_still_ignores_the_router() -> None:
     bug = (1 - DROP) * (g1 * run["expert_1"](flat) + g2 * run["expert_0"](flat))
     hf = block(x).reshape(-1, D)
     # If this fails, transformers has fixed NllbMoeSparseMLP: compare the layer with HF's
-    # block (the other tests' reference), and clear Family.hf_block_is_wrong.
+    # block (the other tests' reference), and clear Family.hf_block_is_wrong. float64, the
+    # same products summed in another order: 1e-12.
     torch.testing.assert_close(hf, bug, rtol=1e-12, atol=1e-12)
     ref = _reference(block, flat)[0]
+    # Other experts entirely, not rounding: far above any tolerance.
     assert _rel(hf, ref) > 0.1, "HF's block should differ from the published routing"
     assert family_of(block).hf_block_is_wrong
 
