@@ -354,8 +354,9 @@ _RENORMALIZE = ("always", "k>1", "never")
 class WeightPolicy:
     """How the gates of the chosen experts become combine weights.
 
-    ``weights = scale · gates / (Σ_j gates_j + eps)`` when renormalising, else
-    ``scale · gates``.
+    ``weights = scale · gates / max(Σ_j gates_j + eps, min_sum)`` when renormalising,
+    else ``scale · gates``. With ``p`` other than 1 the sum becomes the p-norm
+    ``(Σ_j gates_j^p)^(1/p)`` (the gates are non-negative).
 
     Args:
         renormalize: ``"always"`` (Mixtral, and DeepSeek-V3 / Qwen with
@@ -366,11 +367,17 @@ class WeightPolicy:
         scale: Routed scaling factor applied after renormalising (DeepSeek-V3's
             ``routed_scaling_factor``, 2.5 there).
         eps: Added to the denominator (DeepSeek-V3 uses 1e-20).
+        p: Renormalise by the p-norm of the gates instead of their sum (DBRX's
+            ``moe_normalize_expert_weights``); finite, > 0. 1 is the sum.
+        min_sum: Floor of the denominator (ERNIE-4.5's ``moe_norm_min``): a token whose
+            gates sum to less keeps them divided by ``min_sum``; finite, >= 0.
     """
 
     renormalize: str = "k>1"
     scale: float = 1.0
     eps: float = 0.0
+    p: float = 1.0
+    min_sum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.renormalize not in _RENORMALIZE:
@@ -379,6 +386,12 @@ class WeightPolicy:
             raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if not (isinstance(self.p, (int, float)) and math.isfinite(self.p) and self.p > 0):
+            raise ValueError(f"p must be a finite number > 0, got {self.p!r}")
+        if not (isinstance(self.min_sum, (int, float)) and math.isfinite(self.min_sum)):
+            raise ValueError(f"min_sum must be a finite number >= 0, got {self.min_sum!r}")
+        if self.min_sum < 0:
+            raise ValueError(f"min_sum must be a finite number >= 0, got {self.min_sum!r}")
 
     def __call__(
         self, gates: Float[Tensor, "T K"], slots: Bool[Tensor, "T K"] | None = None
@@ -393,8 +406,17 @@ class WeightPolicy:
         if slots is not None:
             gates = self._renormalise_real(gates.masked_fill(~slots, 0), slots)
         elif self.renormalize == "always" or (self.renormalize == "k>1" and K > 1):
-            gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)
+            gates = gates / self._denominator(gates)
         return gates * self.scale if self.scale != 1.0 else gates
+
+    def _denominator(self, gates: Float[Tensor, "T K"]) -> Float[Tensor, "T 1"]:
+        """``max(Σ gates + eps, min_sum)``, with the p-norm for the sum when p != 1."""
+        if self.p == 1.0:
+            total_T1 = gates.sum(dim=-1, keepdim=True)
+        else:
+            total_T1 = torch.linalg.vector_norm(gates, ord=self.p, dim=-1, keepdim=True)
+        total_T1 = total_T1 + self.eps
+        return total_T1.clamp(min=self.min_sum) if self.min_sum > 0 else total_T1
 
     def _renormalise_real(
         self, gates: Float[Tensor, "T K"], slots: Bool[Tensor, "T K"]
@@ -403,7 +425,7 @@ class WeightPolicy:
             return gates
         # +1 where a token has no real slot: 0 / 1, not 0 / 0 (and no NaN gradient).
         empty_T1 = ~slots.any(dim=-1, keepdim=True)
-        normed = gates / (gates.sum(dim=-1, keepdim=True) + self.eps + empty_T1)
+        normed = gates / (self._denominator(gates) + empty_T1)
         if self.renormalize == "always":
             return normed
         return torch.where(slots.sum(-1, keepdim=True) > 1, normed, gates)

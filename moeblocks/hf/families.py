@@ -27,8 +27,10 @@ from moeblocks.hf.layouts import (
     CONCAT,
     CONCAT_CLAMPED,
     CONCAT_CLAMPED_AFTER,
+    DBRX,
     DEEPSEEK,
     DEEPSEEK_V2,
+    ERNIE,
     GATED_SHARED_EXPERT,
     GPT_OSS,
     HY_V3,
@@ -39,6 +41,7 @@ from moeblocks.hf.layouts import (
     MISTRAL4,
     MISTRAL_LARGE4,
     NO_SHARED,
+    OPTIONAL_SHARED_EXPERTS,
     PER_EXPERT,
     SHARED_EXPERT,
     SHARED_EXPERTS,
@@ -52,6 +55,7 @@ from moeblocks.hf.layouts import (
     SOFTMAX_RAW,
     SOFTMAX_TOPK,
     SOFTMAX_TOPK_MODEL_DTYPE,
+    SPLIT_ROWS,
     STACKED,
     SWITCH,
     WG_SOFTMAX,
@@ -320,6 +324,16 @@ FAMILIES: tuple[Family, ...] = (
         logits_index=2,
         batched_logits=True,
     ),
+    # j27e: exotic routing rules and split MoEs
+    Family(
+        "ernie4_5_moe",
+        "Ernie4_5_MoeSparseMoeBlock",
+        "Ernie4_5_MoeTopKRouter",
+        ERNIE,
+        CONCAT,
+        OPTIONAL_SHARED_EXPERTS,
+    ),
+    Family("dbrx", "DbrxFFN", "DbrxRouter", DBRX, SPLIT_ROWS, router_attr="router"),
 )
 """Every converted block class, one row each."""
 
@@ -367,7 +381,6 @@ REFUSED: tuple[Refusal, ...] = (
         "BeamMoE",
         _needs("a GLU computed in float32 inside a float64 expert (HF upcasts, then rounds)"),
     ),
-    Refusal("dbrx", "DbrxFFN", _needs("DBRX's p-norm weight normalisation", "its expert layout")),
     Refusal(
         "deepseek_v4",
         "DeepseekV4SparseMoeBlock",
@@ -393,14 +406,6 @@ REFUSED: tuple[Refusal, ...] = (
         "ergo",
         "ErgoMoE",
         _needs("a per-expert output norm", "a norm on the shared output"),
-    ),
-    Refusal(
-        "ernie4_5_moe",
-        "Ernie4_5_MoeSparseMoeBlock",
-        _needs(
-            "a renormalisation floored at moe_norm_min (WeightPolicy adds eps)",
-            "reading the selection bias of its moe_statics",
-        ),
     ),
     Refusal(
         "ernie4_5_vl_moe",

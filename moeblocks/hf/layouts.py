@@ -835,3 +835,118 @@ def compose(
         capacity=capacity,
         weight_inputs=form.weight_inputs,
     )
+
+
+# --- j27e: ERNIE-4.5, DBRX --------------------------------------------------------------
+
+__all__ += ["DBRX", "ERNIE", "OPTIONAL_SHARED_EXPERTS", "SPLIT_ROWS"]
+
+
+def _ernie_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """ERNIE-4.5: float32 softmax, top-k by probs + the bias of ``gate.moe_statics``.
+
+    The combine weights are the chosen probabilities over their sum floored at
+    ``moe_norm_min``.
+    """
+    stored = gate.moe_statics.e_score_correction_bias
+    balancer = BiasBalancer(gate.weight.shape[0], rate=0.0).to(stored.device)
+    copy_into(balancer.bias, stored.detach().float().reshape(-1))
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        weights=WeightPolicy("always", min_sum=float(gate.norm_min)),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _ernie_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
+    if router.balancer is None:
+        raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
+    stored = gate.moe_statics.e_score_correction_bias
+    copy_into(stored, router.balancer.bias.reshape(stored.shape))
+
+
+ERNIE = RouterForm(
+    "softmax (float32), top-k by probs + the bias of `moe_statics`, renormalised "
+    "with the sum floored at `moe_norm_min`",
+    _ernie_read,
+    _ernie_write,
+)
+
+
+def _optional_shared_read(block: nn.Module, attr: str) -> SharedExperts | None:
+    mlp = getattr(block, attr)
+    return None if mlp is None else SharedExperts(_dense_glu(mlp))
+
+
+def _optional_shared_write(shared: SharedExperts | None, block: nn.Module, attr: str) -> None:
+    if getattr(block, attr) is None:
+        _none_write(shared, block)
+    else:
+        _dense_glu_back(shared, getattr(block, attr))
+
+
+OPTIONAL_SHARED_EXPERTS = SharedForm(
+    "ungated `shared_experts` if any",
+    partial(_optional_shared_read, attr="shared_experts"),
+    partial(_optional_shared_write, attr="shared_experts"),
+)
+
+
+def _dbrx_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """DBRX: softmax in the model dtype, top-k, weights over their p-norm (if p is set)."""
+    p = block.moe_normalize_expert_weights
+    router = Router(
+        _linear_scorer(r.layer.weight, None, "input"),
+        block.top_k,
+        weights=WeightPolicy("never") if p is None else WeightPolicy("always", p=float(p)),
+        # HF's jitter also scales the experts' input (in place); this one reaches the router only.
+        jitter=float(r.moe_jitter_eps or 0.0),
+    )
+    return router, None
+
+
+def _dbrx_write(router: Router, r: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, r, False)
+    copy_into(r.layer.weight, router.gate_weight)
+
+
+DBRX = RouterForm(
+    "softmax of `layer`, top-k, weights over their p-norm (`moe_normalize_expert_weights`)",
+    _dbrx_read,
+    _dbrx_write,
+)
+
+
+def _split_rows(ex: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """DBRX's ``w1``, ``v1``, ``w2`` (each ``[E·F, D]``) as ``[E, F, D]`` views."""
+    mlp = ex.mlp
+    shape = (ex.num_experts, ex.ffn_hidden_size, ex.hidden_size)
+    return mlp.w1.view(shape), mlp.v1.view(shape), mlp.w2.view(shape)
+
+
+def _split_read(ex: nn.Module) -> SwiGLUExperts:
+    w1_EFD, v1_EFD, w2_EFD = _split_rows(ex)
+    E, F, D = w1_EFD.shape
+    bank = SwiGLUExperts(E, D, F, activation=GLU(activation_name(ex.mlp.activation_fn)))
+    _like(bank, w1_EFD)
+    copy_into(bank.w_in_EDF2, torch.cat([w1_EFD, v1_EFD], dim=1).transpose(1, 2))
+    copy_into(bank.w_out_EFD, w2_EFD)
+    return bank
+
+
+def _split_write(bank: nn.Module, ex: nn.Module) -> None:
+    _check_bank(bank, SwiGLUExperts, False, ex)
+    w1_EFD, v1_EFD, w2_EFD = _split_rows(ex)
+    F = bank.hidden
+    copy_into(w1_EFD, bank.w_in_EDF2[..., :F].transpose(1, 2))
+    copy_into(v1_EFD, bank.w_in_EDF2[..., F:].transpose(1, 2))
+    copy_into(w2_EFD, bank.w_out_EFD)
+
+
+SPLIT_ROWS = BankLayout(
+    "gate, up and down as `[E·F, D]` rows (`mlp.w1`, `v1`, `w2`)", _split_read, _split_write
+)

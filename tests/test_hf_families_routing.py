@@ -1,0 +1,143 @@
+"""Family rows whose HF blocks the ``Spec`` form of ``test_hf_families.py`` cannot drive.
+
+DBRX's router returns bare logits under ``router.layer`` (no ``(logits, weights,
+experts)`` tuple, no ``weight`` on the router). Each family here gets the same checks as
+there, with its own way to read HF's routing: outputs, router logits, chosen experts,
+the input gradient and every weight gradient in fp32 and fp64, eval and training mode,
+plain and skewed routing (experts with no token), ``to_hf(from_hf(b))`` bit for bit.
+Weights are N(0, 0.5²), buffers N(0, 0.1²) (zeros would hide a missed buffer).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import hf_errors
+import pytest
+import torch
+import transformers
+from test_hf_families import TOL, _compare
+from torch import Tensor, nn
+
+from moeblocks.hf import FAMILIES, from_hf, to_hf
+
+D, F, E = 16, 8, 8
+ROWS = {f.name: f for f in FAMILIES}
+
+
+@dataclass(frozen=True)
+class Case:
+    folder: str  # transformers.models.<folder>.modeling_<folder>
+    config: Callable[[], object]  # the tiny config
+    route: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]  # HF's (logits, experts)
+    router_weight: Callable[[nn.Module], Tensor]  # the [E, D] router weight (for skew)
+
+
+def _dbrx_route(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    logits = block.router(tokens)
+    return logits, block.route_tokens_to_experts(logits)[1]
+
+
+CASES = {
+    "dbrx": Case(
+        "dbrx",
+        lambda: transformers.DbrxConfig(
+            d_model=D,
+            n_heads=2,
+            ffn_config={
+                "ffn_hidden_size": F,
+                "moe_num_experts": E,
+                "moe_top_k": 2,
+                # The released DBRX uses 1 (the sum); 2 checks that p reaches the policy.
+                "moe_normalize_expert_weights": 2.0,
+            },
+        ),
+        _dbrx_route,
+        lambda block: block.router.layer.weight,
+    ),
+}
+NAMES = sorted(CASES)
+
+
+@functools.cache
+def _block(name: str) -> nn.Module:
+    case = CASES[name]
+    module = importlib.import_module(f"transformers.models.{case.folder}.modeling_{case.folder}")
+    block = getattr(module, ROWS[name].block_class)(case.config())
+    g = torch.Generator().manual_seed(len(name))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for b in block.buffers():
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return block.eval()
+
+
+def _fresh(name: str, dtype: torch.dtype) -> nn.Module:
+    return copy.deepcopy(_block(name)).to(dtype)
+
+
+def _inputs(name: str, block: nn.Module, dtype: torch.dtype, skew: bool) -> Tensor:
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    if skew:
+        # Along one router row, most tokens pick the same experts: others get no token.
+        w = CASES[name].router_weight(block)[3].detach().to(dtype)
+        x = 0.1 * x + 4 * w / w.norm()
+    return x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_errors() -> Iterator[None]:
+    yield
+    hf_errors.write()
+
+
+@pytest.mark.parametrize(
+    ("skew", "dtype"),
+    [(False, torch.float32), (False, torch.float64), (True, torch.float64)],
+    ids=["plain-fp32", "plain-fp64", "skewed-fp64"],
+)
+@pytest.mark.parametrize("name", NAMES)
+def test_family_matches_hf_in_eval_mode(name: str, skew: bool, dtype: torch.dtype) -> None:
+    block = _fresh(name, dtype)
+    layer = from_hf(block)
+    x = _inputs(name, block, dtype, skew)
+    _compare(name, block, layer, x)
+
+    with torch.no_grad():
+        logits, experts = CASES[name].route(block, x.reshape(-1, D).clone())
+        routing = layer(x).routing
+    # The same F.linear, compared in the routing dtype.
+    torch.testing.assert_close(routing.scores, logits.to(routing.scores.dtype), rtol=0, atol=0)
+    assert torch.equal(routing.experts.sort(-1).values, experts.sort(-1).values)
+    if skew:
+        counts = torch.bincount(routing.experts.reshape(-1), minlength=E)
+        assert (counts == 0).any(), "the skewed input should leave an expert without token"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_matches_hf_in_training_mode(name: str) -> None:
+    # No jitter in these configs: HF's training mode is deterministic.
+    block = _fresh(name, torch.float64).train()
+    layer = from_hf(block)
+    assert layer.training
+    err = _compare(name, block, layer, _inputs(name, block, torch.float64, skew=False))
+    assert err <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_round_trip_is_bitwise(name: str) -> None:
+    block = _block(name)
+    target = _fresh(name, torch.float32)
+    with torch.no_grad():
+        for t in [*target.parameters(), *target.buffers()]:
+            t.add_(1.0)  # different values everywhere
+    to_hf(from_hf(block), target)
+    for (key, a), (_, b) in zip(
+        block.state_dict().items(), target.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
