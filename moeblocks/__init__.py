@@ -22,8 +22,10 @@ from moeblocks.experts import MLPExperts as MLPExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
+from moeblocks.gating import GatedSelection as GatedSelection
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
 from moeblocks.gating import Selection as Selection
+from moeblocks.gating import SparseMixer as SparseMixer
 from moeblocks.gating import TopK as TopK
 from moeblocks.gating import TopP as TopP
 from moeblocks.gating import WeightPolicy as WeightPolicy
@@ -75,6 +77,7 @@ __all__ = [
     "ExpertInit",
     "GELUExperts",
     "GatedActivation",
+    "GatedSelection",
     "GroupLimitedTopK",
     "InspectableRouter",
     "KSchedule",
@@ -91,6 +94,7 @@ __all__ = [
     "Selection",
     "SequenceBalanceLoss",
     "SharedExperts",
+    "SparseMixer",
     "StepK",
     "SwiGLUExperts",
     "TensorMoE",

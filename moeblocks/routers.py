@@ -24,6 +24,7 @@ from moeblocks._checks import check_float, check_tokens
 from moeblocks.balancing import BiasBalancer
 from moeblocks.gating import (
     DynamicSelection,
+    GatedSelection,
     Selection,
     TopK,
     WeightPolicy,
@@ -341,7 +342,9 @@ class Router(nn.Module):
         selection: :class:`~moeblocks.gating.TopK` (default) or
             :class:`~moeblocks.gating.GroupLimitedTopK`; or a dynamic k
             (:class:`~moeblocks.gating.TopP`, :class:`~moeblocks.gating.ExpertChoice`),
-            whose record marks its real slots in ``Routing.slots``.
+            whose record marks its real slots in ``Routing.slots``; or a selection that
+            gives its own gates (:class:`~moeblocks.gating.SparseMixer`, with
+            ``scoring="softmax_topk"``).
         weights: The :class:`~moeblocks.gating.WeightPolicy` (default: renormalise for
             k > 1, no scaling).
         balancer: A :class:`~moeblocks.balancing.BiasBalancer` whose bias is added to
@@ -391,6 +394,12 @@ class Router(nn.Module):
                 f"for a dynamic k), got {type(selection).__name__}"
             )
         selection.check(scorer.num_experts, schedule.max_k)
+        logit_keyed = ("softmax_topk", "sigmoid_logits")
+        if isinstance(selection, GatedSelection) and scoring not in logit_keyed:
+            raise ValueError(
+                f"selection {type(selection).__name__} reads the selection key as logits: "
+                f"use scoring in {logit_keyed}, got {scoring!r}"
+            )
         weights = WeightPolicy() if weights is None else weights
         if not isinstance(weights, WeightPolicy):
             raise TypeError(f"weights must be a WeightPolicy, got {type(weights).__name__}")
@@ -559,12 +568,15 @@ class Router(nn.Module):
         key_TE = selection_key(self.scoring, logits, probs_TE)
         if self.balancer is not None:
             key_TE = key_TE + self.balancer.bias.to(key_TE.dtype)
-        slots_TK = None
-        if isinstance(self.selection, DynamicSelection):
+        slots_TK = gates_TK = None
+        if isinstance(self.selection, GatedSelection):  # its gates are its own (SparseMixer)
+            experts_TK, gates_TK = self.selection.choose(key_TE, k, self.training)
+        elif isinstance(self.selection, DynamicSelection):
             experts_TK, slots_TK = self.selection.select(key_TE, k)
         else:
             experts_TK = self.selection(key_TE, k)
-        gates_TK = gates(self.scoring, logits, probs_TE, experts_TK)
+        if gates_TK is None:
+            gates_TK = gates(self.scoring, logits, probs_TE, experts_TK)
         weights_TK = self.weights(gates_TK, slots_TK)
         if self.balancer is not None and self.training:
             # Only real slots are load (a [N, 1] record: one sync, on the dynamic path).

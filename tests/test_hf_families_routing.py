@@ -1,7 +1,10 @@
 """Family rows whose HF blocks the ``Spec`` form of ``test_hf_families.py`` cannot drive.
 
 DBRX's router returns bare logits under ``router.layer`` (no ``(logits, weights,
-experts)`` tuple, no ``weight`` on the router). Each family here gets the same checks as
+experts)`` tuple, no ``weight`` on the router). PhiMoE's SparseMixer samples in training
+mode: HF's block and the layer run under the same torch seed, and moeblocks'
+:class:`~moeblocks.gating.SparseMixer` draws the same numbers in the same order, so
+training mode is compared exactly too. Each family here gets the same checks as
 there, with its own way to read HF's routing: outputs, router logits, chosen experts,
 the input gradient and every weight gradient in fp32 and fp64, eval and training mode,
 plain and skewed routing (experts with no token), ``to_hf(from_hf(b))`` bit for bit.
@@ -35,11 +38,17 @@ class Case:
     config: Callable[[], object]  # the tiny config
     route: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]  # HF's (logits, experts)
     router_weight: Callable[[nn.Module], Tensor]  # the [E, D] router weight (for skew)
+    seeded: bool = False  # training mode draws random numbers: seed both forwards alike
 
 
 def _dbrx_route(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
     logits = block.router(tokens)
     return logits, block.route_tokens_to_experts(logits)[1]
+
+
+def _phimoe_route(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    logits, _, experts = block.router(tokens)
+    return logits, experts
 
 
 CASES = {
@@ -58,6 +67,22 @@ CASES = {
         ),
         _dbrx_route,
         lambda block: block.router.layer.weight,
+    ),
+    "phimoe": Case(
+        "phimoe",
+        lambda: transformers.PhimoeConfig(
+            hidden_size=D,
+            intermediate_size=F,
+            num_local_experts=E,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            # A candidate margin of 60 % (2 · 0.3; the released model uses 2 %) keeps a
+            # few experts in each slot's softmax, so the gates are not all 1.
+            router_jitter_noise=0.3,
+        ),
+        _phimoe_route,
+        lambda block: block.router.weight,
+        seeded=True,
     ),
 }
 NAMES = sorted(CASES)
@@ -119,14 +144,30 @@ def test_family_matches_hf_in_eval_mode(name: str, skew: bool, dtype: torch.dtyp
         assert (counts == 0).any(), "the skewed input should leave an expert without token"
 
 
+def _seed(*_: object) -> None:
+    torch.manual_seed(7)  # returns None: a pre-hook's result would replace the input
+
+
+def _seed_each_forward(module: nn.Module) -> None:
+    module.register_forward_pre_hook(_seed)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_family_matches_hf_in_training_mode(name: str) -> None:
-    # No jitter in these configs: HF's training mode is deterministic.
+    # No input jitter in these configs; SparseMixer's draws are seeded alike on both sides.
     block = _fresh(name, torch.float64).train()
     layer = from_hf(block)
     assert layer.training
-    err = _compare(name, block, layer, _inputs(name, block, torch.float64, skew=False))
+    if CASES[name].seeded:
+        _seed_each_forward(block)
+        _seed_each_forward(layer)
+    x = _inputs(name, block, torch.float64, skew=False)
+    err = _compare(name, block, layer, x)
     assert err <= TOL[torch.float64]
+    if CASES[name].seeded:  # the sampling ran: training chose other experts than eval
+        with torch.no_grad():
+            trained = layer(x).routing.experts
+            assert not torch.equal(trained, layer.eval()(x).routing.experts)
 
 
 @pytest.mark.parametrize("name", NAMES)

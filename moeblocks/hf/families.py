@@ -43,6 +43,7 @@ from moeblocks.hf.layouts import (
     NO_SHARED,
     OPTIONAL_SHARED_EXPERTS,
     PER_EXPERT,
+    PHIMOE,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -334,6 +335,9 @@ FAMILIES: tuple[Family, ...] = (
         OPTIONAL_SHARED_EXPERTS,
     ),
     Family("dbrx", "DbrxFFN", "DbrxRouter", DBRX, SPLIT_ROWS, router_attr="router"),
+    Family(
+        "phimoe", "PhimoeSparseMoeBlock", "PhimoeTopKRouter", PHIMOE, CONCAT, router_attr="router"
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -479,7 +483,6 @@ REFUSED: tuple[Refusal, ...] = (
         "not converted yet: its block returns the combine weights divided by k (and "
         "multiplies the output by k), a return convention the swap adapter lacks",
     ),
-    Refusal("phimoe", "PhimoeSparseMoeBlock", _needs("PhiMoE's SparseMixer routing")),
     Refusal(
         "step3p7",
         "Step3p7SparseMoeBlock",

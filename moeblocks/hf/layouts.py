@@ -33,7 +33,7 @@ from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivatio
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
 from moeblocks.experts import MLPExperts, SwiGLUExperts
-from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
+from moeblocks.gating import GroupLimitedTopK, Selection, SparseMixer, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
 from moeblocks.routers import LinearScorer, Router
 from moeblocks.shared import SharedExperts
@@ -839,7 +839,7 @@ def compose(
 
 # --- j27e: ERNIE-4.5, DBRX --------------------------------------------------------------
 
-__all__ += ["DBRX", "ERNIE", "OPTIONAL_SHARED_EXPERTS", "SPLIT_ROWS"]
+__all__ += ["DBRX", "ERNIE", "OPTIONAL_SHARED_EXPERTS", "PHIMOE", "SPLIT_ROWS"]
 
 
 def _ernie_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
@@ -949,4 +949,29 @@ def _split_write(bank: nn.Module, ex: nn.Module) -> None:
 
 SPLIT_ROWS = BankLayout(
     "gate, up and down as `[E·F, D]` rows (`mlp.w1`, `v1`, `w2`)", _split_read, _split_write
+)
+
+
+def _phimoe_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """PhiMoE: SparseMixer-v2 on the logits of the router (an ``nn.Linear`` itself).
+
+    HF's sparsemixer picks two experts whatever ``top_k`` says, so k is 2 here too.
+    """
+    router = Router(
+        _linear_scorer(r.weight, None, "input"),
+        2,
+        scoring="softmax_topk",
+        selection=SparseMixer(float(r.router_jitter_noise)),
+        weights=WeightPolicy("never"),
+        # HF's jitter scales the experts' input too (in place, twice); this one reaches
+        # the router only.
+        jitter=float(r.input_jitter_noise),
+    )
+    return router, None
+
+
+PHIMOE = RouterForm(
+    "SparseMixer-v2 (top-2, masked softmax per slot; sampled in training)",
+    _phimoe_read,
+    _write_weight,
 )
