@@ -238,6 +238,18 @@ SPECS = {
             "moe_norm_min": 0.4,
         },
     ),
+    "ernie4_5_vl_moe": Spec(
+        "ernie4_5_vl_moe",
+        "Ernie4_5_VLMoeTextConfig",
+        {
+            "hidden_size": D,
+            "moe_intermediate_size": [F, 2 * F],
+            "moe_num_experts": E,
+            "moe_k": 2,
+            "moe_norm_min": 0.4,  # binds for some tokens, as for ernie4_5_moe
+        },
+        {"intermediate_size": F},
+    ),
 }
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}

@@ -23,7 +23,7 @@ import hf_errors
 import pytest
 import torch
 import transformers
-from test_hf_families import TOL, _compare
+from test_hf_families import TOL, _compare, _rel
 from torch import Tensor, nn
 
 from moeblocks.hf import FAMILIES, from_hf, to_hf
@@ -182,3 +182,40 @@ def test_family_round_trip_is_bitwise(name: str) -> None:
         block.state_dict().items(), target.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
+
+
+def test_ernie_vl_modality_split_keeps_its_outputs_when_swapped() -> None:
+    # HF's Ernie4_5_VLMoeMoeBlock sends text tokens to one converted block and vision
+    # tokens to the other, flattened to 1-D; the swapped adapters must take and return that.
+    from moeblocks.hf import swap_moe_blocks, unswap_moe_blocks
+
+    module = importlib.import_module("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
+    config = transformers.Ernie4_5_VLMoeTextConfig(
+        hidden_size=D,
+        moe_intermediate_size=[F, 2 * F],
+        moe_num_experts=E,
+        moe_k=2,
+        moe_num_shared_experts=1,
+    )
+    outer = module.Ernie4_5_VLMoeMoeBlock(config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in outer.parameters():  # selection biases included (frozen parameters)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    outer.eval()
+    state = {k: v.clone() for k, v in outer.state_dict().items()}
+    x = torch.randn(2, 5, D, generator=g)
+    types = torch.tensor([[0, 0, 1, 1, 0], [2, 0, 0, 1, 0]])
+    with torch.no_grad():
+        before = [outer(x, types), outer(x)]  # mixed modalities, then text only
+        assert swap_moe_blocks(outer) == 2
+        after = [outer(x, types), outer(x)]
+    for (out_a, logits_a), (out_b, logits_b) in zip(after, before, strict=True):
+        # The same blocks, the K expert outputs summed in another order: float32
+        # rounding, measured as the family tests do (relative to the output's norm).
+        assert _rel(out_a, out_b) <= TOL[torch.float32]
+        torch.testing.assert_close(logits_a, logits_b, rtol=0, atol=0)  # the same F.linear
+    assert (before[0][1] != before[1][1]).any(), "vision tokens should use the vision router"
+    unswap_moe_blocks(outer)
+    for key, value in outer.state_dict().items():
+        assert torch.equal(value, state[key]), key

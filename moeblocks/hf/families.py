@@ -94,7 +94,9 @@ class Family:
         returns: What the block's forward returns: ``"tensor"`` (the output, same
             shape as the input), ``"tensor_and_weights"`` (GPT-OSS: the output and the
             ``[T, K]`` combine weights) or ``"flat_and_logits"`` (Llama-4: the output
-            flattened to ``[T, D]`` and the ``[T, E]`` router logits).
+            flattened to ``[T, D]`` and the ``[T, E]`` router logits) or
+            ``"flat_and_flat_logits"`` (ERNIE-4.5-VL's modality blocks: both flattened
+            to one dim, the input possibly so too).
         logits_index: Index of the router logits in the router module's output tuple.
         batched_logits: Whether the router returns logits in the input's leading shape
             (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
@@ -338,6 +340,14 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "phimoe", "PhimoeSparseMoeBlock", "PhimoeTopKRouter", PHIMOE, CONCAT, router_attr="router"
     ),
+    Family(
+        "ernie4_5_vl_moe",
+        "Ernie4_5_VLMoeSparseMoeBlock",
+        "Ernie4_5_VLMoeMoeTopKRouter",
+        ERNIE,
+        CONCAT,
+        returns="flat_and_flat_logits",
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -410,11 +420,6 @@ REFUSED: tuple[Refusal, ...] = (
         "ergo",
         "ErgoMoE",
         _needs("a per-expert output norm", "a norm on the shared output"),
-    ),
-    Refusal(
-        "ernie4_5_vl_moe",
-        "Ernie4_5_VLMoeSparseMoeBlock",
-        _needs("tokens split between a text and a vision MoE"),
     ),
     Refusal(
         "gemma4",

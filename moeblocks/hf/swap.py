@@ -54,7 +54,7 @@ from moeblocks.layer import MoELayer
 
 __all__ = ["HFMoEBlock", "swap_moe_blocks", "unswap_moe_blocks"]
 
-_RETURNS = ("tensor", "tensor_and_weights", "flat_and_logits")
+_RETURNS = ("tensor", "tensor_and_weights", "flat_and_logits", "flat_and_flat_logits")
 
 
 class _LogitsTap(nn.Module):
@@ -125,8 +125,10 @@ class HFMoEBlock(nn.Module):
     returned (``Family.returns``): the output in the input's shape (``"tensor"``), the
     output and the ``[T, K]`` combine weights (``"tensor_and_weights"``, GPT-OSS), or the
     output flattened to ``[T, D]`` and the ``[T, E]`` router logits
-    (``"flat_and_logits"``, Llama-4). It also calls ``self.logits_tap`` with the router
-    logits so that ``output_router_logits=True`` records them (see the module docstring).
+    (``"flat_and_logits"``, Llama-4), or both flattened to one dim
+    (``"flat_and_flat_logits"``, ERNIE-4.5-VL, whose input may come flattened too). It
+    also calls ``self.logits_tap`` with the router logits so that
+    ``output_router_logits=True`` records them (see the module docstring).
     The layer's own aux losses are not returned (the HF convention has no place for
     them); compute them from :func:`~moeblocks.hf.capture_routing` records instead.
 
@@ -169,6 +171,9 @@ class HFMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Run the layer; return what the replaced HF block returns (see the class doc)."""
+        flat = self.family.returns == "flat_and_flat_logits"
+        if flat:  # ERNIE-4.5-VL hands its modality blocks their tokens flattened to 1-D
+            hidden_states = hidden_states.reshape(-1, self.layer.dim)
         moe = self.layer(hidden_states)
         logits = self._logits(moe.routing.scores, hidden_states)
         self.logits_tap(logits)
@@ -177,7 +182,7 @@ class HFMoEBlock(nn.Module):
             return out, moe.routing.weights.to(out.dtype)
         if self.family.returns == "flat_and_logits":
             return out.reshape(-1, out.shape[-1]), logits
-        return out
+        return (out.flatten(), logits.flatten()) if flat else out
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
