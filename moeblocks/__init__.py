@@ -45,6 +45,7 @@ from moeblocks.losses import ZLoss as ZLoss
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
+from moeblocks.routers import ProductKeyScorer as ProductKeyScorer
 from moeblocks.routers import Router as Router
 from moeblocks.routers import RouterProtocol as RouterProtocol
 from moeblocks.routers import Scorer as Scorer
@@ -87,6 +88,7 @@ __all__ = [
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
+    "ProductKeyScorer",
     "Router",
     "RouterProtocol",
     "Routing",

@@ -40,6 +40,7 @@ __all__ = [
     "CosineScorer",
     "InspectableRouter",
     "LinearScorer",
+    "ProductKeyScorer",
     "Router",
     "RouterProtocol",
     "Scorer",
@@ -609,3 +610,65 @@ class Router(nn.Module):
             f"scoring={self.scoring!r}, selection={self.selection}, weights={self.weights}, "
             f"noise_std={self.noise_std}, jitter={self.jitter}"
         )
+
+
+_PAIRINGS = ("token", "batch")
+
+
+class ProductKeyScorer(nn.Module):
+    """Product-key scores over ``n²`` experts from ``2n`` key logits (Lample et al. 2019).
+
+    A linear map gives each token ``2n`` key logits, two halves ``a`` and ``b`` of ``n``;
+    expert ``e = i·n + j`` scores ``a_i + b_j``, so E = n² experts cost 2n dot products
+    (Doge's many tiny experts). With ``pairing="token"`` the halves are a token's own.
+    With ``pairing="batch"`` the batch's ``[T, 2n]`` key logits are read as ``[2, T, n]``
+    (halves ``a = keys[0]``, ``b = keys[1]``), as Doge computes them: token t then gets
+    key logits of tokens ⌊t/2⌋ and ⌊(T+t)/2⌋, so its score depends on the batch
+    (kept so that Doge's checkpoints route as they were trained).
+
+    Args:
+        dim: Token dimension D.
+        num_keys: Keys per half, n; there are n² experts.
+        pairing: ``"token"`` or ``"batch"`` (see above).
+    """
+
+    def __init__(self, dim: int, num_keys: int, pairing: str = "token") -> None:
+        super().__init__()
+        self.dim = _check_positive_int("dim", dim)
+        self.num_keys = _check_positive_int("num_keys", num_keys)
+        if pairing not in _PAIRINGS:
+            raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
+        self.pairing = pairing
+        self.num_experts = num_keys * num_keys
+        self.weight_KD = nn.Parameter(torch.empty(2 * num_keys, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform key weights (``nn.Linear``'s default), in place."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight_KD, a=math.sqrt(5))
+
+    @property
+    def compute_dtype(self) -> str:
+        """The key logits are computed in the tokens' dtype."""
+        return "input"
+
+    def key_logits(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T K2"]:
+        """The ``[T, 2n]`` key logits, in the tokens' dtype."""
+        check_tokens(tokens, self.dim)
+        return F.linear(tokens, self.weight_KD.to(tokens.dtype))
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """``scores[t, i·n + j] = a_i + b_j``; float32 results, or float64 for float64 tokens."""
+        keys = self.key_logits(tokens)
+        T, n = keys.shape[0], self.num_keys
+        if self.pairing == "token":
+            a_Tn, b_Tn = keys[:, :n], keys[:, n:]
+        else:
+            a_Tn, b_Tn = keys.reshape(2, T, n).unbind(0)
+        scores_TE = (a_Tn.unsqueeze(-1) + b_Tn.unsqueeze(-2)).reshape(T, n * n)
+        return scores_TE.to(torch.promote_types(scores_TE.dtype, torch.float32))
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"dim={self.dim}, num_keys={self.num_keys}, pairing={self.pairing!r}"

@@ -480,6 +480,12 @@ WHOLE = {
         "HunYuanMoEV1ForCausalLM",
         {"intermediate_size": F, "num_experts": 4, "moe_topk": 2, "head_dim": 8},
     ),
+    # j27e: the block itself is the recorded module, its logits are [2, T, n] key logits.
+    "doge": (
+        "DogeConfig",
+        "DogeForCausalLM",
+        {"intermediate_size": F, "is_moe": True, "num_experts": 16, "num_experts_per_tok": 4},
+    ),
 }
 
 

@@ -1,7 +1,9 @@
 """Family rows whose HF blocks the ``Spec`` form of ``test_hf_families.py`` cannot drive.
 
 DBRX's router returns bare logits under ``router.layer`` (no ``(logits, weights,
-experts)`` tuple, no ``weight`` on the router). PhiMoE's SparseMixer samples in training
+experts)`` tuple, no ``weight`` on the router). Doge's block holds its experts and
+dense MLP itself, scores product keys paired across the batch and returns its key
+logits. PhiMoE's SparseMixer samples in training
 mode: HF's block and the layer run under the same torch seed, and moeblocks'
 :class:`~moeblocks.gating.SparseMixer` draws the same numbers in the same order, so
 training mode is compared exactly too. Each family here gets the same checks as
@@ -51,6 +53,17 @@ def _phimoe_route(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
     return logits, experts
 
 
+def _doge_route(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    # HF's own steps: key logits viewed [2, T, n] across the batch, all n² sums, top-k.
+    T, n = tokens.shape[0], block.num_keys
+    keys = block.router_gate(tokens[None]).view(2, T, -1)
+    (a, b), (ia, ib) = keys.topk(n, dim=-1)
+    sums = (a.unsqueeze(-1) + b.unsqueeze(-2)).view(T, -1)
+    ids = (ia.unsqueeze(-1) * n + ib.unsqueeze(-2)).view(T, -1)
+    experts = ids.gather(-1, sums.topk(block.top_k, dim=-1).indices)
+    return torch.empty_like(sums).scatter_(1, ids, sums), experts
+
+
 CASES = {
     "dbrx": Case(
         "dbrx",
@@ -83,6 +96,23 @@ CASES = {
         _phimoe_route,
         lambda block: block.router.weight,
         seeded=True,
+    ),
+    "doge": Case(
+        "doge",
+        lambda: transformers.DogeConfig(
+            hidden_size=D,
+            intermediate_size=F,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            is_moe=True,
+            num_experts=16,  # 4 keys per half
+            num_experts_per_tok=4,
+            # True makes HF's block divide its softmax output in place, which breaks
+            # its own backward pass (transformers 5.25); False is the released default.
+            norm_topk_prob=False,
+        ),
+        _doge_route,
+        lambda block: block.router_gate.weight,
     ),
 }
 NAMES = sorted(CASES)

@@ -22,6 +22,7 @@ from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.layouts import (
     AFMOE,
     BLOCK_BIAS_SIGMOID,
+    BLOCK_MLP,
     COHERE2,
     COHERE2_SHARED,
     CONCAT,
@@ -30,6 +31,7 @@ from moeblocks.hf.layouts import (
     DBRX,
     DEEPSEEK,
     DEEPSEEK_V2,
+    DOGE,
     ERNIE,
     GATED_SHARED_EXPERT,
     GPT_OSS,
@@ -44,6 +46,7 @@ from moeblocks.hf.layouts import (
     OPTIONAL_SHARED_EXPERTS,
     PER_EXPERT,
     PHIMOE,
+    RANK_ONE,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -96,10 +99,13 @@ class Family:
             ``[T, K]`` combine weights) or ``"flat_and_logits"`` (Llama-4: the output
             flattened to ``[T, D]`` and the ``[T, E]`` router logits) or
             ``"flat_and_flat_logits"`` (ERNIE-4.5-VL's modality blocks: both flattened
-            to one dim, the input possibly so too).
+            to one dim, the input possibly so too) or ``"tensor_and_key_logits"`` (Doge:
+            the output and the ``[2, T, n]`` key logits of its product-key router).
         logits_index: Index of the router logits in the router module's output tuple.
         batched_logits: Whether the router returns logits in the input's leading shape
             (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
+        experts_attr: Attribute of the block that holds the routed experts (``""``: the
+            block itself, as Doge's ``down_embed`` / ``up_embed``).
     """
 
     name: str
@@ -112,15 +118,25 @@ class Family:
     returns: str = "tensor"
     logits_index: int = 0
     batched_logits: bool = False
+    experts_attr: str = "experts"
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
-        return compose(block, self.router_attr, self.router, self.bank, self.shared, dispatcher)
+        return compose(
+            block,
+            self.router_attr,
+            self.router,
+            self.bank,
+            self.shared,
+            dispatcher,
+            experts_attr=self.experts_attr,
+        )
 
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
         self.router.write(layer.router, getattr(block, self.router_attr), block)
-        self.bank.write(layer.experts, block.experts)
+        experts = getattr(block, self.experts_attr) if self.experts_attr else block
+        self.bank.write(layer.experts, experts)
         self.shared.write(layer.shared, block)
 
 
@@ -341,6 +357,18 @@ FAMILIES: tuple[Family, ...] = (
         "phimoe", "PhimoeSparseMoeBlock", "PhimoeTopKRouter", PHIMOE, CONCAT, router_attr="router"
     ),
     Family(
+        "doge",
+        "DogeCDMoE",
+        "DogeCDMoE",  # transformers records the block's own output (index 1)
+        DOGE,
+        RANK_ONE,
+        BLOCK_MLP,
+        router_attr="router_gate",
+        returns="tensor_and_key_logits",
+        logits_index=1,
+        experts_attr="",
+    ),
+    Family(
         "ernie4_5_vl_moe",
         "Ernie4_5_VLMoeSparseMoeBlock",
         "Ernie4_5_VLMoeMoeTopKRouter",
@@ -445,7 +473,6 @@ REFUSED: tuple[Refusal, ...] = (
         _needs("attention-head experts (a mixture of attention heads)"),
     ),
     Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
-    Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
     Refusal(
         "laguna",
         "LagunaSparseMoeBlock",
@@ -506,6 +533,8 @@ REFUSED: tuple[Refusal, ...] = (
 
 def family_of(block: nn.Module) -> Family | None:
     """The :class:`Family` of an HF sparse-MoE block (by its class or a base class), or None."""
+    if getattr(block, "is_logits_tap", False):  # a swap's tap may derive from a block class
+        return None
     for cls in type(block).__mro__:
         if cls.__name__ in _BY_CLASS:
             return _BY_CLASS[cls.__name__]

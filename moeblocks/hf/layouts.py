@@ -35,7 +35,7 @@ from moeblocks.capacity import Capacity
 from moeblocks.experts import MLPExperts, SwiGLUExperts
 from moeblocks.gating import GroupLimitedTopK, Selection, SparseMixer, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
-from moeblocks.routers import LinearScorer, Router
+from moeblocks.routers import LinearScorer, ProductKeyScorer, Router
 from moeblocks.shared import SharedExperts
 
 __all__ = [
@@ -824,13 +824,19 @@ def compose(
     bank: BankLayout,
     shared: SharedForm,
     dispatcher: object,
+    *,
+    experts_attr: str = "experts",
 ) -> MoELayer:
-    """The :class:`~moeblocks.MoELayer` of one table row, with the block's weights."""
+    """The :class:`~moeblocks.MoELayer` of one table row, with the block's weights.
+
+    ``experts_attr``: the block's attribute holding the routed experts (``""``: the
+    block itself holds them, as Doge's).
+    """
     router, capacity = form.read(getattr(block, router_attr), block)
     return MoELayer(
         router,
         dispatcher,
-        bank.read(block.experts),
+        bank.read(getattr(block, experts_attr) if experts_attr else block),
         shared=shared.read(block),
         capacity=capacity,
         weight_inputs=form.weight_inputs,
@@ -975,3 +981,78 @@ PHIMOE = RouterForm(
     _phimoe_read,
     _write_weight,
 )
+
+
+# Doge: product keys over many rank-1 experts, and a dense MLP on the block itself.
+
+
+def _doge_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Doge: product-key scores (halves paired across the batch, as HF), softmax over the k."""
+    n = int(block.num_keys)
+    if block.num_experts != n * n:
+        raise ValueError(
+            f"a {type(block).__name__} with num_experts={block.num_experts} routes to the "
+            f"first {n * n} (num_keys²) only; only a square number of experts converts"
+        )
+    scorer = ProductKeyScorer(gate.weight.shape[1], n, pairing="batch")
+    _like(scorer, gate.weight)
+    copy_into(scorer.weight_KD, gate.weight)
+    router = Router(
+        scorer,
+        block.top_k,
+        scoring="softmax_topk",
+        # The softmax over the k already sums to 1; HF divides by that sum once more.
+        weights=WeightPolicy("always" if block.norm_topk_prob else "never"),
+    )
+    return router, None
+
+
+def _doge_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    copy_into(gate.weight, router.get_parameter("scorer.weight_KD"))
+
+
+DOGE = RouterForm(
+    "product keys of `router_gate` (halves paired across the batch), top-k, softmax over the k",
+    _doge_read,
+    _doge_write,
+)
+
+
+def _rank_one_read(block: nn.Module) -> MLPExperts:
+    down, up = block.down_embed.weight, block.up_embed.weight
+    E, D = down.shape
+    bank = MLPExperts(E, D, 1, activation=activation_name(block.act_fn))
+    _like(bank, down)
+    copy_into(bank.w_in_EDF, down.unsqueeze(-1))
+    copy_into(bank.w_out_EFD, up.unsqueeze(1))
+    return bank
+
+
+def _rank_one_write(bank: nn.Module, block: nn.Module) -> None:
+    _check_bank(bank, MLPExperts, False, block)
+    copy_into(block.down_embed.weight, bank.w_in_EDF.squeeze(-1))
+    copy_into(block.up_embed.weight, bank.w_out_EFD.squeeze(1))
+
+
+RANK_ONE = BankLayout(
+    "rank-1 experts `act(x·down_e)·up_e` (`down_embed`, `up_embed` on the block)",
+    _rank_one_read,
+    _rank_one_write,
+)
+
+
+def _block_mlp_read(block: nn.Module) -> SharedExperts:
+    return SharedExperts(_dense_glu(block))
+
+
+def _block_mlp_write(shared: SharedExperts | None, block: nn.Module) -> None:
+    _dense_glu_back(shared, block)
+
+
+BLOCK_MLP = SharedForm(
+    "ungated MLP on the block itself (`gate_proj`, `up_proj`, `down_proj`)",
+    _block_mlp_read,
+    _block_mlp_write,
+)
+
+__all__ += ["BLOCK_MLP", "DOGE", "RANK_ONE"]
