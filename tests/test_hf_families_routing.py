@@ -217,7 +217,7 @@ def test_family_round_trip_is_bitwise(name: str) -> None:
 def test_ernie_vl_modality_split_keeps_its_outputs_when_swapped() -> None:
     # HF's Ernie4_5_VLMoeMoeBlock sends text tokens to one converted block and vision
     # tokens to the other, flattened to 1-D; the swapped adapters must take and return that.
-    from moeblocks.hf import swap_moe_blocks, unswap_moe_blocks
+    from moeblocks.hf import capture_routing, swap_moe_blocks, unswap_moe_blocks
 
     module = importlib.import_module("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
     config = transformers.Ernie4_5_VLMoeTextConfig(
@@ -237,9 +237,17 @@ def test_ernie_vl_modality_split_keeps_its_outputs_when_swapped() -> None:
     x = torch.randn(2, 5, D, generator=g)
     types = torch.tensor([[0, 0, 1, 1, 0], [2, 0, 0, 1, 0]])
     with torch.no_grad():
-        before = [outer(x, types), outer(x)]  # mixed modalities, then text only
+        with capture_routing(outer) as rec_hf:
+            before = [outer(x, types), outer(x)]  # mixed modalities, then text only
         assert swap_moe_blocks(outer) == 2
-        after = [outer(x, types), outer(x)]
+        with capture_routing(outer) as rec_mb:
+            after = [outer(x, types), outer(x)]
+    # Text tokens, then vision tokens, then all tokens (text only) through text_moe.
+    assert [len(r) for r in rec_hf.routings.values()] == [2, 1]
+    for name, records in rec_hf.routings.items():
+        for hf, mb in zip(records, rec_mb.routings[name], strict=True):
+            assert hf.batch_shape == mb.batch_shape
+            assert torch.equal(hf.experts, mb.experts)
     for (out_a, logits_a), (out_b, logits_b) in zip(after, before, strict=True):
         # The same blocks, the K expert outputs summed in another order: float32
         # rounding, measured as the family tests do (relative to the output's norm).

@@ -182,7 +182,7 @@ class HFMoEBlock(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Run the layer; return what the replaced HF block returns (see the class doc)."""
         flat = self.family.returns == "flat_and_flat_logits"
-        if flat:  # ERNIE-4.5-VL hands its modality blocks their tokens flattened to 1-D
+        if flat and hidden_states.ndim == 1:  # ERNIE-4.5-VL's split flattens the tokens
             hidden_states = hidden_states.reshape(-1, self.layer.dim)
         moe = self.layer(hidden_states)
         if self.family.returns == "tensor_and_key_logits":
