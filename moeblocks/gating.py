@@ -519,7 +519,8 @@ class SparseMixer:
     reproduces it: per slot, an exponential sample ``[T, E]`` and a uniform ``[T, 1]``
     (drawn twice from the second slot on, the first draw discarded, as published).
 
-    Pair it with ``scoring="softmax_topk"``: it reads the selection key as the logits.
+    Pair it with ``scoring="softmax_topk"`` and no balancer: it reads the selection key
+    as the logits, and its gates come from them (the router refuses anything else).
 
     Args:
         eps: The candidate margin (``router_jitter_noise`` of PhiMoE), finite, >= 0.

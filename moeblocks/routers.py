@@ -310,6 +310,23 @@ class InspectableRouter(RouterProtocol, Protocol):
         ...
 
 
+def _check_gated(selection: object, scoring: str, balancer: object) -> None:
+    """A selection that gives its own gates reads the key as logits, unbiased."""
+    if not isinstance(selection, GatedSelection):
+        return
+    logit_keyed = ("softmax_topk", "sigmoid_logits")
+    if scoring not in logit_keyed:
+        raise ValueError(
+            f"selection {type(selection).__name__} reads the selection key as logits: "
+            f"use scoring in {logit_keyed}, got {scoring!r}"
+        )
+    if balancer is not None:
+        raise ValueError(
+            f"selection {type(selection).__name__} computes its gates from the key, so a "
+            "selection-only bias (balancer) would change the gates: give no balancer"
+        )
+
+
 def _schedule(schedule: KSchedule | int | None, k: int | None) -> KSchedule:
     """The router's schedule from ``schedule=`` or its spelling ``k=`` (default k = 1)."""
     if k is not None and schedule is not None:
@@ -395,12 +412,7 @@ class Router(nn.Module):
                 f"for a dynamic k), got {type(selection).__name__}"
             )
         selection.check(scorer.num_experts, schedule.max_k)
-        logit_keyed = ("softmax_topk", "sigmoid_logits")
-        if isinstance(selection, GatedSelection) and scoring not in logit_keyed:
-            raise ValueError(
-                f"selection {type(selection).__name__} reads the selection key as logits: "
-                f"use scoring in {logit_keyed}, got {scoring!r}"
-            )
+        _check_gated(selection, scoring, balancer)
         weights = WeightPolicy() if weights is None else weights
         if not isinstance(weights, WeightPolicy):
             raise TypeError(f"weights must be a WeightPolicy, got {type(weights).__name__}")

@@ -131,6 +131,14 @@ def test_the_router_takes_the_selections_gates() -> None:
 def test_the_router_refuses_a_probability_key() -> None:
     with pytest.raises(ValueError, match="reads the selection key as logits"):
         mb.Router(mb.LinearScorer(4, 6), 2, selection=SparseMixer())
+    with pytest.raises(ValueError, match="would change the gates"):
+        mb.Router(
+            mb.LinearScorer(4, 6),
+            2,
+            scoring="softmax_topk",
+            selection=SparseMixer(),
+            balancer=mb.BiasBalancer(6),
+        )
 
 
 @pytest.mark.parametrize("eps", [-0.1, math.inf, math.nan])
