@@ -22,8 +22,10 @@ from moeblocks.experts import MLPExperts as MLPExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
+from moeblocks.gating import GatedSelection as GatedSelection
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
 from moeblocks.gating import Selection as Selection
+from moeblocks.gating import SparseMixer as SparseMixer
 from moeblocks.gating import TopK as TopK
 from moeblocks.gating import TopP as TopP
 from moeblocks.gating import WeightPolicy as WeightPolicy
@@ -43,6 +45,7 @@ from moeblocks.losses import ZLoss as ZLoss
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
+from moeblocks.routers import ProductKeyScorer as ProductKeyScorer
 from moeblocks.routers import Router as Router
 from moeblocks.routers import RouterProtocol as RouterProtocol
 from moeblocks.routers import Scorer as Scorer
@@ -75,6 +78,7 @@ __all__ = [
     "ExpertInit",
     "GELUExperts",
     "GatedActivation",
+    "GatedSelection",
     "GroupLimitedTopK",
     "InspectableRouter",
     "KSchedule",
@@ -84,6 +88,7 @@ __all__ = [
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
+    "ProductKeyScorer",
     "Router",
     "RouterProtocol",
     "Routing",
@@ -91,6 +96,7 @@ __all__ = [
     "Selection",
     "SequenceBalanceLoss",
     "SharedExperts",
+    "SparseMixer",
     "StepK",
     "SwiGLUExperts",
     "TensorMoE",

@@ -49,9 +49,11 @@ __all__ = [
     "SCORINGS",
     "DynamicSelection",
     "ExpertChoice",
+    "GatedSelection",
     "GroupLimitedTopK",
     "Selection",
     "SoftCappedScorer",
+    "SparseMixer",
     "TopK",
     "TopP",
     "WeightPolicy",
@@ -354,8 +356,9 @@ _RENORMALIZE = ("always", "k>1", "never")
 class WeightPolicy:
     """How the gates of the chosen experts become combine weights.
 
-    ``weights = scale · gates / (Σ_j gates_j + eps)`` when renormalising, else
-    ``scale · gates``.
+    ``weights = scale · gates / max(Σ_j gates_j + eps, min_sum)`` when renormalising,
+    else ``scale · gates``. With ``p`` other than 1 the sum becomes the p-norm
+    ``(Σ_j gates_j^p)^(1/p)`` (the gates are non-negative).
 
     Args:
         renormalize: ``"always"`` (Mixtral, and DeepSeek-V3 / Qwen with
@@ -366,11 +369,17 @@ class WeightPolicy:
         scale: Routed scaling factor applied after renormalising (DeepSeek-V3's
             ``routed_scaling_factor``, 2.5 there).
         eps: Added to the denominator (DeepSeek-V3 uses 1e-20).
+        p: Renormalise by the p-norm of the gates instead of their sum (DBRX's
+            ``moe_normalize_expert_weights``); finite, > 0. 1 is the sum.
+        min_sum: Floor of the denominator (ERNIE-4.5's ``moe_norm_min``): a token whose
+            gates sum to less keeps them divided by ``min_sum``; finite, >= 0.
     """
 
     renormalize: str = "k>1"
     scale: float = 1.0
     eps: float = 0.0
+    p: float = 1.0
+    min_sum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.renormalize not in _RENORMALIZE:
@@ -379,6 +388,12 @@ class WeightPolicy:
             raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if not (isinstance(self.p, (int, float)) and math.isfinite(self.p) and self.p > 0):
+            raise ValueError(f"p must be a finite number > 0, got {self.p!r}")
+        if not (isinstance(self.min_sum, (int, float)) and math.isfinite(self.min_sum)):
+            raise ValueError(f"min_sum must be a finite number >= 0, got {self.min_sum!r}")
+        if self.min_sum < 0:
+            raise ValueError(f"min_sum must be a finite number >= 0, got {self.min_sum!r}")
 
     def __call__(
         self, gates: Float[Tensor, "T K"], slots: Bool[Tensor, "T K"] | None = None
@@ -393,8 +408,17 @@ class WeightPolicy:
         if slots is not None:
             gates = self._renormalise_real(gates.masked_fill(~slots, 0), slots)
         elif self.renormalize == "always" or (self.renormalize == "k>1" and K > 1):
-            gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)
+            gates = gates / self._denominator(gates)
         return gates * self.scale if self.scale != 1.0 else gates
+
+    def _denominator(self, gates: Float[Tensor, "T K"]) -> Float[Tensor, "T 1"]:
+        """``max(Σ gates + eps, min_sum)``, with the p-norm for the sum when p != 1."""
+        if self.p == 1.0:
+            total_T1 = gates.sum(dim=-1, keepdim=True)
+        else:
+            total_T1 = torch.linalg.vector_norm(gates, ord=self.p, dim=-1, keepdim=True)
+        total_T1 = total_T1 + self.eps
+        return total_T1.clamp(min=self.min_sum) if self.min_sum > 0 else total_T1
 
     def _renormalise_real(
         self, gates: Float[Tensor, "T K"], slots: Bool[Tensor, "T K"]
@@ -403,7 +427,7 @@ class WeightPolicy:
             return gates
         # +1 where a token has no real slot: 0 / 1, not 0 / 0 (and no NaN gradient).
         empty_T1 = ~slots.any(dim=-1, keepdim=True)
-        normed = gates / (gates.sum(dim=-1, keepdim=True) + self.eps + empty_T1)
+        normed = gates / (self._denominator(gates) + empty_T1)
         if self.renormalize == "always":
             return normed
         return torch.where(slots.sum(-1, keepdim=True) > 1, normed, gates)
@@ -458,3 +482,101 @@ class SoftCappedScorer(nn.Module):
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"cap={self.cap}, dtype={self.dtype}"
+
+
+@runtime_checkable
+class GatedSelection(Protocol):
+    """A selection that gives the gates of its choice too (their rule is its own).
+
+    :class:`~moeblocks.Router` calls :meth:`choose` instead of the scoring function's
+    gates, with the selection key (the logits, for ``"softmax_topk"`` scoring) and its
+    own training flag.
+    """
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """Raise ``ValueError`` when this selection cannot serve E experts and k up to max_k."""
+        ...
+
+    def choose(
+        self, key: Float[Tensor, "T E"], k: int, training: bool
+    ) -> tuple[Int[Tensor, "T K"], Float[Tensor, "T K"]]:
+        """The chosen experts, in slot order, and their gates."""
+        ...
+
+
+@dataclass(frozen=True)
+class SparseMixer:
+    """SparseMixer-v2 (PhiMoE; Liu et al. 2024, GRIN): one expert per slot, masked softmax.
+
+    Slot by slot, over the logits ``s`` of the experts not chosen yet, with ``m`` their
+    maximum: expert ``e`` stays a candidate when ``(m − s_e) / max(|s_e|, m) ≤ 2·eps``.
+    The gate of the slot is the softmax over the candidates at the chosen expert. In eval
+    mode the chosen expert is the best one (``m``'s); in training mode it is sampled from
+    that softmax (Gumbel-max), the gate is multiplied by 1 when the sample is the best
+    candidate or with probability 1/4, else by 1/3 (``0.3333``), and the gradient is
+    that of the unscaled gate (Heun's third-order estimate, as in the published code).
+    The random draws follow the published code in order and shape, so a seeded run
+    reproduces it: per slot, an exponential sample ``[T, E]`` and a uniform ``[T, 1]``
+    (drawn twice from the second slot on, the first draw discarded, as published).
+
+    Pair it with ``scoring="softmax_topk"`` and no balancer: it reads the selection key
+    as the logits, and its gates come from them (the router refuses anything else).
+
+    Args:
+        eps: The candidate margin (``router_jitter_noise`` of PhiMoE), finite, >= 0.
+    """
+
+    eps: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """Any k in [1, E] works."""
+        if max_k > num_experts:
+            raise ValueError(f"k reaches {max_k} but there are only {num_experts} experts")
+
+    def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
+        """The eval-mode choice alone (the :class:`Selection` protocol)."""
+        return self.choose(key, k, training=False)[0]
+
+    def choose(
+        self, key: Float[Tensor, "T E"], k: int, training: bool
+    ) -> tuple[Int[Tensor, "T K"], Float[Tensor, "T K"]]:
+        """Experts and gates, slot by slot (see the class doc)."""
+        check_float(key, "key", 2)
+        _check_k(k, key.shape[1])
+        experts, gates_ = [], []
+        remaining_TE = key
+        for slot in range(k):
+            expert_T1, gate_T1 = self._slot(key, remaining_TE, slot, training)
+            experts.append(expert_T1)
+            gates_.append(gate_T1)
+            remaining_TE = remaining_TE.scatter(-1, expert_T1, -math.inf)
+        return torch.cat(experts, dim=-1), torch.cat(gates_, dim=-1)
+
+    def _slot(
+        self, logits_TE: Tensor, remaining_TE: Tensor, slot: int, training: bool
+    ) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            top_T1, best_T1 = remaining_TE.max(dim=-1, keepdim=True)
+            factor_TE = logits_TE.abs().clamp(min=top_T1)
+            dropped_TE = ((top_T1 - logits_TE) / factor_TE) > 2 * self.eps
+        masked_TE = remaining_TE.masked_fill(dropped_TE, -math.inf)
+        if training:
+            gumbel_TE = -torch.empty_like(masked_TE).exponential_().log()
+            best_T1 = (masked_TE + gumbel_TE).max(dim=-1)[1].unsqueeze(-1)
+        probs_TE = torch.softmax(masked_TE, dim=-1)
+        gate_T1 = probs_TE.gather(-1, best_T1)
+        if not training:
+            return best_T1, gate_T1
+        top_index_T1 = probs_TE.max(dim=-1, keepdim=True)[1]
+        uniform_T1 = torch.rand_like(gate_T1)
+        if slot > 0:
+            uniform_T1 = uniform_T1.uniform_()  # a second draw, as published
+        kept_T1 = torch.logical_or(best_T1 == top_index_T1, uniform_T1 > 0.75)
+        # 1 -> 1.0, 0 -> 0.3333, computed as the published code does (bit for bit).
+        factor_T1 = torch.add(0.3333, kept_T1, alpha=0.6667).type_as(probs_TE)
+        # The value is gate · factor; the gradient is the unscaled gate's.
+        return best_T1, gate_T1.detach() * factor_T1 + (gate_T1 - gate_T1.detach())

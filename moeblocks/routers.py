@@ -24,6 +24,7 @@ from moeblocks._checks import check_float, check_tokens
 from moeblocks.balancing import BiasBalancer
 from moeblocks.gating import (
     DynamicSelection,
+    GatedSelection,
     Selection,
     TopK,
     WeightPolicy,
@@ -39,6 +40,7 @@ __all__ = [
     "CosineScorer",
     "InspectableRouter",
     "LinearScorer",
+    "ProductKeyScorer",
     "Router",
     "RouterProtocol",
     "Scorer",
@@ -308,6 +310,23 @@ class InspectableRouter(RouterProtocol, Protocol):
         ...
 
 
+def _check_gated(selection: object, scoring: str, balancer: object) -> None:
+    """A selection that gives its own gates reads the key as logits, unbiased."""
+    if not isinstance(selection, GatedSelection):
+        return
+    logit_keyed = ("softmax_topk", "sigmoid_logits")
+    if scoring not in logit_keyed:
+        raise ValueError(
+            f"selection {type(selection).__name__} reads the selection key as logits: "
+            f"use scoring in {logit_keyed}, got {scoring!r}"
+        )
+    if balancer is not None:
+        raise ValueError(
+            f"selection {type(selection).__name__} computes its gates from the key, so a "
+            "selection-only bias (balancer) would change the gates: give no balancer"
+        )
+
+
 def _schedule(schedule: KSchedule | int | None, k: int | None) -> KSchedule:
     """The router's schedule from ``schedule=`` or its spelling ``k=`` (default k = 1)."""
     if k is not None and schedule is not None:
@@ -341,7 +360,9 @@ class Router(nn.Module):
         selection: :class:`~moeblocks.gating.TopK` (default) or
             :class:`~moeblocks.gating.GroupLimitedTopK`; or a dynamic k
             (:class:`~moeblocks.gating.TopP`, :class:`~moeblocks.gating.ExpertChoice`),
-            whose record marks its real slots in ``Routing.slots``.
+            whose record marks its real slots in ``Routing.slots``; or a selection that
+            gives its own gates (:class:`~moeblocks.gating.SparseMixer`, with
+            ``scoring="softmax_topk"``).
         weights: The :class:`~moeblocks.gating.WeightPolicy` (default: renormalise for
             k > 1, no scaling).
         balancer: A :class:`~moeblocks.balancing.BiasBalancer` whose bias is added to
@@ -391,6 +412,7 @@ class Router(nn.Module):
                 f"for a dynamic k), got {type(selection).__name__}"
             )
         selection.check(scorer.num_experts, schedule.max_k)
+        _check_gated(selection, scoring, balancer)
         weights = WeightPolicy() if weights is None else weights
         if not isinstance(weights, WeightPolicy):
             raise TypeError(f"weights must be a WeightPolicy, got {type(weights).__name__}")
@@ -559,12 +581,15 @@ class Router(nn.Module):
         key_TE = selection_key(self.scoring, logits, probs_TE)
         if self.balancer is not None:
             key_TE = key_TE + self.balancer.bias.to(key_TE.dtype)
-        slots_TK = None
-        if isinstance(self.selection, DynamicSelection):
+        slots_TK = gates_TK = None
+        if isinstance(self.selection, GatedSelection):  # its gates are its own (SparseMixer)
+            experts_TK, gates_TK = self.selection.choose(key_TE, k, self.training)
+        elif isinstance(self.selection, DynamicSelection):
             experts_TK, slots_TK = self.selection.select(key_TE, k)
         else:
             experts_TK = self.selection(key_TE, k)
-        gates_TK = gates(self.scoring, logits, probs_TE, experts_TK)
+        if gates_TK is None:
+            gates_TK = gates(self.scoring, logits, probs_TE, experts_TK)
         weights_TK = self.weights(gates_TK, slots_TK)
         if self.balancer is not None and self.training:
             # Only real slots are load (a [N, 1] record: one sync, on the dynamic path).
@@ -597,3 +622,65 @@ class Router(nn.Module):
             f"scoring={self.scoring!r}, selection={self.selection}, weights={self.weights}, "
             f"noise_std={self.noise_std}, jitter={self.jitter}"
         )
+
+
+_PAIRINGS = ("token", "batch")
+
+
+class ProductKeyScorer(nn.Module):
+    """Product-key scores over ``n²`` experts from ``2n`` key logits (Lample et al. 2019).
+
+    A linear map gives each token ``2n`` key logits, two halves ``a`` and ``b`` of ``n``;
+    expert ``e = i·n + j`` scores ``a_i + b_j``, so E = n² experts cost 2n dot products
+    (Doge's many tiny experts). With ``pairing="token"`` the halves are a token's own.
+    With ``pairing="batch"`` the batch's ``[T, 2n]`` key logits are read as ``[2, T, n]``
+    (halves ``a = keys[0]``, ``b = keys[1]``), as Doge computes them: token t then gets
+    key logits of tokens ⌊t/2⌋ and ⌊(T+t)/2⌋, so its score depends on the batch
+    (kept so that Doge's checkpoints route as they were trained).
+
+    Args:
+        dim: Token dimension D.
+        num_keys: Keys per half, n; there are n² experts.
+        pairing: ``"token"`` or ``"batch"`` (see above).
+    """
+
+    def __init__(self, dim: int, num_keys: int, pairing: str = "token") -> None:
+        super().__init__()
+        self.dim = _check_positive_int("dim", dim)
+        self.num_keys = _check_positive_int("num_keys", num_keys)
+        if pairing not in _PAIRINGS:
+            raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
+        self.pairing = pairing
+        self.num_experts = num_keys * num_keys
+        self.weight_KD = nn.Parameter(torch.empty(2 * num_keys, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform key weights (``nn.Linear``'s default), in place."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight_KD, a=math.sqrt(5))
+
+    @property
+    def compute_dtype(self) -> str:
+        """The key logits are computed in the tokens' dtype."""
+        return "input"
+
+    def key_logits(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T K2"]:
+        """The ``[T, 2n]`` key logits, in the tokens' dtype."""
+        check_tokens(tokens, self.dim)
+        return F.linear(tokens, self.weight_KD.to(tokens.dtype))
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """``scores[t, i·n + j] = a_i + b_j``; float32 results, or float64 for float64 tokens."""
+        keys = self.key_logits(tokens)
+        T, n = keys.shape[0], self.num_keys
+        if self.pairing == "token":
+            a_Tn, b_Tn = keys[:, :n], keys[:, n:]
+        else:
+            a_Tn, b_Tn = keys.reshape(2, T, n).unbind(0)
+        scores_TE = (a_Tn.unsqueeze(-1) + b_Tn.unsqueeze(-2)).reshape(T, n * n)
+        return scores_TE.to(torch.promote_types(scores_TE.dtype, torch.float32))
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"dim={self.dim}, num_keys={self.num_keys}, pairing={self.pairing!r}"

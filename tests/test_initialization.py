@@ -55,6 +55,7 @@ def _layer(**router_kw: object) -> mb.MoELayer:
 BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "linear scorer": lambda: mb.LinearScorer(D, E),
     "linear scorer, bias, std": lambda: mb.LinearScorer(D, E, bias=True, init_std=0.02),
+    "product-key scorer": lambda: mb.ProductKeyScorer(D, 3, pairing="batch"),
     "cosine scorer, orthogonal": lambda: mb.CosineScorer(D, E, temperature=3.0),
     "cosine scorer, kaiming": lambda: mb.CosineScorer(D, E, init="kaiming"),
     "cosine scorer, batch": lambda: mb.CosineScorer(D, E, init="batch"),

@@ -25,6 +25,8 @@ _RETURNS = {
     "tensor": "output",
     "tensor_and_weights": "output, combine weights `[T, K]`",
     "flat_and_logits": "output `[T, D]`, router logits `[T, E]`",
+    "flat_and_flat_logits": "output `[T·D]`, router logits `[T·E]`",
+    "tensor_and_key_logits": "output, key logits `[2, T, n]`",
 }
 
 

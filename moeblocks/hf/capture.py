@@ -140,9 +140,13 @@ def _block_hook(
 ) -> Callable[..., None]:
     def hook(_module: nn.Module, args: tuple, kwargs: dict, _output: object) -> None:
         x = args[0] if args else kwargs["hidden_states"]
+        # ERNIE-4.5-VL hands its modality blocks their tokens flattened to 1-D.
+        batch = tuple(x.shape[:-1]) if x.shape[-1] == router.dim else (-1,)
         with torch.no_grad():
-            routing = router(x.detach().reshape(-1, x.shape[-1]))
-            routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
+            tokens = x.detach().reshape(-1, router.dim)
+            routing = router(tokens)
+            batch = (tokens.shape[0],) if batch == (-1,) else batch
+            routing = dataclasses.replace(routing, batch_shape=batch)
             if capacity is not None:  # Switch: dropped copies, as HF drops them
                 routing = capacity(routing)
         store.append(routing)

@@ -46,11 +46,13 @@ def from_hf(block: nn.Module, dispatcher: Dispatcher | None = None) -> MoELayer:
     The weights are copied (the HF block is left untouched), on the block's device and
     in its dtype. Outputs, routing and gradients match the block in eval mode; in
     training mode the jitter differs where the block perturbs the experts' input too
-    (Mixtral, and Switch whose in-place jitter reaches its experts in float32;
-    moeblocks' jitter only reaches the router). A converted DeepSeek-V3-style router
-    (DeepSeek-V3, GLM-4-MoE and the rows that share their router) keeps its selection bias in a
-    :class:`~moeblocks.balancing.BiasBalancer` with ``rate=0``; raise the rate to keep
-    balancing it while training.
+    (Mixtral, and Switch whose in-place jitter reaches its experts in float32; DBRX
+    and PhiMoE, whose in-place jitter reaches theirs; moeblocks' jitter only reaches
+    the router). PhiMoE's SparseMixer samples in training mode: under the same torch
+    seed the layer draws the same numbers and matches the block. A converted
+    DeepSeek-V3-style router (DeepSeek-V3, GLM-4-MoE and the rows that share their
+    router) keeps its selection bias in a :class:`~moeblocks.balancing.BiasBalancer`
+    with ``rate=0``; raise the rate to keep balancing it while training.
 
     Args:
         block: A sparse-MoE block of a supported family (see :data:`SUPPORTED`).

@@ -22,13 +22,17 @@ from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.layouts import (
     AFMOE,
     BLOCK_BIAS_SIGMOID,
+    BLOCK_MLP,
     COHERE2,
     COHERE2_SHARED,
     CONCAT,
     CONCAT_CLAMPED,
     CONCAT_CLAMPED_AFTER,
+    DBRX,
     DEEPSEEK,
     DEEPSEEK_V2,
+    DOGE,
+    ERNIE,
     GATED_SHARED_EXPERT,
     GPT_OSS,
     HY_V3,
@@ -39,8 +43,11 @@ from moeblocks.hf.layouts import (
     MISTRAL4,
     MISTRAL_LARGE4,
     NO_SHARED,
+    OPTIONAL_SHARED_EXPERTS,
     PER_EXPERT,
     PER_EXPERT_FC,
+    PHIMOE,
+    RANK_ONE,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -53,6 +60,7 @@ from moeblocks.hf.layouts import (
     SOFTMAX_RAW,
     SOFTMAX_TOPK,
     SOFTMAX_TOPK_MODEL_DTYPE,
+    SPLIT_ROWS,
     STACKED,
     SWITCH,
     TOP2_CAPACITY,
@@ -91,7 +99,10 @@ class Family:
         returns: What the block's forward returns: ``"tensor"`` (the output, same
             shape as the input), ``"tensor_and_weights"`` (GPT-OSS: the output and the
             ``[T, K]`` combine weights) or ``"flat_and_logits"`` (Llama-4: the output
-            flattened to ``[T, D]`` and the ``[T, E]`` router logits).
+            flattened to ``[T, D]`` and the ``[T, E]`` router logits) or
+            ``"flat_and_flat_logits"`` (ERNIE-4.5-VL's modality blocks: both flattened
+            to one dim, the input possibly so too) or ``"tensor_and_key_logits"`` (Doge:
+            the output and the ``[2, T, n]`` key logits of its product-key router).
         logits_index: Index of the router logits in the router module's output tuple.
         batched_logits: Whether the router returns logits in the input's leading shape
             (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
@@ -99,6 +110,8 @@ class Family:
             computes the published routing instead, and the tests compare it with a
             float64 reference of that routing rather than with the HF block.
         no_swap: Empty, or why :func:`~moeblocks.hf.swap_moe_blocks` refuses the class.
+        experts_attr: Attribute of the block that holds the routed experts (``""``: the
+            block itself, as Doge's ``down_embed`` / ``up_embed``).
     """
 
     name: str
@@ -113,15 +126,25 @@ class Family:
     batched_logits: bool = False
     hf_block_is_wrong: str = ""
     no_swap: str = ""
+    experts_attr: str = "experts"
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
-        return compose(block, self.router_attr, self.router, self.bank, self.shared, dispatcher)
+        return compose(
+            block,
+            self.router_attr,
+            self.router,
+            self.bank,
+            self.shared,
+            dispatcher,
+            experts_attr=self.experts_attr,
+        )
 
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
         self.router.write(layer.router, getattr(block, self.router_attr), block)
-        self.bank.write(layer.experts, block.experts)
+        experts = getattr(block, self.experts_attr) if self.experts_attr else block
+        self.bank.write(layer.experts, experts)
         self.shared.write(layer.shared, block)
 
 
@@ -348,6 +371,39 @@ FAMILIES: tuple[Family, ...] = (
             "routes padding to no expert), which the swap adapter does not take"
         ),
     ),
+    # j27e: exotic routing rules and split MoEs
+    Family(
+        "ernie4_5_moe",
+        "Ernie4_5_MoeSparseMoeBlock",
+        "Ernie4_5_MoeTopKRouter",
+        ERNIE,
+        CONCAT,
+        OPTIONAL_SHARED_EXPERTS,
+    ),
+    Family("dbrx", "DbrxFFN", "DbrxRouter", DBRX, SPLIT_ROWS, router_attr="router"),
+    Family(
+        "phimoe", "PhimoeSparseMoeBlock", "PhimoeTopKRouter", PHIMOE, CONCAT, router_attr="router"
+    ),
+    Family(
+        "doge",
+        "DogeCDMoE",
+        "DogeCDMoE",  # transformers records the block's own output (index 1)
+        DOGE,
+        RANK_ONE,
+        BLOCK_MLP,
+        router_attr="router_gate",
+        returns="tensor_and_key_logits",
+        logits_index=1,
+        experts_attr="",
+    ),
+    Family(
+        "ernie4_5_vl_moe",
+        "Ernie4_5_VLMoeSparseMoeBlock",
+        "Ernie4_5_VLMoeMoeTopKRouter",
+        ERNIE,
+        CONCAT,
+        returns="flat_and_flat_logits",
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -395,7 +451,6 @@ REFUSED: tuple[Refusal, ...] = (
         "BeamMoE",
         _needs("a GLU computed in float32 inside a float64 expert (HF upcasts, then rounds)"),
     ),
-    Refusal("dbrx", "DbrxFFN", _needs("DBRX's p-norm weight normalisation", "its expert layout")),
     Refusal(
         "deepseek_v4",
         "DeepseekV4SparseMoeBlock",
@@ -423,19 +478,6 @@ REFUSED: tuple[Refusal, ...] = (
         _needs("a per-expert output norm", "a norm on the shared output"),
     ),
     Refusal(
-        "ernie4_5_moe",
-        "Ernie4_5_MoeSparseMoeBlock",
-        _needs(
-            "a renormalisation floored at moe_norm_min (WeightPolicy adds eps)",
-            "reading the selection bias of its moe_statics",
-        ),
-    ),
-    Refusal(
-        "ernie4_5_vl_moe",
-        "Ernie4_5_VLMoeSparseMoeBlock",
-        _needs("tokens split between a text and a vision MoE"),
-    ),
-    Refusal(
         "gemma4",
         "Gemma4TextDecoderLayer",
         _needs(
@@ -459,7 +501,6 @@ REFUSED: tuple[Refusal, ...] = (
         _needs("attention-head experts (a mixture of attention heads)"),
     ),
     Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
-    Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
     Refusal(
         "laguna",
         "LagunaSparseMoeBlock",
@@ -496,7 +537,6 @@ REFUSED: tuple[Refusal, ...] = (
         "not converted yet: its block returns the combine weights divided by k (and "
         "multiplies the output by k), a return convention the swap adapter lacks",
     ),
-    Refusal("phimoe", "PhimoeSparseMoeBlock", _needs("PhiMoE's SparseMixer routing")),
     Refusal(
         "step3p7",
         "Step3p7SparseMoeBlock",
@@ -515,6 +555,8 @@ REFUSED: tuple[Refusal, ...] = (
 
 def family_of(block: nn.Module) -> Family | None:
     """The :class:`Family` of an HF sparse-MoE block (by its class or a base class), or None."""
+    if getattr(block, "is_logits_tap", False):  # a swap's tap may derive from a block class
+        return None
     for cls in type(block).__mro__:
         if cls.__name__ in _BY_CLASS:
             return _BY_CLASS[cls.__name__]

@@ -33,9 +33,9 @@ from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivatio
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
 from moeblocks.experts import MLPExperts, SwiGLUExperts
-from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
+from moeblocks.gating import GroupLimitedTopK, Selection, SparseMixer, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
-from moeblocks.routers import LinearScorer, Router
+from moeblocks.routers import LinearScorer, ProductKeyScorer, Router
 from moeblocks.shared import SharedExperts
 
 __all__ = [
@@ -826,13 +826,19 @@ def compose(
     bank: BankLayout,
     shared: SharedForm,
     dispatcher: object,
+    *,
+    experts_attr: str = "experts",
 ) -> MoELayer:
-    """The :class:`~moeblocks.MoELayer` of one table row, with the block's weights."""
+    """The :class:`~moeblocks.MoELayer` of one table row, with the block's weights.
+
+    ``experts_attr``: the block's attribute holding the routed experts (``""``: the
+    block itself holds them, as Doge's).
+    """
     router, capacity = form.read(getattr(block, router_attr), block)
     return MoELayer(
         router,
         dispatcher,
-        bank.read(block.experts),
+        bank.read(getattr(block, experts_attr) if experts_attr else block),
         shared=shared.read(block),
         capacity=capacity,
         weight_inputs=form.weight_inputs,
@@ -925,3 +931,218 @@ def _fc_write(bank: nn.Module, ex: nn.Module) -> None:
 
 
 PER_EXPERT_FC = BankLayout("per-expert `fc1`/`fc2` Linear, biases", _fc_read, _fc_write)
+
+
+# --- j27e: ERNIE-4.5, DBRX --------------------------------------------------------------
+
+__all__ += ["DBRX", "ERNIE", "OPTIONAL_SHARED_EXPERTS", "PHIMOE", "SPLIT_ROWS"]
+
+
+def _ernie_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """ERNIE-4.5: float32 softmax, top-k by probs + the bias of ``gate.moe_statics``.
+
+    The combine weights are the chosen probabilities over their sum floored at
+    ``moe_norm_min``.
+    """
+    stored = gate.moe_statics.e_score_correction_bias
+    balancer = BiasBalancer(gate.weight.shape[0], rate=0.0).to(stored.device)
+    copy_into(balancer.bias, stored.detach().float().reshape(-1))
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        weights=WeightPolicy("always", min_sum=float(gate.norm_min)),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _ernie_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
+    if router.balancer is None:
+        raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
+    stored = gate.moe_statics.e_score_correction_bias
+    copy_into(stored, router.balancer.bias.reshape(stored.shape))
+
+
+ERNIE = RouterForm(
+    "softmax (float32), top-k by probs + the bias of `moe_statics`, renormalised "
+    "with the sum floored at `moe_norm_min`",
+    _ernie_read,
+    _ernie_write,
+)
+
+
+def _optional_shared_read(block: nn.Module, attr: str) -> SharedExperts | None:
+    mlp = getattr(block, attr)
+    return None if mlp is None else SharedExperts(_dense_glu(mlp))
+
+
+def _optional_shared_write(shared: SharedExperts | None, block: nn.Module, attr: str) -> None:
+    if getattr(block, attr) is None:
+        _none_write(shared, block)
+    else:
+        _dense_glu_back(shared, getattr(block, attr))
+
+
+OPTIONAL_SHARED_EXPERTS = SharedForm(
+    "ungated `shared_experts` if any",
+    partial(_optional_shared_read, attr="shared_experts"),
+    partial(_optional_shared_write, attr="shared_experts"),
+)
+
+
+def _dbrx_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """DBRX: softmax in the model dtype, top-k, weights over their p-norm (if p is set)."""
+    p = block.moe_normalize_expert_weights
+    router = Router(
+        _linear_scorer(r.layer.weight, None, "input"),
+        block.top_k,
+        weights=WeightPolicy("never") if p is None else WeightPolicy("always", p=float(p)),
+        # HF's jitter also scales the experts' input (in place); this one reaches the router only.
+        jitter=float(r.moe_jitter_eps or 0.0),
+    )
+    return router, None
+
+
+def _dbrx_write(router: Router, r: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, r, False)
+    copy_into(r.layer.weight, router.gate_weight)
+
+
+DBRX = RouterForm(
+    "softmax of `layer`, top-k, weights over their p-norm (`moe_normalize_expert_weights`)",
+    _dbrx_read,
+    _dbrx_write,
+)
+
+
+def _split_rows(ex: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """DBRX's ``w1``, ``v1``, ``w2`` (each ``[E·F, D]``) as ``[E, F, D]`` views."""
+    mlp = ex.mlp
+    shape = (ex.num_experts, ex.ffn_hidden_size, ex.hidden_size)
+    return mlp.w1.view(shape), mlp.v1.view(shape), mlp.w2.view(shape)
+
+
+def _split_read(ex: nn.Module) -> SwiGLUExperts:
+    w1_EFD, v1_EFD, w2_EFD = _split_rows(ex)
+    E, F, D = w1_EFD.shape
+    bank = SwiGLUExperts(E, D, F, activation=GLU(activation_name(ex.mlp.activation_fn)))
+    _like(bank, w1_EFD)
+    copy_into(bank.w_in_EDF2, torch.cat([w1_EFD, v1_EFD], dim=1).transpose(1, 2))
+    copy_into(bank.w_out_EFD, w2_EFD)
+    return bank
+
+
+def _split_write(bank: nn.Module, ex: nn.Module) -> None:
+    _check_bank(bank, SwiGLUExperts, False, ex)
+    w1_EFD, v1_EFD, w2_EFD = _split_rows(ex)
+    F = bank.hidden
+    copy_into(w1_EFD, bank.w_in_EDF2[..., :F].transpose(1, 2))
+    copy_into(v1_EFD, bank.w_in_EDF2[..., F:].transpose(1, 2))
+    copy_into(w2_EFD, bank.w_out_EFD)
+
+
+SPLIT_ROWS = BankLayout(
+    "gate, up and down as `[E·F, D]` rows (`mlp.w1`, `v1`, `w2`)", _split_read, _split_write
+)
+
+
+def _phimoe_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """PhiMoE: SparseMixer-v2 on the logits of the router (an ``nn.Linear`` itself).
+
+    HF's sparsemixer picks two experts whatever ``top_k`` says, so k is 2 here too.
+    """
+    router = Router(
+        _linear_scorer(r.weight, None, "input"),
+        2,
+        scoring="softmax_topk",
+        selection=SparseMixer(float(r.router_jitter_noise)),
+        weights=WeightPolicy("never"),
+        # HF's jitter scales the experts' input too (in place, twice); this one reaches
+        # the router only.
+        jitter=float(r.input_jitter_noise),
+    )
+    return router, None
+
+
+PHIMOE = RouterForm(
+    "SparseMixer-v2 (top-2, masked softmax per slot; sampled in training)",
+    _phimoe_read,
+    _write_weight,
+)
+
+
+# Doge: product keys over many rank-1 experts, and a dense MLP on the block itself.
+
+
+def _doge_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Doge: product-key scores (halves paired across the batch, as HF), softmax over the k."""
+    n = int(block.num_keys)
+    if block.num_experts != n * n:
+        raise ValueError(
+            f"a {type(block).__name__} with num_experts={block.num_experts} routes to the "
+            f"first {n * n} (num_keys²) only; only a square number of experts converts"
+        )
+    scorer = ProductKeyScorer(gate.weight.shape[1], n, pairing="batch")
+    _like(scorer, gate.weight)
+    copy_into(scorer.weight_KD, gate.weight)
+    router = Router(
+        scorer,
+        block.top_k,
+        scoring="softmax_topk",
+        # The softmax over the k already sums to 1; HF divides by that sum once more.
+        weights=WeightPolicy("always" if block.norm_topk_prob else "never"),
+    )
+    return router, None
+
+
+def _doge_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    copy_into(gate.weight, router.get_parameter("scorer.weight_KD"))
+
+
+DOGE = RouterForm(
+    "product keys of `router_gate` (halves paired across the batch), top-k, softmax over the k",
+    _doge_read,
+    _doge_write,
+)
+
+
+def _rank_one_read(block: nn.Module) -> MLPExperts:
+    down, up = block.down_embed.weight, block.up_embed.weight
+    E, D = down.shape
+    bank = MLPExperts(E, D, 1, activation=activation_name(block.act_fn))
+    _like(bank, down)
+    copy_into(bank.w_in_EDF, down.unsqueeze(-1))
+    copy_into(bank.w_out_EFD, up.unsqueeze(1))
+    return bank
+
+
+def _rank_one_write(bank: nn.Module, block: nn.Module) -> None:
+    _check_bank(bank, MLPExperts, False, block)
+    copy_into(block.down_embed.weight, bank.w_in_EDF.squeeze(-1))
+    copy_into(block.up_embed.weight, bank.w_out_EFD.squeeze(1))
+
+
+RANK_ONE = BankLayout(
+    "rank-1 experts `act(x·down_e)·up_e` (`down_embed`, `up_embed` on the block)",
+    _rank_one_read,
+    _rank_one_write,
+)
+
+
+def _block_mlp_read(block: nn.Module) -> SharedExperts:
+    return SharedExperts(_dense_glu(block))
+
+
+def _block_mlp_write(shared: SharedExperts | None, block: nn.Module) -> None:
+    _dense_glu_back(shared, block)
+
+
+BLOCK_MLP = SharedForm(
+    "ungated MLP on the block itself (`gate_proj`, `up_proj`, `down_proj`)",
+    _block_mlp_read,
+    _block_mlp_write,
+)
+
+__all__ += ["BLOCK_MLP", "DOGE", "RANK_ONE"]

@@ -54,7 +54,13 @@ from moeblocks.layer import MoELayer
 
 __all__ = ["HFMoEBlock", "swap_moe_blocks", "unswap_moe_blocks"]
 
-_RETURNS = ("tensor", "tensor_and_weights", "flat_and_logits")
+_RETURNS = (
+    "tensor",
+    "tensor_and_weights",
+    "flat_and_logits",
+    "flat_and_flat_logits",
+    "tensor_and_key_logits",
+)
 
 
 class _LogitsTap(nn.Module):
@@ -66,6 +72,8 @@ class _LogitsTap(nn.Module):
 
     # transformers' _initialize_weights skips modules with this flag: a tap has no weights.
     _is_hf_initialized = True
+    # family_of reads this: a tap of Doge derives from its block class, yet is no block.
+    is_logits_tap = True
 
     def __init__(self, index: int) -> None:
         nn.Module.__init__(self)  # not the HF router's __init__ (it wants a config)
@@ -125,8 +133,12 @@ class HFMoEBlock(nn.Module):
     returned (``Family.returns``): the output in the input's shape (``"tensor"``), the
     output and the ``[T, K]`` combine weights (``"tensor_and_weights"``, GPT-OSS), or the
     output flattened to ``[T, D]`` and the ``[T, E]`` router logits
-    (``"flat_and_logits"``, Llama-4). It also calls ``self.logits_tap`` with the router
-    logits so that ``output_router_logits=True`` records them (see the module docstring).
+    (``"flat_and_logits"``, Llama-4), or both flattened to one dim
+    (``"flat_and_flat_logits"``, ERNIE-4.5-VL, whose input may come flattened too), or
+    the output and the ``[2, T, n]`` key logits of a product-key router
+    (``"tensor_and_key_logits"``, Doge, whose block is the recorded module). It
+    also calls ``self.logits_tap`` with the router logits so that
+    ``output_router_logits=True`` records them (see the module docstring).
     The layer's own aux losses are not returned (the HF convention has no place for
     them); compute them from :func:`~moeblocks.hf.capture_routing` records instead.
 
@@ -169,7 +181,17 @@ class HFMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Run the layer; return what the replaced HF block returns (see the class doc)."""
+        flat = self.family.returns == "flat_and_flat_logits"
+        if flat and hidden_states.ndim == 1:  # ERNIE-4.5-VL's split flattens the tokens
+            hidden_states = hidden_states.reshape(-1, self.layer.dim)
         moe = self.layer(hidden_states)
+        if self.family.returns == "tensor_and_key_logits":
+            # Doge records its [2n]-wide key logits, laid out [2, T, n] (its pairing).
+            tokens_TD = hidden_states.reshape(-1, self.layer.dim)
+            keys = self.layer.router.get_submodule("scorer").key_logits(tokens_TD)
+            logits = keys.reshape(2, tokens_TD.shape[0], -1)
+            self.logits_tap(logits)
+            return moe.out, logits
         logits = self._logits(moe.routing.scores, hidden_states)
         self.logits_tap(logits)
         out = moe.out
@@ -177,11 +199,18 @@ class HFMoEBlock(nn.Module):
             return out, moe.routing.weights.to(out.dtype)
         if self.family.returns == "flat_and_logits":
             return out.reshape(-1, out.shape[-1]), logits
-        return out
+        return (out.flatten(), logits.flatten()) if flat else out
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"family={self.family.name!r}, block={self.family.block_class}"
+
+
+def _recorded(block: nn.Module, family: Family) -> nn.Module:
+    """The module whose output transformers records: the router, or the block (Doge)."""
+    if type(block).__name__ == family.router_class:
+        return block
+    return getattr(block, family.router_attr)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -234,7 +263,7 @@ def swap_moe_blocks(model: nn.Module, dispatcher: Dispatcher | None = None) -> i
                 f"{family.no_swap}; convert its blocks one by one with from_hf"
             )
     for name, block, family in blocks:
-        router = getattr(block, family.router_attr)
+        router = _recorded(block, family)
         layer = from_hf(block, dispatcher)
         adapter = HFMoEBlock(layer, family, type(router), original=block)
         adapter.train(block.training)
@@ -260,8 +289,7 @@ def _restore(adapter: HFMoEBlock) -> nn.Module:
     missed = [n for n, t in tensors if t.is_floating_point() and bool(torch.isnan(t).any())]
     if missed:
         raise RuntimeError(f"to_hf did not write {missed} of {type(block).__name__}")
-    router = getattr(block, adapter.family.router_attr)
-    _move_forward_hooks(adapter.logits_tap, router)
+    _move_forward_hooks(adapter.logits_tap, _recorded(block, adapter.family))
     return block.train(adapter.training)
 
 
