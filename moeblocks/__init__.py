@@ -5,6 +5,7 @@ from moeblocks.activations import GLU as GLU
 from moeblocks.activations import ClampedGLU as ClampedGLU
 from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
 from moeblocks.activations import GatedActivation as GatedActivation
+from moeblocks.activations import SoftCappedSwiGLU as SoftCappedSwiGLU
 from moeblocks.adapters import AuxLosses as AuxLosses
 from moeblocks.adapters import TensorMoE as TensorMoE
 from moeblocks.adapters import collect_aux_losses as collect_aux_losses
@@ -91,6 +92,7 @@ __all__ = [
     "Selection",
     "SequenceBalanceLoss",
     "SharedExperts",
+    "SoftCappedSwiGLU",
     "StepK",
     "SwiGLUExperts",
     "TensorMoE",

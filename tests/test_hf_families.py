@@ -224,6 +224,9 @@ SPECS = {
         "kolibri1_1", "Kolibri1_1Config", {**QWEN_SHARED, **HEADS, "index_num_heads": 1}
     ),
 }
+# Rows whose blocks the Spec form cannot build, tested in their own files:
+# j27c: test_hf_families_fp32_kept.py (a float32 router in a float64 block).
+OWN_FILES = {"inkling2", "inkling2_loop"}
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}
 
@@ -398,7 +401,7 @@ def test_every_new_row_has_a_spec() -> None:
         "llama4",
         "switch_transformers",
     }
-    assert set(ROWS) - first == set(SPECS)
+    assert set(ROWS) - first - OWN_FILES == set(SPECS)
 
 
 def test_recorded_errors_cover_every_family() -> None:

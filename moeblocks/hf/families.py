@@ -27,6 +27,7 @@ from moeblocks.hf.layouts import (
     CONCAT,
     CONCAT_CLAMPED,
     CONCAT_CLAMPED_AFTER,
+    CONCAT_SOFT_CAPPED,
     DEEPSEEK,
     DEEPSEEK_V2,
     GATED_SHARED_EXPERT,
@@ -40,6 +41,7 @@ from moeblocks.hf.layouts import (
     MISTRAL_LARGE4,
     NO_SHARED,
     PER_EXPERT,
+    ROUTER_BIAS_SIGMOID,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -320,6 +322,22 @@ FAMILIES: tuple[Family, ...] = (
         logits_index=2,
         batched_logits=True,
     ),
+    # j27c: soft-capped SwiGLU experts (Inkling2), parameter-free experts, router-weighted
+    # shared experts.
+    Family(
+        "inkling2",
+        "Inkling2SparseMoeBlock",
+        "Inkling2TopKRouter",
+        ROUTER_BIAS_SIGMOID,
+        CONCAT_SOFT_CAPPED,
+    ),
+    Family(
+        "inkling2_loop",
+        "Inkling2LoopSparseMoeBlock",
+        "Inkling2LoopTopKRouter",
+        ROUTER_BIAS_SIGMOID,
+        CONCAT_SOFT_CAPPED,
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -418,8 +436,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(
         "inkling", "InklingMoE", _needs("shared experts weighted by the router with the routed")
     ),
-    Refusal("inkling2", "Inkling2SparseMoeBlock", _needs("a soft-capped SwiGLU")),
-    Refusal("inkling2_loop", "Inkling2LoopSparseMoeBlock", _needs("a soft-capped SwiGLU")),
     Refusal(
         "jetmoe",
         "JetMoeAttention",

@@ -29,7 +29,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation
+from moeblocks.activations import (
+    GLU,
+    ClampedGLU,
+    ClampedSwiGLU,
+    GatedActivation,
+    SoftCappedSwiGLU,
+)
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
 from moeblocks.experts import MLPExperts, SwiGLUExperts
@@ -46,6 +52,7 @@ __all__ = [
     "CONCAT",
     "CONCAT_CLAMPED",
     "CONCAT_CLAMPED_AFTER",
+    "CONCAT_SOFT_CAPPED",
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
     "DEEPSEEK_V2",
@@ -60,6 +67,7 @@ __all__ = [
     "MISTRAL_LARGE4",
     "NO_SHARED",
     "PER_EXPERT",
+    "ROUTER_BIAS_SIGMOID",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
@@ -835,3 +843,46 @@ def compose(
         capacity=capacity,
         weight_inputs=form.weight_inputs,
     )
+
+
+# --- j27c: soft-capped SwiGLU experts, a router with its own selection bias --------------
+
+
+def _soft_capped_glu(experts: nn.Module) -> GatedActivation:
+    # Inkling2's act_fn holds the two caps and runs in float32 whatever the model dtype.
+    act = experts.act_fn
+    return SoftCappedSwiGLU(
+        float(act.gate_softcap.softcap), float(act.up_softcap.softcap), dtype=torch.float32
+    )
+
+
+def _router_bias_sigmoid_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Inkling2: float32 sigmoid, top-k by score + the router's bias, renormalised, scaled."""
+    if type(gate.score_fn).__name__ != "Sigmoid":
+        raise ValueError(
+            f"a {type(gate).__name__} with scoring {type(gate.score_fn).__name__} is not "
+            "supported, only sigmoid"
+        )
+    balancer = BiasBalancer(gate.weight.shape[0], rate=0.0).to(gate.e_score_correction_bias.device)
+    copy_into(balancer.bias, gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid",
+        weights=WeightPolicy("always", scale=float(gate.routed_scaling_factor), eps=1e-20),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+CONCAT_SOFT_CAPPED = BankLayout(
+    "concat, soft-capped SwiGLU (float32)",
+    partial(_concat_read, activation=_soft_capped_glu),
+    _concat_write,
+)
+ROUTER_BIAS_SIGMOID = RouterForm(
+    "sigmoid (float32), selection bias on the router, top-k, renormalised, scaled",
+    _router_bias_sigmoid_read,
+    _deepseek_write,
+)

@@ -1,0 +1,156 @@
+"""Families whose HF block keeps parts in float32 in any model dtype, against HF's block.
+
+Inkling2 (and its looped twin) keep the router weight and selection bias in float32
+(``_keep_in_fp32_modules_strict``: a float64 router weight makes HF's router fail, as it
+casts its input to float32), run the soft-capped SwiGLU in float32, and their eager
+experts sum the weighted outputs in a float32 accumulator. The shared ``Spec`` form of
+``test_hf_families.py`` casts the whole block, so these blocks are built here: experts in
+the model dtype, the router as HF loads it.
+
+In a float64 block those float32 casts round every activation and every output to float32
+precision, and a last-bit difference of a float64 matmul before the cast can flip a float32
+rounding (gradients then differ by ~1e-9). So the float64 comparisons check the structure
+at float64 precision with the casts removed on both sides: HF's activation runs its own
+soft caps without ``.float()``, HF's experts run its ``batched_mm`` path (the same block,
+summed in the model dtype), and the layer's activation gets ``dtype=None``. float32, where
+the casts do nothing, compares the layer exactly as converted; one test bounds the
+difference to HF's untouched float64 block at float32 precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import importlib
+from collections.abc import Iterator
+
+import hf_errors
+import pytest
+import torch
+import transformers
+from test_hf_families import D, E, F, _compare, _inputs, _rel, _route
+from torch import nn
+
+from moeblocks.hf import FAMILIES, from_hf, to_hf
+from moeblocks.layer import MoELayer
+
+# Caps the N(0, 0.5²) weights cross often (gate and up have std ≈ 2), so both soft caps bend.
+INKLING2 = {
+    "hidden_size": D,
+    "moe_intermediate_size": F,
+    "n_routed_experts": E,
+    "num_experts_per_tok": 3,
+    "route_scale": 2.5,
+    "mlp_gate_softcap": 1.0,
+    "mlp_up_softcap": 1.5,
+}
+CASES = {
+    "inkling2": ("inkling2", "Inkling2TextConfig", INKLING2),
+    "inkling2_loop": ("inkling2_loop", "Inkling2LoopTextConfig", INKLING2),
+}
+NAMES = sorted(CASES)
+ROWS = {f.name: f for f in FAMILIES}
+
+
+@functools.cache
+def _block(name: str) -> nn.Module:
+    """The tiny float32 block: N(0, 0.5²) weights, N(0, 0.1²) selection bias, eval."""
+    folder, config_class, kwargs = CASES[name]
+    config = getattr(transformers, config_class)(**kwargs)
+    module = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    block = getattr(module, ROWS[name].block_class)(config)
+    g = torch.Generator().manual_seed(len(name))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for b in block.buffers():  # the selection bias: zeros would hide a missed buffer
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return block.eval()
+
+
+def _fresh(name: str, dtype: torch.dtype, as_is: bool = False) -> nn.Module:
+    """A copy in ``dtype`` as ``from_pretrained`` loads it: the router stays float32.
+
+    In float64, unless ``as_is``, HF's float32 casts of the activation and the
+    accumulator are removed (see the module docstring).
+    """
+    block = copy.deepcopy(_block(name))
+    block.experts.to(dtype)
+    if dtype == torch.float64 and not as_is:
+        block.experts.config._experts_implementation = "batched_mm"
+        act = block.experts.act_fn  # HF's own soft caps and sigmoid, minus the .float()
+        act.forward = lambda gate, up: (
+            act.gate_softcap(gate) * torch.sigmoid(gate) * act.up_softcap(up)
+        )
+    return block
+
+
+def _layer(block: nn.Module, dtype: torch.dtype) -> MoELayer:
+    layer = from_hf(block)
+    if dtype == torch.float64:  # the float32 cast removed, as on HF's side
+        layer.experts.activation = dataclasses.replace(layer.experts.activation, dtype=None)
+    return layer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_errors() -> Iterator[None]:
+    yield
+    hf_errors.write()
+
+
+@pytest.mark.parametrize(
+    ("skew", "dtype"),
+    [(False, torch.float32), (False, torch.float64), (True, torch.float64)],
+    ids=["plain-fp32", "plain-fp64", "skewed-fp64"],
+)
+@pytest.mark.parametrize("name", NAMES)
+def test_family_matches_hf_in_eval_mode(name: str, skew: bool, dtype: torch.dtype) -> None:
+    block = _fresh(name, dtype)
+    layer = _layer(block, dtype)
+    x = _inputs(block, dtype, skew)
+    _compare(name, block, layer, x)
+
+    logits, experts = _route(block, x.reshape(-1, D))
+    routing = layer(x).routing
+    # The same float32 F.linear on both sides.
+    torch.testing.assert_close(routing.scores, logits, rtol=0, atol=0)
+    assert torch.equal(routing.experts.sort(-1).values, experts.sort(-1).values)
+    if skew:
+        counts = torch.bincount(routing.experts.reshape(-1), minlength=E)
+        assert (counts == 0).any(), "the skewed input should leave an expert without token"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_matches_hf_in_training_mode(name: str) -> None:
+    # No jitter or dropout in these blocks: HF's training mode is deterministic.
+    block = _fresh(name, torch.float64).train()
+    layer = _layer(block, torch.float64)
+    assert layer.training
+    _compare(name, block, layer, _inputs(block, torch.float64, skew=False))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hf_untouched_float64_block_is_float32_precise(name: str) -> None:
+    block = _fresh(name, torch.float64, as_is=True)
+    layer = from_hf(block)  # as converted: the activation in float32, as HF's
+    x = _inputs(block, torch.float64, skew=False)
+    with torch.no_grad():
+        err = _rel(layer(x).out, block(x))
+    # HF's eager experts accumulate in float32: a float32 rounding (2^-24 ≈ 6e-8) of
+    # each summed element, far from the float64 ≤ 1e-10 the structure meets above.
+    assert 1e-12 < err <= 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_round_trip_is_bitwise(name: str) -> None:
+    block = _block(name)
+    target = copy.deepcopy(block)
+    with torch.no_grad():
+        for t in [*target.parameters(), *target.buffers()]:
+            t.add_(1.0)  # different values everywhere
+    to_hf(from_hf(block), target)
+    for (key, a), (_, b) in zip(
+        block.state_dict().items(), target.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
