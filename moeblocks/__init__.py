@@ -16,11 +16,14 @@ from moeblocks.dispatch import Dispatcher as Dispatcher
 from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
 from moeblocks.dispatchers import make_dispatcher as make_dispatcher
+from moeblocks.experts import ConcatExperts as ConcatExperts
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
+from moeblocks.experts import IdentityExperts as IdentityExperts
 from moeblocks.experts import MLPExperts as MLPExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
+from moeblocks.experts import ZeroExperts as ZeroExperts
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
@@ -66,6 +69,7 @@ __all__ = [
     "Capacity",
     "ClampedGLU",
     "ClampedSwiGLU",
+    "ConcatExperts",
     "ConstantK",
     "CosineScorer",
     "Dispatcher",
@@ -77,6 +81,7 @@ __all__ = [
     "GELUExperts",
     "GatedActivation",
     "GroupLimitedTopK",
+    "IdentityExperts",
     "InspectableRouter",
     "KSchedule",
     "Layout",
@@ -103,6 +108,7 @@ __all__ = [
     "TorchDispatcher",
     "WeightPolicy",
     "ZLoss",
+    "ZeroExperts",
     "__version__",
     "build_layout",
     "collect_aux_losses",

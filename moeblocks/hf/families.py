@@ -22,11 +22,13 @@ from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.layouts import (
     AFMOE,
     BLOCK_BIAS_SIGMOID,
+    CLASSIFIER_SOFTMAX_BIASED,
     COHERE2,
     COHERE2_SHARED,
     CONCAT,
     CONCAT_CLAMPED,
     CONCAT_CLAMPED_AFTER,
+    CONCAT_IDENTITY,
     CONCAT_SOFT_CAPPED,
     DEEPSEEK,
     DEEPSEEK_V2,
@@ -338,6 +340,14 @@ FAMILIES: tuple[Family, ...] = (
         ROUTER_BIAS_SIGMOID,
         CONCAT_SOFT_CAPPED,
     ),
+    Family(
+        "longcat_flash",
+        "LongcatFlashMoE",
+        "LongcatFlashTopkRouter",
+        CLASSIFIER_SOFTMAX_BIASED,
+        CONCAT_IDENTITY,
+        router_attr="router",
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -456,11 +466,6 @@ REFUSED: tuple[Refusal, ...] = (
             "into the float32 combine weights, with SoftCappedScorer for its logit cap, a "
             "float64 model differs by ~1e-8)"
         ),
-    ),
-    Refusal(
-        "longcat_flash",
-        "LongcatFlashMoE",
-        _needs("parameter-free (zero/identity) experts"),
     ),
     Refusal(
         "minimax_m3_vl",

@@ -38,7 +38,7 @@ from moeblocks.activations import (
 )
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
-from moeblocks.experts import MLPExperts, SwiGLUExperts
+from moeblocks.experts import ConcatExperts, IdentityExperts, MLPExperts, SwiGLUExperts
 from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
 from moeblocks.routers import LinearScorer, Router
@@ -47,11 +47,13 @@ from moeblocks.shared import SharedExperts
 __all__ = [
     "AFMOE",
     "BLOCK_BIAS_SIGMOID",
+    "CLASSIFIER_SOFTMAX_BIASED",
     "COHERE2",
     "COHERE2_SHARED",
     "CONCAT",
     "CONCAT_CLAMPED",
     "CONCAT_CLAMPED_AFTER",
+    "CONCAT_IDENTITY",
     "CONCAT_SOFT_CAPPED",
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
@@ -885,4 +887,65 @@ ROUTER_BIAS_SIGMOID = RouterForm(
     "sigmoid (float32), selection bias on the router, top-k, renormalised, scaled",
     _router_bias_sigmoid_read,
     _deepseek_write,
+)
+
+
+# --- j27c: parameter-free (identity) experts beside the FFN experts ---------------------
+
+
+def _concat_identity_read(experts: nn.Module) -> nn.Module:
+    # LongCat-Flash: experts E … E+Z−1 (zero_expert_num, on the config the experts keep)
+    # return their input; HF adds weight · x for them beside the FFN experts' output.
+    bank = _concat_read(experts, _glu)
+    Z = int(experts.config.zero_expert_num or 0)
+    return ConcatExperts(bank, IdentityExperts(Z, bank.dim)) if Z else bank
+
+
+def _concat_identity_write(bank: nn.Module, experts: nn.Module) -> None:
+    Z = int(experts.config.zero_expert_num or 0)
+    if not Z:
+        _concat_write(bank, experts)
+        return
+    parts = list(bank.banks) if isinstance(bank, ConcatExperts) else [bank]
+    if len(parts) != 2 or not (isinstance(parts[1], IdentityExperts) and parts[1].num_experts == Z):
+        raise TypeError(
+            f"to_hf: a {type(experts).__name__} needs ConcatExperts(SwiGLUExperts, "
+            f"IdentityExperts({Z}, D)), got {bank!r}"
+        )
+    _concat_write(parts[0], experts)
+
+
+def _classifier_softmax_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """LongCat-Flash: float32 softmax of `classifier`, selection bias, not renormalised."""
+    # HF's forward uses classifier.weight only: a classifier bias (router_bias) is unused.
+    w = r.classifier.weight
+    balancer = BiasBalancer(w.shape[0], rate=0.0).to(r.e_score_correction_bias.device)
+    copy_into(balancer.bias, r.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(w, None, "float32"),
+        r.top_k,
+        weights=WeightPolicy("never", scale=float(r.routed_scaling_factor)),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _classifier_softmax_write(router: Router, r: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, r, False)
+    copy_into(r.classifier.weight, router.gate_weight)
+    if router.balancer is None:
+        raise ValueError(f"to_hf: a {type(r).__name__} needs a router with a BiasBalancer")
+    copy_into(r.e_score_correction_bias, router.balancer.bias)
+
+
+CONCAT_IDENTITY = BankLayout(
+    "concat, + identity (zero-computation) experts",
+    _concat_identity_read,
+    _concat_identity_write,
+)
+CLASSIFIER_SOFTMAX_BIASED = RouterForm(
+    "softmax (float32) of `classifier`, selection bias, top-k, scaled",
+    _classifier_softmax_read,
+    _classifier_softmax_write,
 )
