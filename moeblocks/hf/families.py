@@ -507,7 +507,17 @@ REFUSED: tuple[Refusal, ...] = (
         "VitPoseBackboneMoeMLP",
         "not a routed MoE: the expert is chosen by the dataset index passed in",
     ),
-    Refusal("zaya", "ZayaSparseMoeBlock", _needs("an MLP router", "parameter-free experts")),
+    Refusal(
+        "zaya",
+        "ZayaSparseMoeBlock",
+        "a cross-layer router state: from the second layer on, its router adds the previous "
+        "layer's router hidden states (scaled per channel) to its own, and the block takes "
+        "that state as a second input and returns the next one beside its output; a layer "
+        "of moeblocks routes each token from its own input alone. (The rest would be an MLP "
+        "scorer, not built: down-projection, RMSNorm, two biased GELU layers, output "
+        "projection; then a softmax over E + 1 classes whose last, a skip expert, is a "
+        "ZeroExperts.)",
+    ),
 )
 """Every routed MoE block class of the installed transformers that is not converted."""
 
