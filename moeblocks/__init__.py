@@ -22,8 +22,10 @@ from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
 from moeblocks.experts import IdentityExperts as IdentityExperts
 from moeblocks.experts import MLPExperts as MLPExperts
+from moeblocks.experts import ScaledExperts as ScaledExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.experts import ZeroExperts as ZeroExperts
+from moeblocks.gating import AlwaysOnTopK as AlwaysOnTopK
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
@@ -61,6 +63,7 @@ from moeblocks.shared import SharedExperts as SharedExperts
 
 __all__ = [
     "GLU",
+    "AlwaysOnTopK",
     "AuxLoss",
     "AuxLosses",
     "BandpassLoss",
@@ -93,6 +96,7 @@ __all__ = [
     "Router",
     "RouterProtocol",
     "Routing",
+    "ScaledExperts",
     "Scorer",
     "Selection",
     "SequenceBalanceLoss",

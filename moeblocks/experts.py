@@ -35,6 +35,7 @@ __all__ = [
     "GELUExperts",
     "IdentityExperts",
     "MLPExperts",
+    "ScaledExperts",
     "SwiGLUExperts",
     "ZeroExperts",
 ]
@@ -513,3 +514,44 @@ class ConcatExperts(nn.Module):
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"num_experts={self.num_experts}, dim={self.dim}"
+
+
+class ScaledExperts(nn.Module):
+    """Any expert bank, its every output row times one learnable scalar ``scale``.
+
+    Multiplying every expert's output by ``s`` is multiplying every combine weight by
+    ``s``: a learnable global scale on the routing weights (Inkling's ``global_scale``).
+
+    Args:
+        bank: The expert bank.
+        init: Initial value of ``scale``, finite.
+    """
+
+    def __init__(self, bank: ExpertBank, init: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(bank, nn.Module) or not isinstance(bank, ExpertBank):
+            raise TypeError(f"bank must be an nn.Module expert bank, got {type(bank).__name__}")
+        if isinstance(init, bool) or not (isinstance(init, (int, float)) and math.isfinite(init)):
+            raise ValueError(f"init must be a finite number, got {init!r}")
+        self.bank = bank
+        self.init = float(init)
+        self.dim = bank.dim
+        self.num_experts = bank.num_experts
+        self.scale = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Set ``scale`` to ``init``, in place."""
+        self.scale.fill_(self.init)
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """``scale · bank(grouped, group_sizes)``."""
+        out = self.bank(grouped, group_sizes)
+        return out * self.scale.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"init={self.init}"

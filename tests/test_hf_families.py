@@ -225,9 +225,9 @@ SPECS = {
     ),
 }
 # Rows whose blocks the Spec form cannot build, tested in their own files:
-# j27c: test_hf_families_fp32_kept.py (a float32 router in a float64 block) and
+# j27c: test_hf_families_fp32_kept.py (float32 parts in a float64 block) and
 # test_hf_families_parameter_free.py (a router weight in an nn.Linear `classifier`).
-OWN_FILES = {"inkling2", "inkling2_loop", "longcat_flash"}
+OWN_FILES = {"inkling", "inkling2", "inkling2_loop", "longcat_flash"}
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}
 

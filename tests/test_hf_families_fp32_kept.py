@@ -1,20 +1,24 @@
-"""Families whose HF block keeps parts in float32 in any model dtype, against HF's block.
+"""Families whose HF block computes parts in float32 in any model dtype, against HF.
 
 Inkling2 (and its looped twin) keep the router weight and selection bias in float32
 (``_keep_in_fp32_modules_strict``: a float64 router weight makes HF's router fail, as it
 casts its input to float32), run the soft-capped SwiGLU in float32, and their eager
-experts sum the weighted outputs in a float32 accumulator. The shared ``Spec`` form of
-``test_hf_families.py`` casts the whole block, so these blocks are built here: experts in
-the model dtype, the router as HF loads it.
+experts sum the weighted outputs in a float32 accumulator. Inkling routes in float32
+(the weights by ``exp(logσ − logsumexp logσ)``) and sums its shared experts in float32.
+The shared ``Spec`` form of ``test_hf_families.py`` casts the whole block and reads a
+3-tuple from the router, so these blocks are tested here: Inkling2's experts in the
+model dtype with the router as HF loads it; Inkling's whole block cast.
 
-In a float64 block those float32 casts round every activation and every output to float32
-precision, and a last-bit difference of a float64 matmul before the cast can flip a float32
-rounding (gradients then differ by ~1e-9). So the float64 comparisons check the structure
-at float64 precision with the casts removed on both sides: HF's activation runs its own
-soft caps without ``.float()``, HF's experts run its ``batched_mm`` path (the same block,
-summed in the model dtype), and the layer's activation gets ``dtype=None``. float32, where
-the casts do nothing, compares the layer exactly as converted; one test bounds the
-difference to HF's untouched float64 block at float32 precision.
+In a float64 block those float32 casts round the routing weights, activations and
+outputs to float32 precision, and a last-bit difference of a float64 value before a cast
+can flip a float32 rounding (gradients then differ by ~1e-9). So the float64 comparisons
+check the structure at float64 precision with the casts removed on both sides. Inkling2:
+HF's activation runs its own soft caps without ``.float()``, HF's experts run its
+``batched_mm`` path (the same block, summed in the model dtype), and the layer's
+activation gets ``dtype=None``. Inkling: HF's block runs with ``Tensor.float`` as the
+identity, and the layer's router scores and routes in the model dtype. float32, where the
+casts do nothing, compares the layers exactly as converted; one test per family bounds
+the difference to HF's untouched float64 block at float32 precision.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ import dataclasses
 import functools
 import importlib
 from collections.abc import Iterator
+from unittest import mock
 
 import hf_errors
 import pytest
 import torch
 import transformers
 from test_hf_families import D, E, F, _compare, _inputs, _rel, _route
-from torch import nn
+from torch import Tensor, nn
 
+from moeblocks.gating import AlwaysOnTopK
 from moeblocks.hf import FAMILIES, from_hf, to_hf
 from moeblocks.layer import MoELayer
 
@@ -45,7 +51,17 @@ INKLING2 = {
     "mlp_gate_softcap": 1.0,
     "mlp_up_softcap": 1.5,
 }
+S = 2  # Inkling's shared experts, weighted by the router with the routed ones
+INKLING = {
+    "hidden_size": D,
+    "moe_intermediate_size": F,
+    "n_routed_experts": E,
+    "n_shared_experts": S,
+    "num_experts_per_tok": 3,
+    "route_scale": 2.5,
+}
 CASES = {
+    "inkling": ("inkling", "InklingTextConfig", INKLING),
     "inkling2": ("inkling2", "Inkling2TextConfig", INKLING2),
     "inkling2_loop": ("inkling2_loop", "Inkling2LoopTextConfig", INKLING2),
 }
@@ -69,13 +85,28 @@ def _block(name: str) -> nn.Module:
     return block.eval()
 
 
-def _fresh(name: str, dtype: torch.dtype, as_is: bool = False) -> nn.Module:
-    """A copy in ``dtype`` as ``from_pretrained`` loads it: the router stays float32.
+def _float32_casts_removed(block: nn.Module) -> None:
+    """Run ``block``'s forward with ``Tensor.float`` as the identity."""
+    forward = block.forward
 
-    In float64, unless ``as_is``, HF's float32 casts of the activation and the
-    accumulator are removed (see the module docstring).
+    def run(*args: Tensor) -> Tensor:
+        with mock.patch.object(torch.Tensor, "float", lambda t, *a, **k: t):
+            return forward(*args)
+
+    block.forward = run
+
+
+def _fresh(name: str, dtype: torch.dtype, as_is: bool = False) -> nn.Module:
+    """A copy in ``dtype``; Inkling2's router stays float32, as ``from_pretrained`` loads it.
+
+    In float64, unless ``as_is``, HF's float32 casts are removed (see the module docstring).
     """
     block = copy.deepcopy(_block(name))
+    if name == "inkling":
+        block.to(dtype)
+        if dtype == torch.float64 and not as_is:
+            _float32_casts_removed(block)
+        return block
     block.experts.to(dtype)
     if dtype == torch.float64 and not as_is:
         block.experts.config._experts_implementation = "batched_mm"
@@ -88,9 +119,25 @@ def _fresh(name: str, dtype: torch.dtype, as_is: bool = False) -> nn.Module:
 
 def _layer(block: nn.Module, dtype: torch.dtype) -> MoELayer:
     layer = from_hf(block)
-    if dtype == torch.float64:  # the float32 cast removed, as on HF's side
-        layer.experts.activation = dataclasses.replace(layer.experts.activation, dtype=None)
+    if dtype == torch.float64:  # the float32 casts removed, as on HF's side
+        if isinstance(layer.router.selection, AlwaysOnTopK):  # Inkling
+            layer.router.routing_dtype = None
+            layer.router.scorer.compute_dtype = "input"
+        else:
+            layer.experts.activation = dataclasses.replace(layer.experts.activation, dtype=None)
     return layer
+
+
+def _hf_route(name: str, block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """HF's (router logits, chosen routed experts), in the dtype the block runs it."""
+    if name != "inkling":
+        return _route(block, tokens)
+    if tokens.dtype == torch.float64:  # as the block's forward runs it here
+        with mock.patch.object(torch.Tensor, "float", lambda t, *a, **k: t):
+            logits, _, experts, _ = block.gate(tokens)
+    else:
+        logits, _, experts, _ = block.gate(tokens)
+    return logits, experts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,13 +158,16 @@ def test_family_matches_hf_in_eval_mode(name: str, skew: bool, dtype: torch.dtyp
     x = _inputs(block, dtype, skew)
     _compare(name, block, layer, x)
 
-    logits, experts = _route(block, x.reshape(-1, D))
+    logits, experts = _hf_route(name, block, x.reshape(-1, D))
     routing = layer(x).routing
-    # The same float32 F.linear on both sides.
-    torch.testing.assert_close(routing.scores, logits, rtol=0, atol=0)
-    assert torch.equal(routing.experts.sort(-1).values, experts.sort(-1).values)
+    K, n = experts.shape[1], routing.num_experts
+    # The same F.linear on both sides; HF records the routed experts' logits only.
+    torch.testing.assert_close(routing.scores[:, : logits.shape[1]], logits, rtol=0, atol=0)
+    assert torch.equal(routing.experts[:, :K].sort(-1).values, experts.sort(-1).values)
+    always = torch.arange(logits.shape[1], n).expand(x.shape[0] * x.shape[1], -1)
+    assert torch.equal(routing.experts[:, K:], always)  # Inkling's shared experts, last
     if skew:
-        counts = torch.bincount(routing.experts.reshape(-1), minlength=E)
+        counts = torch.bincount(routing.experts.reshape(-1), minlength=n)
         assert (counts == 0).any(), "the skewed input should leave an expert without token"
 
 
@@ -133,12 +183,13 @@ def test_family_matches_hf_in_training_mode(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_hf_untouched_float64_block_is_float32_precise(name: str) -> None:
     block = _fresh(name, torch.float64, as_is=True)
-    layer = from_hf(block)  # as converted: the activation in float32, as HF's
+    layer = from_hf(block)  # as converted: float32 where HF computes in float32
     x = _inputs(block, torch.float64, skew=False)
     with torch.no_grad():
         err = _rel(layer(x).out, block(x))
-    # HF's eager experts accumulate in float32: a float32 rounding (2^-24 ≈ 6e-8) of
-    # each summed element, far from the float64 ≤ 1e-10 the structure meets above.
+    # HF rounds to float32 (2^-24 ≈ 6e-8) where moeblocks keeps float64: Inkling2's
+    # eager accumulator, Inkling's routing weights (another formula) and shared sum. Far
+    # from the float64 ≤ 1e-10 the structure meets above.
     assert 1e-12 < err <= 1e-6
 
 

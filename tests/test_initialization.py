@@ -74,6 +74,7 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "concat experts, identity, zero": lambda: mb.ConcatExperts(
         mb.SwiGLUExperts(E, D, F), mb.IdentityExperts(2, D), mb.ZeroExperts(1, D)
     ),
+    "scaled experts": lambda: mb.ScaledExperts(mb.SwiGLUExperts(E, D, F), init=0.5),
 }
 
 

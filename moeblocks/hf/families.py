@@ -21,6 +21,7 @@ from torch import nn
 from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.layouts import (
     AFMOE,
+    ALWAYS_ON_SIGMOID,
     BLOCK_BIAS_SIGMOID,
     CLASSIFIER_SOFTMAX_BIASED,
     COHERE2,
@@ -44,6 +45,7 @@ from moeblocks.hf.layouts import (
     NO_SHARED,
     PER_EXPERT,
     ROUTER_BIAS_SIGMOID,
+    ROUTER_WEIGHTED_SHARED,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -117,7 +119,7 @@ class Family:
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
         self.router.write(layer.router, getattr(block, self.router_attr), block)
-        self.bank.write(layer.experts, block.experts)
+        self.bank.write(layer.experts, block if self.bank.from_block else block.experts)
         self.shared.write(layer.shared, block)
 
 
@@ -348,6 +350,7 @@ FAMILIES: tuple[Family, ...] = (
         CONCAT_IDENTITY,
         router_attr="router",
     ),
+    Family("inkling", "InklingMoE", "InklingTopkRouter", ALWAYS_ON_SIGMOID, ROUTER_WEIGHTED_SHARED),
 )
 """Every converted block class, one row each."""
 
@@ -442,9 +445,6 @@ REFUSED: tuple[Refusal, ...] = (
             "a router that RMS-normalises its input",
             "routed and shared experts fed different inputs, with a norm on each branch",
         ),
-    ),
-    Refusal(
-        "inkling", "InklingMoE", _needs("shared experts weighted by the router with the routed")
     ),
     Refusal(
         "jetmoe",

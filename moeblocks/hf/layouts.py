@@ -38,14 +38,21 @@ from moeblocks.activations import (
 )
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
-from moeblocks.experts import ConcatExperts, IdentityExperts, MLPExperts, SwiGLUExperts
-from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
+from moeblocks.experts import (
+    ConcatExperts,
+    IdentityExperts,
+    MLPExperts,
+    ScaledExperts,
+    SwiGLUExperts,
+)
+from moeblocks.gating import AlwaysOnTopK, GroupLimitedTopK, Selection, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
 from moeblocks.routers import LinearScorer, Router
 from moeblocks.shared import SharedExperts
 
 __all__ = [
     "AFMOE",
+    "ALWAYS_ON_SIGMOID",
     "BLOCK_BIAS_SIGMOID",
     "CLASSIFIER_SOFTMAX_BIASED",
     "COHERE2",
@@ -70,6 +77,7 @@ __all__ = [
     "NO_SHARED",
     "PER_EXPERT",
     "ROUTER_BIAS_SIGMOID",
+    "ROUTER_WEIGHTED_SHARED",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
@@ -150,11 +158,14 @@ class BankLayout:
         name: Short name shown in the docs (``"concat"``, ...).
         read: ``experts module -> moeblocks bank`` (weights copied).
         write: ``(bank, experts module) -> None``: writes the bank back in place.
+        from_block: ``read`` and ``write`` take the whole block instead of
+            ``block.experts`` (a bank built from several of its modules).
     """
 
     name: str
     read: Callable[[nn.Module], nn.Module]
     write: Callable[[nn.Module, nn.Module], None]
+    from_block: bool = False
 
 
 def _glu(experts: nn.Module) -> GatedActivation:
@@ -840,7 +851,7 @@ def compose(
     return MoELayer(
         router,
         dispatcher,
-        bank.read(block.experts),
+        bank.read(block if bank.from_block else block.experts),
         shared=shared.read(block),
         capacity=capacity,
         weight_inputs=form.weight_inputs,
@@ -948,4 +959,83 @@ CLASSIFIER_SOFTMAX_BIASED = RouterForm(
     "softmax (float32) of `classifier`, selection bias, top-k, scaled",
     _classifier_softmax_read,
     _classifier_softmax_write,
+)
+
+
+# --- j27c: shared experts weighted by the router together with the routed ones -----------
+
+
+def _router_weighted_shared_read(block: nn.Module) -> ScaledExperts:
+    """Inkling: routed experts, then the shared ones, times the router's global scale."""
+    routed = _concat_read(block.experts, _glu)
+    sh = block.shared_experts
+    S, F, D = sh.gate_proj.shape
+    shared = SwiGLUExperts(S, D, F, activation=GLU(activation_name(sh.act_fn)))
+    _like(shared, sh.gate_proj)
+    copy_into(shared.w_in_EDF2, torch.cat([sh.gate_proj, sh.up_proj], dim=1).transpose(1, 2))
+    copy_into(shared.w_out_EFD, sh.down_proj.transpose(1, 2))
+    bank = ScaledExperts(ConcatExperts(routed, shared))
+    # The scale keeps the dtype of HF's global_scale (float32 in a pretrained model).
+    bank.scale.data = block.gate.global_scale.detach().reshape(()).clone()
+    return bank
+
+
+def _router_weighted_shared_write(bank: nn.Module, block: nn.Module) -> None:
+    inner = bank.bank if isinstance(bank, ScaledExperts) else None
+    if not (isinstance(inner, ConcatExperts) and len(inner.banks) == 2):
+        raise TypeError(
+            f"to_hf: a {type(block).__name__} needs ScaledExperts(ConcatExperts(routed, "
+            f"shared)), got {type(bank).__name__}"
+        )
+    routed, shared = inner.banks
+    _concat_write(routed, block.experts)
+    _check_bank(shared, SwiGLUExperts, False, block.shared_experts)
+    sh, F = block.shared_experts, shared.hidden
+    w_S2FD = shared.w_in_EDF2.transpose(1, 2)
+    copy_into(sh.gate_proj, w_S2FD[:, :F])
+    copy_into(sh.up_proj, w_S2FD[:, F:])
+    copy_into(sh.down_proj, shared.w_out_EFD.transpose(1, 2))
+    copy_into(block.gate.global_scale, bank.scale.reshape(1))
+
+
+def _always_on_sigmoid_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Inkling: float32 sigmoids of E + S logits; top-k of the E (+ bias), then the S."""
+    E, S = int(gate.num_experts), int(gate.n_shared_experts)
+    if S < 1:
+        raise ValueError(f"a {type(gate).__name__} needs n_shared_experts >= 1, got {S}")
+    balancer = BiasBalancer(E + S, rate=0.0).to(gate.e_score_correction_bias.device)
+    # The always-on experts are chosen whatever their key: their bias stays 0.
+    copy_into(balancer.bias[:E], gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid",
+        selection=AlwaysOnTopK(S),
+        # σ_j / Σ σ over the k chosen and the S shared (HF: exp(logσ − logsumexp logσ)).
+        weights=WeightPolicy("always", scale=float(gate.route_scale)),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _always_on_sigmoid_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
+    E = int(gate.num_experts)
+    if router.balancer is None or router.balancer.num_experts != E + gate.n_shared_experts:
+        raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
+    copy_into(gate.e_score_correction_bias, router.balancer.bias[:E])
+
+
+ROUTER_WEIGHTED_SHARED = BankLayout(
+    "concat, + the shared experts weighted by the router, × a learnable scale",
+    _router_weighted_shared_read,
+    _router_weighted_shared_write,
+    from_block=True,
+)
+ALWAYS_ON_SIGMOID = RouterForm(
+    "sigmoid (float32), selection bias, top-k plus the always-on shared experts, "
+    "renormalised over both, scaled",
+    _always_on_sigmoid_read,
+    _always_on_sigmoid_write,
 )
