@@ -34,7 +34,7 @@ import hf_errors
 import pytest
 import torch
 import transformers
-from test_hf_families import D, E, F, _compare, _inputs, _rel, _route
+from test_hf_families import TINY, D, E, F, _compare, _inputs, _rel, _route
 from torch import Tensor, nn
 
 from moeblocks.gating import AlwaysOnTopK
@@ -205,3 +205,38 @@ def test_family_round_trip_is_bitwise(name: str) -> None:
         block.state_dict().items(), target.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
+
+
+# Inkling only: its router logits differ in shape from HF's (E + S columns). Inkling2's
+# swap is the common one (checked by hand: logits equal, both layers captured); a tiny
+# whole model costs seconds of CPU.
+WHOLE = {
+    "inkling": ("InklingTextConfig", "InklingForCausalLM", {**INKLING, "n_routed_experts": 4}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE))
+def test_swap_and_capture_a_whole_model(name: str) -> None:
+    from moeblocks.hf import capture_routing, swap_moe_blocks, unswap_moe_blocks
+
+    config, model_class, kwargs = WHOLE[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config)(**{**kwargs, **TINY}))
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids, output_router_logits=True)
+        assert swap_moe_blocks(model) == 2
+        after = model(ids, output_router_logits=True)
+        with capture_routing(model) as rec:
+            model(ids)
+    # The same blocks, summed in another order: float32 rounding only.
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(after.router_logits, before.router_logits, strict=True):
+        # HF records Inkling's E routed logits; the layer scores its S shared experts too.
+        torch.testing.assert_close(a[:, : b.shape[1]], b, rtol=1e-5, atol=1e-6)
+    assert [len(r) for r in rec.routings.values()] == [1, 1]
+    unswap_moe_blocks(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key

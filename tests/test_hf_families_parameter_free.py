@@ -23,7 +23,7 @@ import hf_errors
 import pytest
 import torch
 import transformers
-from test_hf_families import D, E, F, _compare, _rel, _route
+from test_hf_families import TINY, D, E, F, _compare, _rel, _route
 from torch import Tensor, nn
 
 from moeblocks.experts import ConcatExperts, IdentityExperts
@@ -147,3 +147,30 @@ def test_to_hf_refuses_a_bank_without_the_identity_experts() -> None:
     layer.experts = layer.experts.banks[0]
     with pytest.raises(TypeError, match="IdentityExperts"):
         to_hf(layer, block)
+
+
+def test_swap_and_capture_a_whole_model() -> None:
+    from moeblocks.hf import capture_routing, swap_moe_blocks, unswap_moe_blocks
+
+    kwargs = {**LONGCAT, **TINY, "num_key_value_heads": 2, "zero_expert_num": 2}
+    kwargs["n_routed_experts"] = 4
+    torch.manual_seed(0)
+    model = transformers.LongcatFlashForCausalLM(transformers.LongcatFlashConfig(**kwargs))
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids, output_router_logits=True)
+        swapped = swap_moe_blocks(model)
+        assert swapped >= 1
+        after = model(ids, output_router_logits=True)
+        with capture_routing(model) as rec:
+            model(ids)
+    # The same block, summed in another order: float32 rounding only.
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(after.router_logits, before.router_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # FFN and identity experts
+    assert [len(r) for r in rec.routings.values()] == [1] * swapped
+    unswap_moe_blocks(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
