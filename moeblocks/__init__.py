@@ -5,6 +5,7 @@ from moeblocks.activations import GLU as GLU
 from moeblocks.activations import ClampedGLU as ClampedGLU
 from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
 from moeblocks.activations import GatedActivation as GatedActivation
+from moeblocks.activations import SoftCappedSwiGLU as SoftCappedSwiGLU
 from moeblocks.adapters import AuxLosses as AuxLosses
 from moeblocks.adapters import TensorMoE as TensorMoE
 from moeblocks.adapters import collect_aux_losses as collect_aux_losses
@@ -15,11 +16,16 @@ from moeblocks.dispatch import Dispatcher as Dispatcher
 from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
 from moeblocks.dispatchers import make_dispatcher as make_dispatcher
+from moeblocks.experts import ConcatExperts as ConcatExperts
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
+from moeblocks.experts import IdentityExperts as IdentityExperts
 from moeblocks.experts import MLPExperts as MLPExperts
+from moeblocks.experts import ScaledExperts as ScaledExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
+from moeblocks.experts import ZeroExperts as ZeroExperts
+from moeblocks.gating import AlwaysOnTopK as AlwaysOnTopK
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
 from moeblocks.gating import GatedSelection as GatedSelection
@@ -60,6 +66,7 @@ from moeblocks.shared import SharedExperts as SharedExperts
 
 __all__ = [
     "GLU",
+    "AlwaysOnTopK",
     "AuxLoss",
     "AuxLosses",
     "BandpassLoss",
@@ -68,6 +75,7 @@ __all__ = [
     "Capacity",
     "ClampedGLU",
     "ClampedSwiGLU",
+    "ConcatExperts",
     "ConstantK",
     "CosineScorer",
     "Dispatcher",
@@ -80,6 +88,7 @@ __all__ = [
     "GatedActivation",
     "GatedSelection",
     "GroupLimitedTopK",
+    "IdentityExperts",
     "InspectableRouter",
     "KSchedule",
     "Layout",
@@ -92,10 +101,12 @@ __all__ = [
     "Router",
     "RouterProtocol",
     "Routing",
+    "ScaledExperts",
     "Scorer",
     "Selection",
     "SequenceBalanceLoss",
     "SharedExperts",
+    "SoftCappedSwiGLU",
     "SparseMixer",
     "StepK",
     "SwiGLUExperts",
@@ -107,6 +118,7 @@ __all__ = [
     "TorchDispatcher",
     "WeightPolicy",
     "ZLoss",
+    "ZeroExperts",
     "__version__",
     "build_layout",
     "collect_aux_losses",

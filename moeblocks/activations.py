@@ -10,6 +10,8 @@ activation maps the gate and up projections of a GLU expert to its hidden vector
 - :class:`ClampedGLU` (GLM-5-Next, HY-V4, DeepSeek-V4): ``act(min(gate, l)) ⊙ clamp(up, −l, l)``,
   both halves clamped *before* the activation; with ``after_activation=True``
   (Bailing-Hybrid, Step-3.7): ``min(act(gate), l) ⊙ clamp(up, −l, l)``.
+- :class:`SoftCappedSwiGLU` (Inkling2): ``cap_g(gate) · σ(gate) ⊙ cap_u(up)`` with the
+  soft cap ``cap_c(v) = c · tanh(v / c)``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "ClampedGLU",
     "ClampedSwiGLU",
     "GatedActivation",
+    "SoftCappedSwiGLU",
     "activation_fn",
 ]
 
@@ -162,3 +165,48 @@ class ClampedGLU:
         if self.after_activation:
             return act(gate).clamp(max=self.limit) * up
         return act(gate.clamp(max=self.limit)) * up
+
+
+@dataclass(frozen=True)
+class SoftCappedSwiGLU:
+    """A SwiGLU whose linear gate factor and up half are soft-capped (Inkling2).
+
+    ``c_g·tanh(gate / c_g) · σ(gate) ⊙ c_u·tanh(up / c_u)``: the sigmoid sees the raw gate;
+    only the factor ``gate`` of ``silu(gate) = gate · σ(gate)`` and the ``up`` half are
+    bent smoothly into ``(−c, c)``. With ``dtype`` the activation runs in that dtype and
+    its result is cast back to the input's (Inkling2 runs it in float32 in any model
+    dtype: more precise in bf16, rounded in a float64 model).
+
+    Args:
+        gate_cap: Soft cap c_g of the gate factor, finite and > 0.
+        up_cap: Soft cap c_u of the up half, finite and > 0.
+        dtype: Dtype the activation computes in; None: the input's.
+    """
+
+    gate_cap: float = 4.0
+    up_cap: float = 25.0
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("gate_cap", "up_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.dtype is not None and not (
+            isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point
+        ):
+            raise TypeError(f"dtype must be None or a floating torch.dtype, got {self.dtype!r}")
+
+    def __call__(
+        self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
+    ) -> Float[Tensor, "R F"]:
+        """``cap_g(gate) · σ(gate) ⊙ cap_u(up)``, in ``dtype`` if set."""
+        _check_pair(gate, up)
+        out_dtype = gate.dtype
+        if self.dtype is not None:
+            gate, up = gate.to(self.dtype), up.to(self.dtype)
+        capped_gate = torch.tanh(gate / self.gate_cap) * self.gate_cap
+        capped_up = torch.tanh(up / self.up_cap) * self.up_cap
+        return (capped_gate * torch.sigmoid(gate) * capped_up).to(out_dtype)

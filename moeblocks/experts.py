@@ -5,6 +5,8 @@ Legend: R grouped rows, E experts, D model dim, F expert hidden dim.
 A bank takes rows already grouped by expert (from a dispatcher) and the number of rows
 of each expert, and returns one output row per input row. It knows nothing of routing,
 so routers and banks combine freely. Experts with no rows get exactly zero gradient.
+Parameter-free experts (:class:`IdentityExperts`, :class:`ZeroExperts`) sit beside FFN
+experts through :class:`ConcatExperts` (LongCat-Flash's zero-computation experts).
 
 A bank checks its inputs: the shapes, dtype and device of ``grouped`` and ``group_sizes``
 always; that the group sizes are >= 0 and sum to the rows (a host read) on CPU tensors
@@ -26,7 +28,17 @@ from moeblocks._checks import check_float, check_index, check_same_device, value
 from moeblocks.activations import GLU, GatedActivation, activation_fn
 from moeblocks.grouped import grouped_mm, resolve_backend
 
-__all__ = ["ExpertBank", "ExpertInit", "GELUExperts", "MLPExperts", "SwiGLUExperts"]
+__all__ = [
+    "ConcatExperts",
+    "ExpertBank",
+    "ExpertInit",
+    "GELUExperts",
+    "IdentityExperts",
+    "MLPExperts",
+    "ScaledExperts",
+    "SwiGLUExperts",
+    "ZeroExperts",
+]
 
 
 @runtime_checkable
@@ -369,3 +381,177 @@ class GELUExperts(MLPExperts):
             dropout=dropout,
             sync_checks=sync_checks,
         )
+
+
+# --- parameter-free experts, and banks side by side -------------------------------------
+
+
+def _check_rows(
+    grouped: Tensor, group_sizes: Tensor, num_experts: int, dim: int, sync_checks: bool
+) -> None:
+    """The bank input checks of :class:`_StackedMLP`, for banks without weights."""
+    check_float(grouped, "grouped")
+    check_index(group_sizes, "group_sizes")
+    if grouped.ndim != 2 or grouped.shape[1] != dim:
+        raise ValueError(f"grouped must have shape [rows, {dim}], got {tuple(grouped.shape)}")
+    if group_sizes.shape != (num_experts,):
+        raise ValueError(
+            f"group_sizes must have shape [{num_experts}], got {tuple(group_sizes.shape)}"
+        )
+    check_same_device(group_sizes, "group_sizes", grouped, "grouped")
+    if value_checks(group_sizes, sync_checks):
+        R, sizes = grouped.shape[0], group_sizes.long()
+        if bool((sizes.min() < 0) | (sizes.sum() != R)):  # host sync on a GPU
+            raise ValueError(
+                f"group_sizes must be >= 0 and sum to the {R} rows of grouped, got {sizes.tolist()}"
+            )
+
+
+class _ParameterFree(nn.Module):
+    """Shared arguments and checks of the parameter-free banks; not public."""
+
+    def __init__(self, num_experts: int, dim: int, sync_checks: bool = False) -> None:
+        super().__init__()
+        _check_dims(num_experts, dim, 1)
+        self.num_experts = num_experts
+        self.dim = dim
+        self.sync_checks = bool(sync_checks)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"num_experts={self.num_experts}, dim={self.dim}"
+
+
+class IdentityExperts(_ParameterFree):
+    """Experts that return their input: a token routed to one gets ``weight · x``.
+
+    LongCat-Flash's zero-computation experts: a router that picks one spends no compute
+    on that slot. No parameters.
+
+    Args:
+        num_experts: Number of experts E.
+        dim: Model dimension D.
+        sync_checks: Also check the group sizes of GPU tensors (one device sync).
+    """
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """The rows, unchanged."""
+        _check_rows(grouped, group_sizes, self.num_experts, self.dim, self.sync_checks)
+        return grouped
+
+
+class ZeroExperts(_ParameterFree):
+    """Experts that return zeros: a token routed to one gets nothing from that slot.
+
+    A "skip" expert: its routing weight still counts in a renormalisation, but it adds
+    nothing (exact zeros, whatever the input). No parameters.
+
+    Args:
+        num_experts: Number of experts E.
+        dim: Model dimension D.
+        sync_checks: Also check the group sizes of GPU tensors (one device sync).
+    """
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """Zeros shaped like the rows."""
+        _check_rows(grouped, group_sizes, self.num_experts, self.dim, self.sync_checks)
+        return torch.zeros_like(grouped)
+
+
+class ConcatExperts(nn.Module):
+    """Expert banks side by side as one bank: the first bank's experts, then the next's.
+
+    With banks of E₁, E₂, … experts, expert ids ``0 … E₁−1`` are the first bank's,
+    ``E₁ … E₁+E₂−1`` the second's, and so on (``ConcatExperts(SwiGLUExperts(E, D, F),
+    IdentityExperts(Z, D))`` is LongCat-Flash's bank). Each bank runs on its own
+    contiguous rows. Splitting the rows reads the per-bank row counts on the host: one
+    device sync per call on a GPU. No parameters of its own.
+
+    Args:
+        *banks: Expert banks of one model dimension D.
+    """
+
+    def __init__(self, *banks: ExpertBank) -> None:
+        super().__init__()
+        if not banks:
+            raise ValueError("ConcatExperts needs at least one expert bank, got none")
+        for i, bank in enumerate(banks):
+            if not isinstance(bank, nn.Module) or not isinstance(bank, ExpertBank):
+                raise TypeError(
+                    f"banks[{i}] must be an nn.Module expert bank, got {type(bank).__name__}"
+                )
+        dims = [bank.dim for bank in banks]
+        if len(set(dims)) != 1:
+            raise ValueError(f"the banks must share one dim, got dims {dims}")
+        self.banks = nn.ModuleList(banks)
+        self.dim = dims[0]
+        self.num_experts = sum(bank.num_experts for bank in banks)
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """Run every bank on its experts' rows and stack the results in row order."""
+        check_float(grouped, "grouped", 2)
+        check_index(group_sizes, "group_sizes")
+        if group_sizes.shape != (self.num_experts,):
+            raise ValueError(
+                f"group_sizes must have shape [{self.num_experts}], got {tuple(group_sizes.shape)}"
+            )
+        sizes_per_bank = group_sizes.split([bank.num_experts for bank in self.banks])
+        rows = torch.stack([s.sum() for s in sizes_per_bank]).tolist()  # the host sync
+        if sum(rows) != grouped.shape[0]:
+            raise ValueError(
+                f"group_sizes must sum to the {grouped.shape[0]} rows of grouped, got {sum(rows)}"
+            )
+        parts = grouped.split(rows)
+        outs = [bank(x, s) for bank, x, s in zip(self.banks, parts, sizes_per_bank, strict=True)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"num_experts={self.num_experts}, dim={self.dim}"
+
+
+class ScaledExperts(nn.Module):
+    """Any expert bank, its every output row times one learnable scalar ``scale``.
+
+    Multiplying every expert's output by ``s`` is multiplying every combine weight by
+    ``s``: a learnable global scale on the routing weights (Inkling's ``global_scale``).
+
+    Args:
+        bank: The expert bank.
+        init: Initial value of ``scale``, finite.
+    """
+
+    def __init__(self, bank: ExpertBank, init: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(bank, nn.Module) or not isinstance(bank, ExpertBank):
+            raise TypeError(f"bank must be an nn.Module expert bank, got {type(bank).__name__}")
+        if isinstance(init, bool) or not (isinstance(init, (int, float)) and math.isfinite(init)):
+            raise ValueError(f"init must be a finite number, got {init!r}")
+        self.bank = bank
+        self.init = float(init)
+        self.dim = bank.dim
+        self.num_experts = bank.num_experts
+        self.scale = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Set ``scale`` to ``init``, in place."""
+        self.scale.fill_(self.init)
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """``scale · bank(grouped, group_sizes)``."""
+        out = self.bank(grouped, group_sizes)
+        return out * self.scale.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"init={self.init}"

@@ -47,6 +47,7 @@ from moeblocks._checks import check_float, value_checks
 
 __all__ = [
     "SCORINGS",
+    "AlwaysOnTopK",
     "DynamicSelection",
     "ExpertChoice",
     "GatedSelection",
@@ -580,3 +581,50 @@ class SparseMixer:
         factor_T1 = torch.add(0.3333, kept_T1, alpha=0.6667).type_as(probs_TE)
         # The value is gate · factor; the gradient is the unscaled gate's.
         return best_T1, gate_T1.detach() * factor_T1 + (gate_T1 - gate_T1.detach())
+
+
+@dataclass(frozen=True)
+class AlwaysOnTopK:
+    """Top-k among the first E − S experts, then the last S for every token.
+
+    The last ``num_always`` experts are always-on experts that the router weighs together
+    with the routed ones (Inkling's shared experts): each token's record lists its k best
+    routed experts, then the S always-on ones, so it is k + S wide and a renormalising
+    :class:`WeightPolicy` spreads one total weight over all k + S. A selection bias on the
+    always-on experts changes nothing.
+
+    Args:
+        num_always: Number S of always-on experts, the last S ids, >= 1.
+    """
+
+    num_always: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_always, bool) or not (
+            isinstance(self.num_always, int) and self.num_always >= 1
+        ):
+            raise ValueError(f"num_always must be an int >= 1, got {self.num_always!r}")
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """At least one routed expert, and k up to ``max_k`` among the E − S routed."""
+        routed = num_experts - self.num_always
+        if routed < 1:
+            raise ValueError(
+                f"num_always ({self.num_always}) must leave a routed expert among the {num_experts}"
+            )
+        if max_k > routed:
+            raise ValueError(f"k reaches {max_k} but there are only {routed} routed experts")
+
+    def __call__(self, key: Float[Tensor, "T E"], k: int) -> Int[Tensor, "T K"]:
+        """The k best routed experts by ``key`` (sorted), then the S always-on ids."""
+        check_float(key, "key", 2)
+        _check_k(k, key.shape[1])
+        try:
+            self.check(key.shape[1], k)
+        except ValueError as error:
+            raise ValueError(f"key of shape {tuple(key.shape)}: {error}") from None
+        T, E = key.shape
+        routed = E - self.num_always
+        chosen_TK = key[:, :routed].topk(k, dim=-1).indices
+        always_TS = torch.arange(routed, E, device=key.device).expand(T, self.num_always)
+        return torch.cat([chosen_TK, always_TS], dim=1)

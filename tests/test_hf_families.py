@@ -340,6 +340,10 @@ SPECS = {
         "Ernie4_5_VLMoeMoeBlock instead",
     ),
 }
+# Rows whose blocks the Spec form cannot build, tested in their own files:
+# j27c: test_hf_families_fp32_kept.py (float32 parts in a float64 block) and
+# test_hf_families_parameter_free.py (a router weight in an nn.Linear `classifier`).
+OWN_FILES = {"inkling", "inkling2", "inkling2_loop", "longcat_flash"}
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}
 
@@ -527,7 +531,7 @@ def test_every_new_row_has_a_spec() -> None:
     wrong = {f.name for f in FAMILIES if f.hf_block_is_wrong}
     from test_hf_families_routing import NAMES as ROUTING
 
-    assert set(ROWS) - first - wrong - set(ROUTING) == set(SPECS)
+    assert set(ROWS) - first - wrong - set(ROUTING) - OWN_FILES == set(SPECS)
 
 
 def test_recorded_errors_cover_every_family() -> None:
@@ -703,7 +707,11 @@ def test_families_without_a_whole_model_say_why() -> None:
     for name, why in without.items():
         assert why.strip(), name
     print("\nno tiny whole model:", without)
-    assert set(MODEL_SPECS) | set(WHOLE) >= set(ROWS)
+    # Rows tested in their own files swap and capture a whole model there.
+    from test_hf_families_fp32_kept import WHOLE as FP32_KEPT
+    from test_hf_families_parameter_free import NAME as PARAMETER_FREE
+
+    assert set(MODEL_SPECS) | set(WHOLE) | set(FP32_KEPT) | {PARAMETER_FREE} >= set(ROWS)
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,11 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "shared experts, gated": lambda: mb.SharedExperts(mb.SwiGLUExperts(1, D, F), gate=True),
     "layer": _layer,
     "layer with balancer": lambda: _layer(balancer=mb.BiasBalancer(E)),
+    # j27c: a bank beside parameter-free experts (they have nothing to initialise).
+    "concat experts, identity, zero": lambda: mb.ConcatExperts(
+        mb.SwiGLUExperts(E, D, F), mb.IdentityExperts(2, D), mb.ZeroExperts(1, D)
+    ),
+    "scaled experts": lambda: mb.ScaledExperts(mb.SwiGLUExperts(E, D, F), init=0.5),
 }
 
 

@@ -21,13 +21,17 @@ from torch import nn
 from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.layouts import (
     AFMOE,
+    ALWAYS_ON_SIGMOID,
     BLOCK_BIAS_SIGMOID,
     BLOCK_MLP,
+    CLASSIFIER_SOFTMAX_BIASED,
     COHERE2,
     COHERE2_SHARED,
     CONCAT,
     CONCAT_CLAMPED,
     CONCAT_CLAMPED_AFTER,
+    CONCAT_IDENTITY,
+    CONCAT_SOFT_CAPPED,
     DBRX,
     DEEPSEEK,
     DEEPSEEK_V2,
@@ -48,6 +52,8 @@ from moeblocks.hf.layouts import (
     PER_EXPERT_FC,
     PHIMOE,
     RANK_ONE,
+    ROUTER_BIAS_SIGMOID,
+    ROUTER_WEIGHTED_SHARED,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -143,7 +149,10 @@ class Family:
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
         self.router.write(layer.router, getattr(block, self.router_attr), block)
-        experts = getattr(block, self.experts_attr) if self.experts_attr else block
+        if self.bank.from_block or not self.experts_attr:
+            experts = block
+        else:
+            experts = getattr(block, self.experts_attr)
         self.bank.write(layer.experts, experts)
         self.shared.write(layer.shared, block)
 
@@ -404,6 +413,31 @@ FAMILIES: tuple[Family, ...] = (
         CONCAT,
         returns="flat_and_flat_logits",
     ),
+    # j27c: soft-capped SwiGLU experts (Inkling2), parameter-free experts, router-weighted
+    # shared experts.
+    Family(
+        "inkling2",
+        "Inkling2SparseMoeBlock",
+        "Inkling2TopKRouter",
+        ROUTER_BIAS_SIGMOID,
+        CONCAT_SOFT_CAPPED,
+    ),
+    Family(
+        "inkling2_loop",
+        "Inkling2LoopSparseMoeBlock",
+        "Inkling2LoopTopKRouter",
+        ROUTER_BIAS_SIGMOID,
+        CONCAT_SOFT_CAPPED,
+    ),
+    Family(
+        "longcat_flash",
+        "LongcatFlashMoE",
+        "LongcatFlashTopkRouter",
+        CLASSIFIER_SOFTMAX_BIASED,
+        CONCAT_IDENTITY,
+        router_attr="router",
+    ),
+    Family("inkling", "InklingMoE", "InklingTopkRouter", ALWAYS_ON_SIGMOID, ROUTER_WEIGHTED_SHARED),
 )
 """Every converted block class, one row each."""
 
@@ -486,11 +520,6 @@ REFUSED: tuple[Refusal, ...] = (
         ),
     ),
     Refusal(
-        "inkling", "InklingMoE", _needs("shared experts weighted by the router with the routed")
-    ),
-    Refusal("inkling2", "Inkling2SparseMoeBlock", _needs("a soft-capped SwiGLU")),
-    Refusal("inkling2_loop", "Inkling2LoopSparseMoeBlock", _needs("a soft-capped SwiGLU")),
-    Refusal(
         "jetmoe",
         "JetMoeAttention",
         _needs("attention-head experts: its projections are a JetMoeMoA"),
@@ -509,11 +538,6 @@ REFUSED: tuple[Refusal, ...] = (
             "into the float32 combine weights, with SoftCappedScorer for its logit cap, a "
             "float64 model differs by ~1e-8)"
         ),
-    ),
-    Refusal(
-        "longcat_flash",
-        "LongcatFlashMoE",
-        _needs("parameter-free (zero/identity) experts"),
     ),
     Refusal(
         "minimax_m3_vl",
@@ -548,7 +572,17 @@ REFUSED: tuple[Refusal, ...] = (
         "VitPoseBackboneMoeMLP",
         "not a routed MoE: the expert is chosen by the dataset index passed in",
     ),
-    Refusal("zaya", "ZayaSparseMoeBlock", _needs("an MLP router", "parameter-free experts")),
+    Refusal(
+        "zaya",
+        "ZayaSparseMoeBlock",
+        "a cross-layer router state: from the second layer on, its router adds the previous "
+        "layer's router hidden states (scaled per channel) to its own, and the block takes "
+        "that state as a second input and returns the next one beside its output; a layer "
+        "of moeblocks routes each token from its own input alone. (The rest would be an MLP "
+        "scorer, not built: down-projection, RMSNorm, two biased GELU layers, output "
+        "projection; then a softmax over E + 1 classes whose last, a skip expert, is a "
+        "ZeroExperts.)",
+    ),
 )
 """Every routed MoE block class of the installed transformers that is not converted."""
 

@@ -29,23 +29,40 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation
+from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation, SoftCappedSwiGLU
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
-from moeblocks.experts import MLPExperts, SwiGLUExperts
-from moeblocks.gating import GroupLimitedTopK, Selection, SparseMixer, TopK, WeightPolicy
+from moeblocks.experts import (
+    ConcatExperts,
+    IdentityExperts,
+    MLPExperts,
+    ScaledExperts,
+    SwiGLUExperts,
+)
+from moeblocks.gating import (
+    AlwaysOnTopK,
+    GroupLimitedTopK,
+    Selection,
+    SparseMixer,
+    TopK,
+    WeightPolicy,
+)
 from moeblocks.layer import MoELayer
 from moeblocks.routers import LinearScorer, ProductKeyScorer, Router
 from moeblocks.shared import SharedExperts
 
 __all__ = [
     "AFMOE",
+    "ALWAYS_ON_SIGMOID",
     "BLOCK_BIAS_SIGMOID",
+    "CLASSIFIER_SOFTMAX_BIASED",
     "COHERE2",
     "COHERE2_SHARED",
     "CONCAT",
     "CONCAT_CLAMPED",
     "CONCAT_CLAMPED_AFTER",
+    "CONCAT_IDENTITY",
+    "CONCAT_SOFT_CAPPED",
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
     "DEEPSEEK_V2",
@@ -61,6 +78,8 @@ __all__ = [
     "NO_SHARED",
     "PER_EXPERT",
     "PER_EXPERT_FC",
+    "ROUTER_BIAS_SIGMOID",
+    "ROUTER_WEIGHTED_SHARED",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
@@ -142,11 +161,14 @@ class BankLayout:
         name: Short name shown in the docs (``"concat"``, ...).
         read: ``experts module -> moeblocks bank`` (weights copied).
         write: ``(bank, experts module) -> None``: writes the bank back in place.
+        from_block: ``read`` and ``write`` take the whole block instead of
+            ``block.experts`` (a bank built from several of its modules).
     """
 
     name: str
     read: Callable[[nn.Module], nn.Module]
     write: Callable[[nn.Module, nn.Module], None]
+    from_block: bool = False
 
 
 def _glu(experts: nn.Module) -> GatedActivation:
@@ -838,7 +860,7 @@ def compose(
     return MoELayer(
         router,
         dispatcher,
-        bank.read(getattr(block, experts_attr) if experts_attr else block),
+        bank.read(block if bank.from_block or not experts_attr else getattr(block, experts_attr)),
         shared=shared.read(block),
         capacity=capacity,
         weight_inputs=form.weight_inputs,
@@ -1146,3 +1168,186 @@ BLOCK_MLP = SharedForm(
 )
 
 __all__ += ["BLOCK_MLP", "DOGE", "RANK_ONE"]
+
+
+# --- j27c: soft-capped SwiGLU experts, a router with its own selection bias --------------
+
+
+def _soft_capped_glu(experts: nn.Module) -> GatedActivation:
+    # Inkling2's act_fn holds the two caps and runs in float32 whatever the model dtype.
+    act = experts.act_fn
+    return SoftCappedSwiGLU(
+        float(act.gate_softcap.softcap), float(act.up_softcap.softcap), dtype=torch.float32
+    )
+
+
+def _router_bias_sigmoid_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Inkling2: float32 sigmoid, top-k by score + the router's bias, renormalised, scaled."""
+    if type(gate.score_fn).__name__ != "Sigmoid":
+        raise ValueError(
+            f"a {type(gate).__name__} with scoring {type(gate.score_fn).__name__} is not "
+            "supported, only sigmoid"
+        )
+    balancer = BiasBalancer(gate.weight.shape[0], rate=0.0).to(gate.e_score_correction_bias.device)
+    copy_into(balancer.bias, gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid",
+        weights=WeightPolicy("always", scale=float(gate.routed_scaling_factor), eps=1e-20),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+CONCAT_SOFT_CAPPED = BankLayout(
+    "concat, soft-capped SwiGLU (float32)",
+    partial(_concat_read, activation=_soft_capped_glu),
+    _concat_write,
+)
+ROUTER_BIAS_SIGMOID = RouterForm(
+    "sigmoid (float32), selection bias on the router, top-k, renormalised, scaled",
+    _router_bias_sigmoid_read,
+    _deepseek_write,
+)
+
+
+# --- j27c: parameter-free (identity) experts beside the FFN experts ---------------------
+
+
+def _concat_identity_read(experts: nn.Module) -> nn.Module:
+    # LongCat-Flash: experts E … E+Z−1 (zero_expert_num, on the config the experts keep)
+    # return their input; HF adds weight · x for them beside the FFN experts' output.
+    bank = _concat_read(experts, _glu)
+    Z = int(experts.config.zero_expert_num or 0)
+    return ConcatExperts(bank, IdentityExperts(Z, bank.dim)) if Z else bank
+
+
+def _concat_identity_write(bank: nn.Module, experts: nn.Module) -> None:
+    Z = int(experts.config.zero_expert_num or 0)
+    if not Z:
+        _concat_write(bank, experts)
+        return
+    parts = list(bank.banks) if isinstance(bank, ConcatExperts) else [bank]
+    if len(parts) != 2 or not (isinstance(parts[1], IdentityExperts) and parts[1].num_experts == Z):
+        raise TypeError(
+            f"to_hf: a {type(experts).__name__} needs ConcatExperts(SwiGLUExperts, "
+            f"IdentityExperts({Z}, D)), got {bank!r}"
+        )
+    _concat_write(parts[0], experts)
+
+
+def _classifier_softmax_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """LongCat-Flash: float32 softmax of `classifier`, selection bias, not renormalised."""
+    # HF's forward uses classifier.weight only: a classifier bias (router_bias) is unused.
+    w = r.classifier.weight
+    balancer = BiasBalancer(w.shape[0], rate=0.0).to(r.e_score_correction_bias.device)
+    copy_into(balancer.bias, r.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(w, None, "float32"),
+        r.top_k,
+        weights=WeightPolicy("never", scale=float(r.routed_scaling_factor)),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _classifier_softmax_write(router: Router, r: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, r, False)
+    copy_into(r.classifier.weight, router.gate_weight)
+    if router.balancer is None:
+        raise ValueError(f"to_hf: a {type(r).__name__} needs a router with a BiasBalancer")
+    copy_into(r.e_score_correction_bias, router.balancer.bias)
+
+
+CONCAT_IDENTITY = BankLayout(
+    "concat, + identity (zero-computation) experts",
+    _concat_identity_read,
+    _concat_identity_write,
+)
+CLASSIFIER_SOFTMAX_BIASED = RouterForm(
+    "softmax (float32) of `classifier`, selection bias, top-k, scaled",
+    _classifier_softmax_read,
+    _classifier_softmax_write,
+)
+
+
+# --- j27c: shared experts weighted by the router together with the routed ones -----------
+
+
+def _router_weighted_shared_read(block: nn.Module) -> ScaledExperts:
+    """Inkling: routed experts, then the shared ones, times the router's global scale."""
+    routed = _concat_read(block.experts, _glu)
+    sh = block.shared_experts
+    S, F, D = sh.gate_proj.shape
+    shared = SwiGLUExperts(S, D, F, activation=GLU(activation_name(sh.act_fn)))
+    _like(shared, sh.gate_proj)
+    copy_into(shared.w_in_EDF2, torch.cat([sh.gate_proj, sh.up_proj], dim=1).transpose(1, 2))
+    copy_into(shared.w_out_EFD, sh.down_proj.transpose(1, 2))
+    bank = ScaledExperts(ConcatExperts(routed, shared))
+    # The scale keeps the dtype of HF's global_scale (float32 in a pretrained model).
+    bank.scale.data = block.gate.global_scale.detach().reshape(()).clone()
+    return bank
+
+
+def _router_weighted_shared_write(bank: nn.Module, block: nn.Module) -> None:
+    inner = bank.bank if isinstance(bank, ScaledExperts) else None
+    if not (isinstance(inner, ConcatExperts) and len(inner.banks) == 2):
+        raise TypeError(
+            f"to_hf: a {type(block).__name__} needs ScaledExperts(ConcatExperts(routed, "
+            f"shared)), got {type(bank).__name__}"
+        )
+    routed, shared = inner.banks
+    _concat_write(routed, block.experts)
+    _check_bank(shared, SwiGLUExperts, False, block.shared_experts)
+    sh, F = block.shared_experts, shared.hidden
+    w_S2FD = shared.w_in_EDF2.transpose(1, 2)
+    copy_into(sh.gate_proj, w_S2FD[:, :F])
+    copy_into(sh.up_proj, w_S2FD[:, F:])
+    copy_into(sh.down_proj, shared.w_out_EFD.transpose(1, 2))
+    copy_into(block.gate.global_scale, bank.scale.reshape(1))
+
+
+def _always_on_sigmoid_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Inkling: float32 sigmoids of E + S logits; top-k of the E (+ bias), then the S."""
+    E, S = int(gate.num_experts), int(gate.n_shared_experts)
+    if S < 1:
+        raise ValueError(f"a {type(gate).__name__} needs n_shared_experts >= 1, got {S}")
+    balancer = BiasBalancer(E + S, rate=0.0).to(gate.e_score_correction_bias.device)
+    # The always-on experts are chosen whatever their key: their bias stays 0.
+    copy_into(balancer.bias[:E], gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid",
+        selection=AlwaysOnTopK(S),
+        # σ_j / Σ σ over the k chosen and the S shared (HF: exp(logσ − logsumexp logσ)).
+        weights=WeightPolicy("always", scale=float(gate.route_scale)),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+def _always_on_sigmoid_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
+    E = int(gate.num_experts)
+    if router.balancer is None or router.balancer.num_experts != E + gate.n_shared_experts:
+        raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
+    copy_into(gate.e_score_correction_bias, router.balancer.bias[:E])
+
+
+ROUTER_WEIGHTED_SHARED = BankLayout(
+    "concat, + the shared experts weighted by the router, × a learnable scale",
+    _router_weighted_shared_read,
+    _router_weighted_shared_write,
+    from_block=True,
+)
+ALWAYS_ON_SIGMOID = RouterForm(
+    "sigmoid (float32), selection bias, top-k plus the always-on shared experts, "
+    "renormalised over both, scaled",
+    _always_on_sigmoid_read,
+    _always_on_sigmoid_write,
+)

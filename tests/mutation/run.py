@@ -362,6 +362,47 @@ MUTANTS: list[Mutant] = [
         "tests/test_sra_faults.py -k 'damage or verifies_names'",
         "a truncated file is reported only by its hash",
     ),
+    # --- j27c: soft-capped SwiGLU, parameter-free and router-weighted shared experts
+    _m(
+        "activations-soft-cap-sigmoid-of-capped",
+        "moeblocks/activations.py",
+        "return (capped_gate * torch.sigmoid(gate) * capped_up).to(out_dtype)",
+        "return (capped_gate * torch.sigmoid(capped_gate) * capped_up).to(out_dtype)",
+        "tests/test_soft_capped_swiglu.py",
+        "Inkling2's sigmoid sees the capped gate instead of the raw one",
+    ),
+    _m(
+        "experts-zero-expert-identity",
+        X,
+        "return torch.zeros_like(grouped)",
+        "return grouped",
+        "tests/test_parameter_free_experts.py",
+        "a zero (skip) expert passes its input through",
+    ),
+    _m(
+        "gating-always-on-ranked",
+        G,
+        "chosen_TK = key[:, :routed].topk(k, dim=-1).indices",
+        "chosen_TK = key[:, -k:].topk(k, dim=-1).indices",
+        "tests/test_router_weighted_shared.py",
+        "the routed experts are chosen among the last k ids",
+    ),
+    _m(
+        "experts-scale-detached",
+        X,
+        "return out * self.scale.to(out.dtype)",
+        "return out * self.scale.detach().to(out.dtype)",
+        "tests/test_router_weighted_shared.py",
+        "the learnable global scale gets no gradient",
+    ),
+    _m(
+        "hf-longcat-unscaled",
+        "moeblocks/hf/layouts.py",
+        'weights=WeightPolicy("never", scale=float(r.routed_scaling_factor)),',
+        'weights=WeightPolicy("never"),',
+        "tests/test_hf_families_parameter_free.py",
+        "LongCat-Flash's routed scaling factor is dropped",
+    ),
 ]
 
 
