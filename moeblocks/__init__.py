@@ -5,6 +5,7 @@ from moeblocks.activations import GLU as GLU
 from moeblocks.activations import ClampedGLU as ClampedGLU
 from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
 from moeblocks.activations import GatedActivation as GatedActivation
+from moeblocks.activations import GatedInDtype as GatedInDtype
 from moeblocks.adapters import AuxLosses as AuxLosses
 from moeblocks.adapters import TensorMoE as TensorMoE
 from moeblocks.adapters import collect_aux_losses as collect_aux_losses
@@ -15,6 +16,7 @@ from moeblocks.dispatch import Dispatcher as Dispatcher
 from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
 from moeblocks.dispatchers import make_dispatcher as make_dispatcher
+from moeblocks.experts import ConstantScaledExperts as ConstantScaledExperts
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
@@ -23,6 +25,7 @@ from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
+from moeblocks.gating import HashSelection as HashSelection
 from moeblocks.gating import Selection as Selection
 from moeblocks.gating import TopK as TopK
 from moeblocks.gating import TopP as TopP
@@ -66,6 +69,7 @@ __all__ = [
     "ClampedGLU",
     "ClampedSwiGLU",
     "ConstantK",
+    "ConstantScaledExperts",
     "CosineScorer",
     "Dispatcher",
     "DispersionLoss",
@@ -75,7 +79,9 @@ __all__ = [
     "ExpertInit",
     "GELUExperts",
     "GatedActivation",
+    "GatedInDtype",
     "GroupLimitedTopK",
+    "HashSelection",
     "InspectableRouter",
     "KSchedule",
     "Layout",
