@@ -140,8 +140,10 @@ def _block_hook(
 ) -> Callable[..., None]:
     def hook(_module: nn.Module, args: tuple, kwargs: dict, _output: object) -> None:
         x = args[0] if args else kwargs["hidden_states"]
+        ids = kwargs.get("input_ids")  # DeepSeek-V4's hash layers route by token id
         with torch.no_grad():
-            routing = router(x.detach().reshape(-1, x.shape[-1]))
+            tokens = x.detach().reshape(-1, x.shape[-1])
+            routing = router(tokens) if ids is None else router(tokens, token_ids=ids.reshape(-1))
             routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
             if capacity is not None:  # Switch: dropped copies, as HF drops them
                 routing = capacity(routing)

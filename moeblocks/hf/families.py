@@ -27,8 +27,13 @@ from moeblocks.hf.layouts import (
     CONCAT,
     CONCAT_CLAMPED,
     CONCAT_CLAMPED_AFTER,
+    CONCAT_CLAMPED_LIMIT,
+    CONCAT_CLAMPED_SWIGLU,
     DEEPSEEK,
     DEEPSEEK_V2,
+    DEEPSEEK_V4,
+    FUSED_CLAMPED_SWIGLU_SHARED,
+    GATE_BIAS_SIGMOID,
     GATED_SHARED_EXPERT,
     GPT_OSS,
     HY_V3,
@@ -44,8 +49,10 @@ from moeblocks.hf.layouts import (
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
     SHARED_EXPERTS_CLAMPED_AFTER,
+    SHARED_EXPERTS_CLAMPED_LIMIT,
     SHARED_MLP,
     SIGMOID_TOPK,
+    SOFT_CAPPED_SIGMOID,
     SOFTMAX,
     SOFTMAX_FP32_FLAG,
     SOFTMAX_NORM_FLAG,
@@ -59,6 +66,8 @@ from moeblocks.hf.layouts import (
     RouterForm,
     SharedForm,
     compose,
+    scale_routed,
+    unscale_routed,
 )
 from moeblocks.layer import MoELayer
 
@@ -93,6 +102,9 @@ class Family:
         logits_index: Index of the router logits in the router module's output tuple.
         batched_logits: Whether the router returns logits in the input's leading shape
             (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
+        routed_scale: Attribute of the block holding a factor that multiplies the summed
+            routed output after the experts, in the model dtype (the layer's bank is then
+            a :class:`~moeblocks.ConstantScaledExperts`); None when there is none.
     """
 
     name: str
@@ -105,15 +117,22 @@ class Family:
     returns: str = "tensor"
     logits_index: int = 0
     batched_logits: bool = False
+    routed_scale: str | None = None
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
-        return compose(block, self.router_attr, self.router, self.bank, self.shared, dispatcher)
+        layer = compose(block, self.router_attr, self.router, self.bank, self.shared, dispatcher)
+        if self.routed_scale is not None:
+            layer = scale_routed(layer, block, self.routed_scale)
+        return layer
 
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
         self.router.write(layer.router, getattr(block, self.router_attr), block)
-        self.bank.write(layer.experts, block.experts)
+        bank = layer.experts
+        if self.routed_scale is not None:
+            bank = unscale_routed(layer, block, self.routed_scale)
+        self.bank.write(bank, block.experts)
         self.shared.write(layer.shared, block)
 
 
@@ -320,6 +339,49 @@ FAMILIES: tuple[Family, ...] = (
         logits_index=2,
         batched_logits=True,
     ),
+    # j27a: router parts and block conventions
+    Family(
+        "step3p7",
+        "Step3p7SparseMoeBlock",
+        "Step3p7TopKRouter",
+        GATE_BIAS_SIGMOID,
+        CONCAT_CLAMPED_AFTER,
+        SHARED_EXPERTS_CLAMPED_AFTER,
+        routed_scale="routed_scaling_factor",
+    ),
+    Family(
+        "dots3_note_vision",
+        "Dots3NoteVisionMoE",
+        "Dots3NoteVisionTopKRouter",
+        HY_V3,
+        CONCAT,
+    ),
+    Family(
+        "minimax_m3_vl",
+        "MiniMaxM3VLSparseMoeBlock",
+        "MiniMaxM3VLTopKRouter",
+        GATE_BIAS_SIGMOID,
+        CONCAT_CLAMPED_SWIGLU,
+        FUSED_CLAMPED_SWIGLU_SHARED,
+        routed_scale="routed_scaling_factor",
+    ),
+    Family(
+        "laguna",
+        "LagunaSparseMoeBlock",
+        "LagunaTopKRouter",
+        SOFT_CAPPED_SIGMOID,
+        CONCAT,
+        SHARED_EXPERTS,
+        routed_scale="routed_scaling_factor",
+    ),
+    Family(
+        "deepseek_v4",
+        "DeepseekV4SparseMoeBlock",
+        "DeepseekV4TopKRouter",
+        DEEPSEEK_V4,
+        CONCAT_CLAMPED_LIMIT,
+        SHARED_EXPERTS_CLAMPED_LIMIT,
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -365,14 +427,14 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(
         "beam",
         "BeamMoE",
-        _needs("a GLU computed in float32 inside a float64 expert (HF upcasts, then rounds)"),
+        "HF's float64 block is not a function of each token alone: its SwiGLU runs in "
+        "float32 inside experts of any dtype (GatedInDtype(GLU('silu')) expresses that, "
+        "ConstantScaledExperts its routed scale, and the layer matches in float32), but that "
+        "float32 SiLU rounds an element one ulp differently by its position in PyTorch's "
+        "vectorised CPU loop, so HF's float64 output moves with the number of tokens each "
+        "expert gets: 4.4e-10 relative from the layer, above the 1e-10 float64 bound",
     ),
     Refusal("dbrx", "DbrxFFN", _needs("DBRX's p-norm weight normalisation", "its expert layout")),
-    Refusal(
-        "deepseek_v4",
-        "DeepseekV4SparseMoeBlock",
-        _needs("sqrt-softplus scoring", "token-id hash routing"),
-    ),
     Refusal(
         "diffusion_gemma",
         "DiffusionGemmaEncoderTextLayer",
@@ -382,12 +444,6 @@ REFUSED: tuple[Refusal, ...] = (
         "diffusion_gemma",
         "DiffusionGemmaDecoderTextLayer",
         _needs("a decoder-inline MoE with its own norms and a normalising router"),
-    ),
-    Refusal(
-        "dots3_note",
-        "Dots3NoteVisionMoE",
-        "not converted yet: its router is HY-V3's form, but the block is built from a "
-        "per-layer config and has no tiny test here yet",
     ),
     Refusal(
         "ergo",
@@ -433,24 +489,9 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
     Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
     Refusal(
-        "laguna",
-        "LagunaSparseMoeBlock",
-        _needs(
-            "the routed-output scale applied after the experts, in the model dtype (folded "
-            "into the float32 combine weights, with SoftCappedScorer for its logit cap, a "
-            "float64 model differs by ~1e-8)"
-        ),
-    ),
-    Refusal(
         "longcat_flash",
         "LongcatFlashMoE",
         _needs("parameter-free (zero/identity) experts"),
-    ),
-    Refusal(
-        "minimax_m3_vl",
-        "MiniMaxM3VLSparseMoeBlock",
-        "not converted yet: a MiniMax-M2-style biased sigmoid router (bias on the router), "
-        "the routed output scaled on the block, and a dense shared MLP not yet read",
     ),
     Refusal(
         "muse_spark",
@@ -471,16 +512,15 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(
         "openai_privacy_filter",
         "OpenAIPrivacyFilterMLP",
-        "not converted yet: its block returns the combine weights divided by k (and "
-        "multiplies the output by k), a return convention the swap adapter lacks",
+        "its router, experts and combine run in float32 whatever the model dtype (inputs "
+        "and weights upcast, the k weighted outputs summed in float32, then rounded to the "
+        "model dtype and multiplied by k): a layer computing in the model dtype differs in "
+        "bfloat16 by bfloat16 rounding, and even one computing in float32 would differ in "
+        "float64 by float32 summation order (~1e-7), above the 1e-10 bound. The rest is "
+        "stock: a biased float32 router, top-k of the logits, softmax over the k, divided "
+        "by k; GPT-OSS's clamped SwiGLU on a concatenated, biased layout",
     ),
     Refusal("phimoe", "PhimoeSparseMoeBlock", _needs("PhiMoE's SparseMixer routing")),
-    Refusal(
-        "step3p7",
-        "Step3p7SparseMoeBlock",
-        "not converted yet: ClampedGLU(after_activation=True) covers its experts; its router "
-        "and block differ from every row and are not reviewed",
-    ),
     Refusal(
         "vitpose_backbone",
         "VitPoseBackboneMoeMLP",

@@ -167,9 +167,15 @@ class HFMoEBlock(nn.Module):
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         return logits
 
-    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Run the layer; return what the replaced HF block returns (see the class doc)."""
-        moe = self.layer(hidden_states)
+    def forward(
+        self, hidden_states: Tensor, input_ids: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Run the layer; return what the replaced HF block returns (see the class doc).
+
+        ``input_ids`` (DeepSeek-V4's decoder passes them to its MoE blocks) reach the
+        layer as ``token_ids``, for a router that routes by token id.
+        """
+        moe = self.layer(hidden_states, token_ids=input_ids)
         logits = self._logits(moe.routing.scores, hidden_states)
         self.logits_tap(logits)
         out = moe.out
