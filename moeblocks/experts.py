@@ -383,7 +383,7 @@ class ConstantScaledExperts(nn.Module):
 
     ``out = scale · experts(grouped, group_sizes)``. This is a routed scaling factor that
     a model applies to the summed routed output after the experts, in the model dtype
-    (Laguna, Step-3.7, MiniMax-M3): the combine is a weighted sum, so scaling each
+    (Laguna, Step-3.7, MiniMax-M3, Beam): the combine is a weighted sum, so scaling each
     row is the same function, and unlike folding the factor into the combine weights
     (``WeightPolicy(scale=...)``, computed in the routing dtype, often float32) the
     product is rounded in the model dtype as the model rounds it.

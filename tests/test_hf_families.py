@@ -289,6 +289,21 @@ SPECS = {
         },
         {"layer_idx": 1},
     ),
+    "beam": Spec(
+        "beam",
+        "BeamConfig",
+        {
+            **HEADS,
+            **DEEPSEEK_BASE,
+            "num_experts": E,
+            # Its SiLU runs in float32 inside float64 experts. Torch's float32 SiLU rounds
+            # an element in the scalar tail of its vectorised CPU loop (past the last full
+            # block of 32 floats on AVX-512) one ulp away from the vector lanes, so with a
+            # hidden size that is not a multiple of 32 HF's float64 output moves with the
+            # tokens per expert (~5e-10 at F = 8). Real sizes are multiples of 32.
+            "moe_intermediate_size": 4 * F,
+        },
+    ),
 }
 # j27a: rows whose router takes more than the hidden states, tested in their own file.
 TESTED_APART = {"dots3_note_vision": "test_hf_families_router_inputs.py"}

@@ -29,7 +29,9 @@ from moeblocks.hf.layouts import (
     CONCAT_CLAMPED_AFTER,
     CONCAT_CLAMPED_LIMIT,
     CONCAT_CLAMPED_SWIGLU,
+    CONCAT_GLU_FP32,
     DEEPSEEK,
+    DEEPSEEK_SCALED_AFTER,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
     FUSED_CLAMPED_SWIGLU_SHARED,
@@ -382,6 +384,14 @@ FAMILIES: tuple[Family, ...] = (
         CONCAT_CLAMPED_LIMIT,
         SHARED_EXPERTS_CLAMPED_LIMIT,
     ),
+    Family(
+        "beam",
+        "BeamMoE",
+        "BeamTopKRouter",
+        DEEPSEEK_SCALED_AFTER,
+        CONCAT_GLU_FP32,
+        routed_scale="routed_scaling_factor",
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -423,16 +433,6 @@ REFUSED: tuple[Refusal, ...] = (
             "group-limited top-k that masks the dropped groups with 0, not −inf (with a "
             "negative selection bias an expert outside the kept groups can win)"
         ),
-    ),
-    Refusal(
-        "beam",
-        "BeamMoE",
-        "HF's float64 block is not a function of each token alone: its SwiGLU runs in "
-        "float32 inside experts of any dtype (GatedInDtype(GLU('silu')) expresses that, "
-        "ConstantScaledExperts its routed scale, and the layer matches in float32), but that "
-        "float32 SiLU rounds an element one ulp differently by its position in PyTorch's "
-        "vectorised CPU loop, so HF's float64 output moves with the number of tokens each "
-        "expert gets: 4.4e-10 relative from the layer, above the 1e-10 float64 bound",
     ),
     Refusal("dbrx", "DbrxFFN", _needs("DBRX's p-norm weight normalisation", "its expert layout")),
     Refusal(
@@ -513,12 +513,14 @@ REFUSED: tuple[Refusal, ...] = (
         "openai_privacy_filter",
         "OpenAIPrivacyFilterMLP",
         "its router, experts and combine run in float32 whatever the model dtype (inputs "
-        "and weights upcast, the k weighted outputs summed in float32, then rounded to the "
-        "model dtype and multiplied by k): a layer computing in the model dtype differs in "
-        "bfloat16 by bfloat16 rounding, and even one computing in float32 would differ in "
-        "float64 by float32 summation order (~1e-7), above the 1e-10 bound. The rest is "
-        "stock: a biased float32 router, top-k of the logits, softmax over the k, divided "
-        "by k; GPT-OSS's clamped SwiGLU on a concatenated, biased layout",
+        "and weights upcast, the k weighted outputs summed in float32 in expert order, "
+        "then rounded to the model dtype and multiplied by k): a layer computing in the "
+        "model dtype differs in bfloat16 by bfloat16 rounding, and one computing in "
+        "float32 would still sum the k outputs in slot order, so a float64 model differs "
+        "by float32 rounding (~1e-7 at its k = 4), above the 1e-10 bound. The rest is "
+        "stock: a biased float32 router, top-k of the logits, softmax over the k divided "
+        "by k (what the block returns), GPT-OSS's clamped SwiGLU on a concatenated, "
+        "biased layout",
     ),
     Refusal("phimoe", "PhimoeSparseMoeBlock", _needs("PhiMoE's SparseMixer routing")),
     Refusal(

@@ -22,6 +22,7 @@ Weight layouts (transformers 5.x):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -29,7 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation
+from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation, GatedInDtype
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
 from moeblocks.experts import ConstantScaledExperts, MLPExperts, SwiGLUExperts
@@ -55,8 +56,10 @@ __all__ = [
     "CONCAT_CLAMPED_AFTER",
     "CONCAT_CLAMPED_LIMIT",
     "CONCAT_CLAMPED_SWIGLU",
+    "CONCAT_GLU_FP32",
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
+    "DEEPSEEK_SCALED_AFTER",
     "DEEPSEEK_V2",
     "DEEPSEEK_V4",
     "FUSED_CLAMPED_SWIGLU_SHARED",
@@ -860,7 +863,7 @@ def scale_routed(layer: MoELayer, block: nn.Module, attr: str) -> MoELayer:
     """Wrap ``layer``'s bank in :class:`~moeblocks.ConstantScaledExperts` by ``block.<attr>``.
 
     For blocks that multiply the summed routed output by a factor after the experts, in
-    the model dtype (``routed_scaling_factor`` of Laguna, Step-3.7, MiniMax-M3).
+    the model dtype (``routed_scaling_factor`` of Laguna, Step-3.7, MiniMax-M3, Beam).
     """
     layer.experts = ConstantScaledExperts(layer.experts, float(getattr(block, attr)))
     return layer
@@ -1009,4 +1012,26 @@ SHARED_EXPERTS_CLAMPED_LIMIT = SharedForm(
     "ungated `shared_experts`, clamped GLU",
     _limit_clamped_shared_read,
     partial(_ungated_write, attr="shared_experts"),
+)
+
+
+def _deepseek_scaled_after_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Beam: DeepSeek-V3's router; the block's scale applies after the experts instead."""
+    router, _ = _deepseek_read(gate, block, scale_on_block=True)
+    router.weights = dataclasses.replace(router.weights, scale=1.0)
+    return router, None
+
+
+def _glu_fp32(experts: nn.Module) -> GatedActivation:
+    # Beam evaluates act(gate) · up in float32 inside experts of any dtype.
+    return GatedInDtype(GLU(activation_name(experts.act_fn)), torch.float32)
+
+
+DEEPSEEK_SCALED_AFTER = RouterForm(
+    "sigmoid (float32), selection bias, group-limited top-k; scaled after the experts",
+    _deepseek_scaled_after_read,
+    _deepseek_write,
+)
+CONCAT_GLU_FP32 = BankLayout(
+    "concat, GLU in float32", partial(_concat_read, activation=_glu_fp32), _concat_write
 )
