@@ -21,7 +21,7 @@ import hf_errors
 import pytest
 import torch
 import transformers
-from test_hf_families import HEADS, TOL, D, E, F, _grads_as_hf, _rel
+from test_hf_families import HEADS, TINY, TOL, D, E, F, _grads_as_hf, _rel
 from torch import Tensor, nn
 
 from moeblocks import HashSelection
@@ -219,6 +219,44 @@ def test_capture_routing_of_an_unswapped_hash_layer_reads_the_ids() -> None:
         model["mlp"](x, input_ids=ids)
     (routing,) = rec.routings["mlp"]
     assert torch.equal(routing.experts, model["mlp"].gate.tid2eid[ids.reshape(-1)])
+
+
+def test_swap_and_capture_a_whole_deepseek_v4() -> None:
+    # Its decoder hands input_ids to every MoE block: the swapped hash layer must get them.
+    from moeblocks.hf import capture_routing, swap_moe_blocks, unswap_moe_blocks
+
+    torch.manual_seed(0)
+    small = {"head_dim": 16, "q_lora_rank": 16, "o_lora_rank": 16, "index_head_dim": 8}
+    config = transformers.DeepseekV4Config(
+        **TINY, **small, intermediate_size=F, num_local_experts=4, num_experts_per_tok=2
+    )
+    config.mlp_layer_types = ["hash_moe", "moe"]
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():  # zeros (HF's init of both buffers) would hide a missed one
+        model.model.layers[0].mlp.gate.tid2eid.copy_(
+            torch.rand(TINY["vocab_size"], 4, generator=g).argsort(-1)[:, :2]
+        )
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.1, generator=g)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7), generator=g)
+    with torch.no_grad():
+        before = model(ids, output_router_logits=True)
+        assert swap_moe_blocks(model) == 2
+        after = model(ids, output_router_logits=True)
+        with capture_routing(model) as rec:
+            model(ids)
+    # The same blocks, summed in another order: float32 rounding only.
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-6)
+    # HF records the top-k layer's logits only (its recorder matches DeepseekV4TopKRouter).
+    assert len(after.router_logits) == len(before.router_logits) == 1
+    torch.testing.assert_close(after.router_logits[0], before.router_logits[0])
+    torch.testing.assert_close(after.aux_loss, before.aux_loss, rtol=1e-5, atol=1e-6)
+    hashed = rec.routings["model.layers.0.mlp"][0]
+    assert torch.equal(hashed.experts, state["model.layers.0.mlp.gate.tid2eid"][ids.reshape(-1)])
+    unswap_moe_blocks(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
 
 def test_every_row_here_is_a_family() -> None:
