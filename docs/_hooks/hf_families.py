@@ -42,8 +42,11 @@ def render_families(errors: dict[str, dict[str, float]]) -> str:
     for f in FAMILIES:
         row = errors.get(f.name, {})
         err = f"{_err(row, 'fp32')} / {_err(row, 'fp64')}"
+        bank = f.bank.name
+        if f.routed_scale is not None:  # ConstantScaledExperts around the bank
+            bank += f"; output × `{f.routed_scale}`"
         lines.append(
-            f"| {f.name} | `{f.block_class}` | {f.router.name} | {f.bank.name} "
+            f"| {f.name} | `{f.block_class}` | {f.router.name} | {bank} "
             f"| {f.shared.name} | {_RETURNS[f.returns]} | {err} |"
         )
     return "\n".join(lines)
