@@ -1028,7 +1028,7 @@ def _glu_fp32(experts: nn.Module) -> GatedActivation:
 
 
 DEEPSEEK_SCALED_AFTER = RouterForm(
-    "sigmoid (float32), selection bias, group-limited top-k; scaled after the experts",
+    "sigmoid (float32), selection bias, group-limited top-k, unscaled",
     _deepseek_scaled_after_read,
     _deepseek_write,
 )
