@@ -5,6 +5,7 @@ from moeblocks.activations import GLU as GLU
 from moeblocks.activations import ClampedGLU as ClampedGLU
 from moeblocks.activations import ClampedSwiGLU as ClampedSwiGLU
 from moeblocks.activations import GatedActivation as GatedActivation
+from moeblocks.activations import GatedInDtype as GatedInDtype
 from moeblocks.activations import SoftCappedSwiGLU as SoftCappedSwiGLU
 from moeblocks.adapters import AuxLosses as AuxLosses
 from moeblocks.adapters import TensorMoE as TensorMoE
@@ -17,6 +18,7 @@ from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
 from moeblocks.dispatchers import make_dispatcher as make_dispatcher
 from moeblocks.experts import ConcatExperts as ConcatExperts
+from moeblocks.experts import ConstantScaledExperts as ConstantScaledExperts
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
@@ -30,6 +32,7 @@ from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
 from moeblocks.gating import GatedSelection as GatedSelection
 from moeblocks.gating import GroupLimitedTopK as GroupLimitedTopK
+from moeblocks.gating import HashSelection as HashSelection
 from moeblocks.gating import Selection as Selection
 from moeblocks.gating import SparseMixer as SparseMixer
 from moeblocks.gating import TopK as TopK
@@ -77,6 +80,7 @@ __all__ = [
     "ClampedSwiGLU",
     "ConcatExperts",
     "ConstantK",
+    "ConstantScaledExperts",
     "CosineScorer",
     "Dispatcher",
     "DispersionLoss",
@@ -86,8 +90,10 @@ __all__ = [
     "ExpertInit",
     "GELUExperts",
     "GatedActivation",
+    "GatedInDtype",
     "GatedSelection",
     "GroupLimitedTopK",
+    "HashSelection",
     "IdentityExperts",
     "InspectableRouter",
     "KSchedule",

@@ -10,6 +10,8 @@ activation maps the gate and up projections of a GLU expert to its hidden vector
 - :class:`ClampedGLU` (GLM-5-Next, HY-V4, DeepSeek-V4): ``act(min(gate, l)) ⊙ clamp(up, −l, l)``,
   both halves clamped *before* the activation; with ``after_activation=True``
   (Bailing-Hybrid, Step-3.7): ``min(act(gate), l) ⊙ clamp(up, −l, l)``.
+- :class:`GatedInDtype` (Beam): any gated activation computed in another dtype (float32
+  in a float64 or bfloat16 expert), its result cast back.
 - :class:`SoftCappedSwiGLU` (Inkling2): ``cap_g(gate) · σ(gate) ⊙ cap_u(up)`` with the
   soft cap ``cap_c(v) = c · tanh(v / c)``.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "ClampedGLU",
     "ClampedSwiGLU",
     "GatedActivation",
+    "GatedInDtype",
     "SoftCappedSwiGLU",
     "activation_fn",
 ]
@@ -210,3 +213,36 @@ class SoftCappedSwiGLU:
         capped_gate = torch.tanh(gate / self.gate_cap) * self.gate_cap
         capped_up = torch.tanh(up / self.up_cap) * self.up_cap
         return (capped_gate * torch.sigmoid(gate) * capped_up).to(out_dtype)
+
+
+@dataclass(frozen=True)
+class GatedInDtype:
+    """Any gated activation computed in ``dtype``: ``inner(gate.to(dtype), up.to(dtype))``.
+
+    The result is cast back to the dtype of ``gate``. Beam evaluates its SwiGLU in float32
+    inside experts of any dtype, so in a float64 model the hidden vector is rounded to
+    float32 (and in bfloat16 it is computed more precisely than the projections).
+
+    Args:
+        activation: The gated activation to run (e.g. ``GLU("silu")``).
+        dtype: A floating dtype to compute it in (default float32).
+    """
+
+    activation: GatedActivation
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.activation, GatedActivation):
+            raise TypeError(
+                "activation must be a gated activation (gate, up) -> hidden, "
+                f"got {type(self.activation).__name__}"
+            )
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+
+    def __call__(
+        self, gate: Float[Tensor, "R F"], up: Float[Tensor, "R F"]
+    ) -> Float[Tensor, "R F"]:
+        """``inner(gate, up)`` in ``dtype``, cast back to ``gate``'s dtype."""
+        _check_pair(gate, up)
+        return self.activation(gate.to(self.dtype), up.to(self.dtype)).to(gate.dtype)

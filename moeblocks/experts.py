@@ -30,6 +30,7 @@ from moeblocks.grouped import grouped_mm, resolve_backend
 
 __all__ = [
     "ConcatExperts",
+    "ConstantScaledExperts",
     "ExpertBank",
     "ExpertInit",
     "GELUExperts",
@@ -555,3 +556,52 @@ class ScaledExperts(nn.Module):
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"init={self.init}"
+
+
+class ConstantScaledExperts(nn.Module):
+    """Any expert bank whose output rows are multiplied by a constant, in their dtype.
+
+    ``out = scale · experts(grouped, group_sizes)``. This is a routed scaling factor that
+    a model applies to the summed routed output after the experts, in the model dtype
+    (Laguna, Step-3.7, MiniMax-M3, Beam): the combine is a weighted sum, so scaling each
+    row is the same function, and unlike folding the factor into the combine weights
+    (``WeightPolicy(scale=...)``, computed in the routing dtype, often float32) the
+    product is rounded in the model dtype as the model rounds it.
+
+    Args:
+        experts: The wrapped bank (kept as ``self.experts``, with its parameters).
+        scale: The factor, finite and > 0.
+    """
+
+    def __init__(self, experts: ExpertBank, scale: float) -> None:
+        super().__init__()
+        if not isinstance(experts, nn.Module) or not isinstance(experts, ExpertBank):
+            raise TypeError(
+                f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
+            )
+        if isinstance(scale, bool) or not (
+            isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+        ):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.experts = experts
+        self.scale = float(scale)
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.experts.num_experts
+
+    @property
+    def dim(self) -> int:
+        """Model dimension D."""
+        return self.experts.dim
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """The wrapped bank's rows times ``scale``."""
+        return self.experts(grouped, group_sizes) * self.scale
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"scale={self.scale}"

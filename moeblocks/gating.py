@@ -15,11 +15,12 @@ independent steps:
     | ``"sigmoid"`` | ``sigmoid(logits)`` | ``probs`` | ``probs`` of the chosen |
     | ``"softmax_topk"`` | softmax over all E | ``logits`` | softmax over the K chosen logits |
     | ``"sigmoid_logits"`` | ``sigmoid(logits)`` | ``logits`` | ``probs`` of the chosen |
+    | ``"sqrt_softplus"`` | ``sqrt(softplus(logits))`` | ``probs`` | ``probs`` of the chosen |
 
     (Mixtral, Qwen-MoE, OLMoE and SRA use ``"softmax"``; DeepSeek-V3 and Llama-4
     ``"sigmoid"``; GPT-OSS ``"softmax_topk"``; Kolibri ``"sigmoid_logits"``, which differs
     from ``"sigmoid"`` only when a selection bias is added: to the logits, not to the
-    sigmoids.) A selection-only bias (see
+    sigmoids; DeepSeek-V4 ``"sqrt_softplus"``.) A selection-only bias (see
     :class:`~moeblocks.balancing.BiasBalancer`) is added to the key, never to the gates.
 
 2.  **Selection** picks K experts per token from the key: :class:`TopK`, or
@@ -27,6 +28,8 @@ independent steps:
     them). A :class:`DynamicSelection` gives each token its own number of experts and
     marks which of the K slots are real: :class:`TopP` (experts until their mass
     reaches p) and :class:`ExpertChoice` (each expert takes its best tokens).
+    :class:`HashSelection` ignores the key: a fixed table maps each token id to its
+    experts (the router is then given ``token_ids``).
 
 3.  **Weight policy** turns the gates into combine weights: :class:`WeightPolicy`
     (renormalise always, only for K > 1, or never; then multiply by a routed scaling
@@ -43,7 +46,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from moeblocks._checks import check_float, value_checks
+from moeblocks._checks import check_expert_ids, check_float, check_index, value_checks
 
 __all__ = [
     "SCORINGS",
@@ -52,6 +55,7 @@ __all__ = [
     "ExpertChoice",
     "GatedSelection",
     "GroupLimitedTopK",
+    "HashSelection",
     "Selection",
     "SoftCappedScorer",
     "SparseMixer",
@@ -64,7 +68,7 @@ __all__ = [
     "selection_key",
 ]
 
-SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sigmoid_logits")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sigmoid_logits", "sqrt_softplus")
 """The scoring-function names a :class:`~moeblocks.Router` accepts."""
 
 
@@ -80,6 +84,8 @@ def score_probs(scoring: str, logits: Float[Tensor, "T E"]) -> Float[Tensor, "T 
     check_scoring(scoring)
     if scoring in ("sigmoid", "sigmoid_logits"):
         return torch.sigmoid(logits)
+    if scoring == "sqrt_softplus":  # DeepSeek-V4: unbounded above, no sum to 1
+        return torch.nn.functional.softplus(logits).sqrt()
     return torch.softmax(logits, dim=-1)
 
 
@@ -469,6 +475,16 @@ class SoftCappedScorer(nn.Module):
         return self.scorer.num_experts
 
     @property
+    def weight_ED(self) -> Tensor | None:
+        """The wrapped scorer's weight ``[E, D]`` if it has one (``Router.gate_weight``)."""
+        return getattr(self.scorer, "weight_ED", None)
+
+    @property
+    def bias_E(self) -> Tensor | None:
+        """The wrapped scorer's bias ``[E]`` if it has one (``Router.gate_bias``)."""
+        return getattr(self.scorer, "bias_E", None)
+
+    @property
     def compute_dtype(self) -> str:
         """``"float32"`` when the cap runs in float32 (what a router logit tap reads)."""
         return "float32" if self.dtype == torch.float32 else "input"
@@ -628,3 +644,90 @@ class AlwaysOnTopK:
         chosen_TK = key[:, :routed].topk(k, dim=-1).indices
         always_TS = torch.arange(routed, E, device=key.device).expand(T, self.num_always)
         return torch.cat([chosen_TK, always_TS], dim=1)
+
+
+class HashSelection(nn.Module):
+    """Hash routing: a fixed table maps each token id to its K experts.
+
+    Hash Layers (Roller et al., 2021) and DeepSeek-V4's first MoE layers choose the
+    experts of a token by its id in the vocabulary, not by its scores: row ``v`` of
+    ``table_VK`` lists the K experts of token id ``v``. The scores still give the gates.
+    The router passes the ids (``Router(tokens, token_ids=...)``; a
+    :class:`~moeblocks.MoELayer` takes ``token_ids=`` in the input's leading shape). The
+    table is a buffer (saved, moved with the module, never trained); its default spreads
+    the ids round-robin, ``table[v, j] = (v · K + j) mod E``.
+
+    Args:
+        vocab_size: Number of token ids V (rows of the table).
+        k: Experts per token K (columns); the router's k must equal it.
+        num_experts: Number of experts E the ids in the table index.
+    """
+
+    needs_token_ids = True
+    """The router passes ``token_ids`` to this selection."""
+
+    def __init__(self, vocab_size: int, k: int, num_experts: int) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("k", k), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if k > num_experts:
+            raise ValueError(f"k ({k}) must be <= num_experts ({num_experts})")
+        self.num_experts = num_experts
+        self.register_buffer("table_VK", torch.empty(vocab_size, k, dtype=torch.long))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fill the table round-robin (no random draw), in place."""
+        V, K = self.table_VK.shape
+        ids = torch.arange(V * K, device=self.table_VK.device).view(V, K)
+        self.table_VK.copy_(ids % self.num_experts)
+
+    def check(self, num_experts: int, max_k: int) -> None:
+        """The router's E must be the table's, and its k the table's width."""
+        K = self.table_VK.shape[1]
+        if num_experts != self.num_experts or max_k != K:
+            raise ValueError(
+                f"HashSelection holds {K} of {self.num_experts} experts per token id; the "
+                f"router has {num_experts} experts and k up to {max_k}"
+            )
+
+    def forward(
+        self, key: Float[Tensor, "T E"], k: int, token_ids: Int[Tensor, " T"] | None = None
+    ) -> Int[Tensor, "T K"]:
+        """The table's rows for ``token_ids`` (``key`` gives only T and the device).
+
+        Raises:
+            ValueError: Without ``token_ids``, with ids of another length than ``key``'s
+                T, or (on CPU) with ids outside ``[0, V)`` or table entries outside
+                ``[0, E)``.
+            TypeError: If ``token_ids`` is not an integer tensor.
+        """
+        check_float(key, "key", 2)
+        self.check(key.shape[1], k)
+        if token_ids is None:
+            raise ValueError(
+                "HashSelection routes by token id: pass token_ids (MoELayer(x, token_ids=ids))"
+            )
+        check_index(token_ids, "token_ids", 1)
+        if token_ids.shape[0] != key.shape[0]:
+            raise ValueError(
+                f"token_ids must have shape [{key.shape[0]}] (one per token), "
+                f"got {tuple(token_ids.shape)}"
+            )
+        V = self.table_VK.shape[0]
+        if token_ids.numel() and value_checks(token_ids, False):
+            low, high = torch.aminmax(token_ids)
+            if bool((low < 0) | (high >= V)):
+                raise ValueError(
+                    f"token_ids must be in [0, {V}) (the table's vocab_size), got values in "
+                    f"[{int(low)}, {int(high)}]"
+                )
+        check_expert_ids(self.table_VK, self.num_experts, False, "HashSelection.table_VK")
+        return self.table_VK.index_select(0, token_ids.long())
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        V, K = self.table_VK.shape
+        return f"vocab_size={V}, k={K}, num_experts={self.num_experts}"

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from moeblocks._checks import value_checks, warn_non_finite
+from moeblocks._checks import check_index, value_checks, warn_non_finite
 from moeblocks.capacity import Capacity
 from moeblocks.dispatch import Dispatcher
 from moeblocks.experts import ExpertBank
@@ -58,6 +58,17 @@ def _row_weights(routing: Routing, layout: Layout) -> Float[Tensor, "R 1"]:
     slot_R = layout.slot_of_row
     w_R = routing.weights.reshape(-1).index_select(0, slot_R.clamp(min=0))
     return w_R.masked_fill(slot_R < 0, 0).unsqueeze(1)
+
+
+def _flat_ids(token_ids: object, x: Tensor) -> Tensor:
+    """``token_ids`` flattened to ``[T]``, after checking it has ``x``'s leading shape."""
+    ids = check_index(token_ids, "token_ids")
+    if ids.shape != x.shape[:-1] or ids.device != x.device:
+        raise ValueError(
+            f"token_ids must be an integer tensor of shape {tuple(x.shape[:-1])} on "
+            f"{x.device}, got {tuple(ids.shape)} on {ids.device}"
+        )
+    return ids.reshape(-1)
 
 
 def _check_losses(losses: object) -> dict[str, AuxLoss]:
@@ -287,6 +298,8 @@ class MoELayer(nn.Module):
         x: Float[Tensor, "*batch D"],
         k: int | None = None,
         mask: Bool[Tensor, "*batch"] | None = None,
+        *,
+        token_ids: Int[Tensor, "*batch"] | None = None,
     ) -> MoEOutput:
         """Apply the layer.
 
@@ -295,6 +308,9 @@ class MoELayer(nn.Module):
             k: Experts per token; ``None`` takes the router's schedule.
             mask: True for real tokens; padding is left out of the auxiliary losses
                 (it is still routed, so the output shape is unchanged).
+            token_ids: Each token's id in the vocabulary, for a router that routes by
+                id (:class:`~moeblocks.gating.HashSelection`); passed to the router
+                only when given.
 
         Returns:
             :class:`~moeblocks.routing.MoEOutput` with the output, the weighted aux
@@ -308,7 +324,10 @@ class MoELayer(nn.Module):
         schedule = getattr(self.router, "schedule", None)
         if self.training and k is None and isinstance(schedule, KSchedule):
             schedule.note_training_use()  # warns once if nobody steps a curriculum
-        routing = self.router(tokens_TD, k=k)
+        if token_ids is None:
+            routing = self.router(tokens_TD, k=k)
+        else:
+            routing = self.router(tokens_TD, k=k, token_ids=_flat_ids(token_ids, x))
         self._check_routing(routing, tokens_TD.shape[0])
         routing = dataclasses.replace(routing, batch_shape=tuple(x.shape[:-1]))
         if self.capacity is not None:

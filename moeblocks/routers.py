@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from moeblocks._checks import check_float, check_tokens
@@ -356,13 +356,15 @@ class Router(nn.Module):
         noise_std: Standard deviation of Gaussian noise added to the scores, in training
             mode only (0 disables it). ``Routing.scores`` records the clean scores;
             ``probs`` and the choice use the noisy ones.
-        scoring: ``"softmax"``, ``"sigmoid"`` or ``"softmax_topk"``.
+        scoring: One of :data:`~moeblocks.gating.SCORINGS` (``"softmax"``,
+            ``"sigmoid"``, ``"softmax_topk"``, ``"sigmoid_logits"``, ``"sqrt_softplus"``).
         selection: :class:`~moeblocks.gating.TopK` (default) or
             :class:`~moeblocks.gating.GroupLimitedTopK`; or a dynamic k
             (:class:`~moeblocks.gating.TopP`, :class:`~moeblocks.gating.ExpertChoice`),
             whose record marks its real slots in ``Routing.slots``; or a selection that
             gives its own gates (:class:`~moeblocks.gating.SparseMixer`, with
-            ``scoring="softmax_topk"``).
+            ``scoring="softmax_topk"``); or :class:`~moeblocks.gating.HashSelection`,
+            fed by ``token_ids``.
         weights: The :class:`~moeblocks.gating.WeightPolicy` (default: renormalise for
             k > 1, no scaling).
         balancer: A :class:`~moeblocks.balancing.BiasBalancer` whose bias is added to
@@ -559,6 +561,8 @@ class Router(nn.Module):
         scores: Float[Tensor, "T E"],
         logits: Float[Tensor, "T E"],
         k: int,
+        *,
+        token_ids: Int[Tensor, " T"] | None = None,
     ) -> Routing:
         """The routing decision for given logits (``scores`` is only recorded).
 
@@ -566,6 +570,8 @@ class Router(nn.Module):
             scores: Clean scores, stored in the record.
             logits: The scores the decision uses (noisy in training).
             k: Experts per token (already validated).
+            token_ids: Each token's id, for a selection that routes by id
+                (:class:`~moeblocks.gating.HashSelection`); other selections ignore it.
 
         Raises:
             ValueError: If ``scores`` and ``logits`` are not both ``[T, num_experts]``.
@@ -586,6 +592,8 @@ class Router(nn.Module):
             experts_TK, gates_TK = self.selection.choose(key_TE, k, self.training)
         elif isinstance(self.selection, DynamicSelection):
             experts_TK, slots_TK = self.selection.select(key_TE, k)
+        elif getattr(self.selection, "needs_token_ids", False):
+            experts_TK = self.selection(key_TE, k, token_ids=token_ids)
         else:
             experts_TK = self.selection(key_TE, k)
         if gates_TK is None:
@@ -597,13 +605,21 @@ class Router(nn.Module):
             self.balancer.observe(seen)
         return Routing(scores, probs_TE, experts_TK, weights_TK, slots=slots_TK)
 
-    def forward(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
+    def forward(
+        self,
+        tokens: Float[Tensor, "T D"],
+        k: int | None = None,
+        *,
+        token_ids: Int[Tensor, " T"] | None = None,
+    ) -> Routing:
         """Route tokens.
 
         Args:
             tokens: Token vectors.
             k: Experts per token; ``None`` takes the schedule's current k. An explicit k
                 serves inference-time k-sweeps.
+            token_ids: Each token's id in the vocabulary, for a selection that routes by
+                id (:class:`~moeblocks.gating.HashSelection`); ignored by the others.
 
         Returns:
             The :class:`Routing` record.
@@ -614,7 +630,7 @@ class Router(nn.Module):
         """
         k = self.schedule.k if k is None else self.check_k(k)
         scores_TE, logits_TE = self.score(tokens)
-        return self.decide(scores_TE, logits_TE, k)
+        return self.decide(scores_TE, logits_TE, k, token_ids=token_ids)
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""

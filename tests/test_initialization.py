@@ -69,6 +69,11 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "mlp experts": lambda: mb.MLPExperts(E, D, F, activation="relu"),
     "gelu experts, std": lambda: mb.GELUExperts(E, D, F, init=mb.ExpertInit(std=0.02)),
     "shared experts, gated": lambda: mb.SharedExperts(mb.SwiGLUExperts(1, D, F), gate=True),
+    "constant-scaled experts": lambda: mb.ConstantScaledExperts(mb.SwiGLUExperts(E, D, F), 2.5),
+    "hash selection": lambda: mb.HashSelection(16, 2, E),
+    "router with hash selection": lambda: mb.Router(
+        mb.LinearScorer(D, E), 2, scoring="sqrt_softplus", selection=mb.HashSelection(16, 2, E)
+    ),
     "layer": _layer,
     "layer with balancer": lambda: _layer(balancer=mb.BiasBalancer(E)),
     # j27c: a bank beside parameter-free experts (they have nothing to initialise).

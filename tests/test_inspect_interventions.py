@@ -36,11 +36,13 @@ def test_no_edit_is_identity_and_parameters_are_shared():
 def test_the_core_router_has_no_intervention_hook():
     import inspect
 
+    # token_ids feed a HashSelection (routing by token id): an input, not an edit.
     assert list(inspect.signature(mb.Router.decide).parameters) == [
         "self",
         "scores",
         "logits",
         "k",
+        "token_ids",
     ]
 
 

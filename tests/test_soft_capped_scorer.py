@@ -73,3 +73,12 @@ def test_a_router_on_capped_scores_matches_a_per_token_reference(
         probs = [1 / (1 + math.exp(-v)) for v in capped[t].tolist()]
         order = sorted(range(E), key=lambda e: -probs[e])[:K]
         assert sorted(routing.experts[t].tolist()) == sorted(order)
+
+
+def test_a_router_reads_the_wrapped_weight_through_the_cap() -> None:
+    # Router.gate_weight (what hf/ writes Laguna's router weight from) is the inner
+    # scorer's parameter itself, not a copy.
+    inner = mb.LinearScorer(3, 2, bias=True)
+    router = mb.Router(SoftCappedScorer(inner, 2.0), 1)
+    assert router.gate_weight is inner.weight_ED
+    assert router.gate_bias is inner.bias_E

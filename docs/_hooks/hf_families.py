@@ -47,13 +47,16 @@ def render_families(errors: dict[str, dict[str, float]]) -> str:
     for f in FAMILIES:
         row = errors.get(f.name, {})
         err = f"{_err(row, 'fp32')} / {_err(row, 'fp64')}"
+        bank = f.bank.name
+        if f.routed_scale is not None:  # ConstantScaledExperts around the bank
+            bank += f"; output × `{f.routed_scale}`"
         if f.hf_block_is_wrong:
             err += " (vs the published routing, see below)"
             notes.append(f"- **{f.name}**: HF's block is wrong: {f.hf_block_is_wrong}.")
             if f.no_swap:
                 notes.append(f"  `swap_moe_blocks` refuses it: {f.no_swap}.")
         lines.append(
-            f"| {f.name} | `{f.block_class}` | {f.router.name} | {f.bank.name} "
+            f"| {f.name} | `{f.block_class}` | {f.router.name} | {bank} "
             f"| {f.shared.name} | {_RETURNS[f.returns]} | {err} |"
         )
     if notes:

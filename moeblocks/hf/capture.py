@@ -140,11 +140,12 @@ def _block_hook(
 ) -> Callable[..., None]:
     def hook(_module: nn.Module, args: tuple, kwargs: dict, _output: object) -> None:
         x = args[0] if args else kwargs["hidden_states"]
+        ids = kwargs.get("input_ids")  # DeepSeek-V4's hash layers route by token id
         # ERNIE-4.5-VL hands its modality blocks their tokens flattened to 1-D.
         batch = tuple(x.shape[:-1]) if x.shape[-1] == router.dim else (-1,)
         with torch.no_grad():
             tokens = x.detach().reshape(-1, router.dim)
-            routing = router(tokens)
+            routing = router(tokens) if ids is None else router(tokens, token_ids=ids.reshape(-1))
             batch = (tokens.shape[0],) if batch == (-1,) else batch
             routing = dataclasses.replace(routing, batch_shape=batch)
             if capacity is not None:  # Switch: dropped copies, as HF drops them

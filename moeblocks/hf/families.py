@@ -30,13 +30,20 @@ from moeblocks.hf.layouts import (
     CONCAT,
     CONCAT_CLAMPED,
     CONCAT_CLAMPED_AFTER,
+    CONCAT_CLAMPED_LIMIT,
+    CONCAT_CLAMPED_SWIGLU,
+    CONCAT_GLU_FP32,
     CONCAT_IDENTITY,
     CONCAT_SOFT_CAPPED,
     DBRX,
     DEEPSEEK,
+    DEEPSEEK_SCALED_AFTER,
     DEEPSEEK_V2,
+    DEEPSEEK_V4,
     DOGE,
     ERNIE,
+    FUSED_CLAMPED_SWIGLU_SHARED,
+    GATE_BIAS_SIGMOID,
     GATED_SHARED_EXPERT,
     GPT_OSS,
     HY_V3,
@@ -58,8 +65,10 @@ from moeblocks.hf.layouts import (
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
     SHARED_EXPERTS_CLAMPED_AFTER,
+    SHARED_EXPERTS_CLAMPED_LIMIT,
     SHARED_MLP,
     SIGMOID_TOPK,
+    SOFT_CAPPED_SIGMOID,
     SOFTMAX,
     SOFTMAX_FP32_FLAG,
     SOFTMAX_NORM_FLAG,
@@ -75,6 +84,8 @@ from moeblocks.hf.layouts import (
     RouterForm,
     SharedForm,
     compose,
+    scale_routed,
+    unscale_routed,
 )
 from moeblocks.layer import MoELayer
 
@@ -118,6 +129,9 @@ class Family:
         no_swap: Empty, or why :func:`~moeblocks.hf.swap_moe_blocks` refuses the class.
         experts_attr: Attribute of the block that holds the routed experts (``""``: the
             block itself, as Doge's ``down_embed`` / ``up_embed``).
+        routed_scale: Attribute of the block holding a factor that multiplies the summed
+            routed output after the experts, in the model dtype (the layer's bank is then
+            a :class:`~moeblocks.ConstantScaledExperts`); None when there is none.
     """
 
     name: str
@@ -133,10 +147,11 @@ class Family:
     hf_block_is_wrong: str = ""
     no_swap: str = ""
     experts_attr: str = "experts"
+    routed_scale: str | None = None
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
-        return compose(
+        layer = compose(
             block,
             self.router_attr,
             self.router,
@@ -145,15 +160,21 @@ class Family:
             dispatcher,
             experts_attr=self.experts_attr,
         )
+        if self.routed_scale is not None:
+            layer = scale_routed(layer, block, self.routed_scale)
+        return layer
 
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
         self.router.write(layer.router, getattr(block, self.router_attr), block)
+        bank = layer.experts
+        if self.routed_scale is not None:
+            bank = unscale_routed(layer, block, self.routed_scale)
         if self.bank.from_block or not self.experts_attr:
             experts = block
         else:
             experts = getattr(block, self.experts_attr)
-        self.bank.write(layer.experts, experts)
+        self.bank.write(bank, experts)
         self.shared.write(layer.shared, block)
 
 
@@ -438,6 +459,57 @@ FAMILIES: tuple[Family, ...] = (
         router_attr="router",
     ),
     Family("inkling", "InklingMoE", "InklingTopkRouter", ALWAYS_ON_SIGMOID, ROUTER_WEIGHTED_SHARED),
+    # j27a: router parts and block conventions
+    Family(
+        "step3p7",
+        "Step3p7SparseMoeBlock",
+        "Step3p7TopKRouter",
+        GATE_BIAS_SIGMOID,
+        CONCAT_CLAMPED_AFTER,
+        SHARED_EXPERTS_CLAMPED_AFTER,
+        routed_scale="routed_scaling_factor",
+    ),
+    Family(
+        "dots3_note_vision",
+        "Dots3NoteVisionMoE",
+        "Dots3NoteVisionTopKRouter",
+        HY_V3,
+        CONCAT,
+    ),
+    Family(
+        "minimax_m3_vl",
+        "MiniMaxM3VLSparseMoeBlock",
+        "MiniMaxM3VLTopKRouter",
+        GATE_BIAS_SIGMOID,
+        CONCAT_CLAMPED_SWIGLU,
+        FUSED_CLAMPED_SWIGLU_SHARED,
+        routed_scale="routed_scaling_factor",
+    ),
+    Family(
+        "laguna",
+        "LagunaSparseMoeBlock",
+        "LagunaTopKRouter",
+        SOFT_CAPPED_SIGMOID,
+        CONCAT,
+        SHARED_EXPERTS,
+        routed_scale="routed_scaling_factor",
+    ),
+    Family(
+        "deepseek_v4",
+        "DeepseekV4SparseMoeBlock",
+        "DeepseekV4TopKRouter",
+        DEEPSEEK_V4,
+        CONCAT_CLAMPED_LIMIT,
+        SHARED_EXPERTS_CLAMPED_LIMIT,
+    ),
+    Family(
+        "beam",
+        "BeamMoE",
+        "BeamTopKRouter",
+        DEEPSEEK_SCALED_AFTER,
+        CONCAT_GLU_FP32,
+        routed_scale="routed_scaling_factor",
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -481,16 +553,6 @@ REFUSED: tuple[Refusal, ...] = (
         ),
     ),
     Refusal(
-        "beam",
-        "BeamMoE",
-        _needs("a GLU computed in float32 inside a float64 expert (HF upcasts, then rounds)"),
-    ),
-    Refusal(
-        "deepseek_v4",
-        "DeepseekV4SparseMoeBlock",
-        _needs("sqrt-softplus scoring", "token-id hash routing"),
-    ),
-    Refusal(
         "diffusion_gemma",
         "DiffusionGemmaEncoderTextLayer",
         _needs("a decoder-inline MoE with its own norms and a normalising router"),
@@ -499,12 +561,6 @@ REFUSED: tuple[Refusal, ...] = (
         "diffusion_gemma",
         "DiffusionGemmaDecoderTextLayer",
         _needs("a decoder-inline MoE with its own norms and a normalising router"),
-    ),
-    Refusal(
-        "dots3_note",
-        "Dots3NoteVisionMoE",
-        "not converted yet: its router is HY-V3's form, but the block is built from a "
-        "per-layer config and has no tiny test here yet",
     ),
     Refusal(
         "ergo",
@@ -531,21 +587,6 @@ REFUSED: tuple[Refusal, ...] = (
     ),
     Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
     Refusal(
-        "laguna",
-        "LagunaSparseMoeBlock",
-        _needs(
-            "the routed-output scale applied after the experts, in the model dtype (folded "
-            "into the float32 combine weights, with SoftCappedScorer for its logit cap, a "
-            "float64 model differs by ~1e-8)"
-        ),
-    ),
-    Refusal(
-        "minimax_m3_vl",
-        "MiniMaxM3VLSparseMoeBlock",
-        "not converted yet: a MiniMax-M2-style biased sigmoid router (bias on the router), "
-        "the routed output scaled on the block, and a dense shared MLP not yet read",
-    ),
-    Refusal(
         "muse_spark",
         "MuseSparkMoE",
         _needs("a down/up projection around the experts", "a per-expert output norm"),
@@ -558,14 +599,15 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(
         "openai_privacy_filter",
         "OpenAIPrivacyFilterMLP",
-        "not converted yet: its block returns the combine weights divided by k (and "
-        "multiplies the output by k), a return convention the swap adapter lacks",
-    ),
-    Refusal(
-        "step3p7",
-        "Step3p7SparseMoeBlock",
-        "not converted yet: ClampedGLU(after_activation=True) covers its experts; its router "
-        "and block differ from every row and are not reviewed",
+        "its router, experts and combine run in float32 whatever the model dtype (inputs "
+        "and weights upcast, the k weighted outputs summed in float32 in expert order, "
+        "then rounded to the model dtype and multiplied by k): a layer computing in the "
+        "model dtype differs in bfloat16 by bfloat16 rounding, and one computing in "
+        "float32 would still sum the k outputs in slot order, so a float64 model differs "
+        "by float32 rounding (~1e-7 at its k = 4), above the 1e-10 bound. The rest is "
+        "stock: a biased float32 router, top-k of the logits, softmax over the k divided "
+        "by k (what the block returns), GPT-OSS's clamped SwiGLU on a concatenated, "
+        "biased layout",
     ),
     Refusal(
         "vitpose_backbone",

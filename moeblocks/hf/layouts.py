@@ -22,6 +22,7 @@ Weight layouts (transformers 5.x):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -29,11 +30,19 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation, SoftCappedSwiGLU
+from moeblocks.activations import (
+    GLU,
+    ClampedGLU,
+    ClampedSwiGLU,
+    GatedActivation,
+    GatedInDtype,
+    SoftCappedSwiGLU,
+)
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
 from moeblocks.experts import (
     ConcatExperts,
+    ConstantScaledExperts,
     IdentityExperts,
     MLPExperts,
     ScaledExperts,
@@ -42,7 +51,9 @@ from moeblocks.experts import (
 from moeblocks.gating import (
     AlwaysOnTopK,
     GroupLimitedTopK,
+    HashSelection,
     Selection,
+    SoftCappedScorer,
     SparseMixer,
     TopK,
     WeightPolicy,
@@ -61,12 +72,19 @@ __all__ = [
     "CONCAT",
     "CONCAT_CLAMPED",
     "CONCAT_CLAMPED_AFTER",
+    "CONCAT_CLAMPED_LIMIT",
+    "CONCAT_CLAMPED_SWIGLU",
+    "CONCAT_GLU_FP32",
     "CONCAT_IDENTITY",
     "CONCAT_SOFT_CAPPED",
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
+    "DEEPSEEK_SCALED_AFTER",
     "DEEPSEEK_V2",
+    "DEEPSEEK_V4",
+    "FUSED_CLAMPED_SWIGLU_SHARED",
     "GATED_SHARED_EXPERT",
+    "GATE_BIAS_SIGMOID",
     "GPT_OSS",
     "HY_V3",
     "INTERLEAVED",
@@ -84,6 +102,7 @@ __all__ = [
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
     "SHARED_EXPERTS_CLAMPED_AFTER",
+    "SHARED_EXPERTS_CLAMPED_LIMIT",
     "SHARED_MLP",
     "SIGMOID_TOPK",
     "SOFTMAX",
@@ -92,6 +111,7 @@ __all__ = [
     "SOFTMAX_RAW",
     "SOFTMAX_TOPK",
     "SOFTMAX_TOPK_MODEL_DTYPE",
+    "SOFT_CAPPED_SIGMOID",
     "STACKED",
     "SWITCH",
     "TOP2_CAPACITY",
@@ -99,6 +119,8 @@ __all__ = [
     "BankLayout",
     "RouterForm",
     "SharedForm",
+    "scale_routed",
+    "unscale_routed",
 ]
 
 # transformers' activation classes by name -> moeblocks activation names.
@@ -1350,4 +1372,185 @@ ALWAYS_ON_SIGMOID = RouterForm(
     "renormalised over both, scaled",
     _always_on_sigmoid_read,
     _always_on_sigmoid_write,
+)
+
+
+# --- j27a: the routed output scaled after the experts; more router, bank, shared forms --
+
+
+def scale_routed(layer: MoELayer, block: nn.Module, attr: str) -> MoELayer:
+    """Wrap ``layer``'s bank in :class:`~moeblocks.ConstantScaledExperts` by ``block.<attr>``.
+
+    For blocks that multiply the summed routed output by a factor after the experts, in
+    the model dtype (``routed_scaling_factor`` of Laguna, Step-3.7, MiniMax-M3, Beam).
+    """
+    layer.experts = ConstantScaledExperts(layer.experts, float(getattr(block, attr)))
+    return layer
+
+
+def unscale_routed(layer: MoELayer, block: nn.Module, attr: str) -> nn.Module:
+    """The bank in ``layer``'s :class:`~moeblocks.ConstantScaledExperts`, its scale checked."""
+    bank, want = layer.experts, float(getattr(block, attr))
+    if not isinstance(bank, ConstantScaledExperts) or bank.scale != want:
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} needs a layer whose bank is ConstantScaledExperts "
+            f"with scale {want} (its {attr}), got {bank!r}"
+        )
+    return bank.experts
+
+
+def _gate_bias_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Step-3.7 / MiniMax-M3: as BLOCK_BIAS_SIGMOID, the selection bias on the router."""
+    return _sigmoid_biased_read(
+        gate, gate, weight="weight", bias="e_score_correction_bias", fp32=False, eps=0.0, scale=None
+    )
+
+
+def _gate_bias_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _sigmoid_biased_write(router, gate, gate, weight="weight", bias="e_score_correction_bias")
+
+
+def _soft_capped_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Laguna: the same, on logits soft-capped in float32 when its cap is > 0."""
+    router, _ = _gate_bias_read(gate, block)
+    cap = float(gate.router_logit_softcapping)
+    if cap > 0:
+        scorer = _linear_scorer(gate.weight, None, "input")
+        router = router.with_parts(scorer=SoftCappedScorer(scorer, cap, torch.float32))
+    return router, None
+
+
+def _clamped_swiglu(experts: nn.Module) -> GatedActivation:
+    return ClampedSwiGLU(float(experts.swiglu_alpha), float(experts.swiglu_limit))
+
+
+def _fused_read(block: nn.Module, attr: str) -> SharedExperts:
+    """A shared MLP with one fused ``gate_up_proj`` Linear (gate rows first), bias-free."""
+    mlp = getattr(block, attr)
+    if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+        raise ValueError(f"shared expert {type(mlp).__name__} has biases; only bias-free is read")
+    width, D = mlp.gate_up_proj.weight.shape
+    bank = SwiGLUExperts(1, D, width // 2, activation=_clamped_swiglu(mlp))
+    _like(bank, mlp.gate_up_proj.weight)
+    copy_into(bank.w_in_EDF2[0], mlp.gate_up_proj.weight.t())
+    copy_into(bank.w_out_EFD[0], mlp.down_proj.weight.t())
+    return SharedExperts(bank)
+
+
+def _fused_write(shared: SharedExperts | None, block: nn.Module, attr: str) -> None:
+    mlp = getattr(block, attr)
+    if shared is None or not isinstance(shared.experts, SwiGLUExperts):
+        raise ValueError("to_hf: the block has a shared SwiGLU expert, the layer has none")
+    copy_into(mlp.gate_up_proj.weight, shared.experts.w_in_EDF2[0].t())
+    copy_into(mlp.down_proj.weight, shared.experts.w_out_EFD[0].t())
+
+
+GATE_BIAS_SIGMOID = RouterForm(
+    "sigmoid (float32), selection bias on the router, renormalised",
+    _gate_bias_read,
+    _gate_bias_write,
+)
+SOFT_CAPPED_SIGMOID = RouterForm(
+    "soft-capped logits (float32), sigmoid, selection bias, renormalised",
+    _soft_capped_read,
+    _gate_bias_write,  # the capped scorer exposes its linear scorer's weight
+)
+CONCAT_CLAMPED_SWIGLU = BankLayout(
+    "concat, GPT-OSS clamped SwiGLU",
+    partial(_concat_read, activation=_clamped_swiglu),
+    _concat_write,
+)
+FUSED_CLAMPED_SWIGLU_SHARED = SharedForm(
+    "ungated fused `shared_experts`, GPT-OSS clamped SwiGLU",
+    partial(_fused_read, attr="shared_experts"),
+    partial(_fused_write, attr="shared_experts"),
+)
+
+
+def _sqrt_softplus_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """DeepSeek-V4: sqrt-softplus scores in the model dtype, renormalised, scaled.
+
+    Its top-k router adds a selection bias; its hash router (the first layers) takes the
+    experts of each token id from a fixed table (:class:`~moeblocks.gating.HashSelection`).
+    """
+    E = gate.weight.shape[0]
+    selection: Selection
+    balancer = None
+    if hasattr(gate, "tid2eid"):
+        V, K = gate.tid2eid.shape
+        selection = HashSelection(V, K, E).to(gate.tid2eid.device)
+        copy_into(selection.table_VK, gate.tid2eid)
+    else:
+        selection = TopK()
+        balancer = BiasBalancer(E, rate=0.0).to(gate.e_score_correction_bias.device)
+        copy_into(balancer.bias, gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "input"),
+        gate.top_k,
+        scoring="sqrt_softplus",
+        selection=selection,
+        weights=WeightPolicy("always", scale=float(gate.routed_scaling_factor), eps=1e-20),
+        balancer=balancer,
+    )
+    return router, None
+
+
+def _sqrt_softplus_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _write_weight(router, gate, block)
+    if hasattr(gate, "tid2eid"):
+        if not isinstance(router.selection, HashSelection):
+            raise ValueError(f"to_hf: a {type(gate).__name__} needs a HashSelection")
+        copy_into(gate.tid2eid, router.selection.table_VK)
+    elif router.balancer is None:
+        raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
+    else:
+        copy_into(gate.e_score_correction_bias, router.balancer.bias)
+
+
+def _clamped_glu_limit(module: nn.Module) -> GatedActivation:
+    # DeepSeek-V4 keeps the clamp limit as `limit` and its activation as `act_fn`.
+    return ClampedGLU(activation_name(module.act_fn), float(module.limit))
+
+
+def _limit_clamped_shared_read(block: nn.Module) -> SharedExperts:
+    mlp = block.shared_experts
+    bank = _dense_glu(mlp)
+    bank.activation = _clamped_glu_limit(mlp)
+    return SharedExperts(bank)
+
+
+DEEPSEEK_V4 = RouterForm(
+    "sqrt-softplus, selection bias or token-id hash table, renormalised, scaled",
+    _sqrt_softplus_read,
+    _sqrt_softplus_write,
+)
+CONCAT_CLAMPED_LIMIT = BankLayout(
+    "concat, clamped GLU", partial(_concat_read, activation=_clamped_glu_limit), _concat_write
+)
+SHARED_EXPERTS_CLAMPED_LIMIT = SharedForm(
+    "ungated `shared_experts`, clamped GLU",
+    _limit_clamped_shared_read,
+    partial(_ungated_write, attr="shared_experts"),
+)
+
+
+def _deepseek_scaled_after_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Beam: DeepSeek-V3's router; the block's scale applies after the experts instead."""
+    router, _ = _deepseek_read(gate, block, scale_on_block=True)
+    router.weights = dataclasses.replace(router.weights, scale=1.0)
+    return router, None
+
+
+def _glu_fp32(experts: nn.Module) -> GatedActivation:
+    # Beam evaluates act(gate) · up in float32 inside experts of any dtype.
+    return GatedInDtype(GLU(activation_name(experts.act_fn)), torch.float32)
+
+
+DEEPSEEK_SCALED_AFTER = RouterForm(
+    "sigmoid (float32), selection bias, group-limited top-k, unscaled",
+    _deepseek_scaled_after_read,
+    _deepseek_write,
+)
+CONCAT_GLU_FP32 = BankLayout(
+    "concat, GLU in float32", partial(_concat_read, activation=_glu_fp32), _concat_write
 )

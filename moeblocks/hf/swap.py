@@ -179,12 +179,18 @@ class HFMoEBlock(nn.Module):
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         return logits
 
-    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Run the layer; return what the replaced HF block returns (see the class doc)."""
+    def forward(
+        self, hidden_states: Tensor, input_ids: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Run the layer; return what the replaced HF block returns (see the class doc).
+
+        ``input_ids`` (DeepSeek-V4's decoder passes them to its MoE blocks) reach the
+        layer as ``token_ids``, for a router that routes by token id.
+        """
         flat = self.family.returns == "flat_and_flat_logits"
         if flat and hidden_states.ndim == 1:  # ERNIE-4.5-VL's split flattens the tokens
             hidden_states = hidden_states.reshape(-1, self.layer.dim)
-        moe = self.layer(hidden_states)
+        moe = self.layer(hidden_states, token_ids=input_ids)
         if self.family.returns == "tensor_and_key_logits":
             # Doge records its [2n]-wide key logits, laid out [2, T, n] (its pairing).
             tokens_TD = hidden_states.reshape(-1, self.layer.dim)

@@ -164,8 +164,18 @@ class EditedRouter(nn.Module):
             )
         return self.tokens.to(device).reshape(T, 1)
 
-    def forward(self, tokens: Float[Tensor, "T D"], k: int | None = None) -> Routing:
-        """Route tokens with the edits applied (see the module docstring)."""
+    def forward(
+        self,
+        tokens: Float[Tensor, "T D"],
+        k: int | None = None,
+        *,
+        token_ids: Int[Tensor, " T"] | None = None,
+    ) -> Routing:
+        """Route tokens with the edits applied (see the module docstring).
+
+        ``token_ids`` go to the base router's selection as in
+        :meth:`~moeblocks.Router.forward` (a swapped DeepSeek-V4 block passes them).
+        """
         if self.k_override is not None:
             k = self.k_override
         k = self.base.schedule.k if k is None else self.base.check_k(k)
@@ -186,7 +196,7 @@ class EditedRouter(nn.Module):
             scorer=_MaskedScorer(self.base.scorer, sel_T1 & masked_E),
             selection=_ForcedFirst(self.base.selection, sel_T1 & force_E),
         )
-        r = edited(tokens, k)
+        r = edited(tokens, k, token_ids=token_ids)
         gates_TK = r.probs.gather(1, r.experts)
         order_TK = gates_TK.sort(dim=-1, descending=True, stable=True).indices
         return Routing(
