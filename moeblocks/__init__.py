@@ -15,10 +15,12 @@ from moeblocks.dispatch import Dispatcher as Dispatcher
 from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
 from moeblocks.dispatchers import make_dispatcher as make_dispatcher
+from moeblocks.experts import ConstantExperts as ConstantExperts
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
 from moeblocks.experts import MLPExperts as MLPExperts
+from moeblocks.experts import ProjectedExperts as ProjectedExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
@@ -65,6 +67,7 @@ __all__ = [
     "Capacity",
     "ClampedGLU",
     "ClampedSwiGLU",
+    "ConstantExperts",
     "ConstantK",
     "CosineScorer",
     "Dispatcher",
@@ -84,6 +87,7 @@ __all__ = [
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
+    "ProjectedExperts",
     "Router",
     "RouterProtocol",
     "Routing",

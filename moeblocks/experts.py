@@ -26,7 +26,15 @@ from moeblocks._checks import check_float, check_index, check_same_device, value
 from moeblocks.activations import GLU, GatedActivation, activation_fn
 from moeblocks.grouped import grouped_mm, resolve_backend
 
-__all__ = ["ExpertBank", "ExpertInit", "GELUExperts", "MLPExperts", "SwiGLUExperts"]
+__all__ = [
+    "ConstantExperts",
+    "ExpertBank",
+    "ExpertInit",
+    "GELUExperts",
+    "MLPExperts",
+    "ProjectedExperts",
+    "SwiGLUExperts",
+]
 
 
 @runtime_checkable
@@ -369,3 +377,132 @@ class GELUExperts(MLPExperts):
             dropout=dropout,
             sync_checks=sync_checks,
         )
+
+
+# --- banks around the stacked MLPs (issue 27: the layer structure of HF families) --------
+
+
+def _check_rows(grouped: Tensor, group_sizes: Tensor, dim: int, num_experts: int) -> None:
+    """Shapes of a bank's input (the inner bank checks dtype, device and values)."""
+    check_float(grouped, "grouped")
+    check_index(group_sizes, "group_sizes")
+    if grouped.ndim != 2 or grouped.shape[1] != dim:
+        raise ValueError(f"grouped must have shape [rows, {dim}], got {tuple(grouped.shape)}")
+    if group_sizes.shape != (num_experts,):
+        raise ValueError(
+            f"group_sizes must have shape [{num_experts}], got {tuple(group_sizes.shape)}"
+        )
+
+
+def _expert_of_row(group_sizes_E: Tensor, rows: int) -> Tensor:
+    E = group_sizes_E.shape[0]
+    # output_size keeps repeat_interleave free of a host sync.
+    arange_E = torch.arange(E, device=group_sizes_E.device)
+    return torch.repeat_interleave(arange_E, group_sizes_E, output_size=rows)
+
+
+class ConstantExperts(nn.Module):
+    """Experts that ignore their input: expert ``e`` outputs its learnable vector ``c_e``.
+
+    In a layer's shared slot, ``SharedExperts(ConstantExperts(1, dim))`` is a learnable
+    bias added to the layer output (JetMoE's MoE block). The input gets no gradient
+    through it; ``value_ED`` starts at zero.
+
+    Args:
+        num_experts: Number of experts E.
+        dim: Model dimension D.
+    """
+
+    def __init__(self, num_experts: int, dim: int) -> None:
+        super().__init__()
+        _check_dims(num_experts, dim, 1)
+        self.num_experts = num_experts
+        self.dim = dim
+        self.value_ED = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero every expert's output vector, in place."""
+        self.value_ED.zero_()
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """``c_e`` on each of expert ``e``'s rows, in the rows' dtype."""
+        _check_rows(grouped, group_sizes, self.dim, self.num_experts)
+        check_same_device(grouped, "grouped", self.value_ED, "the expert values")
+        expert_R = _expert_of_row(group_sizes, grouped.shape[0])
+        return self.value_ED.to(grouped.dtype).index_select(0, expert_R)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"num_experts={self.num_experts}, dim={self.dim}"
+
+
+class ProjectedExperts(nn.Module):
+    """A bank run in a smaller (latent) space: ``up(bank(norm(down(x))))`` per row.
+
+    Each grouped row is projected ``D → L`` (``x · w_down_DL (+ b_down_L)``), optionally
+    normalised, run through the inner bank of dimension L and projected back
+    ``L → D`` (``· w_up_LD``), before the layer combines the rows (NemotronH's latent
+    MoE, MuseSpark). Projecting back before the weighted sum equals HF's projecting
+    after it (the map is linear), up to rounding; an up-projection *bias* would be
+    scaled by the sum of the weights, so it is not offered here: put it on the layer
+    output (``SharedExperts(ConstantExperts(1, D))``). Both projections run once per
+    routed copy (K per token), not once per token.
+
+    Args:
+        experts: The inner bank (``dim`` L, ``num_experts`` E).
+        dim: Model dimension D.
+        bias: A learnable bias on the down projection (``b_down_L``, starts at zero).
+        norm: A module ``[R, L] -> [R, L]`` applied after the down projection.
+    """
+
+    def __init__(
+        self, experts: ExpertBank, dim: int, *, bias: bool = False, norm: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(experts, nn.Module) or not isinstance(experts, ExpertBank):
+            raise TypeError(
+                f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
+            )
+        _check_dims(experts.num_experts, dim, experts.dim)
+        if norm is not None and not isinstance(norm, nn.Module):
+            raise TypeError(f"norm must be None or an nn.Module, got {type(norm).__name__}")
+        self.experts = experts
+        self.norm = norm
+        self.num_experts = experts.num_experts
+        self.dim = dim
+        self.latent = experts.dim
+        self.w_down_DL = nn.Parameter(torch.empty(dim, self.latent))
+        self.b_down_L = nn.Parameter(torch.empty(self.latent)) if bias else None
+        self.w_up_LD = nn.Parameter(torch.empty(self.latent, dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default scale (uniform in ``±1/sqrt(fan_in)``), bias zero."""
+        nn.init.uniform_(self.w_down_DL, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
+        nn.init.uniform_(self.w_up_LD, -1 / math.sqrt(self.latent), 1 / math.sqrt(self.latent))
+        if self.b_down_L is not None:
+            self.b_down_L.zero_()
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """Project every row down, run its expert in the latent space, project back."""
+        _check_rows(grouped, group_sizes, self.dim, self.num_experts)
+        if grouped.dtype != self.w_down_DL.dtype:
+            raise TypeError(
+                f"grouped has dtype {grouped.dtype} but the projections are {self.w_down_DL.dtype}"
+            )
+        check_same_device(grouped, "grouped", self.w_down_DL, "the projections")
+        latent_RL = F.linear(grouped, self.w_down_DL.t(), self.b_down_L)
+        if self.norm is not None:
+            latent_RL = self.norm(latent_RL)
+        return F.linear(self.experts(latent_RL, group_sizes), self.w_up_LD.t())
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"dim={self.dim}, latent={self.latent}, bias={self.b_down_L is not None}"

@@ -223,6 +223,13 @@ SPECS = {
     "kolibri1_1": Spec(
         "kolibri1_1", "Kolibri1_1Config", {**QWEN_SHARED, **HEADS, "index_num_heads": 1}
     ),
+    # j27d
+    "nemotron_h": Spec(
+        "nemotron_h",
+        "NemotronHConfig",
+        # A latent space L = 12 < D around the relu² experts; a shared relu² MLP.
+        {**DEEPSEEK, "moe_latent_size": 12, "moe_shared_expert_intermediate_size": 2 * F},
+    ),
 }
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}
@@ -398,7 +405,9 @@ def test_every_new_row_has_a_spec() -> None:
         "llama4",
         "switch_transformers",
     }
-    assert set(ROWS) - first == set(SPECS)
+    # j27d: rows whose router the Spec machinery cannot call, tested in their own file.
+    elsewhere = {"jetmoe"}  # test_hf_families_structure.py
+    assert set(ROWS) - first == set(SPECS) | elsewhere
 
 
 def test_recorded_errors_cover_every_family() -> None:
@@ -449,6 +458,17 @@ WHOLE = {
         "HunYuanMoEV1Config",
         "HunYuanMoEV1ForCausalLM",
         {"intermediate_size": F, "num_experts": 4, "moe_topk": 2, "head_dim": 8},
+    ),
+    # j27d: an output bias; its attention has a router of the same class (unswapped).
+    "jetmoe": (
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        {
+            "intermediate_size": F,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "kv_channels": 8,
+        },
     ),
 }
 

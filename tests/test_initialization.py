@@ -68,6 +68,10 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "mlp experts": lambda: mb.MLPExperts(E, D, F, activation="relu"),
     "gelu experts, std": lambda: mb.GELUExperts(E, D, F, init=mb.ExpertInit(std=0.02)),
     "shared experts, gated": lambda: mb.SharedExperts(mb.SwiGLUExperts(1, D, F), gate=True),
+    "constant experts": lambda: mb.ConstantExperts(E, D),
+    "projected experts, bias": lambda: mb.ProjectedExperts(
+        mb.MLPExperts(E, F, F, activation="relu2"), D, bias=True
+    ),
     "layer": _layer,
     "layer with balancer": lambda: _layer(balancer=mb.BiasBalancer(E)),
 }

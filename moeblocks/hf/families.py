@@ -33,17 +33,22 @@ from moeblocks.hf.layouts import (
     GPT_OSS,
     HY_V3,
     INTERLEAVED,
+    JETMOE,
+    JETMOE_EXPERTS,
+    LATENT_MLP,
     LFM2,
     LLAMA4,
     LOGIT_BIAS_SIGMOID,
     MISTRAL4,
     MISTRAL_LARGE4,
     NO_SHARED,
+    OUTPUT_BIAS,
     PER_EXPERT,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
     SHARED_EXPERTS_CLAMPED_AFTER,
+    SHARED_EXPERTS_MLP,
     SHARED_MLP,
     SIGMOID_TOPK,
     SOFTMAX,
@@ -113,7 +118,7 @@ class Family:
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
         self.router.write(layer.router, getattr(block, self.router_attr), block)
-        self.bank.write(layer.experts, block.experts)
+        self.bank.write(layer.experts, block if self.bank.whole_block else block.experts)
         self.shared.write(layer.shared, block)
 
 
@@ -320,6 +325,25 @@ FAMILIES: tuple[Family, ...] = (
         logits_index=2,
         batched_logits=True,
     ),
+    # j27d: layer structure around the experts
+    Family(
+        "jetmoe",
+        "JetMoeMoE",
+        "JetMoeTopKGating",
+        JETMOE,
+        JETMOE_EXPERTS,
+        OUTPUT_BIAS,
+        router_attr="router",
+        logits_index=4,
+    ),
+    Family(
+        "nemotron_h",
+        "NemotronHMoE",
+        "NemotronHTopkRouter",
+        DEEPSEEK,
+        LATENT_MLP,
+        SHARED_EXPERTS_MLP,
+    ),
 )
 """Every converted block class, one row each."""
 
@@ -349,7 +373,6 @@ def _needs(*parts: str) -> str:
     return "needs " + "; ".join(parts) + " (not built yet)"
 
 
-_OUT_BIAS = "a bias added to the layer output"
 _NOT_REVIEWED = "not reviewed yet: its router or experts differ from every converted row"
 
 REFUSED: tuple[Refusal, ...] = (
@@ -430,7 +453,6 @@ REFUSED: tuple[Refusal, ...] = (
         "JetMoeMoA",
         _needs("attention-head experts (a mixture of attention heads)"),
     ),
-    Refusal("jetmoe", "JetMoeMoE", _needs(_OUT_BIAS)),
     Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
     Refusal(
         "laguna",
@@ -456,11 +478,6 @@ REFUSED: tuple[Refusal, ...] = (
         "muse_spark",
         "MuseSparkMoE",
         _needs("a down/up projection around the experts", "a per-expert output norm"),
-    ),
-    Refusal(
-        "nemotron_h",
-        "NemotronHMoE",
-        _needs("a down/up projection around the experts"),
     ),
     Refusal(
         "nllb_moe",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
-from moeblocks.experts import MLPExperts, SwiGLUExperts
+from moeblocks.experts import ConstantExperts, MLPExperts, ProjectedExperts, SwiGLUExperts
 from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
 from moeblocks.routers import LinearScorer, Router
@@ -53,17 +53,22 @@ __all__ = [
     "GPT_OSS",
     "HY_V3",
     "INTERLEAVED",
+    "JETMOE",
+    "JETMOE_EXPERTS",
+    "LATENT_MLP",
     "LFM2",
     "LLAMA4",
     "LOGIT_BIAS_SIGMOID",
     "MISTRAL4",
     "MISTRAL_LARGE4",
     "NO_SHARED",
+    "OUTPUT_BIAS",
     "PER_EXPERT",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
     "SHARED_EXPERTS_CLAMPED_AFTER",
+    "SHARED_EXPERTS_MLP",
     "SHARED_MLP",
     "SIGMOID_TOPK",
     "SOFTMAX",
@@ -90,6 +95,7 @@ _ACTIVATIONS = {
     "PytorchGELUTanh": "gelu_tanh",
     "NewGELUActivation": "gelu_tanh",  # the same tanh formula, written out
     "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
 }
 
 
@@ -140,11 +146,14 @@ class BankLayout:
         name: Short name shown in the docs (``"concat"``, ...).
         read: ``experts module -> moeblocks bank`` (weights copied).
         write: ``(bank, experts module) -> None``: writes the bank back in place.
+        whole_block: ``read`` and ``write`` take the block itself, not
+            ``block.experts`` (experts stored on the block, or parts around them).
     """
 
     name: str
     read: Callable[[nn.Module], nn.Module]
     write: Callable[[nn.Module, nn.Module], None]
+    whole_block: bool = False
 
 
 def _glu(experts: nn.Module) -> GatedActivation:
@@ -830,8 +839,160 @@ def compose(
     return MoELayer(
         router,
         dispatcher,
-        bank.read(block.experts),
+        bank.read(block if bank.whole_block else block.experts),
         shared=shared.read(block),
         capacity=capacity,
         weight_inputs=form.weight_inputs,
     )
+
+
+# --- j27d: layer structure around the experts (JetMoE, NemotronH) -----------------------
+
+
+def _jetmoe_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """JetMoE: top-k of the float32 logits of ``layer``, softmax over the k."""
+    router = Router(
+        _linear_scorer(gate.layer.weight, None, "input"),
+        gate.top_k,
+        scoring="softmax_topk",
+        weights=WeightPolicy("never"),  # the softmax over the top-k already sums to 1
+        routing_dtype=torch.float32,  # it casts its logits to float32
+    )
+    return router, None
+
+
+def _jetmoe_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, gate, False)
+    copy_into(gate.layer.weight, router.gate_weight)
+
+
+def _on_block_read(block: nn.Module) -> SwiGLUExperts:
+    # input_linear [E, 2F, D] (gate rows first), output_linear [E, D, F]: nn.Linear layouts.
+    E, width, D = block.input_linear.weight.shape
+    bank = SwiGLUExperts(E, D, width // 2, activation=GLU(activation_name(block.activation)))
+    _like(bank, block.input_linear.weight)
+    copy_into(bank.w_in_EDF2, block.input_linear.weight.transpose(1, 2))
+    copy_into(bank.w_out_EFD, block.output_linear.weight.transpose(1, 2))
+    return bank
+
+
+def _on_block_write(bank: nn.Module, block: nn.Module) -> None:
+    _check_bank(bank, SwiGLUExperts, False, block)
+    copy_into(block.input_linear.weight, bank.w_in_EDF2.transpose(1, 2))
+    copy_into(block.output_linear.weight, bank.w_out_EFD.transpose(1, 2))
+
+
+def _latent_read(block: nn.Module) -> nn.Module:
+    """NemotronH: relu² MLP experts ``up_proj [E, F, L]``, ``down_proj [E, L, F]``.
+
+    With ``moe_latent_size`` set, the block projects the tokens ``D → L`` before them and
+    the combined output back after them: a :class:`~moeblocks.experts.ProjectedExperts`.
+    """
+    ex = block.experts
+    E, F, L = ex.up_proj.shape
+    bank = MLPExperts(E, L, F, activation=activation_name(ex.act_fn))
+    _like(bank, ex.up_proj)
+    copy_into(bank.w_in_EDF, ex.up_proj.transpose(1, 2))
+    copy_into(bank.w_out_EFD, ex.down_proj.transpose(1, 2))
+    down, up = block.fc1_latent_proj, block.fc2_latent_proj
+    if isinstance(down, nn.Identity):
+        return bank
+    if up.bias is not None:
+        # Per routed copy it would be scaled by the sum of the combine weights.
+        raise ValueError(
+            f"{type(block).__name__} with mlp_bias=True: the bias of fc2_latent_proj (after "
+            "the weighted sum) is not supported"
+        )
+    wrapped = _like(ProjectedExperts(bank, down.in_features, bias=down.bias is not None), up.weight)
+    copy_into(wrapped.w_down_DL, down.weight.t())
+    copy_into(wrapped.w_up_LD, up.weight.t())
+    if down.bias is not None:
+        copy_into(wrapped.b_down_L, down.bias)
+    return wrapped
+
+
+def _latent_write(bank: nn.Module, block: nn.Module) -> None:
+    down = block.fc1_latent_proj
+    if not isinstance(down, nn.Identity):
+        if not isinstance(bank, ProjectedExperts):
+            raise TypeError(
+                f"to_hf: a {type(block).__name__} with a latent projection needs a "
+                f"ProjectedExperts bank, got {type(bank).__name__}"
+            )
+        copy_into(down.weight, bank.w_down_DL.t())
+        copy_into(block.fc2_latent_proj.weight, bank.w_up_LD.t())
+        if (down.bias is None) != (bank.b_down_L is None):
+            raise ValueError(f"to_hf: the down-projection bias of a {type(block).__name__}")
+        if down.bias is not None:
+            copy_into(down.bias, bank.b_down_L)
+        bank = bank.experts
+    _check_bank(bank, MLPExperts, False, block.experts)
+    copy_into(block.experts.up_proj, bank.w_in_EDF.transpose(1, 2))
+    copy_into(block.experts.down_proj, bank.w_out_EFD.transpose(1, 2))
+
+
+def _dense_mlp_read(block: nn.Module, attr: str) -> SharedExperts:
+    """A one-expert :class:`~moeblocks.MLPExperts` from an ``up_proj``/``down_proj`` MLP."""
+    mlp = getattr(block, attr)
+    F, D = mlp.up_proj.weight.shape
+    bias = mlp.up_proj.bias is not None
+    bank = MLPExperts(1, D, F, activation=activation_name(mlp.act_fn), bias=bias)
+    _like(bank, mlp.up_proj.weight)
+    copy_into(bank.w_in_EDF[0], mlp.up_proj.weight.t())
+    copy_into(bank.w_out_EFD[0], mlp.down_proj.weight.t())
+    if bias:
+        copy_into(bank.b_in_EF[0], mlp.up_proj.bias)
+        copy_into(bank.b_out_ED[0], mlp.down_proj.bias)
+    return SharedExperts(bank)
+
+
+def _dense_mlp_write(shared: SharedExperts | None, block: nn.Module, attr: str) -> None:
+    mlp = getattr(block, attr)
+    if shared is None:
+        raise ValueError(f"to_hf: a {type(block).__name__} has a shared MLP, the layer has none")
+    bank = shared.experts
+    _check_bank(bank, MLPExperts, mlp.up_proj.bias is not None, block)
+    copy_into(mlp.up_proj.weight, bank.w_in_EDF[0].t())
+    copy_into(mlp.down_proj.weight, bank.w_out_EFD[0].t())
+    if bank.has_bias:
+        copy_into(mlp.up_proj.bias, bank.b_in_EF[0])
+        copy_into(mlp.down_proj.bias, bank.b_out_ED[0])
+
+
+def _out_bias_read(block: nn.Module) -> SharedExperts:
+    # A learnable bias added to the layer output: a constant "expert" in the shared slot.
+    shared = _like(SharedExperts(ConstantExperts(1, block.bias.shape[0])), block.bias)
+    copy_into(shared.experts.value_ED[0], block.bias)
+    return shared
+
+
+def _out_bias_write(shared: SharedExperts | None, block: nn.Module) -> None:
+    if shared is None or not isinstance(shared.experts, ConstantExperts):
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} adds a bias to its output; the layer needs "
+            "SharedExperts(ConstantExperts(1, dim))"
+        )
+    copy_into(block.bias, shared.experts.value_ED[0])
+
+
+JETMOE = RouterForm(
+    "top-k of the logits of `layer`, softmax (float32) over the k", _jetmoe_read, _jetmoe_write
+)
+JETMOE_EXPERTS = BankLayout(
+    "concat, on the block (`input_linear`, `output_linear`)",
+    _on_block_read,
+    _on_block_write,
+    whole_block=True,
+)
+LATENT_MLP = BankLayout(
+    "MLP (`up_proj`, `down_proj`), in a latent space if `fc1_latent_proj`",
+    _latent_read,
+    _latent_write,
+    whole_block=True,
+)
+SHARED_EXPERTS_MLP = SharedForm(
+    "ungated `shared_experts` MLP",
+    partial(_dense_mlp_read, attr="shared_experts"),
+    partial(_dense_mlp_write, attr="shared_experts"),
+)
+OUTPUT_BIAS = SharedForm("a bias on the output (`bias`)", _out_bias_read, _out_bias_write)
