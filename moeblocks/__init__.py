@@ -20,7 +20,7 @@ from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
 from moeblocks.experts import MLPExperts as MLPExperts
-from moeblocks.experts import ProjectedExperts as ProjectedExperts
+from moeblocks.experts import NormedExperts as NormedExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
@@ -32,6 +32,7 @@ from moeblocks.gating import WeightPolicy as WeightPolicy
 from moeblocks.grouped import grouped_mm as grouped_mm
 from moeblocks.initialization import init_weights as init_weights
 from moeblocks.initialization import materialize as materialize
+from moeblocks.latent import LatentProjection as LatentProjection
 from moeblocks.layer import MoELayer as MoELayer
 from moeblocks.losses import AuxLoss as AuxLoss
 from moeblocks.losses import BandpassLoss as BandpassLoss
@@ -42,6 +43,7 @@ from moeblocks.losses import SequenceBalanceLoss as SequenceBalanceLoss
 from moeblocks.losses import TokenStatLoss as TokenStatLoss
 from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
+from moeblocks.norms import RMSNorm as RMSNorm
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
@@ -81,13 +83,15 @@ __all__ = [
     "GroupLimitedTopK",
     "InspectableRouter",
     "KSchedule",
+    "LatentProjection",
     "Layout",
     "LinearScorer",
     "LoadBalanceLoss",
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
-    "ProjectedExperts",
+    "NormedExperts",
+    "RMSNorm",
     "Router",
     "RouterProtocol",
     "Routing",

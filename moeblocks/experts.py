@@ -32,7 +32,7 @@ __all__ = [
     "ExpertInit",
     "GELUExperts",
     "MLPExperts",
-    "ProjectedExperts",
+    "NormedExperts",
     "SwiGLUExperts",
 ]
 
@@ -440,69 +440,37 @@ class ConstantExperts(nn.Module):
         return f"num_experts={self.num_experts}, dim={self.dim}"
 
 
-class ProjectedExperts(nn.Module):
-    """A bank run in a smaller (latent) space: ``up(bank(norm(down(x))))`` per row.
+class NormedExperts(nn.Module):
+    """A bank whose every output row is normalised before the combine (a per-expert norm).
 
-    Each grouped row is projected ``D → L`` (``x · w_down_DL (+ b_down_L)``), optionally
-    normalised, run through the inner bank of dimension L and projected back
-    ``L → D`` (``· w_up_LD``), before the layer combines the rows (NemotronH's latent
-    MoE, MuseSpark). Projecting back before the weighted sum equals HF's projecting
-    after it (the map is linear), up to rounding; an up-projection *bias* would be
-    scaled by the sum of the weights, so it is not offered here: put it on the layer
-    output (``SharedExperts(ConstantExperts(1, D))``). Both projections run once per
-    routed copy (K per token), not once per token.
+    ``norm(bank(rows), expert_of_row)``: the norm sees each routed copy's own output,
+    before the layer weights and sums them (Ergo's and MuseSpark's experts). With a
+    per-expert :class:`~moeblocks.norms.RMSNorm` (``num_experts=E``) each expert has its
+    own scale. Around a one-expert bank in ``SharedExperts`` it is a norm on the shared
+    output (Ergo).
 
     Args:
-        experts: The inner bank (``dim`` L, ``num_experts`` E).
-        dim: Model dimension D.
-        bias: A learnable bias on the down projection (``b_down_L``, starts at zero).
-        norm: A module ``[R, L] -> [R, L]`` applied after the down projection.
+        experts: The inner bank.
+        norm: A module ``(rows [R, D], expert ids [R]) -> [R, D]``, e.g.
+            :class:`~moeblocks.norms.RMSNorm`.
     """
 
-    def __init__(
-        self, experts: ExpertBank, dim: int, *, bias: bool = False, norm: nn.Module | None = None
-    ) -> None:
+    def __init__(self, experts: ExpertBank, norm: nn.Module) -> None:
         super().__init__()
         if not isinstance(experts, nn.Module) or not isinstance(experts, ExpertBank):
             raise TypeError(
                 f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
             )
-        _check_dims(experts.num_experts, dim, experts.dim)
-        if norm is not None and not isinstance(norm, nn.Module):
-            raise TypeError(f"norm must be None or an nn.Module, got {type(norm).__name__}")
+        if not isinstance(norm, nn.Module):
+            raise TypeError(f"norm must be an nn.Module, got {type(norm).__name__}")
         self.experts = experts
         self.norm = norm
         self.num_experts = experts.num_experts
-        self.dim = dim
-        self.latent = experts.dim
-        self.w_down_DL = nn.Parameter(torch.empty(dim, self.latent))
-        self.b_down_L = nn.Parameter(torch.empty(self.latent)) if bias else None
-        self.w_up_LD = nn.Parameter(torch.empty(self.latent, dim))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s default scale (uniform in ``±1/sqrt(fan_in)``), bias zero."""
-        nn.init.uniform_(self.w_down_DL, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
-        nn.init.uniform_(self.w_up_LD, -1 / math.sqrt(self.latent), 1 / math.sqrt(self.latent))
-        if self.b_down_L is not None:
-            self.b_down_L.zero_()
+        self.dim = experts.dim
 
     def forward(
         self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
     ) -> Float[Tensor, "R D"]:
-        """Project every row down, run its expert in the latent space, project back."""
-        _check_rows(grouped, group_sizes, self.dim, self.num_experts)
-        if grouped.dtype != self.w_down_DL.dtype:
-            raise TypeError(
-                f"grouped has dtype {grouped.dtype} but the projections are {self.w_down_DL.dtype}"
-            )
-        check_same_device(grouped, "grouped", self.w_down_DL, "the projections")
-        latent_RL = F.linear(grouped, self.w_down_DL.t(), self.b_down_L)
-        if self.norm is not None:
-            latent_RL = self.norm(latent_RL)
-        return F.linear(self.experts(latent_RL, group_sizes), self.w_up_LD.t())
-
-    def extra_repr(self) -> str:
-        """Shown in the module's repr."""
-        return f"dim={self.dim}, latent={self.latent}, bias={self.b_down_L is not None}"
+        """Run the inner bank, then normalise each row with its expert's norm."""
+        out_RD = self.experts(grouped, group_sizes)
+        return self.norm(out_RD, _expert_of_row(group_sizes, out_RD.shape[0]))

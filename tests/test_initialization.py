@@ -69,8 +69,16 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "gelu experts, std": lambda: mb.GELUExperts(E, D, F, init=mb.ExpertInit(std=0.02)),
     "shared experts, gated": lambda: mb.SharedExperts(mb.SwiGLUExperts(1, D, F), gate=True),
     "constant experts": lambda: mb.ConstantExperts(E, D),
-    "projected experts, bias": lambda: mb.ProjectedExperts(
-        mb.MLPExperts(E, F, F, activation="relu2"), D, bias=True
+    "latent projection, bias, norm": lambda: mb.LatentProjection(
+        D, F, bias=True, norm=mb.RMSNorm(F, offset=1.0)
+    ),
+    "per-expert rms norm": lambda: mb.RMSNorm(D, num_experts=E),
+    "normed experts": lambda: mb.NormedExperts(mb.MLPExperts(E, D, F), mb.RMSNorm(D)),
+    "layer with a latent space": lambda: mb.MoELayer(
+        mb.Router(mb.LinearScorer(D, E), 2),
+        mb.TorchDispatcher(),
+        mb.MLPExperts(E, F, F, activation="relu2"),
+        latent=mb.LatentProjection(D, F),
     ),
     "layer": _layer,
     "layer with balancer": lambda: _layer(balancer=mb.BiasBalancer(E)),

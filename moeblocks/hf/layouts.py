@@ -32,9 +32,11 @@ from torch import Tensor, nn
 from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
-from moeblocks.experts import ConstantExperts, MLPExperts, ProjectedExperts, SwiGLUExperts
+from moeblocks.experts import ConstantExperts, MLPExperts, NormedExperts, SwiGLUExperts
 from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
+from moeblocks.latent import LatentProjection
 from moeblocks.layer import MoELayer
+from moeblocks.norms import RMSNorm
 from moeblocks.routers import LinearScorer, Router
 from moeblocks.shared import SharedExperts
 
@@ -49,6 +51,9 @@ __all__ = [
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
     "DEEPSEEK_V2",
+    "ERGO",
+    "ERGO_EXPERTS",
+    "ERGO_SHARED",
     "GATED_SHARED_EXPERT",
     "GPT_OSS",
     "HY_V3",
@@ -148,12 +153,17 @@ class BankLayout:
         write: ``(bank, experts module) -> None``: writes the bank back in place.
         whole_block: ``read`` and ``write`` take the block itself, not
             ``block.experts`` (experts stored on the block, or parts around them).
+        read_latent: ``block -> LatentProjection or None``: the projection into the
+            experts' space around them, if the family has one (NemotronH, MuseSpark).
+        write_latent: ``(LatentProjection or None, block) -> None``: writes it back.
     """
 
     name: str
     read: Callable[[nn.Module], nn.Module]
     write: Callable[[nn.Module, nn.Module], None]
     whole_block: bool = False
+    read_latent: Callable[[nn.Module], LatentProjection | None] | None = None
+    write_latent: Callable[[LatentProjection | None, nn.Module], None] | None = None
 
 
 def _glu(experts: nn.Module) -> GatedActivation:
@@ -843,6 +853,7 @@ def compose(
         shared=shared.read(block),
         capacity=capacity,
         weight_inputs=form.weight_inputs,
+        latent=None if bank.read_latent is None else bank.read_latent(block),
     )
 
 
@@ -882,53 +893,61 @@ def _on_block_write(bank: nn.Module, block: nn.Module) -> None:
     copy_into(block.output_linear.weight, bank.w_out_EFD.transpose(1, 2))
 
 
-def _latent_read(block: nn.Module) -> nn.Module:
-    """NemotronH: relu² MLP experts ``up_proj [E, F, L]``, ``down_proj [E, L, F]``.
-
-    With ``moe_latent_size`` set, the block projects the tokens ``D → L`` before them and
-    the combined output back after them: a :class:`~moeblocks.experts.ProjectedExperts`.
-    """
-    ex = block.experts
+def _relu2_mlp_read(ex: nn.Module) -> MLPExperts:
+    """NemotronH: relu² MLP experts ``up_proj [E, F, L]``, ``down_proj [E, L, F]``."""
     E, F, L = ex.up_proj.shape
     bank = MLPExperts(E, L, F, activation=activation_name(ex.act_fn))
     _like(bank, ex.up_proj)
     copy_into(bank.w_in_EDF, ex.up_proj.transpose(1, 2))
     copy_into(bank.w_out_EFD, ex.down_proj.transpose(1, 2))
-    down, up = block.fc1_latent_proj, block.fc2_latent_proj
-    if isinstance(down, nn.Identity):
-        return bank
-    if up.bias is not None:
-        # Per routed copy it would be scaled by the sum of the combine weights.
+    return bank
+
+
+def _relu2_mlp_write(bank: nn.Module, ex: nn.Module) -> None:
+    _check_bank(bank, MLPExperts, False, ex)
+    copy_into(ex.up_proj, bank.w_in_EDF.transpose(1, 2))
+    copy_into(ex.down_proj, bank.w_out_EFD.transpose(1, 2))
+
+
+def _latent_read(block: nn.Module, down: str, up: str) -> LatentProjection | None:
+    """The block's ``down``/``up`` ``nn.Linear`` pair, None if they are Identity."""
+    fc_down, fc_up = getattr(block, down), getattr(block, up)
+    if isinstance(fc_down, nn.Identity):
+        return None
+    bias = fc_down.bias is not None
+    if (fc_up.bias is not None) != bias:
+        raise ValueError(f"{type(block).__name__}: only one of {down}, {up} has a bias")
+    latent = LatentProjection(fc_down.in_features, fc_down.out_features, bias=bias)
+    _like(latent, fc_down.weight)
+    copy_into(latent.w_down_DL, fc_down.weight.t())
+    copy_into(latent.w_up_LD, fc_up.weight.t())
+    if bias:
+        copy_into(latent.b_down_L, fc_down.bias)
+        copy_into(latent.b_up_D, fc_up.bias)
+    return latent
+
+
+def _latent_write(latent: LatentProjection | None, block: nn.Module, down: str, up: str) -> None:
+    fc_down, fc_up = getattr(block, down), getattr(block, up)
+    if isinstance(fc_down, nn.Identity):
+        if latent is not None:
+            raise ValueError(f"to_hf: this {type(block).__name__} has no latent projection")
+        return
+    bias = fc_down.bias is not None
+    if (
+        not isinstance(latent, LatentProjection)
+        or latent.norm is not None
+        or latent.has_bias != bias
+    ):
         raise ValueError(
-            f"{type(block).__name__} with mlp_bias=True: the bias of fc2_latent_proj (after "
-            "the weighted sum) is not supported"
+            f"to_hf: a {type(block).__name__} needs a layer with a LatentProjection "
+            f"(bias={bias}, no norm), got {latent!r}"
         )
-    wrapped = _like(ProjectedExperts(bank, down.in_features, bias=down.bias is not None), up.weight)
-    copy_into(wrapped.w_down_DL, down.weight.t())
-    copy_into(wrapped.w_up_LD, up.weight.t())
-    if down.bias is not None:
-        copy_into(wrapped.b_down_L, down.bias)
-    return wrapped
-
-
-def _latent_write(bank: nn.Module, block: nn.Module) -> None:
-    down = block.fc1_latent_proj
-    if not isinstance(down, nn.Identity):
-        if not isinstance(bank, ProjectedExperts):
-            raise TypeError(
-                f"to_hf: a {type(block).__name__} with a latent projection needs a "
-                f"ProjectedExperts bank, got {type(bank).__name__}"
-            )
-        copy_into(down.weight, bank.w_down_DL.t())
-        copy_into(block.fc2_latent_proj.weight, bank.w_up_LD.t())
-        if (down.bias is None) != (bank.b_down_L is None):
-            raise ValueError(f"to_hf: the down-projection bias of a {type(block).__name__}")
-        if down.bias is not None:
-            copy_into(down.bias, bank.b_down_L)
-        bank = bank.experts
-    _check_bank(bank, MLPExperts, False, block.experts)
-    copy_into(block.experts.up_proj, bank.w_in_EDF.transpose(1, 2))
-    copy_into(block.experts.down_proj, bank.w_out_EFD.transpose(1, 2))
+    copy_into(fc_down.weight, latent.w_down_DL.t())
+    copy_into(fc_up.weight, latent.w_up_LD.t())
+    if latent.has_bias:
+        copy_into(fc_down.bias, latent.b_down_L)
+        copy_into(fc_up.bias, latent.b_up_D)
 
 
 def _dense_mlp_read(block: nn.Module, attr: str) -> SharedExperts:
@@ -985,10 +1004,11 @@ JETMOE_EXPERTS = BankLayout(
     whole_block=True,
 )
 LATENT_MLP = BankLayout(
-    "MLP (`up_proj`, `down_proj`), in a latent space if `fc1_latent_proj`",
-    _latent_read,
-    _latent_write,
-    whole_block=True,
+    "relu² MLP (`up_proj`, `down_proj`), in a latent space if `fc1_latent_proj`",
+    _relu2_mlp_read,
+    _relu2_mlp_write,
+    read_latent=partial(_latent_read, down="fc1_latent_proj", up="fc2_latent_proj"),
+    write_latent=partial(_latent_write, down="fc1_latent_proj", up="fc2_latent_proj"),
 )
 SHARED_EXPERTS_MLP = SharedForm(
     "ungated `shared_experts` MLP",
@@ -996,3 +1016,105 @@ SHARED_EXPERTS_MLP = SharedForm(
     partial(_dense_mlp_write, attr="shared_experts"),
 )
 OUTPUT_BIAS = SharedForm("a bias on the output (`bias`)", _out_bias_read, _out_bias_write)
+
+
+# --- j27d: norms around the experts (Ergo) -------------------------------------------
+
+
+def _biased_sigmoid_router(
+    scorer: nn.Module, gate: nn.Module, bias: Tensor, scale: float, eps: float
+) -> Router:
+    """Sigmoid (float32) scores, top-k by score + selection bias, renormalised, scaled."""
+    balancer = BiasBalancer(scorer.num_experts, rate=0.0).to(bias.device)
+    copy_into(balancer.bias, bias.detach().float())
+    return Router(
+        scorer,
+        gate.top_k,
+        scoring="sigmoid",
+        weights=WeightPolicy("always", scale=float(scale), eps=eps),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+
+
+def _ergo_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Ergo: float32 logits of ``linear``, sigmoid, selection bias, renormalised, scaled."""
+    scorer = _linear_scorer(gate.linear.weight, None, "float32")
+    bias, scale = gate.e_score_correction_bias, gate.routed_scaling_factor
+    return _biased_sigmoid_router(scorer, gate, bias, scale, 1e-20), None
+
+
+def _ergo_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, gate, False)
+    copy_into(gate.linear.weight, router.gate_weight)
+    if router.balancer is None:
+        raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
+    copy_into(gate.e_score_correction_bias, router.balancer.bias)
+
+
+def _norm_of(hf_norm: nn.Module, float32_weight: bool = True) -> RMSNorm:
+    """An :class:`RMSNorm` with an HF norm's weight and eps (a ``[E, D]`` weight: per expert)."""
+    w = hf_norm.weight
+    experts = w.shape[0] if w.ndim == 2 else None
+    norm = RMSNorm(
+        w.shape[-1], float(hf_norm.eps), num_experts=experts, float32_weight=float32_weight
+    )
+    _like(norm, w)
+    copy_into(norm.weight, w)
+    return norm
+
+
+def _normed(bank: nn.Module, block: nn.Module) -> NormedExperts:
+    if not isinstance(bank, NormedExperts) or not isinstance(bank.norm, RMSNorm):
+        raise TypeError(
+            f"to_hf: a {type(block).__name__} normalises its experts' outputs; the layer "
+            f"needs a NormedExperts bank with an RMSNorm, got {type(bank).__name__}"
+        )
+    return bank
+
+
+def _ergo_experts_read(ex: nn.Module) -> NormedExperts:
+    """relu² experts ``up_proj [E, D, F]``, ``down_proj [E, F, D]``, a norm per expert."""
+    E, D, F = ex.up_proj.shape
+    bank = _like(MLPExperts(E, D, F, activation=activation_name(ex.act_fn)), ex.up_proj)
+    copy_into(bank.w_in_EDF, ex.up_proj)
+    copy_into(bank.w_out_EFD, ex.down_proj)
+    # The normalised row (float32) times the weight in its own dtype.
+    return NormedExperts(bank, _norm_of(ex.post_expert_norm, float32_weight=False))
+
+
+def _ergo_experts_write(bank: nn.Module, ex: nn.Module) -> None:
+    normed = _normed(bank, ex)
+    copy_into(ex.post_expert_norm.weight, normed.norm.weight)
+    _check_bank(normed.experts, MLPExperts, False, ex)
+    copy_into(ex.up_proj, normed.experts.w_in_EDF)
+    copy_into(ex.down_proj, normed.experts.w_out_EFD)
+
+
+def _ergo_shared_read(block: nn.Module) -> SharedExperts:
+    plain = _dense_mlp_read(block, "shared_experts")
+    normed = NormedExperts(plain.experts, _norm_of(block.shared_experts.norm))
+    return SharedExperts(normed)
+
+
+def _ergo_shared_write(shared: SharedExperts | None, block: nn.Module) -> None:
+    if shared is None:
+        raise ValueError(f"to_hf: a {type(block).__name__} has a shared expert, the layer none")
+    normed = _normed(shared.experts, block)
+    copy_into(block.shared_experts.norm.weight, normed.norm.weight)
+    _dense_mlp_write(SharedExperts(normed.experts), block, "shared_experts")
+
+
+ERGO = RouterForm(
+    "sigmoid (float32) of `linear`, selection bias, renormalised, scaled", _ergo_read, _ergo_write
+)
+ERGO_EXPERTS = BankLayout(
+    "relu² MLP (`up_proj`, `down_proj`), an RMS norm per expert",
+    _ergo_experts_read,
+    _ergo_experts_write,
+)
+ERGO_SHARED = SharedForm(
+    "ungated relu² `shared_experts` MLP, its output RMS-normed",
+    _ergo_shared_read,
+    _ergo_shared_write,
+)
