@@ -19,6 +19,7 @@ from moeblocks.experts import ConstantExperts as ConstantExperts
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
+from moeblocks.experts import LinearExperts as LinearExperts
 from moeblocks.experts import MLPExperts as MLPExperts
 from moeblocks.experts import NormedExperts as NormedExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
@@ -44,6 +45,7 @@ from moeblocks.losses import TokenStatLoss as TokenStatLoss
 from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
 from moeblocks.norms import RMSNorm as RMSNorm
+from moeblocks.routed_linear import RoutedLinear as RoutedLinear
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
@@ -85,6 +87,7 @@ __all__ = [
     "KSchedule",
     "LatentProjection",
     "Layout",
+    "LinearExperts",
     "LinearScorer",
     "LoadBalanceLoss",
     "MLPExperts",
@@ -92,6 +95,7 @@ __all__ = [
     "MoEOutput",
     "NormedExperts",
     "RMSNorm",
+    "RoutedLinear",
     "Router",
     "RouterProtocol",
     "Routing",

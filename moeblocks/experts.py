@@ -31,6 +31,7 @@ __all__ = [
     "ExpertBank",
     "ExpertInit",
     "GELUExperts",
+    "LinearExperts",
     "MLPExperts",
     "NormedExperts",
     "SwiGLUExperts",
@@ -474,3 +475,51 @@ class NormedExperts(nn.Module):
         """Run the inner bank, then normalise each row with its expert's norm."""
         out_RD = self.experts(grouped, group_sizes)
         return self.norm(out_RD, _expert_of_row(group_sizes, out_RD.shape[0]))
+
+
+class LinearExperts(nn.Module):
+    """Experts that are one linear map each: expert ``e`` maps a row ``x`` to ``x · W_e``.
+
+    ``w_EDO`` is ``[E, D, O]``; the output width O may differ from the input width D, so
+    this bank serves as the routed input or output projection of a mixture of attention
+    heads (:class:`~moeblocks.routed_linear.RoutedLinear`, JetMoE); with ``O == D`` it is
+    an expert bank for :class:`~moeblocks.MoELayer` too.
+
+    Args:
+        num_experts: Number of experts E.
+        dim: Input width D of the rows.
+        out_dim: Output width O.
+        backend: Grouped-matmul backend, see :func:`moeblocks.grouped.grouped_mm`.
+    """
+
+    def __init__(self, num_experts: int, dim: int, out_dim: int, backend: str = "auto") -> None:
+        super().__init__()
+        _check_dims(num_experts, dim, out_dim)
+        if backend not in ("auto", "torch", "loop"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'loop', got {backend!r}")
+        self.num_experts = num_experts
+        self.dim = dim
+        self.out_dim = out_dim
+        self.backend = backend
+        self.w_EDO = nn.Parameter(torch.empty(num_experts, dim, out_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default scale per expert (uniform in ``±1/sqrt(D)``), in place."""
+        ExpertInit().apply(self.w_EDO, self.dim)
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R O"]:
+        """Each expert's rows times its matrix."""
+        _check_rows(grouped, group_sizes, self.dim, self.num_experts)
+        if grouped.dtype != self.w_EDO.dtype:
+            raise TypeError(
+                f"grouped has dtype {grouped.dtype} but the expert weights are {self.w_EDO.dtype}"
+            )
+        check_same_device(grouped, "grouped", self.w_EDO, "the expert weights")
+        return grouped_mm(grouped, self.w_EDO, group_sizes, self.backend)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"num_experts={self.num_experts}, dim={self.dim}, out_dim={self.out_dim}"

@@ -74,6 +74,10 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     ),
     "per-expert rms norm": lambda: mb.RMSNorm(D, num_experts=E),
     "normed experts": lambda: mb.NormedExperts(mb.MLPExperts(E, D, F), mb.RMSNorm(D)),
+    "linear experts": lambda: mb.LinearExperts(E, D, F),
+    "routed linear": lambda: mb.RoutedLinear(
+        mb.Router(mb.LinearScorer(D, E), 2), mb.TorchDispatcher(), F
+    ),
     "layer with a latent space": lambda: mb.MoELayer(
         mb.Router(mb.LinearScorer(D, E), 2),
         mb.TorchDispatcher(),

@@ -447,12 +447,18 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(
         "jetmoe",
         "JetMoeAttention",
-        _needs("attention-head experts: its projections are a JetMoeMoA"),
+        "an attention layer, not an MoE block: its routed query and output projections are "
+        "a RoutedLinear (equal to HF's around attention written out in "
+        "tests/test_hf_jetmoe_moa.py), but moeblocks has no attention layer (kv projection, "
+        "rotary embedding, cache, attention backends) for from_hf or swap_moe_blocks",
     ),
     Refusal(
         "jetmoe",
         "JetMoeMoA",
-        _needs("attention-head experts (a mixture of attention heads)"),
+        "not a tokens-in, tokens-out block (its forward raises NotImplementedError): map and "
+        "reduce are the two halves of a routed projection around attention; RoutedLinear "
+        "(stock router and dispatcher, two LinearExperts) equals them, but from_hf returns "
+        "an MoELayer",
     ),
     Refusal("doge", "DogeCDMoE", _needs("product-key routing over many tiny experts")),
     Refusal(
