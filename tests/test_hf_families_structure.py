@@ -173,3 +173,13 @@ def test_nemotron_h_with_biases_reads_every_bias() -> None:
     layer = from_hf(_block("nemotron_h"))
     assert layer.latent.has_bias
     assert layer.shared.experts.has_bias
+
+
+def test_nemotron_h_without_a_latent_space_has_no_latent_projection() -> None:
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    config = {k: v for k, v in NEMOTRON_BIAS.items() if k not in ("moe_latent_size", "mlp_bias")}
+    block = _random(NemotronHMoE(transformers.NemotronHConfig(**config)), 3).double()
+    layer = from_hf(block)
+    assert layer.latent is None
+    _compare("nemotron_h", block, layer, _inputs("nemotron_h", block, torch.float64, skew=False))
