@@ -18,12 +18,15 @@ from moeblocks.dispatch import TorchDispatcher as TorchDispatcher
 from moeblocks.dispatch import build_layout as build_layout
 from moeblocks.dispatchers import make_dispatcher as make_dispatcher
 from moeblocks.experts import ConcatExperts as ConcatExperts
+from moeblocks.experts import ConstantExperts as ConstantExperts
 from moeblocks.experts import ConstantScaledExperts as ConstantScaledExperts
 from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
 from moeblocks.experts import IdentityExperts as IdentityExperts
+from moeblocks.experts import LinearExperts as LinearExperts
 from moeblocks.experts import MLPExperts as MLPExperts
+from moeblocks.experts import NormedExperts as NormedExperts
 from moeblocks.experts import ScaledExperts as ScaledExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.experts import ZeroExperts as ZeroExperts
@@ -41,6 +44,7 @@ from moeblocks.gating import WeightPolicy as WeightPolicy
 from moeblocks.grouped import grouped_mm as grouped_mm
 from moeblocks.initialization import init_weights as init_weights
 from moeblocks.initialization import materialize as materialize
+from moeblocks.latent import LatentProjection as LatentProjection
 from moeblocks.layer import MoELayer as MoELayer
 from moeblocks.losses import AuxLoss as AuxLoss
 from moeblocks.losses import BandpassLoss as BandpassLoss
@@ -51,6 +55,8 @@ from moeblocks.losses import SequenceBalanceLoss as SequenceBalanceLoss
 from moeblocks.losses import TokenStatLoss as TokenStatLoss
 from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
+from moeblocks.norms import RMSNorm as RMSNorm
+from moeblocks.routed_linear import RoutedLinear as RoutedLinear
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
@@ -79,6 +85,7 @@ __all__ = [
     "ClampedGLU",
     "ClampedSwiGLU",
     "ConcatExperts",
+    "ConstantExperts",
     "ConstantK",
     "ConstantScaledExperts",
     "CosineScorer",
@@ -97,13 +104,18 @@ __all__ = [
     "IdentityExperts",
     "InspectableRouter",
     "KSchedule",
+    "LatentProjection",
     "Layout",
+    "LinearExperts",
     "LinearScorer",
     "LoadBalanceLoss",
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
+    "NormedExperts",
     "ProductKeyScorer",
+    "RMSNorm",
+    "RoutedLinear",
     "Router",
     "RouterProtocol",
     "Routing",

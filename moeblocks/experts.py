@@ -30,12 +30,15 @@ from moeblocks.grouped import grouped_mm, resolve_backend
 
 __all__ = [
     "ConcatExperts",
+    "ConstantExperts",
     "ConstantScaledExperts",
     "ExpertBank",
     "ExpertInit",
     "GELUExperts",
     "IdentityExperts",
+    "LinearExperts",
     "MLPExperts",
+    "NormedExperts",
     "ScaledExperts",
     "SwiGLUExperts",
     "ZeroExperts",
@@ -605,3 +608,148 @@ class ConstantScaledExperts(nn.Module):
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"scale={self.scale}"
+
+
+# --- banks around the stacked MLPs (issue 27: the layer structure of HF families) --------
+
+
+def _check_row_shapes(grouped: Tensor, group_sizes: Tensor, dim: int, num_experts: int) -> None:
+    """Shapes of a bank's input (the inner bank checks dtype, device and values)."""
+    check_float(grouped, "grouped")
+    check_index(group_sizes, "group_sizes")
+    if grouped.ndim != 2 or grouped.shape[1] != dim:
+        raise ValueError(f"grouped must have shape [rows, {dim}], got {tuple(grouped.shape)}")
+    if group_sizes.shape != (num_experts,):
+        raise ValueError(
+            f"group_sizes must have shape [{num_experts}], got {tuple(group_sizes.shape)}"
+        )
+
+
+def _expert_of_row(group_sizes_E: Tensor, rows: int) -> Tensor:
+    E = group_sizes_E.shape[0]
+    # output_size keeps repeat_interleave free of a host sync.
+    arange_E = torch.arange(E, device=group_sizes_E.device)
+    return torch.repeat_interleave(arange_E, group_sizes_E, output_size=rows)
+
+
+class ConstantExperts(nn.Module):
+    """Experts that ignore their input: expert ``e`` outputs its learnable vector ``c_e``.
+
+    In a layer's shared slot, ``SharedExperts(ConstantExperts(1, dim))`` is a learnable
+    bias added to the layer output (JetMoE's MoE block). The input gets no gradient
+    through it; ``value_ED`` starts at zero.
+
+    Args:
+        num_experts: Number of experts E.
+        dim: Model dimension D.
+    """
+
+    def __init__(self, num_experts: int, dim: int) -> None:
+        super().__init__()
+        _check_dims(num_experts, dim, 1)
+        self.num_experts = num_experts
+        self.dim = dim
+        self.value_ED = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero every expert's output vector, in place."""
+        self.value_ED.zero_()
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """``c_e`` on each of expert ``e``'s rows, in the rows' dtype."""
+        _check_row_shapes(grouped, group_sizes, self.dim, self.num_experts)
+        check_same_device(grouped, "grouped", self.value_ED, "the expert values")
+        expert_R = _expert_of_row(group_sizes, grouped.shape[0])
+        return self.value_ED.to(grouped.dtype).index_select(0, expert_R)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"num_experts={self.num_experts}, dim={self.dim}"
+
+
+class NormedExperts(nn.Module):
+    """A bank whose every output row is normalised before the combine (a per-expert norm).
+
+    ``norm(bank(rows), expert_of_row)``: the norm sees each routed copy's own output,
+    before the layer weights and sums them (Ergo's and MuseSpark's experts). With a
+    per-expert :class:`~moeblocks.norms.RMSNorm` (``num_experts=E``) each expert has its
+    own scale. Around a one-expert bank in ``SharedExperts`` it is a norm on the shared
+    output (Ergo).
+
+    Args:
+        experts: The inner bank.
+        norm: A module ``(rows [R, D], expert ids [R]) -> [R, D]``, e.g.
+            :class:`~moeblocks.norms.RMSNorm`.
+    """
+
+    def __init__(self, experts: ExpertBank, norm: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(experts, nn.Module) or not isinstance(experts, ExpertBank):
+            raise TypeError(
+                f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
+            )
+        if not isinstance(norm, nn.Module):
+            raise TypeError(f"norm must be an nn.Module, got {type(norm).__name__}")
+        self.experts = experts
+        self.norm = norm
+        self.num_experts = experts.num_experts
+        self.dim = experts.dim
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """Run the inner bank, then normalise each row with its expert's norm."""
+        out_RD = self.experts(grouped, group_sizes)
+        return self.norm(out_RD, _expert_of_row(group_sizes, out_RD.shape[0]))
+
+
+class LinearExperts(nn.Module):
+    """Experts that are one linear map each: expert ``e`` maps a row ``x`` to ``x · W_e``.
+
+    ``w_EDO`` is ``[E, D, O]``; the output width O may differ from the input width D, so
+    this bank serves as the routed input or output projection of a mixture of attention
+    heads (:class:`~moeblocks.routed_linear.RoutedLinear`, JetMoE); with ``O == D`` it is
+    an expert bank for :class:`~moeblocks.MoELayer` too.
+
+    Args:
+        num_experts: Number of experts E.
+        dim: Input width D of the rows.
+        out_dim: Output width O.
+        backend: Grouped-matmul backend, see :func:`moeblocks.grouped.grouped_mm`.
+    """
+
+    def __init__(self, num_experts: int, dim: int, out_dim: int, backend: str = "auto") -> None:
+        super().__init__()
+        _check_dims(num_experts, dim, out_dim)
+        if backend not in ("auto", "torch", "loop"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'loop', got {backend!r}")
+        self.num_experts = num_experts
+        self.dim = dim
+        self.out_dim = out_dim
+        self.backend = backend
+        self.w_EDO = nn.Parameter(torch.empty(num_experts, dim, out_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default scale per expert (uniform in ``±1/sqrt(D)``), in place."""
+        ExpertInit().apply(self.w_EDO, self.dim)
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R O"]:
+        """Each expert's rows times its matrix."""
+        _check_row_shapes(grouped, group_sizes, self.dim, self.num_experts)
+        if grouped.dtype != self.w_EDO.dtype:
+            raise TypeError(
+                f"grouped has dtype {grouped.dtype} but the expert weights are {self.w_EDO.dtype}"
+            )
+        check_same_device(grouped, "grouped", self.w_EDO, "the expert weights")
+        return grouped_mm(grouped, self.w_EDO, group_sizes, self.backend)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"num_experts={self.num_experts}, dim={self.dim}, out_dim={self.out_dim}"

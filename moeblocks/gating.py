@@ -56,6 +56,7 @@ __all__ = [
     "GatedSelection",
     "GroupLimitedTopK",
     "HashSelection",
+    "ScaledScorer",
     "Selection",
     "SoftCappedScorer",
     "SparseMixer",
@@ -731,3 +732,66 @@ class HashSelection(nn.Module):
         """Shown in the module's repr."""
         V, K = self.table_VK.shape
         return f"vocab_size={V}, k={K}, num_experts={self.num_experts}"
+
+
+class ScaledScorer(nn.Module):
+    """A constant factor on any scorer's logits: ``scale · scorer(tokens)`` (MuseSpark).
+
+    The scaled scores are what the router records and routes on. The product runs in
+    ``dtype`` (None: the scores' dtype). No parameters of its own: the wrapped scorer keeps
+    its weights, which ``weight_ED`` / ``bias_E`` pass through (so a router reads them as
+    its ``gate_weight`` / ``gate_bias``).
+
+    Args:
+        scorer: Any scorer (``tokens [T, D] -> scores [T, E]``, with ``dim`` and
+            ``num_experts``).
+        scale: The factor, finite and non-zero.
+        dtype: Dtype of the product (None: the scores' dtype).
+    """
+
+    def __init__(self, scorer: nn.Module, scale: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
+            raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
+            raise ValueError(f"scale must be a finite non-zero number, got {scale!r}")
+        self.scorer = scorer
+        self.scale = float(scale)
+        self.dtype = dtype
+
+    @property
+    def dim(self) -> int:
+        """Token dimension D."""
+        return self.scorer.dim
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.scorer.num_experts
+
+    @property
+    def compute_dtype(self) -> str:
+        """The wrapped scorer's, or ``"float32"`` when the product runs in float32."""
+        inner = getattr(self.scorer, "compute_dtype", "float32")
+        return "float32" if self.dtype == torch.float32 else inner
+
+    @property
+    def weight_ED(self) -> Tensor | None:
+        """The wrapped scorer's weight ``[E, D]``, if it has one."""
+        return getattr(self.scorer, "weight_ED", None)
+
+    @property
+    def bias_E(self) -> Tensor | None:
+        """The wrapped scorer's bias ``[E]``, if it has one."""
+        return getattr(self.scorer, "bias_E", None)
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """``scale · scorer(tokens)``."""
+        scores_TE = self.scorer(tokens)
+        if self.dtype is not None:
+            scores_TE = scores_TE.to(self.dtype)
+        return scores_TE * self.scale
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"scale={self.scale}, dtype={self.dtype}"

@@ -71,6 +71,20 @@ def _flat_ids(token_ids: object, x: Tensor) -> Tensor:
     return ids.reshape(-1)
 
 
+def _check_latent(latent: object, dim: int) -> int:
+    """The latent dim of a ``latent=`` module, after checking its shape against ``dim``."""
+    if not isinstance(latent, nn.Module) or not all(
+        hasattr(latent, a) for a in ("dim", "latent", "down", "up")
+    ):
+        raise TypeError(
+            "latent must be an nn.Module with dim, latent, down(tokens) and up(combined) "
+            f"(a LatentProjection), got {type(latent).__name__}"
+        )
+    if latent.dim != dim:
+        raise ValueError(f"latent has dim {latent.dim}, the router {dim}")
+    return latent.latent
+
+
 def _check_losses(losses: object) -> dict[str, AuxLoss]:
     """``losses`` as a dict, or a ``TypeError`` that shows the expected form."""
     if losses is not None and not isinstance(losses, Mapping):
@@ -121,6 +135,12 @@ class MoELayer(nn.Module):
             are dropped (weight 0) and marked in ``Routing.dropped``.
         weight_inputs: Multiply each routed copy's *input* by its weight and sum the
             expert outputs unweighted (Llama-4), instead of weighting the outputs.
+        latent: Run the routed experts in a smaller space: a
+            :class:`~moeblocks.latent.LatentProjection` (or any module with ``dim``,
+            ``latent``, ``down(tokens)`` and ``up(combined)``) projects the tokens down
+            after routing and the combined output back (NemotronH, MuseSpark); the
+            router and the shared experts see the model-dim tokens, the bank has
+            ``dim == latent.latent``.
     """
 
     def __init__(
@@ -134,6 +154,7 @@ class MoELayer(nn.Module):
         shared: SharedExperts | None = None,
         capacity: Capacity | None = None,
         weight_inputs: bool = False,
+        latent: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if (
@@ -154,10 +175,12 @@ class MoELayer(nn.Module):
             raise TypeError(
                 f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
             )
-        if experts.dim != router.dim or experts.num_experts != router.num_experts:
+        routed_dim = router.dim if latent is None else _check_latent(latent, router.dim)
+        if experts.dim != routed_dim or experts.num_experts != router.num_experts:
             raise ValueError(
                 f"experts (dim={experts.dim}, num_experts={experts.num_experts}) do not match "
                 f"router (dim={router.dim}, num_experts={router.num_experts})"
+                + ("" if latent is None else f" with latent dim {routed_dim}")
             )
         if shared is not None:
             if not isinstance(shared, SharedExperts):
@@ -185,6 +208,7 @@ class MoELayer(nn.Module):
         self.shared = shared
         self.capacity = capacity
         self.weight_inputs = bool(weight_inputs)
+        self.latent = latent
         self.losses = nn.ModuleDict({n: f for n, f in losses.items() if isinstance(f, nn.Module)})
         # Losses that are plain callables are kept outside the module tree.
         self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
@@ -334,10 +358,13 @@ class MoELayer(nn.Module):
             if routing.slots is not None:
                 raise ValueError("a capacity limit does not apply to a dynamic-k routing")
             routing = self.capacity(routing)
+        routed_in = tokens_TD if self.latent is None else self.latent.down(tokens_TD)
         if routing.slots is None:
-            out_TD = self._routed(tokens_TD, routing)
+            out_TD = self._routed(routed_in, routing)
         else:
-            out_TD = self._real_slots_only(tokens_TD, routing)
+            out_TD = self._real_slots_only(routed_in, routing)
+        if self.latent is not None:
+            out_TD = self.latent.up(out_TD)
         if self.shared is not None:
             out_TD = out_TD + self.shared(tokens_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}

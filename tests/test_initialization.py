@@ -69,6 +69,22 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "mlp experts": lambda: mb.MLPExperts(E, D, F, activation="relu"),
     "gelu experts, std": lambda: mb.GELUExperts(E, D, F, init=mb.ExpertInit(std=0.02)),
     "shared experts, gated": lambda: mb.SharedExperts(mb.SwiGLUExperts(1, D, F), gate=True),
+    "constant experts": lambda: mb.ConstantExperts(E, D),
+    "latent projection, bias, norm": lambda: mb.LatentProjection(
+        D, F, bias=True, norm=mb.RMSNorm(F, offset=1.0)
+    ),
+    "per-expert rms norm": lambda: mb.RMSNorm(D, num_experts=E),
+    "normed experts": lambda: mb.NormedExperts(mb.MLPExperts(E, D, F), mb.RMSNorm(D)),
+    "linear experts": lambda: mb.LinearExperts(E, D, F),
+    "routed linear": lambda: mb.RoutedLinear(
+        mb.Router(mb.LinearScorer(D, E), 2), mb.TorchDispatcher(), F
+    ),
+    "layer with a latent space": lambda: mb.MoELayer(
+        mb.Router(mb.LinearScorer(D, E), 2),
+        mb.TorchDispatcher(),
+        mb.MLPExperts(E, F, F, activation="relu2"),
+        latent=mb.LatentProjection(D, F),
+    ),
     "constant-scaled experts": lambda: mb.ConstantScaledExperts(mb.SwiGLUExperts(E, D, F), 2.5),
     "hash selection": lambda: mb.HashSelection(16, 2, E),
     "router with hash selection": lambda: mb.Router(

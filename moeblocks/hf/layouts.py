@@ -42,9 +42,11 @@ from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
 from moeblocks.experts import (
     ConcatExperts,
+    ConstantExperts,
     ConstantScaledExperts,
     IdentityExperts,
     MLPExperts,
+    NormedExperts,
     ScaledExperts,
     SwiGLUExperts,
 )
@@ -58,7 +60,9 @@ from moeblocks.gating import (
     TopK,
     WeightPolicy,
 )
+from moeblocks.latent import LatentProjection
 from moeblocks.layer import MoELayer
+from moeblocks.norms import RMSNorm
 from moeblocks.routers import LinearScorer, ProductKeyScorer, Router
 from moeblocks.shared import SharedExperts
 
@@ -82,18 +86,25 @@ __all__ = [
     "DEEPSEEK_SCALED_AFTER",
     "DEEPSEEK_V2",
     "DEEPSEEK_V4",
+    "ERGO",
+    "ERGO_EXPERTS",
+    "ERGO_SHARED",
     "FUSED_CLAMPED_SWIGLU_SHARED",
     "GATED_SHARED_EXPERT",
     "GATE_BIAS_SIGMOID",
     "GPT_OSS",
     "HY_V3",
     "INTERLEAVED",
+    "JETMOE",
+    "JETMOE_EXPERTS",
+    "LATENT_MLP",
     "LFM2",
     "LLAMA4",
     "LOGIT_BIAS_SIGMOID",
     "MISTRAL4",
     "MISTRAL_LARGE4",
     "NO_SHARED",
+    "OUTPUT_BIAS",
     "PER_EXPERT",
     "PER_EXPERT_FC",
     "ROUTER_BIAS_SIGMOID",
@@ -103,6 +114,7 @@ __all__ = [
     "SHARED_EXPERTS_CLAMPED",
     "SHARED_EXPERTS_CLAMPED_AFTER",
     "SHARED_EXPERTS_CLAMPED_LIMIT",
+    "SHARED_EXPERTS_MLP",
     "SHARED_MLP",
     "SIGMOID_TOPK",
     "SOFTMAX",
@@ -133,6 +145,7 @@ _ACTIVATIONS = {
     "PytorchGELUTanh": "gelu_tanh",
     "NewGELUActivation": "gelu_tanh",  # the same tanh formula, written out
     "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
 }
 
 
@@ -184,13 +197,19 @@ class BankLayout:
         read: ``experts module -> moeblocks bank`` (weights copied).
         write: ``(bank, experts module) -> None``: writes the bank back in place.
         from_block: ``read`` and ``write`` take the whole block instead of
-            ``block.experts`` (a bank built from several of its modules).
+            ``block.experts`` (a bank built from several of its modules, experts stored
+            on the block, or parts around them).
+        read_latent: ``block -> LatentProjection or None``: the projection into the
+            experts' space around them, if the family has one (NemotronH, MuseSpark).
+        write_latent: ``(LatentProjection or None, block) -> None``: writes it back.
     """
 
     name: str
     read: Callable[[nn.Module], nn.Module]
     write: Callable[[nn.Module, nn.Module], None]
     from_block: bool = False
+    read_latent: Callable[[nn.Module], LatentProjection | None] | None = None
+    write_latent: Callable[[LatentProjection | None, nn.Module], None] | None = None
 
 
 def _glu(experts: nn.Module) -> GatedActivation:
@@ -886,6 +905,7 @@ def compose(
         shared=shared.read(block),
         capacity=capacity,
         weight_inputs=form.weight_inputs,
+        latent=None if bank.read_latent is None else bank.read_latent(block),
     )
 
 
@@ -1553,4 +1573,267 @@ DEEPSEEK_SCALED_AFTER = RouterForm(
 )
 CONCAT_GLU_FP32 = BankLayout(
     "concat, GLU in float32", partial(_concat_read, activation=_glu_fp32), _concat_write
+)
+
+
+# --- j27d: layer structure around the experts (JetMoE, NemotronH) -----------------------
+
+
+def _jetmoe_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """JetMoE: top-k of the float32 logits of ``layer``, softmax over the k."""
+    router = Router(
+        _linear_scorer(gate.layer.weight, None, "input"),
+        gate.top_k,
+        scoring="softmax_topk",
+        weights=WeightPolicy("never"),  # the softmax over the top-k already sums to 1
+        routing_dtype=torch.float32,  # it casts its logits to float32
+    )
+    return router, None
+
+
+def _jetmoe_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, gate, False)
+    copy_into(gate.layer.weight, router.gate_weight)
+
+
+def _on_block_read(block: nn.Module) -> SwiGLUExperts:
+    # input_linear [E, 2F, D] (gate rows first), output_linear [E, D, F]: nn.Linear layouts.
+    E, width, D = block.input_linear.weight.shape
+    bank = SwiGLUExperts(E, D, width // 2, activation=GLU(activation_name(block.activation)))
+    _like(bank, block.input_linear.weight)
+    copy_into(bank.w_in_EDF2, block.input_linear.weight.transpose(1, 2))
+    copy_into(bank.w_out_EFD, block.output_linear.weight.transpose(1, 2))
+    return bank
+
+
+def _on_block_write(bank: nn.Module, block: nn.Module) -> None:
+    _check_bank(bank, SwiGLUExperts, False, block)
+    copy_into(block.input_linear.weight, bank.w_in_EDF2.transpose(1, 2))
+    copy_into(block.output_linear.weight, bank.w_out_EFD.transpose(1, 2))
+
+
+def _relu2_mlp_read(ex: nn.Module) -> MLPExperts:
+    """NemotronH: relu² MLP experts ``up_proj [E, F, L]``, ``down_proj [E, L, F]``."""
+    E, F, L = ex.up_proj.shape
+    bank = MLPExperts(E, L, F, activation=activation_name(ex.act_fn))
+    _like(bank, ex.up_proj)
+    copy_into(bank.w_in_EDF, ex.up_proj.transpose(1, 2))
+    copy_into(bank.w_out_EFD, ex.down_proj.transpose(1, 2))
+    return bank
+
+
+def _relu2_mlp_write(bank: nn.Module, ex: nn.Module) -> None:
+    _check_bank(bank, MLPExperts, False, ex)
+    copy_into(ex.up_proj, bank.w_in_EDF.transpose(1, 2))
+    copy_into(ex.down_proj, bank.w_out_EFD.transpose(1, 2))
+
+
+def _latent_read(block: nn.Module, down: str, up: str) -> LatentProjection | None:
+    """The block's ``down``/``up`` ``nn.Linear`` pair, None if they are Identity."""
+    fc_down, fc_up = getattr(block, down), getattr(block, up)
+    if isinstance(fc_down, nn.Identity):
+        return None
+    bias = fc_down.bias is not None
+    if (fc_up.bias is not None) != bias:
+        raise ValueError(f"{type(block).__name__}: only one of {down}, {up} has a bias")
+    latent = LatentProjection(fc_down.in_features, fc_down.out_features, bias=bias)
+    _like(latent, fc_down.weight)
+    copy_into(latent.w_down_DL, fc_down.weight.t())
+    copy_into(latent.w_up_LD, fc_up.weight.t())
+    if bias:
+        copy_into(latent.b_down_L, fc_down.bias)
+        copy_into(latent.b_up_D, fc_up.bias)
+    return latent
+
+
+def _latent_write(latent: LatentProjection | None, block: nn.Module, down: str, up: str) -> None:
+    fc_down, fc_up = getattr(block, down), getattr(block, up)
+    if isinstance(fc_down, nn.Identity):
+        if latent is not None:
+            raise ValueError(f"to_hf: this {type(block).__name__} has no latent projection")
+        return
+    bias = fc_down.bias is not None
+    if (
+        not isinstance(latent, LatentProjection)
+        or latent.norm is not None
+        or latent.has_bias != bias
+    ):
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} needs a layer with a LatentProjection "
+            f"(bias={bias}, no norm), got {latent!r}"
+        )
+    copy_into(fc_down.weight, latent.w_down_DL.t())
+    copy_into(fc_up.weight, latent.w_up_LD.t())
+    if latent.has_bias:
+        copy_into(fc_down.bias, latent.b_down_L)
+        copy_into(fc_up.bias, latent.b_up_D)
+
+
+def _dense_mlp_read(block: nn.Module, attr: str) -> SharedExperts:
+    """A one-expert :class:`~moeblocks.MLPExperts` from an ``up_proj``/``down_proj`` MLP."""
+    mlp = getattr(block, attr)
+    F, D = mlp.up_proj.weight.shape
+    bias = mlp.up_proj.bias is not None
+    bank = MLPExperts(1, D, F, activation=activation_name(mlp.act_fn), bias=bias)
+    _like(bank, mlp.up_proj.weight)
+    copy_into(bank.w_in_EDF[0], mlp.up_proj.weight.t())
+    copy_into(bank.w_out_EFD[0], mlp.down_proj.weight.t())
+    if bias:
+        copy_into(bank.b_in_EF[0], mlp.up_proj.bias)
+        copy_into(bank.b_out_ED[0], mlp.down_proj.bias)
+    return SharedExperts(bank)
+
+
+def _dense_mlp_write(shared: SharedExperts | None, block: nn.Module, attr: str) -> None:
+    mlp = getattr(block, attr)
+    if shared is None:
+        raise ValueError(f"to_hf: a {type(block).__name__} has a shared MLP, the layer has none")
+    bank = shared.experts
+    _check_bank(bank, MLPExperts, mlp.up_proj.bias is not None, block)
+    copy_into(mlp.up_proj.weight, bank.w_in_EDF[0].t())
+    copy_into(mlp.down_proj.weight, bank.w_out_EFD[0].t())
+    if bank.has_bias:
+        copy_into(mlp.up_proj.bias, bank.b_in_EF[0])
+        copy_into(mlp.down_proj.bias, bank.b_out_ED[0])
+
+
+def _out_bias_read(block: nn.Module) -> SharedExperts:
+    # A learnable bias added to the layer output: a constant "expert" in the shared slot.
+    shared = _like(SharedExperts(ConstantExperts(1, block.bias.shape[0])), block.bias)
+    copy_into(shared.experts.value_ED[0], block.bias)
+    return shared
+
+
+def _out_bias_write(shared: SharedExperts | None, block: nn.Module) -> None:
+    if shared is None or not isinstance(shared.experts, ConstantExperts):
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} adds a bias to its output; the layer needs "
+            "SharedExperts(ConstantExperts(1, dim))"
+        )
+    copy_into(block.bias, shared.experts.value_ED[0])
+
+
+JETMOE = RouterForm(
+    "top-k of the logits of `layer`, softmax (float32) over the k", _jetmoe_read, _jetmoe_write
+)
+JETMOE_EXPERTS = BankLayout(
+    "concat, on the block (`input_linear`, `output_linear`)",
+    _on_block_read,
+    _on_block_write,
+    from_block=True,
+)
+LATENT_MLP = BankLayout(
+    "relu² MLP (`up_proj`, `down_proj`), in a latent space if `fc1_latent_proj`",
+    _relu2_mlp_read,
+    _relu2_mlp_write,
+    read_latent=partial(_latent_read, down="fc1_latent_proj", up="fc2_latent_proj"),
+    write_latent=partial(_latent_write, down="fc1_latent_proj", up="fc2_latent_proj"),
+)
+SHARED_EXPERTS_MLP = SharedForm(
+    "ungated `shared_experts` MLP",
+    partial(_dense_mlp_read, attr="shared_experts"),
+    partial(_dense_mlp_write, attr="shared_experts"),
+)
+OUTPUT_BIAS = SharedForm("a bias on the output (`bias`)", _out_bias_read, _out_bias_write)
+
+
+# --- j27d: norms around the experts (Ergo) -------------------------------------------
+
+
+def _biased_sigmoid_router(
+    scorer: nn.Module, gate: nn.Module, bias: Tensor, scale: float, eps: float
+) -> Router:
+    """Sigmoid (float32) scores, top-k by score + selection bias, renormalised, scaled."""
+    balancer = BiasBalancer(scorer.num_experts, rate=0.0).to(bias.device)
+    copy_into(balancer.bias, bias.detach().float())
+    return Router(
+        scorer,
+        gate.top_k,
+        scoring="sigmoid",
+        weights=WeightPolicy("always", scale=float(scale), eps=eps),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+
+
+def _ergo_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Ergo: float32 logits of ``linear``, sigmoid, selection bias, renormalised, scaled."""
+    scorer = _linear_scorer(gate.linear.weight, None, "float32")
+    bias, scale = gate.e_score_correction_bias, gate.routed_scaling_factor
+    return _biased_sigmoid_router(scorer, gate, bias, scale, 1e-20), None
+
+
+def _ergo_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
+    _check_router_bias(router, gate, False)
+    copy_into(gate.linear.weight, router.gate_weight)
+    if router.balancer is None:
+        raise ValueError(f"to_hf: a {type(gate).__name__} needs a router with a BiasBalancer")
+    copy_into(gate.e_score_correction_bias, router.balancer.bias)
+
+
+def _norm_of(hf_norm: nn.Module, float32_weight: bool = True) -> RMSNorm:
+    """An :class:`RMSNorm` with an HF norm's weight and eps (a ``[E, D]`` weight: per expert)."""
+    w = hf_norm.weight
+    experts = w.shape[0] if w.ndim == 2 else None
+    norm = RMSNorm(
+        w.shape[-1], float(hf_norm.eps), num_experts=experts, float32_weight=float32_weight
+    )
+    _like(norm, w)
+    copy_into(norm.weight, w)
+    return norm
+
+
+def _normed(bank: nn.Module, block: nn.Module) -> NormedExperts:
+    if not isinstance(bank, NormedExperts) or not isinstance(bank.norm, RMSNorm):
+        raise TypeError(
+            f"to_hf: a {type(block).__name__} normalises its experts' outputs; the layer "
+            f"needs a NormedExperts bank with an RMSNorm, got {type(bank).__name__}"
+        )
+    return bank
+
+
+def _ergo_experts_read(ex: nn.Module) -> NormedExperts:
+    """relu² experts ``up_proj [E, D, F]``, ``down_proj [E, F, D]``, a norm per expert."""
+    E, D, F = ex.up_proj.shape
+    bank = _like(MLPExperts(E, D, F, activation=activation_name(ex.act_fn)), ex.up_proj)
+    copy_into(bank.w_in_EDF, ex.up_proj)
+    copy_into(bank.w_out_EFD, ex.down_proj)
+    # The normalised row (float32) times the weight in its own dtype.
+    return NormedExperts(bank, _norm_of(ex.post_expert_norm, float32_weight=False))
+
+
+def _ergo_experts_write(bank: nn.Module, ex: nn.Module) -> None:
+    normed = _normed(bank, ex)
+    copy_into(ex.post_expert_norm.weight, normed.norm.weight)
+    _check_bank(normed.experts, MLPExperts, False, ex)
+    copy_into(ex.up_proj, normed.experts.w_in_EDF)
+    copy_into(ex.down_proj, normed.experts.w_out_EFD)
+
+
+def _ergo_shared_read(block: nn.Module) -> SharedExperts:
+    plain = _dense_mlp_read(block, "shared_experts")
+    normed = NormedExperts(plain.experts, _norm_of(block.shared_experts.norm))
+    return SharedExperts(normed)
+
+
+def _ergo_shared_write(shared: SharedExperts | None, block: nn.Module) -> None:
+    if shared is None:
+        raise ValueError(f"to_hf: a {type(block).__name__} has a shared expert, the layer none")
+    normed = _normed(shared.experts, block)
+    copy_into(block.shared_experts.norm.weight, normed.norm.weight)
+    _dense_mlp_write(SharedExperts(normed.experts), block, "shared_experts")
+
+
+ERGO = RouterForm(
+    "sigmoid (float32) of `linear`, selection bias, renormalised, scaled", _ergo_read, _ergo_write
+)
+ERGO_EXPERTS = BankLayout(
+    "relu² MLP (`up_proj`, `down_proj`), an RMS norm per expert",
+    _ergo_experts_read,
+    _ergo_experts_write,
+)
+ERGO_SHARED = SharedForm(
+    "ungated relu² `shared_experts` MLP, its output RMS-normed",
+    _ergo_shared_read,
+    _ergo_shared_write,
 )

@@ -403,6 +403,31 @@ MUTANTS: list[Mutant] = [
         "tests/test_hf_families_parameter_free.py",
         "LongCat-Flash's routed scaling factor is dropped",
     ),
+    # --- layer structure of issue 27 (j27d): latent space, expert norms, routed maps
+    _m(
+        "structure-latent-down-bias",
+        "moeblocks/latent.py",
+        "F.linear(tokens, self.w_down_DL.t(), self.b_down_L)",
+        "F.linear(tokens, self.w_down_DL.t())",
+        "tests/test_structure_banks.py -k latent",
+        "the latent down projection drops its bias",
+    ),
+    _m(
+        "structure-norm-weight-float32",
+        "moeblocks/norms.py",
+        "(scale.to(cdt) if self.float32_weight else scale)",
+        "scale.to(cdt)",
+        "tests/test_hf_families_structure.py -k ergo",
+        "Ergo's per-expert norm weight rounded to float32 in a float64 model",
+    ),
+    _m(
+        "structure-routed-linear-unweighted",
+        "moeblocks/routed_linear.py",
+        "self.dispatcher.unpermute(out_RD, layout, routing.weights)",
+        "self.dispatcher.unpermute(out_RD, layout, torch.ones_like(routing.weights))",
+        "tests/test_routed_linear.py",
+        "the mixture of attention heads sums its slots without the gates",
+    ),
 ]
 
 
