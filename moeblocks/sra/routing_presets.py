@@ -227,11 +227,14 @@ def _layer(
     weight_inputs: bool = False,
 ) -> MoELayer:
     """Router + the config's dispatcher + routed (and shared) banks at the family's widths."""
+    # Routed bank first: eager construction draws in the order init_weights re-draws on a
+    # meta-built model (the layer's module order), so both give the same tensors.
+    experts = expert_bank(config, config.num_experts, w.routed)
     shared = SharedExperts(expert_bank(config, 1, w.shared), gate=gated) if w.shared else None
     return MoELayer(
         router,
         make_dispatcher(config.dispatcher),
-        expert_bank(config, config.num_experts, w.routed),
+        experts,
         losses,
         shared=shared,
         capacity=capacity,
