@@ -31,19 +31,14 @@ from torch import Tensor, nn
 from moeblocks.layer import MoELayer
 from moeblocks.routing import MoEOutput, Routing
 from moeblocks.sra.config import SRAConfig
-from moeblocks.sra.dense import DenseFFN, NormalLinear, residual_std
-from moeblocks.sra.routing_presets import build_ffn, build_losses, build_moe, build_schedule
+from moeblocks.sra.dense import DenseFFN as DenseFFN  # its home before issue 30
+from moeblocks.sra.dense import NormalLinear, residual_std
+from moeblocks.sra.routing_presets import build_ffn
+from moeblocks.sra.routing_presets import build_losses as build_losses  # as DenseFFN
+from moeblocks.sra.routing_presets import build_moe as build_moe
+from moeblocks.sra.routing_presets import build_schedule as build_schedule
 
-__all__ = [
-    "DenseFFN",
-    "NormalLinear",
-    "SRAOutput",
-    "SRATransformer",
-    "build_ffn",
-    "build_losses",
-    "build_moe",
-    "build_schedule",
-]
+__all__ = ["SRAOutput", "SRATransformer"]
 
 
 @dataclass(frozen=True)
