@@ -180,7 +180,11 @@ def test_every_config_field_settable_with_precedence(tmp_path: Path) -> None:
     [
         (["--set", "seqlen=64"], "unknown config field 'seqlen' (did you mean seq_len"),
         (["--set", "seq_len=1.5"], "--set seq_len=1.5: seq_len expects an integer, got '1.5'"),
-        (["--set", "ffn=moe"], "ffn expects one of cosine, linear, dense, got 'moe'"),
+        (
+            ["--set", "ffn=moe"],
+            "ffn expects one of cosine, linear, dense, mixtral, qwen2_moe, olmoe, "
+            "deepseek_v3, gpt_oss, switch, llama4, got 'moe'",
+        ),
         (["--set", "expert_bias=maybe"], "expert_bias expects true or false"),
         (["--set", "lr"], "--set expects key=value"),
         (["--set", "warmup=2"], "warmup"),  # parsed, then refused by SRAConfig

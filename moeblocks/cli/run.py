@@ -193,7 +193,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments that choose the run config (see :mod:`moeblocks.cli.config_args`)."""
-    from moeblocks.sra.config import PRESETS
+    from moeblocks.sra.config import FFN_CHOICES, PRESETS
 
     parser.add_argument(
         "--preset",
@@ -227,8 +227,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ffn",
         default=None,
-        choices=["cosine", "linear", "dense"],
-        help="FFN kind: cosine-routed MoE (SRA), linear-routed MoE, or dense baseline",
+        choices=list(FFN_CHOICES),
+        help="FFN kind: cosine-routed MoE (SRA), linear-routed MoE, dense baseline, or a "
+        "family's routing at equal active size (the same as --set ffn=NAME)",
     )
 
 

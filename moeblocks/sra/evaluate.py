@@ -81,6 +81,8 @@ class EvalResult:
         k: Experts per token used (None: the schedule's current k).
         counts: Routed slots per expert and MoE layer, int64 ``[L, E]`` (``[0, E]``
             for a dense model).
+        dropped: Fraction of the routed copies (all layers) that a capacity limit
+            dropped; 0 without one.
     """
 
     loss: float
@@ -88,6 +90,7 @@ class EvalResult:
     tokens: int
     k: int | None
     counts: Tensor
+    dropped: float = 0.0
 
     @property
     def dead_per_layer(self) -> list[float]:
@@ -141,6 +144,7 @@ def evaluate(
     device = next(model.parameters()).device
     L, E = len(model.moe_layers), model.config.num_experts
     counts_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+    dropped_2 = torch.zeros(2, dtype=torch.long, device=device)  # dropped, all copies
     total, n = 0.0, 0
     try:
         for x_BS, y_BS in _batches(tokens, model.config.seq_len, batch_size, max_tokens):
@@ -152,12 +156,17 @@ def evaluate(
             n += y_BS.numel()
             for layer, routing in enumerate(res.routings):
                 counts_LE[layer] += torch.bincount(routing.experts.flatten(), minlength=E)
+                dropped_2[0] += routing.num_dropped
+                dropped_2[1] += routing.experts.numel()
             if on_batch is not None:
                 on_batch()
     finally:
         model.train(was_training)
     loss = total / n
-    return EvalResult(loss, math.exp(loss), n, k, counts_LE.cpu())
+    dropped, copies = dropped_2.tolist()
+    return EvalResult(
+        loss, math.exp(loss), n, k, counts_LE.cpu(), dropped / copies if copies else 0.0
+    )
 
 
 @torch.no_grad()
