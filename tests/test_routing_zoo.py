@@ -15,6 +15,7 @@ from moeblocks.cli import main
 from moeblocks.sra import UsageError, preset
 from moeblocks.sra.data import synthetic_text
 from moeblocks.sra.experiments import confidence_interval
+from moeblocks.sra.routing_presets import ROUTING_ZOO
 from moeblocks.sra.routing_zoo import (
     DENSE,
     MEASURE_FILE,
@@ -39,8 +40,8 @@ BASE = preset("tiny").replace(
     vocab_size=300, seq_len=16, d_model=32, n_heads=2, num_experts=8, d_expert=16,
     steps=6, batch_size=4, eval_every=0, ckpt_every=0, eval_tokens=256, dispatcher="torch",
 )  # fmt: skip
-# The reference, one more MoE family and the dense baseline.
-FAMILIES = [REFERENCE, zoo_families()[1], DENSE]
+# The reference, a family with a capacity limit (it drops tokens) and the dense baseline.
+FAMILIES = [REFERENCE, "switch", DENSE]
 
 
 def _run(family: str, seed: int, **values: float) -> ZooRun:
@@ -106,9 +107,12 @@ def _recompute(out: Path, family: str, seeds: list[int], metric: str) -> float:
     values = []
     for s in seeds:
         run = out / f"{family}-s{s}"
+        log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
         if metric == "tok_per_s":
-            log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
             values.append([r["tok_per_s"] for r in log if "tok_per_s" in r][-1])
+        elif metric == "dropped_pct":  # only for a family with a capacity limit
+            drops = [100 * r["dropped"] for r in log if "dropped" in r]
+            values.append(statistics.fmean(drops) if family == "switch" else math.nan)
         else:
             values.append(json.loads((run / MEASURE_FILE).read_text())["metrics"][metric])
     return statistics.fmean(values)
@@ -128,6 +132,7 @@ def test_routing_zoo_end_to_end(tmp_path: Path) -> None:
         assert math.isfinite(r.ppl)
         assert r.tok_per_s > 0
         assert math.isfinite(r.cv2) == (r.family != DENSE)
+        assert math.isfinite(r.dropped_pct) == (r.family == "switch")
         assert 0 <= r.purity <= 1 or r.family == DENSE
         saved = json.loads((tmp_path / f"{r.family}-s{r.seed}" / "checkpoint.json").read_text())
         assert saved["step"] == BASE.steps
@@ -138,7 +143,7 @@ def test_routing_zoo_end_to_end(tmp_path: Path) -> None:
     # Every number of the table is the mean of the runs' own files.
     for family in FAMILIES:
         row = _table_row(text, family)
-        for metric in ["ppl", "dead_pct", "cv2", "purity", "tok_per_s"]:
+        for metric in ["ppl", "dead_pct", "cv2", "purity", "tok_per_s", "dropped_pct"]:
             cell = row[list(ZOO_METRICS).index(metric) + 1]
             want = _recompute(tmp_path, family, seeds, metric)
             if math.isnan(want):  # dense: no routing
@@ -194,6 +199,8 @@ def test_zoo_refuses_bad_input(tmp_path: Path) -> None:
 
 
 def test_zoo_configs() -> None:
+    assert zoo_families() == (*ROUTING_ZOO, DENSE)
+    assert len(zoo_families()) == 9
     assert zoo_families()[0] == REFERENCE
     assert zoo_families()[-1] == DENSE
     assert zoo_base().steps == 300

@@ -30,8 +30,8 @@ averaged over the L MoE layers:
   ``same-sense`` pairs of the ``english-senses`` probe minus that of its
   ``different-sense`` pairs (:func:`~moeblocks.inspect.probe.run_condition_probe`).
 - *train tok/s*: the last ``tok_per_s`` of the run's ``log.jsonl``.
-- *dropped %*: the mean of the log's ``dropped`` fraction (capacity families; – for
-  the others).
+- *dropped %*: the mean of the log's ``dropped`` fraction, for the families with a
+  capacity limit (:func:`~moeblocks.sra.routing_presets.composition`; – for the others).
 
 :func:`compare_to_reference` says which differences from the SRA cosine row lie outside
 the 95 % interval: the interval of the per-seed differences (paired by seed: both runs
@@ -117,14 +117,15 @@ ZOO_METRICS: dict[str, tuple[str, str]] = {
 }
 # The measured metrics (zoo-measure.json); the rest come from the training log.
 _MEASURED = ("ppl", "dead_pct", "max_share", "cv2", "entropy", "purity", "sense_gap")
-_FALLBACK_ZOO = ("cosine", "linear")  # until the family presets land
 _PURITY_SENTENCES = 400  # synthetic sentences (~4k words) for the class purity
 _PROBE_PERMUTATIONS = 100  # the probe's p-value is not reported, only the gap
 
 
 def zoo_families() -> tuple[str, ...]:
     """Every family the zoo trains by default: the MoE routing presets, then ``dense``."""
-    return (*_FALLBACK_ZOO, DENSE)
+    from moeblocks.sra.routing_presets import ROUTING_ZOO
+
+    return (*ROUTING_ZOO, DENSE)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class ZooRun:
         purity: Class purity of the top-1 experts on the synthetic language, in [1/C, 1].
         sense_gap: Same-sense minus different-sense Jaccard of the sense probe, in [-1, 1].
         tok_per_s: Training throughput, tokens per second (the log's last value).
-        dropped_pct: Tokens dropped by a capacity limit, % (the log's mean).
+        dropped_pct: Routed copies dropped by a capacity limit, % (the log's mean; NaN
+            for a family without one).
         train_seconds: Training time implied by the log (steps · B · S / tok_per_s).
     """
 
@@ -356,6 +358,13 @@ def measure_run(run: Path, max_tokens: int, data: str, device: str = "cpu") -> d
     }
 
 
+def _has_capacity(family: str) -> bool:
+    """Whether the family's layer drops tokens over a capacity (its composition says so)."""
+    from moeblocks.sra.routing_presets import composition
+
+    return not composition(family)["capacity"].startswith("none")
+
+
 def _mean_dropped(records: Iterable[dict[str, Any]]) -> float:
     """Mean of the log's ``dropped`` fractions (a number or one per layer), as %."""
     values = []
@@ -385,8 +394,9 @@ def read_zoo_run(run: Path, family: str, seed: int) -> ZooRun:
         raise UsageError(f"{run / 'log.jsonl'} records no tok_per_s: is the log complete?")
     tokens = blob["step"] * blob["tokens_per_step"]
     tok_per_s = float(speeds[-1])
-    return ZooRun(family, seed, **metrics, tok_per_s=tok_per_s,
-                  dropped_pct=_mean_dropped(train), train_seconds=tokens / tok_per_s)  # fmt: skip
+    dropped = _mean_dropped(train) if _has_capacity(family) else math.nan
+    return ZooRun(family, seed, **metrics, tok_per_s=tok_per_s, dropped_pct=dropped,
+                  train_seconds=tokens / tok_per_s)  # fmt: skip
 
 
 # --- comparing with the reference row ------------------------------------------------
