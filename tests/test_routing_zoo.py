@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from moeblocks.cli import main
 from moeblocks.sra import UsageError, preset
 from moeblocks.sra.data import synthetic_text
-from moeblocks.sra.experiments import confidence_interval
+from moeblocks.sra.evaluate import evaluate
+from moeblocks.sra.experiments import confidence_interval, load_validation
 from moeblocks.sra.routing_presets import ROUTING_ZOO
 from moeblocks.sra.routing_zoo import (
     DENSE,
@@ -137,6 +138,11 @@ def test_routing_zoo_end_to_end(tmp_path: Path) -> None:
         saved = json.loads((tmp_path / f"{r.family}-s{r.seed}" / "checkpoint.json").read_text())
         assert saved["step"] == BASE.steps
     assert runs[0].ppl != runs[len(FAMILIES)].ppl  # the seed changes the run
+    # Switch trained top-1 and is measured top-1 (not at the config's k_final = 2).
+    model, _, _, tokens = load_validation(tmp_path / "switch-s0", str(data))
+    switch = runs[FAMILIES.index("switch")]
+    assert evaluate(model, tokens, BASE.batch_size, 256, k=1).ppl == switch.ppl
+    assert evaluate(model, tokens, BASE.batch_size, 256, k=2).ppl != switch.ppl
     text = (tmp_path / "routing_zoo.md").read_text()
     assert "moeblocks experiment routing-zoo" in text
     assert "## Differences from `cosine`" in text
@@ -203,7 +209,7 @@ def test_zoo_configs() -> None:
     assert len(zoo_families()) == 9
     assert zoo_families()[0] == REFERENCE
     assert zoo_families()[-1] == DENSE
-    assert zoo_base().steps == 300
+    assert zoo_base().steps == 400
     assert zoo_base().eval_every == 0
     assert zoo_base("tiny", 50).steps == 50
     assert zoo_base("small").steps == preset("small").steps

@@ -17,7 +17,8 @@ the seeds (:func:`~moeblocks.sra.experiments.confidence_interval`); per-layer va
 averaged over the L MoE layers:
 
 - *val. perplexity*: ``exp`` of the mean next-token loss on the validation split, at
-  the training k.
+  the k the run ended training with (``k_final``; 1 for Switch and Llama 4, which
+  route top-1). The routing statistics below use the same k.
 - *dead experts %*: experts that receive no routed validation slot, % of L·E.
 - *max/mean load*: ``E · max_e u_e`` with u the experts' share of routed validation
   slots (1 = perfectly balanced).
@@ -100,8 +101,8 @@ REFERENCE = "cosine"
 """The row every other family is compared with: SRA's cosine router."""
 MEASURE_FILE = "zoo-measure.json"
 """Each run folder's measurement, written once (a rerun reads it back)."""
-TINY_STEPS = 300
-"""Default steps at the ``tiny`` preset: 27 runs of 300 steps fit 45 minutes on 2 cores."""
+TINY_STEPS = 400
+"""Default steps at the ``tiny`` preset: 27 runs of 400 steps take about 25 min on 2 cores."""
 
 # Metric attribute -> (column title, format), in table order.
 ZOO_METRICS: dict[str, tuple[str, str]] = {
@@ -324,6 +325,13 @@ def _sense_gap(forward: Any, tok: Any) -> float:
     return sum(t.mean_first - t.mean_second for t in tests) / len(tests)
 
 
+def _trained_k(config: SRAConfig) -> int:
+    """The k the routers use at the end of training: a family's own (Switch, Llama 4: 1)."""
+    from moeblocks.sra.routing_presets import widths
+
+    return config.k_final if config.ffn == DENSE else widths(config).k
+
+
 @torch.no_grad()
 def measure_run(run: Path, max_tokens: int, data: str, device: str = "cpu") -> dict[str, float]:
     """The measured metrics of one trained run (see the module docstring).
@@ -344,10 +352,11 @@ def measure_run(run: Path, max_tokens: int, data: str, device: str = "cpu") -> d
     model, tok, ckpt, tokens = load_validation(run, data)
     model.to(device).eval()
     cfg = ckpt.config
-    ppl = evaluate(model, tokens, cfg.batch_size, max_tokens, k=cfg.k_final).ppl
+    k = _trained_k(cfg)
+    ppl = evaluate(model, tokens, cfg.batch_size, max_tokens, k=k).ppl
     if not model.moe_layers:
         return {"ppl": ppl, **dict.fromkeys(_MEASURED[1:], math.nan)}
-    forward = sra_forward(model, k=cfg.k_final)
+    forward = sra_forward(model, k=k)
     x_WS, _ = eval_windows(tokens, cfg.seq_len, max_tokens)
     rs = collect_routing(forward, x_WS.split(cfg.batch_size))
     return {
