@@ -413,9 +413,14 @@ def test_sizes_a_preset_cannot_route_are_refused_before_training(tmp_path: Path)
     assert not (tmp_path / "run").exists()
 
 
-def test_deepseek_refuses_torchrun_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_presets_that_do_not_shard_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    plan = train_module._plan_parallel
     with pytest.raises(UsageError, match="deepseek_v3 trains in one process only"):
-        train_module._plan_parallel(None, micro("deepseek_v3"))
-    assert train_module._plan_parallel(None, micro("switch")) is not None
+        plan(None, micro("deepseek_v3"))
+    with pytest.raises(UsageError, match="llama4 weights expert inputs"):
+        plan(None, micro("llama4"))  # expert parallelism over the 2 ranks by default
+    assert plan(1, micro("llama4")).ep_size == 1  # data parallel alone is fine
+    for ffn in ("cosine", "mixtral", "qwen2_moe", "olmoe", "gpt_oss", "switch"):
+        assert plan(None, micro(ffn)).ep_size == 2

@@ -204,6 +204,13 @@ def _plan_parallel(
             "ffn=deepseek_v3 trains in one process only: its sequence-wise balance loss "
             "has no cross-rank reduction in moeblocks.distributed yet"
         )
+    if config.ffn == "llama4" and P > 1:
+        # MoELayer weights the *inputs* by the rows' slots in its own routing; the
+        # all-to-all dispatcher hands it the rows this rank received, in another order.
+        raise UsageError(
+            "ffn=llama4 weights expert inputs, which the expert-parallel dispatcher does "
+            f"not support: use --expert-parallel 1 (got {P})"
+        )
     if config.num_experts % P:
         raise UsageError(
             f"--expert-parallel {P} must divide the number of experts {config.num_experts}"
