@@ -384,6 +384,23 @@ def test_deepseek_bias_moves_once_per_applied_step(
     assert calls == [2, 2, 2]  # one balancer per layer, once per step
 
 
+def test_deepseek_resume_continues_the_bias_exactly(tmp_path: Path) -> None:
+    cfg = micro("deepseek_v3", steps=4, eval_every=0)
+    train(cfg, "synthetic", tmp_path / "straight", progress=False)
+    train(cfg, "synthetic", tmp_path / "split", progress=False, stop_at=2)
+    train(cfg, None, tmp_path / "split", resume=True, progress=False)
+    states = []
+    for run in ("straight", "split"):
+        model = SRATransformer(cfg)
+        load_weights(model, find_checkpoint(tmp_path / run), cfg)
+        states.append(model.state_dict())
+    biases = [n for n in states[0] if n.endswith("balancer.bias")]
+    assert len(biases) == 2
+    assert all(bool((states[0][n] != 0).any()) for n in biases)
+    for name, value in states[0].items():  # bit for bit, the biases included
+        assert torch.equal(states[1][name], value), name
+
+
 def test_checkpoint_of_one_preset_refuses_another(runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run = runs("deepseek_v3")
     ckpt = find_checkpoint(run)

@@ -724,6 +724,9 @@ class _RoutingStats:
             self.log_dropped_2[1] += routing.experts.numel()
             if applied:  # a skipped step's probabilities may be NaN
                 p_TE = routing.probs.float()
+                # Sigmoid scores (DeepSeek-V3, Llama 4) do not sum to 1: the entropy of
+                # the distribution they define (a no-op for a softmax, up to rounding).
+                p_TE = p_TE / p_TE.sum(-1, keepdim=True).clamp(min=1e-30)
                 h_T = -(p_TE * p_TE.clamp(min=1e-30).log()).sum(-1)
                 self.log_entropy_L[layer] += h_T.mean()
         self.log_steps += int(applied)
