@@ -37,6 +37,7 @@ import moeblocks as mb
 from moeblocks.sra import train as train_module
 from moeblocks.sra.checkpoint import find_checkpoint, load_weights
 from moeblocks.sra.config import FFN_CHOICES, PRESETS, SRAConfig, UsageError
+from moeblocks.sra.data import synthetic_text
 from moeblocks.sra.model import SRATransformer
 from moeblocks.sra.routing_presets import (
     FAMILIES,
@@ -399,6 +400,23 @@ def test_deepseek_resume_continues_the_bias_exactly(tmp_path: Path) -> None:
     assert all(bool((states[0][n] != 0).any()) for n in biases)
     for name, value in states[0].items():  # bit for bit, the biases included
         assert torch.equal(states[1][name], value), name
+
+
+def test_eval_reports_the_k_a_family_trained_with(runs) -> None:  # type: ignore[no-untyped-def]
+    from moeblocks.sra.evaluate import eval_record, evaluate_run, format_run_eval, load_run
+    from moeblocks.sra.routing_presets import trained_k
+    from moeblocks.sra.tokenizer import encode
+
+    model, tok, ckpt = load_run(runs("switch"))
+    assert trained_k(ckpt.config) == model.k == 1  # top-1, though k_final is 2
+    assert trained_k(micro("cosine")) == 2
+    text = synthetic_text(200, seed=3)
+    ev = evaluate_run(model, torch.from_numpy(encode(tok, text)), ckpt, max_tokens=256)
+    assert eval_record(ev)["k"] == 1
+    assert [s.k for s in ev.sweep] == [1, 2, 3, 4]
+    report = format_run_eval(ev, trained_k(ckpt.config))
+    assert "k 1)" in report
+    assert "\n  * 1 " in report  # the sweep marks k = 1 as the trained k
 
 
 def test_checkpoint_of_one_preset_refuses_another(runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
