@@ -37,6 +37,7 @@ import moeblocks as mb
 from moeblocks.sra import train as train_module
 from moeblocks.sra.checkpoint import find_checkpoint, load_weights
 from moeblocks.sra.config import FFN_CHOICES, PRESETS, SRAConfig, UsageError
+from moeblocks.sra.data import synthetic_text
 from moeblocks.sra.model import SRATransformer
 from moeblocks.sra.routing_presets import (
     FAMILIES,
@@ -384,6 +385,40 @@ def test_deepseek_bias_moves_once_per_applied_step(
     assert calls == [2, 2, 2]  # one balancer per layer, once per step
 
 
+def test_deepseek_resume_continues_the_bias_exactly(tmp_path: Path) -> None:
+    cfg = micro("deepseek_v3", steps=4, eval_every=0)
+    train(cfg, "synthetic", tmp_path / "straight", progress=False)
+    train(cfg, "synthetic", tmp_path / "split", progress=False, stop_at=2)
+    train(cfg, None, tmp_path / "split", resume=True, progress=False)
+    states = []
+    for run in ("straight", "split"):
+        model = SRATransformer(cfg)
+        load_weights(model, find_checkpoint(tmp_path / run), cfg)
+        states.append(model.state_dict())
+    biases = [n for n in states[0] if n.endswith("balancer.bias")]
+    assert len(biases) == 2
+    assert all(bool((states[0][n] != 0).any()) for n in biases)
+    for name, value in states[0].items():  # bit for bit, the biases included
+        assert torch.equal(states[1][name], value), name
+
+
+def test_eval_reports_the_k_a_family_trained_with(runs) -> None:  # type: ignore[no-untyped-def]
+    from moeblocks.sra.evaluate import eval_record, evaluate_run, format_run_eval, load_run
+    from moeblocks.sra.routing_presets import trained_k
+    from moeblocks.sra.tokenizer import encode
+
+    model, tok, ckpt = load_run(runs("switch"))
+    assert trained_k(ckpt.config) == model.k == 1  # top-1, though k_final is 2
+    assert trained_k(micro("cosine")) == 2
+    text = synthetic_text(200, seed=3)
+    ev = evaluate_run(model, torch.from_numpy(encode(tok, text)), ckpt, max_tokens=256)
+    assert eval_record(ev)["k"] == 1
+    assert [s.k for s in ev.sweep] == [1, 2, 3, 4]
+    report = format_run_eval(ev, trained_k(ckpt.config))
+    assert "k 1)" in report
+    assert "\n  * 1 " in report  # the sweep marks k = 1 as the trained k
+
+
 def test_checkpoint_of_one_preset_refuses_another(runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run = runs("deepseek_v3")
     ckpt = find_checkpoint(run)
@@ -413,9 +448,14 @@ def test_sizes_a_preset_cannot_route_are_refused_before_training(tmp_path: Path)
     assert not (tmp_path / "run").exists()
 
 
-def test_deepseek_refuses_torchrun_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_presets_that_do_not_shard_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    plan = train_module._plan_parallel
     with pytest.raises(UsageError, match="deepseek_v3 trains in one process only"):
-        train_module._plan_parallel(None, micro("deepseek_v3"))
-    assert train_module._plan_parallel(None, micro("switch")) is not None
+        plan(None, micro("deepseek_v3"))
+    with pytest.raises(UsageError, match="llama4 weights expert inputs"):
+        plan(None, micro("llama4"))  # expert parallelism over the 2 ranks by default
+    assert plan(1, micro("llama4")).ep_size == 1  # data parallel alone is fine
+    for ffn in ("cosine", "mixtral", "qwen2_moe", "olmoe", "gpt_oss", "switch"):
+        assert plan(None, micro(ffn)).ep_size == 2

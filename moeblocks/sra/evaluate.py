@@ -47,8 +47,10 @@ from moeblocks.sra.checkpoint import (
     note_skipped,
     with_data,
 )
+from moeblocks.sra.config import SRAConfig
 from moeblocks.sra.data import Corpus, eval_windows, load_corpus
 from moeblocks.sra.model import SRATransformer
+from moeblocks.sra.routing_presets import FAMILIES, trained_k
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -333,6 +335,13 @@ def report_dir(path: Path) -> Path:
     return run_folder(path) / "reports"
 
 
+def _k_at(config: SRAConfig, step: int) -> int:
+    """The k the routers use after ``step`` training steps (a family's k is fixed)."""
+    if config.ffn in FAMILIES or step >= config.k_switch_step:
+        return trained_k(config)
+    return config.k_start
+
+
 def eval_record(ev: RunEval, command: str = "") -> dict[str, Any]:
     """What ``eval.json`` holds: a JSON-ready dict of a :class:`RunEval`.
 
@@ -360,7 +369,7 @@ def eval_record(ev: RunEval, command: str = "") -> dict[str, Any]:
         "tokens": r.tokens,
         "loss": r.loss,
         "perplexity": r.ppl,
-        "k": ck.config.k_final if ck.step >= ck.config.k_switch_step else ck.config.k_start,
+        "k": _k_at(ck.config, ck.step),
         "dead_experts": dead,
         "expert_counts": r.counts.tolist(),
         "k_sweep": [
@@ -387,7 +396,8 @@ def format_run_eval(ev: RunEval, k_train: int) -> str:
     r, cfg = ev.result, ev.checkpoint.config
     lines = [
         f"checkpoint {ev.checkpoint.path} (step {ev.checkpoint.step}, ffn {cfg.ffn}, "
-        f"{cfg.num_experts} experts, k {cfg.k_start}->{cfg.k_final})",
+        f"{cfg.num_experts} experts, k "
+        + (f"{trained_k(cfg)})" if cfg.ffn in FAMILIES else f"{cfg.k_start}->{cfg.k_final})"),
         f"validation: loss {r.loss:.4f} nats/token, perplexity {r.ppl:.2f} over {r.tokens} tokens",
     ]
     if len(r.counts):

@@ -76,6 +76,7 @@ __all__ = [
     "composition",
     "describe",
     "expert_bank",
+    "trained_k",
     "widths",
 ]
 
@@ -150,6 +151,15 @@ def widths(config: SRAConfig) -> Widths:
     # Nearest integer (halves up), in integers: K·F / units.
     routed = max(1, (2 * config.k_final * config.d_expert + units) // (2 * units))
     return Widths(k, routed, (units - k) * routed)
+
+
+def trained_k(config: SRAConfig) -> int:
+    """The k every router uses once training is over (its k-sweep's reference point).
+
+    ``k_final`` for SRA's routers (and the width multiple of the dense FFN); a family's
+    own k otherwise (1 for Switch and Llama 4).
+    """
+    return config.k_final if config.ffn == "dense" else widths(config).k
 
 
 def check_ffn(config: SRAConfig) -> None:

@@ -204,6 +204,13 @@ def _plan_parallel(
             "ffn=deepseek_v3 trains in one process only: its sequence-wise balance loss "
             "has no cross-rank reduction in moeblocks.distributed yet"
         )
+    if config.ffn == "llama4" and P > 1:
+        # MoELayer weights the *inputs* by the rows' slots in its own routing; the
+        # all-to-all dispatcher hands it the rows this rank received, in another order.
+        raise UsageError(
+            "ffn=llama4 weights expert inputs, which the expert-parallel dispatcher does "
+            f"not support: use --expert-parallel 1 (got {P})"
+        )
     if config.num_experts % P:
         raise UsageError(
             f"--expert-parallel {P} must divide the number of experts {config.num_experts}"
@@ -717,6 +724,9 @@ class _RoutingStats:
             self.log_dropped_2[1] += routing.experts.numel()
             if applied:  # a skipped step's probabilities may be NaN
                 p_TE = routing.probs.float()
+                # Sigmoid scores (DeepSeek-V3, Llama 4) do not sum to 1: the entropy of
+                # the distribution they define (a no-op for a softmax, up to rounding).
+                p_TE = p_TE / p_TE.sum(-1, keepdim=True).clamp(min=1e-30)
                 h_T = -(p_TE * p_TE.clamp(min=1e-30).log()).sum(-1)
                 self.log_entropy_L[layer] += h_T.mean()
         self.log_steps += int(applied)
