@@ -325,13 +325,6 @@ def _sense_gap(forward: Any, tok: Any) -> float:
     return sum(t.mean_first - t.mean_second for t in tests) / len(tests)
 
 
-def _trained_k(config: SRAConfig) -> int:
-    """The k the routers use at the end of training: a family's own (Switch, Llama 4: 1)."""
-    from moeblocks.sra.routing_presets import widths
-
-    return config.k_final if config.ffn == DENSE else widths(config).k
-
-
 @torch.no_grad()
 def measure_run(run: Path, max_tokens: int, data: str, device: str = "cpu") -> dict[str, float]:
     """The measured metrics of one trained run (see the module docstring).
@@ -348,11 +341,12 @@ def measure_run(run: Path, max_tokens: int, data: str, device: str = "cpu") -> d
         ``sense_gap``; all but ``ppl`` are NaN for a dense run.
     """
     from moeblocks.sra.evaluate import evaluate
+    from moeblocks.sra.routing_presets import trained_k
 
     model, tok, ckpt, tokens = load_validation(run, data)
     model.to(device).eval()
     cfg = ckpt.config
-    k = _trained_k(cfg)
+    k = trained_k(cfg)  # a family's own k: Switch and Llama 4 route top-1
     ppl = evaluate(model, tokens, cfg.batch_size, max_tokens, k=k).ppl
     if not model.moe_layers:
         return {"ppl": ppl, **dict.fromkeys(_MEASURED[1:], math.nan)}
