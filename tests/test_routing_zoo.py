@@ -209,7 +209,7 @@ def test_zoo_configs() -> None:
     assert len(zoo_families()) == 9
     assert zoo_families()[0] == REFERENCE
     assert zoo_families()[-1] == DENSE
-    assert zoo_base().steps == 400
+    assert zoo_base().steps == 200
     assert zoo_base().eval_every == 0
     assert zoo_base("tiny", 50).steps == 50
     assert zoo_base("small").steps == preset("small").steps
