@@ -261,11 +261,20 @@ def test_shared_options_are_declared_once() -> None:
 
     from moeblocks.cli import _parser
 
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    def commands(parser: argparse.ArgumentParser, path: str = "") -> dict:
+        """Every (sub)command below ``parser`` by its path, e.g. "experiment routing-zoo"."""
+        found = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, cmd in action.choices.items():
+                    found[f"{path} {name}".strip()] = cmd
+                    found |= commands(cmd, f"{path} {name}")
+        return found
+
     for flag in ("--device", "--threads", "--max-tokens"):
         takers = {
             name: next(a for a in cmd._actions if flag in a.option_strings)
-            for name, cmd in sub.choices.items()
+            for name, cmd in commands(_parser()).items()
             if any(flag in a.option_strings for a in cmd._actions)
         }
         assert len(takers) >= 3, (flag, sorted(takers))

@@ -15,7 +15,7 @@ from moeblocks.cli import main
 from moeblocks.sra import UsageError, preset
 from moeblocks.sra.data import synthetic_text
 from moeblocks.sra.evaluate import evaluate
-from moeblocks.sra.experiments import confidence_interval, load_validation
+from moeblocks.sra.experiments import confidence_interval, format_ablation, load_validation
 from moeblocks.sra.routing_presets import ROUTING_ZOO
 from moeblocks.sra.routing_zoo import (
     DENSE,
@@ -26,6 +26,7 @@ from moeblocks.sra.routing_zoo import (
     compare_to_reference,
     family_config,
     format_differences,
+    load_zoo,
     read_zoo_run,
     routing_zoo,
     zoo_base,
@@ -160,8 +161,9 @@ def test_routing_zoo_end_to_end(tmp_path: Path) -> None:
                     metric,
                 )
         assert row[-1] == str(len(seeds))
-    blob = json.loads((tmp_path / "routing_zoo.json").read_text())
-    assert [(r["family"], r["seed"]) for r in blob["runs"]] == [(r.family, r.seed) for r in runs]
+    back, cfg, data_back, _ = load_zoo(tmp_path / "routing_zoo.json")
+    assert [(r.family, r.seed, r.ppl) for r in back] == [(r.family, r.seed, r.ppl) for r in runs]
+    assert (cfg, data_back) == (BASE, str(data))
     assert len((tmp_path / "routing_zoo.csv").read_text().splitlines()) == 1 + len(runs)
     assert (tmp_path / "routing_zoo.png").stat().st_size > 0
 
@@ -236,3 +238,23 @@ def test_experiment_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["experiment", "routing-ablation", "--families", "cosine"])
     assert "unrecognized arguments: --families" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "routing_zoo_cpu.md"
+
+
+def test_published_results_are_computed_from_their_runs() -> None:
+    # The measured table, the differences and the docs page come from the runs' JSON.
+    runs, _, _, command = load_zoo(RESULTS.with_suffix(".json"))
+    assert command.startswith("moeblocks experiment routing-zoo --preset tiny --seeds 0 1 2")
+    assert sorted({r.family for r in runs}) == sorted(zoo_families())
+    assert {r.seed for r in runs} == {0, 1, 2}
+    text = RESULTS.read_text(encoding="utf-8")
+    page = (ROOT / "docs" / "routing-zoo.md").read_text(encoding="utf-8")
+    table = format_ablation(runs, ZOO_METRICS, key="family")
+    differences = format_differences(runs)
+    assert table in text
+    assert differences in text
+    assert table in page
+    assert differences in page

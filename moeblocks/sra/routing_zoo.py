@@ -87,6 +87,7 @@ __all__ = [
     "compare_to_reference",
     "family_config",
     "format_differences",
+    "load_zoo",
     "measure_run",
     "read_zoo_run",
     "routing_zoo",
@@ -567,7 +568,11 @@ def write_zoo(
     wall_seconds: float = math.nan,
     jobs: int = 1,
 ) -> None:
-    """Write ``routing_zoo.md`` (table and differences), ``.csv``, ``.json`` and ``.png``."""
+    """Write ``routing_zoo.md`` (table and differences), ``.csv``, ``.json`` and ``.png``.
+
+    The figure shows perplexity, dead experts, max/mean load, router entropy, class
+    purity and the sense gap; the table holds every metric.
+    """
     import platform
 
     train_min = sum(r.train_seconds for r in runs) / 60
@@ -599,11 +604,22 @@ def write_zoo(
     _plot(runs, out / "routing_zoo.png")
 
 
+# The figure's panels: one row of panels stays readable up to about six.
+_FIGURE_METRICS = ("ppl", "dead_pct", "max_share", "entropy", "purity", "sense_gap")
+
+
 def _plot(runs: Sequence[ZooRun], path: Path) -> Path:
-    """Per metric, each family's mean and 95 % interval (matplotlib)."""
+    """Per headline metric, each family's mean and 95 % interval (matplotlib)."""
     from moeblocks.inspect.plots import plot_ablation
 
     summary = summarise_ablation(runs, ZOO_METRICS, key="family")
     rows = [{"name": f, **cells} for f, cells in summary.items()]
     titles = {m: title for m, (title, _) in ZOO_METRICS.items()}
-    return plot_ablation(rows, path, list(ZOO_METRICS), titles)
+    return plot_ablation(rows, path, _FIGURE_METRICS, titles)
+
+
+def load_zoo(path: Path) -> tuple[list[ZooRun], SRAConfig, str, str]:
+    """Read back a ``routing_zoo.json``: the runs, base config, data spec and command."""
+    blob = json.loads(Path(path).read_text(encoding="utf-8"))
+    runs = [ZooRun(**r) for r in blob["runs"]]
+    return runs, SRAConfig.from_dict(blob["base"]), blob["data"], blob["command"]
