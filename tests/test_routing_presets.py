@@ -419,6 +419,18 @@ def test_eval_reports_the_k_a_family_trained_with(runs) -> None:  # type: ignore
     assert "\n  * 1 " in report  # the sweep marks k = 1 as the trained k
 
 
+def test_inspect_shows_no_sra_corridor_or_curriculum_for_a_family(runs) -> None:  # type: ignore[no-untyped-def]
+    from moeblocks.sra.inspection import inspect_run
+
+    # micro() keeps the tiny recipe's bandpass fields, which a family ignores.
+    got = inspect_run(runs("switch"), max_tokens=256, k_sweep=False)
+    assert (got.corridor, got.k_switch, got.k_train) == (None, None, 1)
+    assert "k 1," in got.title
+    sra = inspect_run(runs("cosine"), max_tokens=256, k_sweep=False)
+    assert (sra.corridor is not None, sra.k_switch, sra.k_train) == (True, 6, 2)
+    assert "k 1->2," in sra.title
+
+
 def test_checkpoint_of_one_preset_refuses_another(runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run = runs("deepseek_v3")
     ckpt = find_checkpoint(run)
