@@ -452,6 +452,15 @@ def test_cli_selects_a_preset() -> None:
     assert all(name in fields_epilog().replace("\n", " ") for name in FAMILIES)
 
 
+@pytest.mark.parametrize("field", ["router_noise", "z_loss_weight", "dispersion_weight"])
+def test_a_family_refuses_sra_only_routing_fields(field: str) -> None:
+    with pytest.raises(UsageError, match=f"{field} apply to ffn cosine and linear only"):
+        micro("olmoe", **{field: 0.1})
+    assert getattr(micro("linear", **{field: 0.1}), field) == 0.1
+    # Fields every preset sets (the tiny recipe's bandpass, batch anchors) are ignored.
+    assert PRESETS["tiny"].replace(ffn="olmoe").balance == "bandpass"
+
+
 def test_sizes_a_preset_cannot_route_are_refused_before_training(tmp_path: Path) -> None:
     bad = micro("deepseek_v3", num_experts=12)  # not 8 groups
     with pytest.raises(UsageError, match="num_experts must be a multiple of 8"):
