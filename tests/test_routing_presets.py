@@ -419,13 +419,26 @@ def test_eval_reports_the_k_a_family_trained_with(runs) -> None:  # type: ignore
     assert "\n  * 1 " in report  # the sweep marks k = 1 as the trained k
 
 
+def test_inspect_shows_no_sra_corridor_or_curriculum_for_a_family(runs) -> None:  # type: ignore[no-untyped-def]
+    from moeblocks.sra.inspection import inspect_run
+
+    # micro() keeps the tiny recipe's bandpass fields, which a family ignores.
+    got = inspect_run(runs("switch"), max_tokens=256, k_sweep=False)
+    assert (got.corridor, got.k_switch, got.k_train) == (None, None, 1)
+    assert "k 1," in got.title
+    sra = inspect_run(runs("cosine"), max_tokens=256, k_sweep=False)
+    assert (sra.corridor is not None, sra.k_switch, sra.k_train) == (True, 6, 2)
+    assert "k 1->2," in sra.title
+
+
 def test_checkpoint_of_one_preset_refuses_another(runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run = runs("deepseek_v3")
     ckpt = find_checkpoint(run)
     other = micro("mixtral")
-    with pytest.raises(UsageError, match="ffn"):
+    named = r"different config: ffn 'deepseek_v3' \(saved\) != 'mixtral'"
+    with pytest.raises(UsageError, match=named):
         load_weights(SRATransformer(other), ckpt, other)
-    with pytest.raises(UsageError, match="ffn"):
+    with pytest.raises(UsageError, match=named):
         train(other, None, run, resume=True, progress=False)
 
 
@@ -437,6 +450,15 @@ def test_cli_selects_a_preset() -> None:
         args = _parser().parse_args(["train", "--out", "unused", *argv])
         assert run_config(args).ffn == "deepseek_v3"
     assert all(name in fields_epilog().replace("\n", " ") for name in FAMILIES)
+
+
+@pytest.mark.parametrize("field", ["router_noise", "z_loss_weight", "dispersion_weight"])
+def test_a_family_refuses_sra_only_routing_fields(field: str) -> None:
+    with pytest.raises(UsageError, match=f"{field} apply to ffn cosine and linear only"):
+        micro("olmoe", **{field: 0.1})
+    assert getattr(micro("linear", **{field: 0.1}), field) == 0.1
+    # Fields every preset sets (the tiny recipe's bandpass, batch anchors) are ignored.
+    assert PRESETS["tiny"].replace(ffn="olmoe").balance == "bandpass"
 
 
 def test_sizes_a_preset_cannot_route_are_refused_before_training(tmp_path: Path) -> None:

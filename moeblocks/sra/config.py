@@ -99,8 +99,9 @@ class SRAConfig:
         "twin), dense (an MLP of the same active size), or the routing of a published "
         f"family at the same E, top-k and active parameters ({', '.join(FAMILY_FFNS)}; "
         "docs/sra.md, Routing presets). A family routes a fixed k and balances by its own "
-        "published rule: it ignores k_start, k_switch, router_noise, anchor_init, "
-        "temperature and the balance, band, z and dispersion fields",
+        "published rule: it ignores k_start, k_switch, anchor_init, temperature and the "
+        "balance and band fields, and refuses router_noise, z_loss_weight and "
+        "dispersion_weight above 0",
     )
     expert: ExpertKind = _field(
         "swiglu", "expert MLP (also the dense FFN's); gelu_tanh as official"
@@ -263,6 +264,16 @@ class SRAConfig:
             raise UsageError(f"config.dropout must be in [0, 1), got {self.dropout!r}")
         if self.dense_hidden < 0 or self.eval_every < 0 or self.ckpt_every < 0:
             raise UsageError("config.dense_hidden, eval_every, ckpt_every must be >= 0")
+        # Fields no preset sets (0 by default) that a family's own rule would drop: an
+        # explicit value is refused rather than ignored.
+        extra = [
+            n for n in ("router_noise", "z_loss_weight", "dispersion_weight") if getattr(self, n)
+        ]
+        if self.ffn in FAMILY_FFNS and extra:
+            raise UsageError(
+                f"config.ffn={self.ffn!r} routes by its family's published rule; "
+                f"{', '.join(extra)} apply to ffn cosine and linear only: set them to 0"
+            )
 
     @property
     def k_switch_step(self) -> int:

@@ -50,7 +50,7 @@ from moeblocks.sra.checkpoint import (
 from moeblocks.sra.config import SRAConfig
 from moeblocks.sra.data import Corpus, eval_windows, load_corpus
 from moeblocks.sra.model import SRATransformer
-from moeblocks.sra.routing_presets import FAMILIES, trained_k
+from moeblocks.sra.routing_presets import FAMILIES, k_label, trained_k
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -396,8 +396,7 @@ def format_run_eval(ev: RunEval, k_train: int) -> str:
     r, cfg = ev.result, ev.checkpoint.config
     lines = [
         f"checkpoint {ev.checkpoint.path} (step {ev.checkpoint.step}, ffn {cfg.ffn}, "
-        f"{cfg.num_experts} experts, k "
-        + (f"{trained_k(cfg)})" if cfg.ffn in FAMILIES else f"{cfg.k_start}->{cfg.k_final})"),
+        f"{cfg.num_experts} experts, k {k_label(cfg)})",
         f"validation: loss {r.loss:.4f} nats/token, perplexity {r.ppl:.2f} over {r.tokens} tokens",
     ]
     if len(r.counts):

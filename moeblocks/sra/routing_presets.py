@@ -76,6 +76,7 @@ __all__ = [
     "composition",
     "describe",
     "expert_bank",
+    "k_label",
     "trained_k",
     "widths",
 ]
@@ -160,6 +161,13 @@ def trained_k(config: SRAConfig) -> int:
     own k otherwise (1 for Switch and Llama 4).
     """
     return config.k_final if config.ffn == "dense" else widths(config).k
+
+
+def k_label(config: SRAConfig) -> str:
+    """How reports name the k of a run: ``"1->2"`` for a curriculum, else the fixed k."""
+    if config.ffn in _SHAPES or config.k_start == config.k_final:
+        return str(trained_k(config))
+    return f"{config.k_start}->{config.k_final}"
 
 
 def check_ffn(config: SRAConfig) -> None:
