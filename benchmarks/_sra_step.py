@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moeblocks.balancing import step_balancers
 from moeblocks.sra.config import SRAConfig
 from moeblocks.sra.model import SRATransformer
 from moeblocks.sra.train import build_optimizer
@@ -16,7 +17,8 @@ def make_step(config: SRAConfig, k: int | None) -> Callable[[], None]:
     """One full training step of a fresh model on a fixed random batch.
 
     Forward at ``k`` experts per token (None: the config's schedule), cross-entropy +
-    aux losses, backward, gradient clipping and AdamW; the model and the batch of
+    aux losses, backward, gradient clipping, AdamW and any bias balancer's update, as the
+    trainer does; the model and the batch of
     random token ids come from seed 0.
     """
     torch.manual_seed(0)
@@ -31,6 +33,7 @@ def make_step(config: SRAConfig, k: int | None) -> Callable[[], None]:
         (ce + res.total_aux_loss()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        step_balancers(model)  # as the trainer does (DeepSeek-V3's bias; else nothing)
         optimizer.zero_grad(set_to_none=True)
 
     return step

@@ -46,6 +46,12 @@ def native_swiglu(bank: mb.SwiGLUExperts) -> tuple[Tensor, Tensor, Tensor]:
     return w_in[:, :F], w_in[:, F:], bank.w_out_EFD.transpose(1, 2)
 
 
+def swiglu_expert(bank: mb.SwiGLUExperts):
+    """``expert(i, x)``: expert i of a SwiGLU bank on one token, in the native layout."""
+    w1, w3, w2 = native_swiglu(bank)
+    return lambda i, x: swiglu(x, w1[i], w3[i], w2[i])
+
+
 def compare(layer: mb.MoELayer, reference, x: Tensor, **forward_kwargs) -> mb.MoEOutput:
     """Outputs and the gradients of x and of every layer parameter."""
     params = list(layer.parameters())
@@ -126,12 +132,7 @@ def qwen2_moe(D: int, E: int, F: int, k: int, f_shared: int) -> mb.MoELayer:
     return mb.MoELayer(router, mb.TorchDispatcher(), experts, shared=shared).double()
 
 
-def test_qwen2_moe() -> None:
-    torch.manual_seed(2)
-    D, E, F, k = 16, 12, 6, 4
-    layer = qwen2_moe(D, E, F, k, f_shared=4 * F)
-    with torch.no_grad():
-        layer.shared.gate_D.normal_()  # starts at 0, i.e. a constant gate of 1/2
+def qwen2_moe_reference(layer: mb.MoELayer, k: int):
     w_gate = layer.router.scorer.weight_ED
     w1, w3, w2 = native_swiglu(layer.experts)
     s1, s3, s2 = (w[0] for w in native_swiglu(layer.shared.experts))
@@ -140,7 +141,7 @@ def test_qwen2_moe() -> None:
     # Qwen1.5-MoE / Qwen2 (Yang et al. 2024): p = softmax(w_gate x) over all experts; the
     # top-k experts are weighted by their raw p; the shared expert's output is scaled
     # by σ(w_sg · x) and added.
-    def reference(x_TD: Tensor) -> Tensor:
+    def forward(x_TD: Tensor) -> Tensor:
         rows = []
         for x in x_TD:
             p = torch.softmax(w_gate @ x, dim=0)
@@ -148,7 +149,16 @@ def test_qwen2_moe() -> None:
             rows.append(routed + torch.sigmoid(w_sg @ x) * swiglu(x, s1, s3, s2))
         return torch.stack(rows)
 
-    res = compare(layer, reference, tokens(13, D, 3))
+    return forward
+
+
+def test_qwen2_moe() -> None:
+    torch.manual_seed(2)
+    D, E, F, k = 16, 12, 6, 4
+    layer = qwen2_moe(D, E, F, k, f_shared=4 * F)
+    with torch.no_grad():
+        layer.shared.gate_D.normal_()  # starts at 0, i.e. a constant gate of 1/2
+    res = compare(layer, qwen2_moe_reference(layer, k), tokens(13, D, 3))
     assert bool((res.routing.weights.sum(-1) < 1).all())  # not renormalised
 
 
@@ -163,25 +173,35 @@ def olmoe(D: int, E: int, F: int, k: int) -> mb.MoELayer:
     return mb.MoELayer(router, mb.TorchDispatcher(), mb.SwiGLUExperts(E, D, F), losses).double()
 
 
-def test_olmoe() -> None:
-    torch.manual_seed(3)
-    D, E, F, k, T = 16, 64, 4, 8, 10
-    layer = olmoe(D, E, F, k)
+def olmoe_reference(layer: mb.MoELayer, k: int):
     w_router = layer.router.scorer.weight_ED
     w1, w3, w2 = native_swiglu(layer.experts)
 
     # OLMoE (Muennighoff et al. 2024), eq. 1: y = Σ_{i ∈ Top-k(r)} softmax(r(x))_i E_i(x)
-    # with r(x) = w_router x; the router z-loss (eq. 3) is (1/T) Σ_t (log Σ_j exp r_j(x_t))².
-    def reference(x_TD: Tensor) -> Tensor:
+    # with r(x) = w_router x.
+    def forward(x_TD: Tensor) -> Tensor:
         rows = []
         for x in x_TD:
             p = torch.softmax(w_router @ x, dim=0)
             rows.append(sum(p[i] * swiglu(x, w1[i], w3[i], w2[i]) for i in topk(p, k)))
         return torch.stack(rows)
 
+    return forward
+
+
+def olmoe_z_loss(layer: mb.MoELayer, x_TD: Tensor) -> Tensor:
+    """OLMoE eq. 3, the router z-loss: (1/T) Σ_t (log Σ_j exp r_j(x_t))²."""
+    w_router = layer.router.scorer.weight_ED
+    return sum(torch.logsumexp(w_router @ x_D, dim=0) ** 2 for x_D in x_TD) / len(x_TD)
+
+
+def test_olmoe() -> None:
+    torch.manual_seed(3)
+    D, E, F, k, T = 16, 64, 4, 8, 10
+    layer = olmoe(D, E, F, k)
     x = tokens(T, D, 4)
-    res = compare(layer, reference, x)
-    z = sum(torch.logsumexp(w_router @ x_D, dim=0) ** 2 for x_D in x) / T
+    res = compare(layer, olmoe_reference(layer, k), x)
+    z = olmoe_z_loss(layer, x)
     torch.testing.assert_close(res.aux_losses["z"], 0.001 * z, rtol=RTOL, atol=ATOL)
 
 
@@ -206,16 +226,13 @@ def deepseek_v3(
     return mb.MoELayer(router, mb.TorchDispatcher(), experts, shared=shared_experts).double()
 
 
-def test_deepseek_v3() -> None:
-    torch.manual_seed(4)
-    D, E, F, k, G, M, n_shared = 16, 32, 4, 8, 8, 4, 2
-    layer = deepseek_v3(D, E, F, k, G, M, n_shared)
-    bias_E = torch.randn(E, dtype=torch.float64) * 0.1
-    layer.router.balancer.bias.copy_(bias_E)
-    layer.eval()  # the balancer only counts loads in training; the output is the same
+def deepseek_v3_reference(layer: mb.MoELayer, k: int, G: int, M: int):
+    E = layer.num_experts
+    bias_E = layer.router.balancer.bias.to(torch.float64)
     e_ED = layer.router.scorer.weight_ED  # expert centroids e_i
     w1, w3, w2 = native_swiglu(layer.experts)
     s1, s3, s2 = native_swiglu(layer.shared.experts)
+    n_shared = layer.shared.experts.num_experts
     size = E // G
 
     # DeepSeek-V3 technical report (2024), eqs. 12-16: s_i = σ(u · e_i); experts are
@@ -240,8 +257,19 @@ def test_deepseek_v3() -> None:
             rows.append(h + routed)
         return torch.stack(rows)
 
+    return reference
+
+
+def test_deepseek_v3() -> None:
+    torch.manual_seed(4)
+    D, E, F, k, G, M, n_shared = 16, 32, 4, 8, 8, 4, 2
+    layer = deepseek_v3(D, E, F, k, G, M, n_shared)
+    bias_E = torch.randn(E, dtype=torch.float64) * 0.1
+    layer.router.balancer.bias.copy_(bias_E)
+    layer.eval()  # the balancer only counts loads in training; the output is the same
+    e_ED = layer.router.scorer.weight_ED
     x = tokens(12, D, 5)
-    res = compare(layer, reference, x)
+    res = compare(layer, deepseek_v3_reference(layer, k, G, M), x)
     # The bias and the group limit both changed some choice (else they went untested).
     s_TE = torch.sigmoid(x @ e_ED.T)
     plain = s_TE.topk(k).indices.sort(-1).values
@@ -262,33 +290,39 @@ def gpt_oss(D: int, E: int, F: int, k: int) -> mb.MoELayer:
     return mb.MoELayer(router, mb.TorchDispatcher(), experts).double()
 
 
-def test_gpt_oss() -> None:
-    torch.manual_seed(5)
-    D, E, F, k = 16, 16, 6, 4
-    layer = gpt_oss(D, E, F, k)
-    with torch.no_grad():
-        for p in (layer.router.scorer.bias_E, layer.experts.b_in_EF2, layer.experts.b_out_ED):
-            p.normal_()
-    w_router, b_r = layer.router.scorer.weight_ED, layer.router.scorer.bias_E
+ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's clamped SwiGLU
+
+
+def gpt_oss_expert(bank: mb.SwiGLUExperts):
+    """``expert(i, x)``: gpt-oss's clamped SwiGLU expert with biases, native layout."""
+    E, F, D = bank.num_experts, bank.hidden, bank.dim
     # gpt-oss keeps gate and up interleaved in mlp1 ([E, 2F, D], gate at even rows);
     # moeblocks stores them side by side. Interleave the views to get the native layout.
-    gate_w, up_w = layer.experts.w_in_EDF2.transpose(1, 2).chunk(2, dim=1)
+    gate_w, up_w = bank.w_in_EDF2.transpose(1, 2).chunk(2, dim=1)
     mlp1_w = torch.stack([gate_w, up_w], dim=2).reshape(E, 2 * F, D)
-    gate_b, up_b = layer.experts.b_in_EF2.chunk(2, dim=1)
+    gate_b, up_b = bank.b_in_EF2.chunk(2, dim=1)
     mlp1_b = torch.stack([gate_b, up_b], dim=2).reshape(E, 2 * F)
-    mlp2_w, mlp2_b = layer.experts.w_out_EFD.transpose(1, 2), layer.experts.b_out_ED
-    alpha, limit = 1.702, 7.0
+    mlp2_w, mlp2_b = bank.w_out_EFD.transpose(1, 2), bank.b_out_ED
 
-    # gpt-oss model card (OpenAI 2025), MoE block: logits = w_router x + b_r; the top-4 experts
-    # by logit are weighted by the softmax over those 4 logits; each expert computes
-    # h = mlp1 x + b1, gate = min(h_even, 7), up = clamp(h_odd, -7, 7),
+    # gpt-oss model card (OpenAI 2025): each expert computes h = mlp1 x + b1,
+    # gate = min(h_even, 7), up = clamp(h_odd, -7, 7),
     # y = mlp2 ((up + 1) ⊙ gate σ(1.702 gate)) + b2.
     def expert(i: int, x: Tensor) -> Tensor:
         h = mlp1_w[i] @ x + mlp1_b[i]
-        gate, up = h[0::2].clamp(max=limit), h[1::2].clamp(-limit, limit)
-        return mlp2_w[i] @ ((up + 1) * gate * torch.sigmoid(alpha * gate)) + mlp2_b[i]
+        gate, up = h[0::2].clamp(max=LIMIT), h[1::2].clamp(-LIMIT, LIMIT)
+        return mlp2_w[i] @ ((up + 1) * gate * torch.sigmoid(ALPHA * gate)) + mlp2_b[i]
 
-    def reference(x_TD: Tensor) -> Tensor:
+    return expert
+
+
+def gpt_oss_reference(layer: mb.MoELayer, k: int, expert=None):
+    """gpt-oss's routing around ``expert(i, x)`` (default: its own clamped expert)."""
+    w_router, b_r = layer.router.scorer.weight_ED, layer.router.scorer.bias_E
+    expert = gpt_oss_expert(layer.experts) if expert is None else expert
+
+    # gpt-oss model card (OpenAI 2025), MoE block: logits = w_router x + b_r; the top-4
+    # experts by logit are weighted by the softmax over those 4 logits.
+    def forward(x_TD: Tensor) -> Tensor:
         rows = []
         for x in x_TD:
             logits = w_router @ x + b_r
@@ -297,11 +331,21 @@ def test_gpt_oss() -> None:
             rows.append(sum(w[j] * expert(i, x) for j, i in enumerate(chosen)))
         return torch.stack(rows)
 
+    return forward
+
+
+def test_gpt_oss() -> None:
+    torch.manual_seed(5)
+    D, E, F, k = 16, 16, 6, 4
+    layer = gpt_oss(D, E, F, k)
+    with torch.no_grad():
+        for p in (layer.router.scorer.bias_E, layer.experts.b_in_EF2, layer.experts.b_out_ED):
+            p.normal_()
     x = tokens(10, D, 6, scale=10.0)  # large enough that both clamps act
-    compare(layer, reference, x)
+    compare(layer, gpt_oss_reference(layer, k), x)
     h = torch.einsum("td,edf->tef", x, layer.experts.w_in_EDF2) + layer.experts.b_in_EF2
-    assert bool((h[..., :F] > limit).any())
-    assert bool((h[..., F:].abs() > limit).any())
+    assert bool((h[..., :F] > LIMIT).any())
+    assert bool((h[..., F:].abs() > LIMIT).any())
 
 
 # ----------------------------------------------------------------------------- Switch
@@ -316,6 +360,36 @@ def switch(D: int, E: int, F: int, factor: float) -> mb.MoELayer:
     return mb.MoELayer(router, mb.TorchDispatcher(), experts, losses, capacity=capacity).double()
 
 
+def relu_expert(bank: mb.MLPExperts):
+    """``expert(i, x)``: Switch's ReLU MLP expert ``W_out relu(W_in x)``, native layout."""
+    w_in, w_out = bank.w_in_EDF.transpose(1, 2), bank.w_out_EFD.transpose(1, 2)
+    return lambda i, x: w_out[i] @ torch.relu(w_in[i] @ x)
+
+
+def switch_reference(layer: mb.MoELayer, capacity: int, expert=None):
+    """Switch routing with a capacity of ``capacity`` tokens per expert in the whole call,
+    around ``expert(i, x)`` (default: its ReLU MLP)."""
+    w_router, E = layer.router.scorer.weight_ED, layer.num_experts
+    expert = relu_expert(layer.experts) if expert is None else expert
+
+    # Fedus et al. (2022), sec. 2.1-2.2: p = softmax(w_router x), i = argmax p,
+    # y = p_i E_i(x); tokens claim places in order; an overflowing token skips the layer
+    # (only the residual carries it).
+    def forward(x_TD: Tensor) -> Tensor:
+        used, rows = [0] * E, []
+        for x in x_TD:
+            p = torch.softmax(w_router @ x, dim=0)
+            i = topk(p, 1)[0]
+            if used[i] < capacity:
+                used[i] += 1
+                rows.append(p[i] * expert(i, x))
+            else:
+                rows.append(torch.zeros_like(x))
+        return torch.stack(rows)
+
+    return forward
+
+
 def test_switch() -> None:
     torch.manual_seed(6)
     D, E, F, T, factor = 12, 4, 10, 16, 1.25
@@ -323,28 +397,11 @@ def test_switch() -> None:
     with torch.no_grad():
         layer.router.scorer.weight_ED[0] += 0.5  # overload expert 0 so tokens overflow
     w_router = layer.router.scorer.weight_ED
-    w_in, w_out = layer.experts.w_in_EDF.transpose(1, 2), layer.experts.w_out_EFD.transpose(1, 2)
-    # Fedus et al. (2022), sec. 2.1-2.2: expert capacity = (tokens per batch / experts)
-    # × capacity factor (here 16 / 4 × 1.25 = 5, an integer, so no rounding convention
-    # enters); tokens claim places in order; an overflowing token skips the layer (only
-    # the residual carries it).
+    # Expert capacity = (tokens per batch / experts) × capacity factor (here 16 / 4 × 1.25
+    # = 5, an integer, so no rounding convention enters).
     capacity = int(T / E * factor)
-
-    # p = softmax(w_router x), i = argmax p, y = p_i E_i(x) with E_i(x) = W_out relu(W_in x).
-    def reference(x_TD: Tensor) -> Tensor:
-        used, rows = [0] * E, []
-        for x in x_TD:
-            p = torch.softmax(w_router @ x, dim=0)
-            i = topk(p, 1)[0]
-            if used[i] < capacity:
-                used[i] += 1
-                rows.append(p[i] * (w_out[i] @ torch.relu(w_in[i] @ x)))
-            else:
-                rows.append(torch.zeros_like(x))
-        return torch.stack(rows)
-
     x = tokens(T, D, 7)
-    res = compare(layer, reference, x)
+    res = compare(layer, switch_reference(layer, capacity), x)
     assert int(res.routing.num_dropped) > 0
     # Eq. 4-6: loss = α · N · Σ_i f_i · P_i, f_i the fraction of tokens dispatched to
     # expert i (by argmax, before any capacity drop), P_i the mean router probability.

@@ -180,7 +180,11 @@ def test_every_config_field_settable_with_precedence(tmp_path: Path) -> None:
     [
         (["--set", "seqlen=64"], "unknown config field 'seqlen' (did you mean seq_len"),
         (["--set", "seq_len=1.5"], "--set seq_len=1.5: seq_len expects an integer, got '1.5'"),
-        (["--set", "ffn=moe"], "ffn expects one of cosine, linear, dense, got 'moe'"),
+        (
+            ["--set", "ffn=moe"],
+            "ffn expects one of cosine, linear, dense, mixtral, qwen2_moe, olmoe, "
+            "deepseek_v3, gpt_oss, switch, llama4, got 'moe'",
+        ),
         (["--set", "expert_bias=maybe"], "expert_bias expects true or false"),
         (["--set", "lr"], "--set expects key=value"),
         (["--set", "warmup=2"], "warmup"),  # parsed, then refused by SRAConfig
@@ -257,11 +261,20 @@ def test_shared_options_are_declared_once() -> None:
 
     from moeblocks.cli import _parser
 
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    def commands(parser: argparse.ArgumentParser, path: str = "") -> dict:
+        """Every (sub)command below ``parser`` by its path, e.g. "experiment routing-zoo"."""
+        found = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, cmd in action.choices.items():
+                    found[f"{path} {name}".strip()] = cmd
+                    found |= commands(cmd, f"{path} {name}")
+        return found
+
     for flag in ("--device", "--threads", "--max-tokens"):
         takers = {
             name: next(a for a in cmd._actions if flag in a.option_strings)
-            for name, cmd in sub.choices.items()
+            for name, cmd in commands(_parser()).items()
             if any(flag in a.option_strings for a in cmd._actions)
         }
         assert len(takers) >= 3, (flag, sorted(takers))

@@ -67,6 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
         run_corpus,
         write_eval_json,
     )
+    from moeblocks.sra.routing_presets import trained_k
     from moeblocks.sra.tokencache import encode_split
 
     model, tok, ckpt = load_run(Path(args.run), args.device, args.data, args.encoding)
@@ -75,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
     tokens = torch.from_numpy(encode_split(tok, run_corpus(ckpt), "valid"))
     ev = evaluate_run(model, tokens, ckpt, max_tokens=args.max_tokens or 0,
                       progress=not args.quiet)  # fmt: skip
-    print(format_run_eval(ev, ckpt.config.k_final))
+    print(format_run_eval(ev, trained_k(ckpt.config)))
     out = Path(args.out) if args.out else report_dir(Path(args.run))
     print(f"eval.json: {write_eval_json(ev, out, command_line())}")
     return 0
@@ -193,7 +194,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments that choose the run config (see :mod:`moeblocks.cli.config_args`)."""
-    from moeblocks.sra.config import PRESETS
+    from moeblocks.sra.config import FFN_CHOICES, PRESETS
 
     parser.add_argument(
         "--preset",
@@ -227,8 +228,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ffn",
         default=None,
-        choices=["cosine", "linear", "dense"],
-        help="FFN kind: cosine-routed MoE (SRA), linear-routed MoE, or dense baseline",
+        choices=list(FFN_CHOICES),
+        help="FFN kind: cosine-routed MoE (SRA), linear-routed MoE, dense baseline, or a "
+        "family's routing at equal active size (the same as --set ffn=NAME)",
     )
 
 

@@ -13,14 +13,39 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from moeblocks.runtime.errors import UsageError
 
-__all__ = ["PRESETS", "SRAConfig", "UsageError", "field_help", "fields_where", "preset"]
+__all__ = [
+    "FAMILY_FFNS",
+    "FFN_CHOICES",
+    "PRESETS",
+    "SRAConfig",
+    "UsageError",
+    "field_help",
+    "fields_where",
+    "preset",
+]
 
-FFNKind = Literal["cosine", "linear", "dense"]
+FFNKind = Literal[
+    "cosine",
+    "linear",
+    "dense",
+    "mixtral",
+    "qwen2_moe",
+    "olmoe",
+    "deepseek_v3",
+    "gpt_oss",
+    "switch",
+    "llama4",
+]
+FFN_CHOICES: tuple[str, ...] = typing.get_args(FFNKind)
+"""Every value ``SRAConfig.ffn`` takes: SRA's own three, then the family routing presets."""
+FAMILY_FFNS: tuple[str, ...] = FFN_CHOICES[3:]
+"""The routing presets of published MoE families (:mod:`moeblocks.sra.routing_presets`)."""
 BalanceKind = Literal["bandpass", "cv", "switch", "none"]
 ExpertKind = Literal["swiglu", "gelu", "gelu_tanh"]
 
@@ -69,7 +94,14 @@ class SRAConfig:
     n_layers: int = _field(2, "L: pre-LN decoder blocks")
     n_heads: int = _field(4, "H: attention heads, D must divide by H")
     ffn: FFNKind = _field(
-        "cosine", "FFN of every block: cosine-routed MoE, linear-routed MoE, dense"
+        "cosine",
+        "FFN of every block: cosine (SRA's cosine-routed MoE), linear (its linear-routed "
+        "twin), dense (an MLP of the same active size), or the routing of a published "
+        f"family at the same E, top-k and active parameters ({', '.join(FAMILY_FFNS)}; "
+        "docs/sra.md, Routing presets). A family routes a fixed k and balances by its own "
+        "published rule: it ignores k_start, k_switch, anchor_init, temperature and the "
+        "balance and band fields, and refuses router_noise, z_loss_weight and "
+        "dispersion_weight above 0",
     )
     expert: ExpertKind = _field(
         "swiglu", "expert MLP (also the dense FFN's); gelu_tanh as official"
@@ -90,8 +122,12 @@ class SRAConfig:
     # --- routing ---
     anchor_init: Literal["orthogonal", "kaiming", "batch"] = _field("orthogonal", "cosine anchors")
     temperature: float = _field(10.0, "initial τ of the cosine scorer")
-    k_start: int = _field(1, "K at step 0")
-    k_final: int = _field(2, "K after the switch")
+    k_start: int = _field(1, "K at step 0 (cosine, linear; a family preset ignores it)")
+    k_final: int = _field(
+        2,
+        "K after the switch; a family preset routes it from step 0 (switch, llama4: their "
+        "published top-1, with wider experts of equal active size)",
+    )
     k_switch: float = _field(
         0.25, "fraction of `steps` at which K rises to k_final", training_only=True
     )
@@ -188,7 +224,7 @@ class SRAConfig:
                 "heads of even width (RoPE rotates pairs)"
             )
         choices = {
-            "ffn": ("cosine", "linear", "dense"),
+            "ffn": FFN_CHOICES,
             "expert": ("swiglu", "gelu", "gelu_tanh"),
             "init": ("library", "gpt2"),
             "anchor_init": ("orthogonal", "kaiming", "batch"),
@@ -228,6 +264,16 @@ class SRAConfig:
             raise UsageError(f"config.dropout must be in [0, 1), got {self.dropout!r}")
         if self.dense_hidden < 0 or self.eval_every < 0 or self.ckpt_every < 0:
             raise UsageError("config.dense_hidden, eval_every, ckpt_every must be >= 0")
+        # Fields no preset sets (0 by default) that a family's own rule would drop: an
+        # explicit value is refused rather than ignored.
+        extra = [
+            n for n in ("router_noise", "z_loss_weight", "dispersion_weight") if getattr(self, n)
+        ]
+        if self.ffn in FAMILY_FFNS and extra:
+            raise UsageError(
+                f"config.ffn={self.ffn!r} routes by its family's published rule; "
+                f"{', '.join(extra)} apply to ffn cosine and linear only: set them to 0"
+            )
 
     @property
     def k_switch_step(self) -> int:

@@ -47,8 +47,10 @@ from moeblocks.sra.checkpoint import (
     note_skipped,
     with_data,
 )
+from moeblocks.sra.config import SRAConfig
 from moeblocks.sra.data import Corpus, eval_windows, load_corpus
 from moeblocks.sra.model import SRATransformer
+from moeblocks.sra.routing_presets import FAMILIES, k_label, trained_k
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -81,6 +83,8 @@ class EvalResult:
         k: Experts per token used (None: the schedule's current k).
         counts: Routed slots per expert and MoE layer, int64 ``[L, E]`` (``[0, E]``
             for a dense model).
+        dropped: Fraction of the routed copies (all layers) that a capacity limit
+            dropped; 0 without one.
     """
 
     loss: float
@@ -88,6 +92,7 @@ class EvalResult:
     tokens: int
     k: int | None
     counts: Tensor
+    dropped: float = 0.0
 
     @property
     def dead_per_layer(self) -> list[float]:
@@ -141,6 +146,7 @@ def evaluate(
     device = next(model.parameters()).device
     L, E = len(model.moe_layers), model.config.num_experts
     counts_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+    dropped_2 = torch.zeros(2, dtype=torch.long, device=device)  # dropped, all copies
     total, n = 0.0, 0
     try:
         for x_BS, y_BS in _batches(tokens, model.config.seq_len, batch_size, max_tokens):
@@ -152,12 +158,17 @@ def evaluate(
             n += y_BS.numel()
             for layer, routing in enumerate(res.routings):
                 counts_LE[layer] += torch.bincount(routing.experts.flatten(), minlength=E)
+                dropped_2[0] += routing.num_dropped
+                dropped_2[1] += routing.experts.numel()
             if on_batch is not None:
                 on_batch()
     finally:
         model.train(was_training)
     loss = total / n
-    return EvalResult(loss, math.exp(loss), n, k, counts_LE.cpu())
+    dropped, copies = dropped_2.tolist()
+    return EvalResult(
+        loss, math.exp(loss), n, k, counts_LE.cpu(), dropped / copies if copies else 0.0
+    )
 
 
 @torch.no_grad()
@@ -324,6 +335,13 @@ def report_dir(path: Path) -> Path:
     return run_folder(path) / "reports"
 
 
+def _k_at(config: SRAConfig, step: int) -> int:
+    """The k the routers use after ``step`` training steps (a family's k is fixed)."""
+    if config.ffn in FAMILIES or step >= config.k_switch_step:
+        return trained_k(config)
+    return config.k_start
+
+
 def eval_record(ev: RunEval, command: str = "") -> dict[str, Any]:
     """What ``eval.json`` holds: a JSON-ready dict of a :class:`RunEval`.
 
@@ -351,7 +369,7 @@ def eval_record(ev: RunEval, command: str = "") -> dict[str, Any]:
         "tokens": r.tokens,
         "loss": r.loss,
         "perplexity": r.ppl,
-        "k": ck.config.k_final if ck.step >= ck.config.k_switch_step else ck.config.k_start,
+        "k": _k_at(ck.config, ck.step),
         "dead_experts": dead,
         "expert_counts": r.counts.tolist(),
         "k_sweep": [
@@ -378,7 +396,7 @@ def format_run_eval(ev: RunEval, k_train: int) -> str:
     r, cfg = ev.result, ev.checkpoint.config
     lines = [
         f"checkpoint {ev.checkpoint.path} (step {ev.checkpoint.step}, ffn {cfg.ffn}, "
-        f"{cfg.num_experts} experts, k {cfg.k_start}->{cfg.k_final})",
+        f"{cfg.num_experts} experts, k {k_label(cfg)})",
         f"validation: loss {r.loss:.4f} nats/token, perplexity {r.ppl:.2f} over {r.tokens} tokens",
     ]
     if len(r.counts):

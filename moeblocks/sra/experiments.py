@@ -24,9 +24,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,12 @@ __all__ = [
     "CellSummary",
     "ClassKnockout",
     "class_knockout",
+    "confidence_interval",
     "format_ablation",
+    "format_cell",
     "format_class_knockout",
     "load_ablation",
+    "load_validation",
     "plot_ablation_runs",
     "routing_ablation",
     "summarise_ablation",
@@ -270,18 +274,29 @@ def confidence_interval(values: Sequence[float]) -> CellSummary:
     return CellSummary(mean, t * sd / math.sqrt(n), n)
 
 
-def summarise_ablation(runs: Sequence[AblationRun]) -> dict[str, dict[str, CellSummary]]:
-    """Variant -> metric -> :class:`CellSummary`, variants in first-seen order."""
-    variants = list(dict.fromkeys(r.variant for r in runs))
+def summarise_ablation(
+    runs: Sequence[Any], metrics: Mapping[str, Any] = METRICS, key: str = "variant"
+) -> dict[str, dict[str, CellSummary]]:
+    """Variant -> metric -> :class:`CellSummary`, variants in first-seen order.
+
+    Args:
+        runs: Measured runs (:class:`AblationRun`, or any record with the ``key`` and
+            ``metrics`` attributes, e.g. the routing zoo's runs).
+        metrics: The metric attributes to summarise (their order is kept).
+        key: The attribute naming a row (``"variant"``; the zoo's ``"family"``).
+    """
+    variants = list(dict.fromkeys(getattr(r, key) for r in runs))
     return {
         v: {
-            m: confidence_interval([getattr(r, m) for r in runs if r.variant == v]) for m in METRICS
+            m: confidence_interval([getattr(r, m) for r in runs if getattr(r, key) == v])
+            for m in metrics
         }
         for v in variants
     }
 
 
-def _cell(c: CellSummary, fmt: str) -> str:
+def format_cell(c: CellSummary, fmt: str) -> str:
+    """A table cell: ``mean ± half-width`` in ``fmt``, the mean alone for n = 1, – for n = 0."""
     if c.n == 0:
         return "–"
     if math.isnan(c.half_width):
@@ -289,28 +304,42 @@ def _cell(c: CellSummary, fmt: str) -> str:
     return f"{format(c.mean, fmt)} ± {format(c.half_width, fmt.lstrip('+'))}"
 
 
-def format_ablation(runs: Sequence[AblationRun]) -> str:
-    """Markdown table: one row per variant, mean ± 95 % interval per metric, seeds n."""
-    summary = summarise_ablation(runs)
-    head = ["variant", *(title for title, _ in METRICS.values()), "seeds"]
+def format_ablation(
+    runs: Sequence[Any], metrics: Mapping[str, tuple[str, str]] = METRICS, key: str = "variant"
+) -> str:
+    """Markdown table: one row per variant, mean ± 95 % interval per metric, seeds n.
+
+    ``metrics`` maps an attribute to its ``(column title, format)``; ``key`` names the
+    attribute of a row (see :func:`summarise_ablation`).
+    """
+    summary = summarise_ablation(runs, metrics, key)
+    head = [key, *(title for title, _ in metrics.values()), "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, cells in summary.items():
         n = max(c.n for c in cells.values())
-        row = [variant, *(_cell(cells[m], fmt) for m, (_, fmt) in METRICS.items()), str(n)]
+        row = [variant, *(format_cell(cells[m], fmt) for m, (_, fmt) in metrics.items()), str(n)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def load_validation(run: Path, data: str) -> tuple[SRATransformer, Any, Any, Tensor]:
+    """A trained run's model, tokeniser, checkpoint and validation tokens ``[N]``."""
+    from moeblocks.sra.evaluate import load_run, run_corpus
+    from moeblocks.sra.tokencache import encode_split
+
+    model, tok, ckpt = load_run(run, data=data)
+    tokens = torch.from_numpy(encode_split(tok, run_corpus(ckpt), "valid")).long()
+    return model, tok, ckpt, tokens
 
 
 @torch.no_grad()
 def _measure(run: Path, max_tokens: int, data: str) -> dict[str, float]:
     from moeblocks.inspect.report import word_ids_from_pieces
     from moeblocks.sra.data import eval_windows
-    from moeblocks.sra.evaluate import evaluate, load_run, run_corpus
-    from moeblocks.sra.tokencache import encode_split
+    from moeblocks.sra.evaluate import evaluate
 
-    model, tok, ckpt = load_run(run, data=data)
+    model, tok, ckpt, tokens = load_validation(run, data)
     cfg = ckpt.config
-    tokens = torch.from_numpy(encode_split(tok, run_corpus(ckpt), "valid")).long()
     ppl = evaluate(model, tokens, cfg.batch_size, max_tokens, k=cfg.k_final).ppl
     nan = math.nan
     if not model.moe_layers:

@@ -45,6 +45,7 @@ from moeblocks.sra.evaluate import (
     run_folder,
 )
 from moeblocks.sra.model import SRATransformer
+from moeblocks.sra.routing_presets import FAMILIES, k_label, trained_k
 from moeblocks.sra.rundir import run_summary
 from moeblocks.sra.tokencache import encode_split
 from moeblocks.sra.tokenizer import encode
@@ -77,7 +78,7 @@ def _title(ckpt: Checkpoint) -> str:
     cfg = ckpt.config
     return (
         f"{cfg.n_layers} layers, FFN `{cfg.ffn}`, {cfg.num_experts} experts, "
-        f"k {cfg.k_start}->{cfg.k_final}, step {ckpt.step}, data `{ckpt.data}`"
+        f"k {k_label(cfg)}, step {ckpt.step}, data `{ckpt.data}`"
     )
 
 
@@ -93,6 +94,8 @@ def _trace_sentence(
 def _run_fields(model: SRATransformer, ckpt: Checkpoint, run: Path) -> dict[str, Any]:
     """What only an SRA run has: anchors, the corridor, its k schedule and training log."""
     cfg = ckpt.config
+    bandpass = cfg.ffn in ("cosine", "linear") and cfg.balance == "bandpass"
+    curriculum = cfg.ffn not in FAMILIES and cfg.k_start != cfg.k_final
     sims = tuple(
         anchor_similarity(m.router.anchors)
         for m in model.moe_layers
@@ -100,9 +103,10 @@ def _run_fields(model: SRATransformer, ckpt: Checkpoint, run: Path) -> dict[str,
     )
     return {
         "anchor_sims": sims,
-        "corridor": (cfg.band_floor, cfg.band_ceiling) if cfg.balance == "bandpass" else None,
-        "k_switch": cfg.k_switch_step if cfg.k_start != cfg.k_final else None,
-        "k_train": cfg.k_final,
+        # The corridor and the k curriculum are SRA's routers' (a family preset has neither).
+        "corridor": (cfg.band_floor, cfg.band_ceiling) if bandpass else None,
+        "k_switch": cfg.k_switch_step if curriculum else None,
+        "k_train": trained_k(cfg),
         "training": tuple(run_summary(run_folder(run))["train"]),
     }
 

@@ -7,7 +7,9 @@ A pre-LayerNorm decoder in the style of nanoGPT: token embedding, rotary positio
 embedding (RoPE) inside causal multi-head attention, and every feed-forward network
 replaced by a :class:`~moeblocks.MoELayer` whose router scores tokens by cosine
 similarity to learnable expert anchors (the paper's "Chamber of Semantic Resonance").
-``config.ffn`` swaps in a linear router or a dense FFN, the paper's baselines.
+``config.ffn`` swaps in a linear router or a dense FFN, the paper's baselines, or the
+routing of a published MoE family at the same active size
+(:mod:`moeblocks.sra.routing_presets`).
 
 The forward pass returns an :class:`SRAOutput` record: logits plus, per MoE layer, the
 routing record and the weighted auxiliary losses. Nothing is collected on ``self``.
@@ -19,7 +21,6 @@ to the training loss is the mean over the L MoE layers of each layer's weighted 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,24 +28,17 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from moeblocks.dispatchers import make_dispatcher
-from moeblocks.experts import ExpertInit, GELUExperts, SwiGLUExperts
-from moeblocks.gating import WeightPolicy
 from moeblocks.layer import MoELayer
-from moeblocks.losses import (
-    AuxLoss,
-    BandpassLoss,
-    CVSquaredLoss,
-    DispersionLoss,
-    LoadBalanceLoss,
-    ZLoss,
-)
-from moeblocks.routers import CosineScorer, LinearScorer, Router
 from moeblocks.routing import MoEOutput, Routing
-from moeblocks.schedules import ConstantK, KSchedule, StepK
 from moeblocks.sra.config import SRAConfig
+from moeblocks.sra.dense import DenseFFN as DenseFFN  # its home before issue 30
+from moeblocks.sra.dense import NormalLinear, residual_std
+from moeblocks.sra.routing_presets import build_ffn
+from moeblocks.sra.routing_presets import build_losses as build_losses  # as DenseFFN
+from moeblocks.sra.routing_presets import build_moe as build_moe
+from moeblocks.sra.routing_presets import build_schedule as build_schedule
 
-__all__ = ["SRAOutput", "SRATransformer", "build_losses", "build_schedule"]
+__all__ = ["SRAOutput", "SRATransformer"]
 
 
 @dataclass(frozen=True)
@@ -72,31 +66,6 @@ class SRAOutput:
             for value in losses.values():
                 total = total + value.float()
         return total * self.aux_scale
-
-
-def build_schedule(config: SRAConfig) -> KSchedule:
-    """The k curriculum: ``k_start`` until ``k_switch · steps``, then ``k_final``."""
-    switch = config.k_switch_step
-    if config.k_start == config.k_final or switch == 0:
-        return ConstantK(config.k_final if switch == 0 else config.k_start)
-    return StepK({0: config.k_start, switch: config.k_final})
-
-
-def build_losses(config: SRAConfig) -> dict[str, AuxLoss]:
-    """The auxiliary losses a config asks for, keyed by name."""
-    losses: dict[str, AuxLoss] = {}
-    w = config.balance_weight
-    if config.balance == "bandpass":
-        losses["bandpass"] = BandpassLoss(config.band_floor, config.band_ceiling, weight=w)
-    elif config.balance == "cv":
-        losses["cv"] = CVSquaredLoss(weight=w)
-    elif config.balance == "switch":
-        losses["switch"] = LoadBalanceLoss(weight=w)
-    if config.z_loss_weight > 0:
-        losses["z"] = ZLoss(weight=config.z_loss_weight)
-    if config.dispersion_weight > 0 and config.ffn == "cosine":
-        losses["dispersion"] = DispersionLoss(weight=config.dispersion_weight)
-    return losses
 
 
 class Rotary(nn.Module):
@@ -136,26 +105,6 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class NormalLinear(nn.Linear):
-    """``nn.Linear`` initialised GPT-2 style: weight N(0, std²), bias 0.
-
-    Each dense layer owns its init, so :func:`moeblocks.init_weights` (every module's
-    ``reset_parameters``, children first) initialises a sharded model one module at a
-    time and eagerly built and ``meta``-built models draw the same numbers.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, std: float) -> None:
-        self.std = std  # read by reset_parameters, which nn.Linear's __init__ calls
-        super().__init__(in_features, out_features, bias=bias)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Weight N(0, std²), bias 0, in place."""
-        nn.init.normal_(self.weight, std=self.std)
-        if self.bias is not None:
-            self.bias.zero_()
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with RoPE on queries and keys."""
 
@@ -165,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         D = config.d_model
         self.qkv = NormalLinear(D, 3 * D, bias=config.attn_bias, std=0.02)
-        self.proj = NormalLinear(D, D, bias=config.attn_bias, std=_residual_std(config))
+        self.proj = NormalLinear(D, D, bias=config.attn_bias, std=residual_std(config))
         self.rotary = Rotary(config.d_model // config.n_heads, config.seq_len)
 
     def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
@@ -179,74 +128,6 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
-class DenseFFN(nn.Module):
-    """The dense baseline: one SwiGLU or GELU MLP applied to every token."""
-
-    def __init__(self, config: SRAConfig) -> None:
-        super().__init__()
-        hidden = config.dense_width
-        self.kind = config.expert
-        self.dropout = config.dropout
-        width = (2 if self.kind == "swiglu" else 1) * hidden
-        bias, std_out = config.expert_bias, _residual_std(config)
-        self.w_in = NormalLinear(config.d_model, width, bias=bias, std=0.02)
-        self.w_out = NormalLinear(hidden, config.d_model, bias=bias, std=std_out)
-
-    def forward(self, x: Float[Tensor, "B S D"]) -> Float[Tensor, "B S D"]:
-        """Apply the MLP token-wise."""
-        h = self.w_in(x)
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
-        return self.w_out(F.dropout(h, self.dropout, self.training))
-
-
-def _residual_std(config: SRAConfig) -> float:
-    # GPT-2: projections into the residual stream start smaller by sqrt(2L) so the
-    # stream's variance does not grow with depth.
-    return 0.02 / math.sqrt(2 * config.n_layers)
-
-
-def build_moe(config: SRAConfig) -> MoELayer:
-    """One MoE feed-forward layer: router (cosine or linear) + dispatcher + experts."""
-    gpt2 = config.init == "gpt2"
-    if config.ffn == "cosine":
-        scorer: nn.Module = CosineScorer(
-            config.d_model,
-            config.num_experts,
-            init=config.anchor_init,
-            temperature=config.temperature,
-        )
-    else:
-        # float32 scores, as the official gate (and the cosine scorer) computes them.
-        scorer = LinearScorer(
-            config.d_model,
-            config.num_experts,
-            compute_dtype="float32",
-            init_std=0.02 if gpt2 else None,
-        )
-    router = Router(
-        scorer,
-        schedule=build_schedule(config),
-        noise_std=config.router_noise,
-        # The official renormalisation: top-k weights / (their sum + 1e-6) when K > 1.
-        weights=WeightPolicy(renormalize="k>1", eps=1e-6),
-    )
-    init = ExpertInit(std=0.02, out_scale=1 / math.sqrt(2 * config.n_layers)) if gpt2 else None
-    common = {"bias": config.expert_bias, "init": init, "dropout": config.dropout}
-    experts: nn.Module
-    if config.expert == "swiglu":
-        experts = SwiGLUExperts(config.num_experts, config.d_model, config.d_expert, **common)
-    else:
-        experts = GELUExperts(
-            config.num_experts, config.d_model, config.d_expert, activation=config.expert,
-            **common,
-        )  # fmt: skip
-    return MoELayer(router, make_dispatcher(config.dispatcher), experts, build_losses(config))
-
-
 class Block(nn.Module):
     """Pre-LN decoder block: ``x + attn(ln(x))``, then ``x + ffn(ln(x))``."""
 
@@ -255,7 +136,7 @@ class Block(nn.Module):
         self.ln_attn = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
         self.ln_ffn = nn.LayerNorm(config.d_model)
-        self.ffn: nn.Module = DenseFFN(config) if config.ffn == "dense" else build_moe(config)
+        self.ffn: nn.Module = build_ffn(config)
 
     def forward(
         self, x: Float[Tensor, "B S D"], k: int | None, mask: Bool[Tensor, "B S"] | None
@@ -365,10 +246,15 @@ class SRATransformer(nn.Module):
         return SRAOutput(logits, tuple(routings), tuple(aux), scale)
 
     def num_params(self, active: bool = False) -> int:
-        """Parameter count; with ``active``, count only ``k_final`` experts per layer."""
+        """Parameter count; with ``active``, count only the routed experts a token uses.
+
+        A token uses the most experts its router's schedule reaches (``k_final``; 1 for
+        the top-1 families), all of a layer's shared experts and every other parameter.
+        """
         total = sum(p.numel() for p in self.parameters())
         if active:
             for layer in self.moe_layers:
                 bank = sum(p.numel() for p in layer.experts.parameters())
-                total -= bank - bank * self.config.k_final // self.config.num_experts
+                k = layer.router.schedule.max_k
+                total -= bank - bank * k // layer.num_experts
         return total

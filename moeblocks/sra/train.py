@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeblocks._checks import warn_non_finite
+from moeblocks.balancing import balancers, step_balancers
 from moeblocks.distributed import (
     ParallelConfig,
     ParallelModel,
@@ -84,6 +85,7 @@ from moeblocks.sra.data import Corpus, batch_at, check_length, data_spec, load_c
 from moeblocks.sra.evaluate import evaluate
 from moeblocks.sra.guards import DivergedError, Interrupted, NonFiniteGuard, StopSignals
 from moeblocks.sra.model import SRATransformer
+from moeblocks.sra.routing_presets import check_ffn
 from moeblocks.sra.rundir import check_out, claim_run
 
 __all__ = ["TrainResult", "build_optimizer", "lr_at", "resolve_device", "train"]
@@ -195,6 +197,20 @@ def _plan_parallel(
         return None
     if config.ffn == "dense":
         raise UsageError("--expert-parallel needs an MoE model, got --ffn dense")
+    if config.ffn == "deepseek_v3":
+        # GroupReducedLoss reduces token-statistic losses only; a per-sequence loss would
+        # need its own rule, and the bias update alone would change the recipe.
+        raise UsageError(
+            "ffn=deepseek_v3 trains in one process only: its sequence-wise balance loss "
+            "has no cross-rank reduction in moeblocks.distributed yet"
+        )
+    if config.ffn == "llama4" and P > 1:
+        # MoELayer weights the *inputs* by the rows' slots in its own routing; the
+        # all-to-all dispatcher hands it the rows this rank received, in another order.
+        raise UsageError(
+            "ffn=llama4 weights expert inputs, which the expert-parallel dispatcher does "
+            f"not support: use --expert-parallel 1 (got {P})"
+        )
     if config.num_experts % P:
         raise UsageError(
             f"--expert-parallel {P} must divide the number of experts {config.num_experts}"
@@ -305,6 +321,7 @@ def train(
     check_out(out, resume=resume)
     config, ckpt, spec, encoding = _resolve(config, data, out, resume, overwrite, encoding)
     dev = resolve_device(device)
+    check_ffn(config)
     par = _plan_parallel(expert_parallel, config, parallel)
 
     # Everything that can fail on bad input happens before the first write.
@@ -691,6 +708,8 @@ class _RoutingStats:
         # Since the last log record: routed slots per expert and summed router entropy.
         self.log_counts_LE = torch.zeros(L, E, dtype=torch.long, device=dev)
         self.log_entropy_L = torch.zeros(L, dtype=torch.float64, device=dev)
+        # Routed copies a capacity limit dropped, and all routed copies, over every layer.
+        self.log_dropped_2 = torch.zeros(2, dtype=torch.long, device=dev)
         self.log_steps = 0
         self.dead = "-"
 
@@ -701,8 +720,13 @@ class _RoutingStats:
             slots_E = torch.bincount(routing.experts.flatten(), minlength=self.E)
             self.counts_LE[layer] += slots_E
             self.log_counts_LE[layer] += slots_E
+            self.log_dropped_2[0] += routing.num_dropped
+            self.log_dropped_2[1] += routing.experts.numel()
             if applied:  # a skipped step's probabilities may be NaN
                 p_TE = routing.probs.float()
+                # Sigmoid scores (DeepSeek-V3, Llama 4) do not sum to 1: the entropy of
+                # the distribution they define (a no-op for a softmax, up to rounding).
+                p_TE = p_TE / p_TE.sum(-1, keepdim=True).clamp(min=1e-30)
                 h_T = -(p_TE * p_TE.clamp(min=1e-30).log()).sum(-1)
                 self.log_entropy_L[layer] += h_T.mean()
         self.log_steps += int(applied)
@@ -715,19 +739,27 @@ class _RoutingStats:
             self.counts_LE.zero_()
 
     def log_fields(self, engine: _Engine) -> dict[str, Any]:
-        """Per layer and expert: slots since the last record; per layer: mean entropy."""
+        """Per-layer slots, entropy and the dropped fraction since the last record.
+
+        Slots per layer and expert, mean router entropy per layer, and the fraction of
+        routed copies (all layers) that a capacity limit dropped: 0 without one.
+        """
         if not self.L:
             return {}
         engine.sum_(self.log_counts_LE)  # every rank logs at the same steps
         engine.sum_(self.log_entropy_L)
+        engine.sum_(self.log_dropped_2)
         self.log_entropy_L /= engine.world
         steps = self.log_steps
+        dropped, slots = self.log_dropped_2.tolist()
         fields = {
             "expert_counts": self.log_counts_LE.tolist(),
             "router_entropy": (self.log_entropy_L / steps).tolist() if steps else None,
+            "dropped": dropped / slots if slots else 0.0,
         }
         self.log_counts_LE.zero_()
         self.log_entropy_L.zero_()
+        self.log_dropped_2.zero_()
         self.log_steps = 0
         return fields
 
@@ -754,6 +786,12 @@ def _skip_or_apply(
             warn_non_finite(losses, f"MoE block {i} (model.moe_layers[{i}])")
     if skipped is None:
         ctx.optimizer.step()
+        # Aux-loss-free balancing (DeepSeek-V3): one bias update per applied step, from
+        # the loads its forward counted (summed over ranks: parallelize sets the group).
+        step_balancers(ctx.model)
+    else:  # the loads of a step that was not applied move no bias
+        for balancer in balancers(ctx.model):
+            balancer.load.zero_()
     ctx.optimizer.zero_grad(set_to_none=True)
     return skipped
 
@@ -773,7 +811,9 @@ def _record(ctx: _Context, st: _Step, step: int, skipped: str | None) -> dict[st
     if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
         # Every rank evaluates the whole split (its MoE layers exchange rows).
         ev = evaluate(ctx.model, ctx.valid_tokens, config.batch_size, max_tokens=config.eval_tokens)
-        record.update(val_loss=ev.loss, val_ppl=ev.ppl, dead=ev.dead_per_layer)
+        record.update(
+            val_loss=ev.loss, val_ppl=ev.ppl, dead=ev.dead_per_layer, val_dropped=ev.dropped
+        )
     return record
 
 
