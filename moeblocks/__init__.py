@@ -40,6 +40,7 @@ from moeblocks.losses import SequenceBalanceLoss as SequenceBalanceLoss
 from moeblocks.losses import TokenStatLoss as TokenStatLoss
 from moeblocks.losses import TokenStats as TokenStats
 from moeblocks.losses import ZLoss as ZLoss
+from moeblocks.norms import RMSNorm as RMSNorm
 from moeblocks.routers import CosineScorer as CosineScorer
 from moeblocks.routers import InspectableRouter as InspectableRouter
 from moeblocks.routers import LinearScorer as LinearScorer
@@ -84,6 +85,7 @@ __all__ = [
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
+    "RMSNorm",
     "Router",
     "RouterProtocol",
     "Routing",

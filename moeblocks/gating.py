@@ -154,11 +154,16 @@ class GroupLimitedTopK:
         num_groups: Number of expert groups G (``n_group``); must divide E.
         groups_per_token: Groups each token may use (``topk_group``), in [1, G].
         group_score_k: Keys summed per group (2 in DeepSeek-V3).
+        dropped_fill: The key the experts of the dropped groups get before the top-k.
+            ``-inf`` (default) never chooses them. AXK-2 fills with ``0.0``: where the
+            keys of the kept experts can be negative (a negative selection bias), an
+            expert of a dropped group can then win a slot, and any k up to E is served.
     """
 
     num_groups: int
     groups_per_token: int
     group_score_k: int = 2
+    dropped_fill: float = -math.inf
 
     def __post_init__(self) -> None:
         for name in ("num_groups", "groups_per_token", "group_score_k"):
@@ -170,6 +175,9 @@ class GroupLimitedTopK:
                 f"groups_per_token ({self.groups_per_token}) must be <= num_groups "
                 f"({self.num_groups})"
             )
+        fill = self.dropped_fill
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not fill < math.inf:
+            raise ValueError(f"dropped_fill must be a number below +inf (not NaN), got {fill!r}")
 
     def check(self, num_experts: int, max_k: int) -> None:
         """Check that E splits into equal groups that can serve k up to ``max_k``."""
@@ -182,7 +190,7 @@ class GroupLimitedTopK:
             raise ValueError(
                 f"group_score_k ({self.group_score_k}) exceeds the group size ({size})"
             )
-        if max_k > self.groups_per_token * size:
+        if self.dropped_fill == -math.inf and max_k > self.groups_per_token * size:
             raise ValueError(
                 f"k reaches {max_k} but {self.groups_per_token} groups of {size} experts "
                 f"hold only {self.groups_per_token * size}"
@@ -193,8 +201,8 @@ class GroupLimitedTopK:
 
         Raises:
             ValueError: If ``key`` is not ``[T, E]`` with E a multiple of ``num_groups``
-                (and groups of at least ``group_score_k``), or ``k`` exceeds the experts
-                of ``groups_per_token`` groups.
+                (and groups of at least ``group_score_k``), or (with the ``-inf`` fill)
+                ``k`` exceeds the experts of ``groups_per_token`` groups.
         """
         check_float(key, "key", 2)
         _check_k(k, key.shape[1])
@@ -209,7 +217,7 @@ class GroupLimitedTopK:
         keep_TG = group_TG.topk(self.groups_per_token, dim=-1).indices
         allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
         allowed_TE = allowed_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-        return key.masked_fill(~allowed_TE, -math.inf).topk(k, dim=-1).indices
+        return key.masked_fill(~allowed_TE, self.dropped_fill).topk(k, dim=-1).indices
 
 
 @runtime_checkable

@@ -110,6 +110,10 @@ class MoELayer(nn.Module):
             are dropped (weight 0) and marked in ``Routing.dropped``.
         weight_inputs: Multiply each routed copy's *input* by its weight and sum the
             expert outputs unweighted (Llama-4), instead of weighting the outputs.
+        routed_norm: A module applied to the combined routed output ``[T, D]`` before
+            the shared output is added (Gemma-4's norm on its routed branch).
+        out_norm: A module applied to the layer's output ``[T, D]``, after the shared
+            output is added (AXK-1's and Gemma-4's norm on the MoE output).
     """
 
     def __init__(
@@ -123,6 +127,8 @@ class MoELayer(nn.Module):
         shared: SharedExperts | None = None,
         capacity: Capacity | None = None,
         weight_inputs: bool = False,
+        routed_norm: nn.Module | None = None,
+        out_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if (
@@ -153,6 +159,9 @@ class MoELayer(nn.Module):
                 raise TypeError(f"shared must be SharedExperts, got {type(shared).__name__}")
             if shared.dim != router.dim:
                 raise ValueError(f"shared experts have dim {shared.dim}, the router {router.dim}")
+        for name, norm in (("routed_norm", routed_norm), ("out_norm", out_norm)):
+            if norm is not None and not isinstance(norm, nn.Module):
+                raise TypeError(f"{name} must be None or an nn.Module, got {type(norm).__name__}")
         if capacity is not None and not isinstance(capacity, Capacity):
             raise TypeError(f"capacity must be a Capacity, got {type(capacity).__name__}")
         losses = _check_losses(losses)
@@ -174,6 +183,8 @@ class MoELayer(nn.Module):
         self.shared = shared
         self.capacity = capacity
         self.weight_inputs = bool(weight_inputs)
+        self.routed_norm = routed_norm
+        self.out_norm = out_norm
         self.losses = nn.ModuleDict({n: f for n, f in losses.items() if isinstance(f, nn.Module)})
         # Losses that are plain callables are kept outside the module tree.
         self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
@@ -319,8 +330,12 @@ class MoELayer(nn.Module):
             out_TD = self._routed(tokens_TD, routing)
         else:
             out_TD = self._real_slots_only(tokens_TD, routing)
+        if self.routed_norm is not None:
+            out_TD = self.routed_norm(out_TD)
         if self.shared is not None:
             out_TD = out_TD + self.shared(tokens_TD)
+        if self.out_norm is not None:
+            out_TD = self.out_norm(out_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}
         aux = {
             name: loss.weight

@@ -223,6 +223,10 @@ SPECS = {
     "kolibri1_1": Spec(
         "kolibri1_1", "Kolibri1_1Config", {**QWEN_SHARED, **HEADS, "index_num_heads": 1}
     ),
+    # j27b
+    "axk1": Spec("axk1", "AXK1Config", {**DEEPSEEK, **HEADS}),
+    # Its selection bias is N(0, 0.1²): the zero fill rarely shows here (see test_group_fill.py).
+    "axk2": Spec("axk2", "AXK2Config", {**DEEPSEEK, **HEADS}),
 }
 NAMES = sorted(SPECS)
 ROWS = {f.name: f for f in FAMILIES}

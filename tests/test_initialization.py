@@ -70,6 +70,14 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "shared experts, gated": lambda: mb.SharedExperts(mb.SwiGLUExperts(1, D, F), gate=True),
     "layer": _layer,
     "layer with balancer": lambda: _layer(balancer=mb.BiasBalancer(E)),
+    "rms norm": lambda: mb.RMSNorm(D),
+    "layer with norms": lambda: mb.MoELayer(
+        mb.Router(mb.LinearScorer(D, E), 2),
+        mb.TorchDispatcher(),
+        mb.SwiGLUExperts(E, D, F),
+        routed_norm=mb.RMSNorm(D, weight_dtype="compute"),
+        out_norm=mb.RMSNorm(D),
+    ),
 }
 
 

@@ -29,6 +29,7 @@ from moeblocks.hf.layouts import (
     CONCAT_CLAMPED_AFTER,
     DEEPSEEK,
     DEEPSEEK_V2,
+    DEEPSEEK_ZERO_FILL,
     GATED_SHARED_EXPERT,
     GPT_OSS,
     HY_V3,
@@ -39,7 +40,9 @@ from moeblocks.hf.layouts import (
     MISTRAL4,
     MISTRAL_LARGE4,
     NO_SHARED,
+    OUT_NORM,
     PER_EXPERT,
+    PLAIN,
     SHARED_EXPERT,
     SHARED_EXPERTS,
     SHARED_EXPERTS_CLAMPED,
@@ -58,6 +61,7 @@ from moeblocks.hf.layouts import (
     BankLayout,
     RouterForm,
     SharedForm,
+    StructureForm,
     compose,
 )
 from moeblocks.layer import MoELayer
@@ -93,6 +97,8 @@ class Family:
         logits_index: Index of the router logits in the router module's output tuple.
         batched_logits: Whether the router returns logits in the input's leading shape
             (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
+        structure: What the family adds around the router, bank and shared experts
+            (norms on the output, on the branches, on the experts' input).
     """
 
     name: str
@@ -105,13 +111,16 @@ class Family:
     returns: str = "tensor"
     logits_index: int = 0
     batched_logits: bool = False
+    structure: StructureForm = PLAIN
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
-        return compose(block, self.router_attr, self.router, self.bank, self.shared, dispatcher)
+        layer = compose(block, self.router_attr, self.router, self.bank, self.shared, dispatcher)
+        return self.structure.read(layer, block)
 
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
+        layer = self.structure.write(layer, block)
         self.router.write(layer.router, getattr(block, self.router_attr), block)
         self.bank.write(layer.experts, block.experts)
         self.shared.write(layer.shared, block)
@@ -320,6 +329,17 @@ FAMILIES: tuple[Family, ...] = (
         logits_index=2,
         batched_logits=True,
     ),
+    # j27b: AXK-1's norm on the output, AXK-2's group-limited top-k filled with 0
+    Family(
+        "axk1",
+        "AXK1MoE",
+        "AXK1TopkRouter",
+        DEEPSEEK,
+        CONCAT,
+        SHARED_EXPERTS,
+        structure=OUT_NORM,
+    ),
+    Family("axk2", "AXK2MoE", "AXK2TopkRouter", DEEPSEEK_ZERO_FILL, CONCAT, SHARED_EXPERTS),
 )
 """Every converted block class, one row each."""
 
@@ -353,15 +373,6 @@ _OUT_BIAS = "a bias added to the layer output"
 _NOT_REVIEWED = "not reviewed yet: its router or experts differ from every converted row"
 
 REFUSED: tuple[Refusal, ...] = (
-    Refusal("axk1", "AXK1MoE", _needs("a norm on the MoE output")),
-    Refusal(
-        "axk2",
-        "AXK2MoE",
-        _needs(
-            "group-limited top-k that masks the dropped groups with 0, not −inf (with a "
-            "negative selection bias an expert outside the kept groups can win)"
-        ),
-    ),
     Refusal(
         "beam",
         "BeamMoE",

@@ -35,6 +35,7 @@ from moeblocks.capacity import Capacity
 from moeblocks.experts import MLPExperts, SwiGLUExperts
 from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
+from moeblocks.norms import RMSNorm
 from moeblocks.routers import LinearScorer, Router
 from moeblocks.shared import SharedExperts
 
@@ -49,6 +50,7 @@ __all__ = [
     "DEEPSEEK",
     "DEEPSEEK_BLOCK_SCALE",
     "DEEPSEEK_V2",
+    "DEEPSEEK_ZERO_FILL",
     "GATED_SHARED_EXPERT",
     "GPT_OSS",
     "HY_V3",
@@ -59,7 +61,9 @@ __all__ = [
     "MISTRAL4",
     "MISTRAL_LARGE4",
     "NO_SHARED",
+    "OUT_NORM",
     "PER_EXPERT",
+    "PLAIN",
     "SHARED_EXPERT",
     "SHARED_EXPERTS",
     "SHARED_EXPERTS_CLAMPED",
@@ -78,6 +82,7 @@ __all__ = [
     "BankLayout",
     "RouterForm",
     "SharedForm",
+    "StructureForm",
 ]
 
 # transformers' activation classes by name -> moeblocks activation names.
@@ -835,3 +840,144 @@ def compose(
         capacity=capacity,
         weight_inputs=form.weight_inputs,
     )
+
+
+# --- j27b: group-limited routing filled with 0, norms around the composition ------------
+
+
+def _zero_filled_groups_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """AXK-2: DeepSeek-V3's router whose dropped groups get key 0, not −inf.
+
+    Without ``n_group`` (AXK-2's light checkpoints) the top-k is plain.
+    """
+    E = gate.weight.shape[0]
+    selection: Selection = (
+        TopK()
+        if gate.num_group in (None, 1)  # one group keeps every expert: the fill never shows
+        else GroupLimitedTopK(int(gate.num_group), int(gate.topk_group), dropped_fill=0.0)
+    )
+    balancer = BiasBalancer(E, rate=0.0).to(gate.e_score_correction_bias.device)
+    copy_into(balancer.bias, gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid",
+        selection=selection,
+        weights=WeightPolicy(
+            "always" if gate.norm_topk_prob else "never",
+            scale=float(gate.routed_scaling_factor),
+            eps=1e-20 if gate.norm_topk_prob else 0.0,
+        ),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+DEEPSEEK_ZERO_FILL = RouterForm(
+    "sigmoid (float32), selection bias, group-limited top-k (dropped groups at 0), scaled",
+    _zero_filled_groups_read,
+    _deepseek_write,
+)
+
+
+def _rms_norm(hf_norm: nn.Module, weight_dtype: str = "input") -> RMSNorm:
+    """A float32 :class:`~moeblocks.norms.RMSNorm` with the weight of an HF RMS norm.
+
+    ``weight_dtype``: ``"input"`` for Llama-style norms (``weight · x̂.to(dtype)``),
+    ``"compute"`` for Gemma-style ones (``(x̂ · weight.float()).to(dtype)``). An HF norm
+    without a ``weight`` (Gemma's ``with_scale=False``) gives a norm without one.
+    """
+    weight = getattr(hf_norm, "weight", None)
+    norm = RMSNorm(
+        hf_norm.weight.shape[0] if weight is not None else 1,
+        float(hf_norm.variance_epsilon if hasattr(hf_norm, "variance_epsilon") else hf_norm.eps),
+        weight=weight is not None,
+        weight_dtype=weight_dtype,
+    )
+    if weight is not None:
+        _like(norm, weight)
+        copy_into(norm.weight_D, weight)
+    return norm
+
+
+@dataclass(frozen=True)
+class StructureForm:
+    """What a family adds around the stock router, bank and shared experts.
+
+    Most families add nothing (:data:`PLAIN`). Others put norms on the layer's output
+    (AXK-1) or on each branch and on the experts' input (Gemma-4), passed to
+    :class:`~moeblocks.MoELayer` as ``routed_norm`` / ``out_norm`` or wrapped around the
+    bank.
+
+    Attributes:
+        name: Short name shown in the docs (``"—"`` for none).
+        read: ``(layer from the row's forms, block) -> the family's layer``.
+        write: ``(layer, block) -> layer``: writes this form's parts back in place and
+            returns the layer the row's router, bank and shared forms write back.
+    """
+
+    name: str
+    read: Callable[[MoELayer, nn.Module], MoELayer]
+    write: Callable[[MoELayer, nn.Module], MoELayer]
+
+
+def _plain_read(layer: MoELayer, block: nn.Module) -> MoELayer:
+    return layer
+
+
+def _plain_write(layer: MoELayer, block: nn.Module) -> MoELayer:
+    for name in ("routed_norm", "out_norm"):
+        if getattr(layer, name, None) is not None:
+            raise ValueError(f"to_hf: a {type(block).__name__} has no {name}")
+    return layer
+
+
+_KEEP: object = object()  # a _relayer argument left as the layer has it
+
+
+def _relayer(
+    layer: MoELayer,
+    *,
+    experts: object = _KEEP,
+    shared: object = _KEEP,
+    routed_norm: object = _KEEP,
+    out_norm: object = _KEEP,
+) -> MoELayer:
+    """A layer of ``layer``'s parts (shared, not copied), the given ones replaced."""
+
+    def pick(new: object, old: object) -> object:
+        return old if new is _KEEP else new
+
+    return MoELayer(
+        layer.router,
+        layer.dispatcher,
+        pick(experts, layer.experts),
+        dict(layer.losses.items()) | dict(layer.plain_losses),
+        layer.check_finite,
+        shared=pick(shared, layer.shared),
+        capacity=layer.capacity,
+        weight_inputs=layer.weight_inputs,
+        routed_norm=pick(routed_norm, layer.routed_norm),
+        out_norm=pick(out_norm, layer.out_norm),
+    ).train(layer.training)
+
+
+def _out_norm_read(layer: MoELayer, block: nn.Module, attr: str) -> MoELayer:
+    return _relayer(layer, out_norm=_rms_norm(getattr(block, attr)))
+
+
+def _out_norm_write(layer: MoELayer, block: nn.Module, attr: str) -> MoELayer:
+    norm = layer.out_norm
+    if not isinstance(norm, RMSNorm) or norm.weight_D is None:
+        raise ValueError(f"to_hf: a {type(block).__name__} needs a layer with an RMSNorm out_norm")
+    copy_into(getattr(block, attr).weight, norm.weight_D)
+    return _relayer(layer, out_norm=None)
+
+
+PLAIN = StructureForm("—", _plain_read, _plain_write)
+OUT_NORM = StructureForm(
+    "RMS norm on the output (`post_mlp_layernorm`)",
+    partial(_out_norm_read, attr="post_mlp_layernorm"),
+    partial(_out_norm_write, attr="post_mlp_layernorm"),
+)
