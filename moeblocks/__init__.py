@@ -19,6 +19,8 @@ from moeblocks.experts import ExpertBank as ExpertBank
 from moeblocks.experts import ExpertInit as ExpertInit
 from moeblocks.experts import GELUExperts as GELUExperts
 from moeblocks.experts import MLPExperts as MLPExperts
+from moeblocks.experts import NormedExperts as NormedExperts
+from moeblocks.experts import ScaledExperts as ScaledExperts
 from moeblocks.experts import SwiGLUExperts as SwiGLUExperts
 from moeblocks.gating import DynamicSelection as DynamicSelection
 from moeblocks.gating import ExpertChoice as ExpertChoice
@@ -85,10 +87,12 @@ __all__ = [
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
+    "NormedExperts",
     "RMSNorm",
     "Router",
     "RouterProtocol",
     "Routing",
+    "ScaledExperts",
     "Scorer",
     "Selection",
     "SequenceBalanceLoss",

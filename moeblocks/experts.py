@@ -26,7 +26,15 @@ from moeblocks._checks import check_float, check_index, check_same_device, value
 from moeblocks.activations import GLU, GatedActivation, activation_fn
 from moeblocks.grouped import grouped_mm, resolve_backend
 
-__all__ = ["ExpertBank", "ExpertInit", "GELUExperts", "MLPExperts", "SwiGLUExperts"]
+__all__ = [
+    "ExpertBank",
+    "ExpertInit",
+    "GELUExperts",
+    "MLPExperts",
+    "NormedExperts",
+    "ScaledExperts",
+    "SwiGLUExperts",
+]
 
 
 @runtime_checkable
@@ -369,3 +377,104 @@ class GELUExperts(MLPExperts):
             dropout=dropout,
             sync_checks=sync_checks,
         )
+
+
+def _check_bank(experts: object) -> None:
+    if not isinstance(experts, nn.Module) or not isinstance(experts, ExpertBank):
+        raise TypeError(f"experts must be an nn.Module expert bank, got {type(experts).__name__}")
+
+
+class NormedExperts(nn.Module):
+    """A bank with a norm on every row going in and/or coming out.
+
+    ``out_r = output_norm(bank(input_norm(x_r)))``, a norm acting on each row alone. On a
+    one-expert bank inside :class:`~moeblocks.SharedExperts` the pair makes a branch
+    ``norm → expert → norm`` (Gemma-4's dense branch). For routed experts the input norm
+    runs once per routed copy; ``MoELayer(routed_input_norm=)`` normalises each token
+    once, which is what a float32 norm in a float64 model must do to round as a model
+    that normalises before routing.
+
+    Args:
+        experts: The wrapped bank (its parameters stay under ``experts.``).
+        input_norm: A module applied to the rows going in, or None.
+        output_norm: A module applied to the rows coming out, or None.
+    """
+
+    def __init__(
+        self,
+        experts: ExpertBank,
+        input_norm: nn.Module | None = None,
+        output_norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        _check_bank(experts)
+        for name, norm in (("input_norm", input_norm), ("output_norm", output_norm)):
+            if norm is not None and not isinstance(norm, nn.Module):
+                raise TypeError(f"{name} must be None or an nn.Module, got {type(norm).__name__}")
+        self.experts = experts
+        self.input_norm = input_norm
+        self.output_norm = output_norm
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.experts.num_experts
+
+    @property
+    def dim(self) -> int:
+        """Model dimension D."""
+        return self.experts.dim
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """The wrapped bank on the normalised rows, its output normalised."""
+        if self.input_norm is not None:
+            grouped = self.input_norm(grouped)
+        out = self.experts(grouped, group_sizes)
+        return out if self.output_norm is None else self.output_norm(out)
+
+
+class ScaledExperts(nn.Module):
+    """A bank whose expert ``e`` multiplies its output by a learnable ``scale_E[e]``.
+
+    The same as multiplying the combine weight of every slot routed to ``e`` by
+    ``scale_E[e]`` (Gemma-4's ``per_expert_scale``, applied after the top-k weights are
+    renormalised); the router's record keeps the weights before the scale.
+
+    Args:
+        experts: The wrapped bank (its parameters stay under ``experts.``).
+    """
+
+    def __init__(self, experts: ExpertBank) -> None:
+        super().__init__()
+        _check_bank(experts)
+        self.experts = experts
+        self.scale_E = nn.Parameter(torch.empty(experts.num_experts))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Set every scale to 1, in place."""
+        self.scale_E.fill_(1.0)
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.experts.num_experts
+
+    @property
+    def dim(self) -> int:
+        """Model dimension D."""
+        return self.experts.dim
+
+    def forward(
+        self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
+    ) -> Float[Tensor, "R D"]:
+        """The wrapped bank's rows, each times its expert's scale."""
+        out = self.experts(grouped, group_sizes)
+        # output_size: no host read of the sizes (they sum to R, checked by the bank).
+        scale_R = torch.repeat_interleave(
+            self.scale_E.to(out.dtype), group_sizes, output_size=out.shape[0]
+        )
+        return out * scale_R.unsqueeze(1)

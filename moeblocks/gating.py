@@ -50,6 +50,7 @@ __all__ = [
     "DynamicSelection",
     "ExpertChoice",
     "GroupLimitedTopK",
+    "NormedScorer",
     "Selection",
     "SoftCappedScorer",
     "TopK",
@@ -466,3 +467,68 @@ class SoftCappedScorer(nn.Module):
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"cap={self.cap}, dtype={self.dtype}"
+
+
+class NormedScorer(nn.Module):
+    """A scorer that normalises its input first: ``scorer(norm(tokens) · scale)``.
+
+    Gemma-4's router RMS-normalises the tokens with its own learnable scale and multiplies
+    by ``D^-1/2`` before its projection (``norm`` a :class:`~moeblocks.norms.RMSNorm`
+    with that weight, ``scale = D ** -0.5``). The norm's parameters are the router's
+    (``self.norm``); the wrapped scorer keeps its weights (``self.scorer``), and
+    ``weight_ED`` / ``bias_E`` read through to it.
+
+    Args:
+        scorer: Any scorer (``tokens [T, D] -> scores [T, E]``, with ``dim`` and
+            ``num_experts``).
+        norm: A module ``[T, D] -> [T, D]`` applied to the tokens.
+        scale: A constant multiplying the normalised tokens, finite and > 0.
+    """
+
+    def __init__(self, scorer: nn.Module, norm: nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
+            raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
+        if not isinstance(norm, nn.Module):
+            raise TypeError(f"norm must be an nn.Module, got {type(norm).__name__}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.scorer = scorer
+        self.norm = norm
+        self.scale = float(scale)
+
+    @property
+    def dim(self) -> int:
+        """Token dimension D."""
+        return self.scorer.dim
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.scorer.num_experts
+
+    @property
+    def compute_dtype(self) -> str:
+        """The wrapped scorer's compute dtype (``"input"`` or ``"float32"``)."""
+        return getattr(self.scorer, "compute_dtype", "float32")
+
+    @property
+    def weight_ED(self) -> Tensor | None:
+        """The wrapped scorer's weight ``[E, D]``, if it has one."""
+        return getattr(self.scorer, "weight_ED", None)
+
+    @property
+    def bias_E(self) -> Tensor | None:
+        """The wrapped scorer's bias ``[E]``, if it has one."""
+        return getattr(self.scorer, "bias_E", None)
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """``scorer(norm(tokens) · scale)``."""
+        normed_TD = self.norm(tokens)
+        if self.scale != 1.0:
+            normed_TD = normed_TD * self.scale
+        return self.scorer(normed_TD)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"scale={self.scale}"

@@ -110,6 +110,9 @@ class MoELayer(nn.Module):
             are dropped (weight 0) and marked in ``Routing.dropped``.
         weight_inputs: Multiply each routed copy's *input* by its weight and sum the
             expert outputs unweighted (Llama-4), instead of weighting the outputs.
+        routed_input_norm: A module applied to the tokens ``[T, D]`` the routed experts
+            see (not the router, not the shared experts): Gemma-4's
+            ``pre_feedforward_layernorm_2``.
         routed_norm: A module applied to the combined routed output ``[T, D]`` before
             the shared output is added (Gemma-4's norm on its routed branch).
         out_norm: A module applied to the layer's output ``[T, D]``, after the shared
@@ -129,6 +132,7 @@ class MoELayer(nn.Module):
         weight_inputs: bool = False,
         routed_norm: nn.Module | None = None,
         out_norm: nn.Module | None = None,
+        routed_input_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if (
@@ -159,7 +163,8 @@ class MoELayer(nn.Module):
                 raise TypeError(f"shared must be SharedExperts, got {type(shared).__name__}")
             if shared.dim != router.dim:
                 raise ValueError(f"shared experts have dim {shared.dim}, the router {router.dim}")
-        for name, norm in (("routed_norm", routed_norm), ("out_norm", out_norm)):
+        norms = {"routed_input_norm": routed_input_norm, "routed_norm": routed_norm}
+        for name, norm in {**norms, "out_norm": out_norm}.items():
             if norm is not None and not isinstance(norm, nn.Module):
                 raise TypeError(f"{name} must be None or an nn.Module, got {type(norm).__name__}")
         if capacity is not None and not isinstance(capacity, Capacity):
@@ -183,6 +188,7 @@ class MoELayer(nn.Module):
         self.shared = shared
         self.capacity = capacity
         self.weight_inputs = bool(weight_inputs)
+        self.routed_input_norm = routed_input_norm
         self.routed_norm = routed_norm
         self.out_norm = out_norm
         self.losses = nn.ModuleDict({n: f for n, f in losses.items() if isinstance(f, nn.Module)})
@@ -326,10 +332,13 @@ class MoELayer(nn.Module):
             if routing.slots is not None:
                 raise ValueError("a capacity limit does not apply to a dynamic-k routing")
             routing = self.capacity(routing)
+        expert_in_TD = tokens_TD
+        if self.routed_input_norm is not None:
+            expert_in_TD = self.routed_input_norm(tokens_TD)
         if routing.slots is None:
-            out_TD = self._routed(tokens_TD, routing)
+            out_TD = self._routed(expert_in_TD, routing)
         else:
-            out_TD = self._real_slots_only(tokens_TD, routing)
+            out_TD = self._real_slots_only(expert_in_TD, routing)
         if self.routed_norm is not None:
             out_TD = self.routed_norm(out_TD)
         if self.shared is not None:

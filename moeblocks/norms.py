@@ -8,7 +8,8 @@ router's input) and compute them in float32 whatever the model dtype, with the w
 multiplied either after casting back to the model dtype (Llama's form) or before
 (Gemma's). ``torch.nn.RMSNorm`` computes in the input dtype, so a float64 model would
 differ from those blocks by float32 rounding (~1e-7); this norm states both choices and
-computes the normalisation itself with ``torch.nn.functional.rms_norm``.
+computes the normalisation with ``torch.nn.functional.rms_norm`` (or, for Gemma's
+``pow(·, −½)``, with that op: its backward rounds differently from rsqrt's in float32).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = ["RMSNorm"]
 
 _COMPUTE = ("input", "float32")
 _WEIGHT = ("input", "compute")
+_ROOT = ("rsqrt", "pow")
 
 
 class RMSNorm(nn.Module):
@@ -42,6 +44,9 @@ class RMSNorm(nn.Module):
         weight: Learn a per-channel scale ``weight_D``.
         compute_dtype: ``"input"`` (the tokens' dtype) or ``"float32"``.
         weight_dtype: Where the weight multiplies: ``"input"`` or ``"compute"``.
+        inverse_root: How ``1 / sqrt(mean(x²) + eps)`` is computed: ``"rsqrt"``
+            (``torch.nn.functional.rms_norm``; Llama) or ``"pow"`` (``pow(·, −½)``,
+            Gemma-4). Equal values; in float32 their gradients round apart (~1e-7).
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class RMSNorm(nn.Module):
         weight: bool = True,
         compute_dtype: str = "float32",
         weight_dtype: str = "input",
+        inverse_root: str = "rsqrt",
     ) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -61,7 +67,10 @@ class RMSNorm(nn.Module):
             raise ValueError(f"compute_dtype must be one of {_COMPUTE}, got {compute_dtype!r}")
         if weight_dtype not in _WEIGHT:
             raise ValueError(f"weight_dtype must be one of {_WEIGHT}, got {weight_dtype!r}")
+        if inverse_root not in _ROOT:
+            raise ValueError(f"inverse_root must be one of {_ROOT}, got {inverse_root!r}")
         self.dim = dim
+        self.inverse_root = inverse_root
         self.eps = float(eps)
         self.compute_dtype = compute_dtype
         self.weight_dtype = weight_dtype
@@ -85,7 +94,11 @@ class RMSNorm(nn.Module):
         if x.ndim < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [..., {self.dim}], got {tuple(x.shape)}")
         dtype = torch.float32 if self.compute_dtype == "float32" else x.dtype
-        y = F.rms_norm(x.to(dtype), (self.dim,), None, self.eps)
+        x_c = x.to(dtype)
+        if self.inverse_root == "pow":
+            y = x_c * torch.pow(x_c.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        else:
+            y = F.rms_norm(x_c, (self.dim,), None, self.eps)
         if self.weight_D is None:
             return y.to(x.dtype)
         if self.weight_dtype == "compute":
@@ -96,5 +109,6 @@ class RMSNorm(nn.Module):
         """Shown in the module's repr."""
         return (
             f"{self.dim}, eps={self.eps}, weight={self.weight_D is not None}, "
-            f"compute_dtype={self.compute_dtype!r}, weight_dtype={self.weight_dtype!r}"
+            f"compute_dtype={self.compute_dtype!r}, weight_dtype={self.weight_dtype!r}, "
+            f"inverse_root={self.inverse_root!r}"
         )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import moeblocks as mb
+from moeblocks.gating import NormedScorer
 from moeblocks.sra.config import PRESETS
 from moeblocks.sra.model import SRATransformer
 
@@ -71,12 +72,18 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     "layer": _layer,
     "layer with balancer": lambda: _layer(balancer=mb.BiasBalancer(E)),
     "rms norm": lambda: mb.RMSNorm(D),
+    "scaled experts": lambda: mb.ScaledExperts(mb.SwiGLUExperts(E, D, F)),
+    "normed experts": lambda: mb.NormedExperts(
+        mb.SwiGLUExperts(1, D, F), mb.RMSNorm(D), mb.RMSNorm(D, weight_dtype="compute")
+    ),
+    "normed scorer": lambda: NormedScorer(mb.LinearScorer(D, E), mb.RMSNorm(D), D**-0.5),
     "layer with norms": lambda: mb.MoELayer(
         mb.Router(mb.LinearScorer(D, E), 2),
         mb.TorchDispatcher(),
         mb.SwiGLUExperts(E, D, F),
         routed_norm=mb.RMSNorm(D, weight_dtype="compute"),
         out_norm=mb.RMSNorm(D),
+        routed_input_norm=mb.RMSNorm(D, inverse_root="pow"),
     ),
 }
 

@@ -58,6 +58,22 @@ def test_float32_compute_is_the_formula_hf_runs() -> None:
     assert not torch.equal(llama(x), gemma(x)), "the two weight orders should round apart"
 
 
+def test_pow_root_is_gemmas_formula_gradients_included() -> None:
+    x = torch.randn(5, 16, dtype=torch.float64)
+    norm = _random_weight(RMSNorm(16, weight_dtype="compute", inverse_root="pow"), 2).double()
+    x_mine, x_hf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w_hf = norm.weight_D.detach().clone().requires_grad_()
+    x32 = x_hf.float()
+    hf = (x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * w_hf.float()).double()
+    g = torch.randn(5, 16, dtype=torch.float64)
+    (norm(x_mine) * g).sum().backward()
+    (hf * g).sum().backward()
+    # Bit for bit, backward too: the float32 rounding of pow's gradient is Gemma's.
+    assert torch.equal(norm(x_mine), hf)
+    assert torch.equal(x_mine.grad, x_hf.grad)
+    assert torch.equal(norm.weight_D.grad, w_hf.grad)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -66,6 +82,7 @@ def test_float32_compute_is_the_formula_hf_runs() -> None:
         ({"dim": 4, "eps": math.nan}, "eps must be a finite number >= 0"),
         ({"dim": 4, "compute_dtype": "bf16"}, "compute_dtype must be one of"),
         ({"dim": 4, "weight_dtype": "weight"}, "weight_dtype must be one of"),
+        ({"dim": 4, "inverse_root": "sqrt"}, "inverse_root must be one of"),
     ],
 )
 def test_rms_norm_rejects_bad_arguments(kwargs: dict, match: str) -> None:
