@@ -42,9 +42,14 @@ def render_families(errors: dict[str, dict[str, float]]) -> str:
     for f in FAMILIES:
         row = errors.get(f.name, {})
         err = f"{_err(row, 'fp32')} / {_err(row, 'fp64')}"
+        shared = f.shared.name
+        structure = getattr(f, "structure", None)  # norms around the parts, if any
+        if structure is not None and structure.name != "—":
+            shared = f"{shared}; {structure.name}"
+        returns = "the MoE part of the decoder layer" if getattr(f, "inline", None) else None
         lines.append(
             f"| {f.name} | `{f.block_class}` | {f.router.name} | {f.bank.name} "
-            f"| {f.shared.name} | {_RETURNS[f.returns]} | {err} |"
+            f"| {shared} | {returns or _RETURNS[f.returns]} | {err} |"
         )
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.layouts import (
     AFMOE,
     BLOCK_BIAS_SIGMOID,
+    BRANCH_NORMS,
     COHERE2,
     COHERE2_SHARED,
     CONCAT,
@@ -31,6 +32,7 @@ from moeblocks.hf.layouts import (
     DEEPSEEK_V2,
     DEEPSEEK_ZERO_FILL,
     GATED_SHARED_EXPERT,
+    GEMMA_INLINE,
     GPT_OSS,
     HY_V3,
     INTERLEAVED,
@@ -40,6 +42,8 @@ from moeblocks.hf.layouts import (
     MISTRAL4,
     MISTRAL_LARGE4,
     NO_SHARED,
+    NORMED_DENSE_MLP,
+    NORMED_SOFTMAX,
     OUT_NORM,
     PER_EXPERT,
     PLAIN,
@@ -59,6 +63,7 @@ from moeblocks.hf.layouts import (
     SWITCH,
     WG_SOFTMAX,
     BankLayout,
+    InlineForm,
     RouterForm,
     SharedForm,
     StructureForm,
@@ -99,6 +104,8 @@ class Family:
             (``[B, S, E]``, Switch) rather than flattened to ``[T, E]``.
         structure: What the family adds around the router, bank and shared experts
             (norms on the output, on the branches, on the experts' input).
+        inline: For a decoder layer holding its MoE part inline (Gemma-4), where that
+            part lives; None for a sparse-MoE block of its own.
     """
 
     name: str
@@ -112,6 +119,7 @@ class Family:
     logits_index: int = 0
     batched_logits: bool = False
     structure: StructureForm = PLAIN
+    inline: InlineForm | None = None
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
@@ -149,6 +157,21 @@ def _granite(name: str, prefix: str) -> Family:
     # The shared MLP of GraniteMoeShared/Hybrid sits in the decoder layer, not the block.
     return Family(
         name, f"{prefix}MoE", f"{prefix}TopKRouter", SOFTMAX_TOPK, CONCAT, router_attr="router"
+    )
+
+
+def _gemma_inline(name: str, layer: str, router: str = "DiffusionGemmaTextRouter") -> Family:
+    # Gemma-4's decoder-inline MoE part, copied by DiffusionGemma's encoder and decoder.
+    return Family(
+        name,
+        layer,
+        router,
+        NORMED_SOFTMAX,
+        CONCAT,
+        NORMED_DENSE_MLP,
+        router_attr="router",
+        structure=BRANCH_NORMS,
+        inline=GEMMA_INLINE,
     )
 
 
@@ -340,6 +363,10 @@ FAMILIES: tuple[Family, ...] = (
         structure=OUT_NORM,
     ),
     Family("axk2", "AXK2MoE", "AXK2TopkRouter", DEEPSEEK_ZERO_FILL, CONCAT, SHARED_EXPERTS),
+    # j27b: decoder-inline MoE (the MoE part of a decoder layer, see Family.inline)
+    _gemma_inline("gemma4", "Gemma4TextDecoderLayer", "Gemma4TextRouter"),
+    _gemma_inline("diffusion_gemma_encoder", "DiffusionGemmaEncoderTextLayer"),
+    _gemma_inline("diffusion_gemma_decoder", "DiffusionGemmaDecoderTextLayer"),
 )
 """Every converted block class, one row each."""
 
@@ -385,16 +412,6 @@ REFUSED: tuple[Refusal, ...] = (
         _needs("sqrt-softplus scoring", "token-id hash routing"),
     ),
     Refusal(
-        "diffusion_gemma",
-        "DiffusionGemmaEncoderTextLayer",
-        _needs("a decoder-inline MoE with its own norms and a normalising router"),
-    ),
-    Refusal(
-        "diffusion_gemma",
-        "DiffusionGemmaDecoderTextLayer",
-        _needs("a decoder-inline MoE with its own norms and a normalising router"),
-    ),
-    Refusal(
         "dots3_note",
         "Dots3NoteVisionMoE",
         "not converted yet: its router is HY-V3's form, but the block is built from a "
@@ -417,14 +434,6 @@ REFUSED: tuple[Refusal, ...] = (
         "ernie4_5_vl_moe",
         "Ernie4_5_VLMoeSparseMoeBlock",
         _needs("tokens split between a text and a vision MoE"),
-    ),
-    Refusal(
-        "gemma4",
-        "Gemma4TextDecoderLayer",
-        _needs(
-            "a router that RMS-normalises its input",
-            "routed and shared experts fed different inputs, with a norm on each branch",
-        ),
     ),
     Refusal(
         "inkling", "InklingMoE", _needs("shared experts weighted by the router with the routed")
@@ -505,9 +514,22 @@ REFUSED: tuple[Refusal, ...] = (
 def family_of(block: nn.Module) -> Family | None:
     """The :class:`Family` of an HF sparse-MoE block (by its class or a base class), or None."""
     for cls in type(block).__mro__:
-        if cls.__name__ in _BY_CLASS:
-            return _BY_CLASS[cls.__name__]
+        family = _BY_CLASS.get(cls.__name__)
+        if family is not None and _holds_its_moe(block, family):
+            return family
     return None
+
+
+def _holds_its_moe(block: nn.Module, family: Family) -> bool:
+    """Whether ``block`` holds the MoE part its row's class promises.
+
+    False for a decoder layer whose MoE is off (Gemma-4's ``enable_moe_block``) or
+    swapped (its router is a stub), which the class alone would match.
+    """
+    router = getattr(block, family.router_attr, None)
+    if router is None or family.inline is None:
+        return router is not None
+    return any(c.__name__ == family.router_class for c in type(router).__mro__)
 
 
 def refusal_of(block: nn.Module) -> Refusal | None:

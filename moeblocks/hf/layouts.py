@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from moeblocks.activations import GLU, ClampedGLU, ClampedSwiGLU, GatedActivation
 from moeblocks.balancing import BiasBalancer
 from moeblocks.capacity import Capacity
-from moeblocks.experts import MLPExperts, SwiGLUExperts
-from moeblocks.gating import GroupLimitedTopK, Selection, TopK, WeightPolicy
+from moeblocks.experts import MLPExperts, NormedExperts, ScaledExperts, SwiGLUExperts
+from moeblocks.gating import GroupLimitedTopK, NormedScorer, Selection, TopK, WeightPolicy
 from moeblocks.layer import MoELayer
 from moeblocks.norms import RMSNorm
 from moeblocks.routers import LinearScorer, Router
@@ -42,6 +42,7 @@ from moeblocks.shared import SharedExperts
 __all__ = [
     "AFMOE",
     "BLOCK_BIAS_SIGMOID",
+    "BRANCH_NORMS",
     "COHERE2",
     "COHERE2_SHARED",
     "CONCAT",
@@ -52,6 +53,7 @@ __all__ = [
     "DEEPSEEK_V2",
     "DEEPSEEK_ZERO_FILL",
     "GATED_SHARED_EXPERT",
+    "GEMMA_INLINE",
     "GPT_OSS",
     "HY_V3",
     "INTERLEAVED",
@@ -60,6 +62,8 @@ __all__ = [
     "LOGIT_BIAS_SIGMOID",
     "MISTRAL4",
     "MISTRAL_LARGE4",
+    "NORMED_DENSE_MLP",
+    "NORMED_SOFTMAX",
     "NO_SHARED",
     "OUT_NORM",
     "PER_EXPERT",
@@ -80,6 +84,7 @@ __all__ = [
     "SWITCH",
     "WG_SOFTMAX",
     "BankLayout",
+    "InlineForm",
     "RouterForm",
     "SharedForm",
     "StructureForm",
@@ -884,9 +889,10 @@ DEEPSEEK_ZERO_FILL = RouterForm(
 def _rms_norm(hf_norm: nn.Module, weight_dtype: str = "input") -> RMSNorm:
     """A float32 :class:`~moeblocks.norms.RMSNorm` with the weight of an HF RMS norm.
 
-    ``weight_dtype``: ``"input"`` for Llama-style norms (``weight · x̂.to(dtype)``),
-    ``"compute"`` for Gemma-style ones (``(x̂ · weight.float()).to(dtype)``). An HF norm
-    without a ``weight`` (Gemma's ``with_scale=False``) gives a norm without one.
+    ``weight_dtype``: ``"input"`` for Llama-style norms (``weight · x̂.to(dtype)``, with
+    rsqrt), ``"compute"`` for Gemma-style ones (``(x̂ · weight.float()).to(dtype)``, with
+    ``pow(·, −½)``). An HF norm without a ``weight`` (Gemma's ``with_scale=False``) gives
+    a norm without one.
     """
     weight = getattr(hf_norm, "weight", None)
     norm = RMSNorm(
@@ -894,6 +900,7 @@ def _rms_norm(hf_norm: nn.Module, weight_dtype: str = "input") -> RMSNorm:
         float(hf_norm.variance_epsilon if hasattr(hf_norm, "variance_epsilon") else hf_norm.eps),
         weight=weight is not None,
         weight_dtype=weight_dtype,
+        inverse_root="pow" if weight_dtype == "compute" else "rsqrt",
     )
     if weight is not None:
         _like(norm, weight)
@@ -927,7 +934,7 @@ def _plain_read(layer: MoELayer, block: nn.Module) -> MoELayer:
 
 
 def _plain_write(layer: MoELayer, block: nn.Module) -> MoELayer:
-    for name in ("routed_norm", "out_norm"):
+    for name in ("routed_input_norm", "routed_norm", "out_norm"):
         if getattr(layer, name, None) is not None:
             raise ValueError(f"to_hf: a {type(block).__name__} has no {name}")
     return layer
@@ -943,6 +950,7 @@ def _relayer(
     shared: object = _KEEP,
     routed_norm: object = _KEEP,
     out_norm: object = _KEEP,
+    routed_input_norm: object = _KEEP,
 ) -> MoELayer:
     """A layer of ``layer``'s parts (shared, not copied), the given ones replaced."""
 
@@ -960,6 +968,7 @@ def _relayer(
         weight_inputs=layer.weight_inputs,
         routed_norm=pick(routed_norm, layer.routed_norm),
         out_norm=pick(out_norm, layer.out_norm),
+        routed_input_norm=pick(routed_input_norm, layer.routed_input_norm),
     ).train(layer.training)
 
 
@@ -980,4 +989,174 @@ OUT_NORM = StructureForm(
     "RMS norm on the output (`post_mlp_layernorm`)",
     partial(_out_norm_read, attr="post_mlp_layernorm"),
     partial(_out_norm_write, attr="post_mlp_layernorm"),
+)
+
+
+# --- j27b: decoder-inline MoE (Gemma-4): a normalising router, norms on both branches ---
+
+
+def _normed_softmax_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Gemma-4: ``proj(rms(x) · scale · D^-½)``, softmax (float32), top-k, renormalised.
+
+    Its ``per_expert_scale`` multiplies the combine weights after the renormalisation:
+    :data:`BRANCH_NORMS` puts it on the bank (:class:`~moeblocks.experts.ScaledExperts`).
+    """
+    D = r.proj.weight.shape[1]
+    # Gemma's weightless norm (pow), then its scale in the model dtype (Llama's order).
+    norm = RMSNorm(D, float(r.norm.variance_epsilon), inverse_root="pow")
+    _like(norm, r.scale)
+    copy_into(norm.weight_D, r.scale)
+    scorer = NormedScorer(
+        _linear_scorer(r.proj.weight, None, "input"), norm, float(r.scalar_root_size)
+    )
+    router = Router(
+        scorer,
+        int(r.config.top_k_experts),
+        weights=WeightPolicy("always"),
+        routing_dtype=torch.float32,  # its softmax runs in float32 in any model dtype
+    )
+    return router, None
+
+
+def _normed_softmax_write(router: Router, r: nn.Module, block: nn.Module) -> None:
+    scorer = router.scorer
+    if not isinstance(scorer, NormedScorer) or not isinstance(scorer.norm, RMSNorm):
+        raise ValueError(f"to_hf: a {type(r).__name__} needs a NormedScorer with an RMSNorm")
+    _check_router_bias(router, r, False)
+    copy_into(r.proj.weight, router.gate_weight)
+    copy_into(r.scale, scorer.norm.weight_D)
+
+
+NORMED_SOFTMAX = RouterForm(
+    "RMS-normalised input (own scale, × D^-½), softmax (float32), top-k, renormalised",
+    _normed_softmax_read,
+    _normed_softmax_write,
+)
+
+
+def _normed_dense_read(block: nn.Module, attr: str, pre: str, post: str) -> SharedExperts:
+    bank = NormedExperts(
+        _dense_glu(getattr(block, attr)),
+        _rms_norm(getattr(block, pre), "compute"),
+        _rms_norm(getattr(block, post), "compute"),
+    )
+    return SharedExperts(bank)
+
+
+def _normed_dense_write(
+    shared: SharedExperts | None, block: nn.Module, attr: str, pre: str, post: str
+) -> None:
+    bank = None if shared is None else shared.experts
+    if not isinstance(bank, NormedExperts) or bank.input_norm is None or bank.output_norm is None:
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} needs shared experts of a NormedExperts "
+            "with an input and an output norm"
+        )
+    _dense_glu_back(SharedExperts(bank.experts), getattr(block, attr))
+    copy_into(getattr(block, pre).weight, bank.input_norm.weight_D)
+    copy_into(getattr(block, post).weight, bank.output_norm.weight_D)
+
+
+NORMED_DENSE_MLP = SharedForm(
+    "dense `mlp` between `pre_feedforward_layernorm` and `post_feedforward_layernorm_1`",
+    partial(
+        _normed_dense_read,
+        attr="mlp",
+        pre="pre_feedforward_layernorm",
+        post="post_feedforward_layernorm_1",
+    ),
+    partial(
+        _normed_dense_write,
+        attr="mlp",
+        pre="pre_feedforward_layernorm",
+        post="post_feedforward_layernorm_1",
+    ),
+)
+
+
+def _branch_norms_read(layer: MoELayer, block: nn.Module) -> MoELayer:
+    scaled = ScaledExperts(layer.experts)
+    _like(scaled, block.router.per_expert_scale)
+    copy_into(scaled.scale_E, block.router.per_expert_scale)
+    return _relayer(
+        layer,
+        experts=scaled,
+        routed_input_norm=_rms_norm(block.pre_feedforward_layernorm_2, "compute"),
+        routed_norm=_rms_norm(block.post_feedforward_layernorm_2, "compute"),
+        out_norm=_rms_norm(block.post_feedforward_layernorm, "compute"),
+    )
+
+
+def _branch_norms_write(layer: MoELayer, block: nn.Module) -> MoELayer:
+    bank, norms = layer.experts, (layer.routed_input_norm, layer.routed_norm, layer.out_norm)
+    if not (isinstance(bank, ScaledExperts) and all(isinstance(n, RMSNorm) for n in norms)):
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} needs a ScaledExperts bank and RMSNorms as "
+            "routed_input_norm, routed_norm and out_norm"
+        )
+    copy_into(block.router.per_expert_scale, bank.scale_E)
+    for name, norm in zip(
+        (
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_2",
+            "post_feedforward_layernorm",
+        ),
+        norms,
+        strict=True,
+    ):
+        copy_into(getattr(block, name).weight, norm.weight_D)
+    return _relayer(
+        layer, experts=bank.experts, routed_input_norm=None, routed_norm=None, out_norm=None
+    )
+
+
+BRANCH_NORMS = StructureForm(
+    "routed experts fed `pre_feedforward_layernorm_2(x)` (the router gets x) and scaled "
+    "per expert "
+    "(`per_expert_scale`), their sum normed by `post_feedforward_layernorm_2`, the output "
+    "by `post_feedforward_layernorm`",
+    _branch_norms_read,
+    _branch_norms_write,
+)
+
+
+@dataclass(frozen=True)
+class InlineForm:
+    """Where a decoder layer keeps its MoE part, and how a swap stands in for it.
+
+    The MoE part runs from the residual stream ``x`` to what the layer adds back to it.
+    :func:`~moeblocks.hf.swap_moe_blocks` keeps the decoder layer (its attention and its
+    forward) and replaces submodules of the MoE part: ``adapter`` becomes the adapter
+    that runs the whole converted layer on ``x``, the router becomes a stub, ``zero``
+    modules return zeros and ``identity`` modules pass their input through, so that the
+    layer's own forward computes ``x + moe(x)``.
+
+    Attributes:
+        adapter: The submodule called with the residual ``x`` (after ``identity``
+            modules) whose output the layer adds back (Gemma-4: ``experts``).
+        zero: Submodules whose output must vanish (the dense branch, now computed by the
+            adapter).
+        identity: Submodules that must pass their input through (the norms, now computed
+            by the adapter).
+        records: What the HF router returns for ``output_router_logits``: ``"scores"``
+            (the logits) or ``"probs"`` (Gemma-4's softmax).
+    """
+
+    adapter: str
+    zero: tuple[str, ...]
+    identity: tuple[str, ...]
+    records: str = "scores"
+
+
+GEMMA_INLINE = InlineForm(
+    "experts",
+    ("mlp",),
+    (
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm_1",
+        "pre_feedforward_layernorm_2",
+        "post_feedforward_layernorm_2",
+        "post_feedforward_layernorm",
+    ),
+    records="probs",
 )
