@@ -240,9 +240,14 @@ def _gemma4_model() -> nn.Module:
 
 
 def _diffusion_gemma_model() -> nn.Module:
-    # An encoder for the prompt and a decoder for a 4-token canvas: 2 + 2 MoE layers.
+    # An encoder for the prompt and a decoder for a 4-token canvas: 2 + 2 MoE layers. The
+    # vision tower is unused here; its default size (167M weights) would take seconds.
+    vision = {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 8}
+    vision |= {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
     config = transformers.DiffusionGemmaConfig(
-        text_config={**TINY, "max_position_embeddings": 64}, canvas_length=4
+        text_config={**TINY, "max_position_embeddings": 64},
+        vision_config=vision,
+        canvas_length=4,
     )
     return transformers.DiffusionGemmaForBlockDiffusion(config)
 
