@@ -18,6 +18,10 @@ Weight layouts (transformers 5.x):
 - ``STACKED`` (Llama-4): ``gate_up_proj`` ``[E, D, 2F]`` (gate first), ``down_proj``
   ``[E, F, D]``.
 - ``PER_EXPERT`` (Switch Transformers): one ``wi``/``wo`` ``nn.Linear`` pair per expert.
+
+A row may also name a :class:`StructureForm` (norms around the parts: AXK-1's on the
+output, Gemma-4's on both branches and on the routed experts' input) and an
+:class:`InlineForm` (a decoder layer that holds its MoE part inline, Gemma-4).
 """
 
 from __future__ import annotations
