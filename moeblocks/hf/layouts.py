@@ -1023,8 +1023,9 @@ def _normed_softmax_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
 
 
 def _normed_softmax_write(router: Router, r: nn.Module, block: nn.Module) -> None:
-    scorer = router.scorer
-    if not isinstance(scorer, NormedScorer) or not isinstance(scorer.norm, RMSNorm):
+    # The router protocol names no input norm: find the part in the router's module tree.
+    scorer = next((m for m in router.modules() if isinstance(m, NormedScorer)), None)
+    if scorer is None or not isinstance(scorer.norm, RMSNorm):
         raise ValueError(f"to_hf: a {type(r).__name__} needs a NormedScorer with an RMSNorm")
     _check_router_bias(router, r, False)
     copy_into(r.proj.weight, router.gate_weight)
