@@ -328,6 +328,22 @@ MUTANTS: list[Mutant] = [
         "Gemma's norm weight applied after the cast back (rounds apart in a float64 model)",
     ),
     _m(
+        "hf-norm-llama-weight-order",
+        "moeblocks/norms.py",
+        "return scale.to(x.dtype) * normed.to(x.dtype)",
+        "return (normed * scale.to(cdt)).to(x.dtype)",
+        "tests/test_rms_norm.py",
+        "AXK-1's (Llama's) norm weight applied before the cast back",
+    ),
+    _m(
+        "hf-normed-experts-input-norm-ids",
+        X,
+        "grouped = self.input_norm(grouped, expert_R)",
+        "grouped = self.input_norm(grouped, torch.zeros_like(expert_R))",
+        "tests/test_branch_parts.py",
+        "every row going in normalised with expert 0's scale",
+    ),
+    _m(
         "hf-inline-tap-records-logits",
         "moeblocks/hf/swap.py",
         'if self.family.inline.records == "probs":',
