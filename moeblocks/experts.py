@@ -521,17 +521,23 @@ class ConcatExperts(nn.Module):
 
 
 class ScaledExperts(nn.Module):
-    """Any expert bank, its every output row times one learnable scalar ``scale``.
+    """Any expert bank, its output rows times a learnable scale: one scalar or one per expert.
 
-    Multiplying every expert's output by ``s`` is multiplying every combine weight by
-    ``s``: a learnable global scale on the routing weights (Inkling's ``global_scale``).
+    ``per_expert=False``: every row times one scalar ``scale`` (``[]``). Multiplying every
+    expert's output by ``s`` is multiplying every combine weight by ``s``: a learnable
+    global scale on the routing weights (Inkling's ``global_scale``).
+    ``per_expert=True``: expert ``e``'s rows times ``scale[e]`` (``[E]``), the same as
+    multiplying the combine weight of every slot routed to ``e`` by it (Gemma-4's
+    ``per_expert_scale``, applied after the top-k weights are renormalised); the router's
+    record keeps the weights before the scale.
 
     Args:
-        bank: The expert bank.
-        init: Initial value of ``scale``, finite.
+        bank: The expert bank (its parameters stay under ``bank.``).
+        init: Initial value of every scale, finite.
+        per_expert: One scale per expert instead of one for the bank.
     """
 
-    def __init__(self, bank: ExpertBank, init: float = 1.0) -> None:
+    def __init__(self, bank: ExpertBank, init: float = 1.0, *, per_expert: bool = False) -> None:
         super().__init__()
         if not isinstance(bank, nn.Module) or not isinstance(bank, ExpertBank):
             raise TypeError(f"bank must be an nn.Module expert bank, got {type(bank).__name__}")
@@ -539,9 +545,10 @@ class ScaledExperts(nn.Module):
             raise ValueError(f"init must be a finite number, got {init!r}")
         self.bank = bank
         self.init = float(init)
+        self.per_expert = bool(per_expert)
         self.dim = bank.dim
         self.num_experts = bank.num_experts
-        self.scale = nn.Parameter(torch.empty(()))
+        self.scale = nn.Parameter(torch.empty((bank.num_experts,) if per_expert else ()))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -552,13 +559,19 @@ class ScaledExperts(nn.Module):
     def forward(
         self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
     ) -> Float[Tensor, "R D"]:
-        """``scale · bank(grouped, group_sizes)``."""
+        """``scale · bank(grouped, group_sizes)``, per row's expert with ``per_expert``."""
         out = self.bank(grouped, group_sizes)
-        return out * self.scale.to(out.dtype)
+        if not self.per_expert:
+            return out * self.scale.to(out.dtype)
+        # output_size: no host read of the sizes (they sum to R, checked by the bank).
+        scale_R = torch.repeat_interleave(
+            self.scale.to(out.dtype), group_sizes, output_size=out.shape[0]
+        )
+        return out * scale_R.unsqueeze(1)
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
-        return f"init={self.init}"
+        return f"init={self.init}, per_expert={self.per_expert}"
 
 
 class ConstantScaledExperts(nn.Module):
@@ -672,39 +685,58 @@ class ConstantExperts(nn.Module):
 
 
 class NormedExperts(nn.Module):
-    """A bank whose every output row is normalised before the combine (a per-expert norm).
+    """A bank with a norm on every row coming out (before the combine) and/or going in.
 
-    ``norm(bank(rows), expert_of_row)``: the norm sees each routed copy's own output,
-    before the layer weights and sums them (Ergo's and MuseSpark's experts). With a
+    ``norm(bank(input_norm(rows)))``, each norm called as ``(rows [R, D], expert ids [R])
+    -> [R, D]`` on each row alone. The output norm sees each routed copy's own output,
+    before the layer weights and sums them (Ergo's and MuseSpark's experts); with a
     per-expert :class:`~moeblocks.norms.RMSNorm` (``num_experts=E``) each expert has its
-    own scale. Around a one-expert bank in ``SharedExperts`` it is a norm on the shared
-    output (Ergo).
+    own scale. Around a one-expert bank in ``SharedExperts`` the pair makes a branch
+    ``norm → expert → norm`` (Gemma-4's dense branch; Ergo's norm on the shared output).
+    For routed experts the input norm runs once per routed copy;
+    ``MoELayer(routed_input_norm=)`` normalises each token once, which is what a float32
+    norm in a float64 model must do to round as a model that normalises before routing.
 
     Args:
-        experts: The inner bank.
-        norm: A module ``(rows [R, D], expert ids [R]) -> [R, D]``, e.g.
-            :class:`~moeblocks.norms.RMSNorm`.
+        experts: The inner bank (its parameters stay under ``experts.``).
+        norm: The norm on the rows coming out, e.g. :class:`~moeblocks.norms.RMSNorm`,
+            or None.
+        input_norm: The norm on the rows going in, or None.
+
+    Raises:
+        TypeError: If ``experts`` is no expert bank or a norm no module.
+        ValueError: If both norms are None.
     """
 
-    def __init__(self, experts: ExpertBank, norm: nn.Module) -> None:
+    def __init__(
+        self, experts: ExpertBank, norm: nn.Module | None, *, input_norm: nn.Module | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(experts, nn.Module) or not isinstance(experts, ExpertBank):
             raise TypeError(
                 f"experts must be an nn.Module expert bank, got {type(experts).__name__}"
             )
-        if not isinstance(norm, nn.Module):
-            raise TypeError(f"norm must be an nn.Module, got {type(norm).__name__}")
+        for name, module in (("norm", norm), ("input_norm", input_norm)):
+            if module is not None and not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be None or an nn.Module, got {type(module).__name__}")
+        if norm is None and input_norm is None:
+            raise ValueError("NormedExperts needs norm, input_norm or both, got neither")
         self.experts = experts
         self.norm = norm
+        self.input_norm = input_norm
         self.num_experts = experts.num_experts
         self.dim = experts.dim
 
     def forward(
         self, grouped: Float[Tensor, "R D"], group_sizes: Int[Tensor, " E"]
     ) -> Float[Tensor, "R D"]:
-        """Run the inner bank, then normalise each row with its expert's norm."""
+        """Normalise the rows going in, run the inner bank, normalise the rows coming out."""
+        _check_row_shapes(grouped, group_sizes, self.dim, self.num_experts)
+        expert_R = _expert_of_row(group_sizes, grouped.shape[0])
+        if self.input_norm is not None:
+            grouped = self.input_norm(grouped, expert_R)
         out_RD = self.experts(grouped, group_sizes)
-        return self.norm(out_RD, _expert_of_row(group_sizes, out_RD.shape[0]))
+        return out_RD if self.norm is None else self.norm(out_RD, expert_R)
 
 
 class LinearExperts(nn.Module):

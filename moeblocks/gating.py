@@ -56,6 +56,7 @@ __all__ = [
     "GatedSelection",
     "GroupLimitedTopK",
     "HashSelection",
+    "NormedScorer",
     "ScaledScorer",
     "Selection",
     "SoftCappedScorer",
@@ -164,11 +165,16 @@ class GroupLimitedTopK:
         num_groups: Number of expert groups G (``n_group``); must divide E.
         groups_per_token: Groups each token may use (``topk_group``), in [1, G].
         group_score_k: Keys summed per group (2 in DeepSeek-V3).
+        dropped_fill: The key the experts of the dropped groups get before the top-k.
+            ``-inf`` (default) never chooses them. AXK-2 fills with ``0.0``: where the
+            keys of the kept experts can be negative (a negative selection bias), an
+            expert of a dropped group can then win a slot, and any k up to E is served.
     """
 
     num_groups: int
     groups_per_token: int
     group_score_k: int = 2
+    dropped_fill: float = -math.inf
 
     def __post_init__(self) -> None:
         for name in ("num_groups", "groups_per_token", "group_score_k"):
@@ -180,6 +186,9 @@ class GroupLimitedTopK:
                 f"groups_per_token ({self.groups_per_token}) must be <= num_groups "
                 f"({self.num_groups})"
             )
+        fill = self.dropped_fill
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not fill < math.inf:
+            raise ValueError(f"dropped_fill must be a number below +inf (not NaN), got {fill!r}")
 
     def check(self, num_experts: int, max_k: int) -> None:
         """Check that E splits into equal groups that can serve k up to ``max_k``."""
@@ -192,7 +201,7 @@ class GroupLimitedTopK:
             raise ValueError(
                 f"group_score_k ({self.group_score_k}) exceeds the group size ({size})"
             )
-        if max_k > self.groups_per_token * size:
+        if self.dropped_fill == -math.inf and max_k > self.groups_per_token * size:
             raise ValueError(
                 f"k reaches {max_k} but {self.groups_per_token} groups of {size} experts "
                 f"hold only {self.groups_per_token * size}"
@@ -203,8 +212,8 @@ class GroupLimitedTopK:
 
         Raises:
             ValueError: If ``key`` is not ``[T, E]`` with E a multiple of ``num_groups``
-                (and groups of at least ``group_score_k``), or ``k`` exceeds the experts
-                of ``groups_per_token`` groups.
+                (and groups of at least ``group_score_k``), or (with the ``-inf`` fill)
+                ``k`` exceeds the experts of ``groups_per_token`` groups.
         """
         check_float(key, "key", 2)
         _check_k(k, key.shape[1])
@@ -219,7 +228,7 @@ class GroupLimitedTopK:
         keep_TG = group_TG.topk(self.groups_per_token, dim=-1).indices
         allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
         allowed_TE = allowed_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-        return key.masked_fill(~allowed_TE, -math.inf).topk(k, dim=-1).indices
+        return key.masked_fill(~allowed_TE, self.dropped_fill).topk(k, dim=-1).indices
 
 
 @runtime_checkable
@@ -795,3 +804,68 @@ class ScaledScorer(nn.Module):
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
         return f"scale={self.scale}, dtype={self.dtype}"
+
+
+class NormedScorer(nn.Module):
+    """A scorer that normalises its input first: ``scorer(norm(tokens) · scale)``.
+
+    Gemma-4's router RMS-normalises the tokens with its own learnable scale and multiplies
+    by ``D^-1/2`` before its projection (``norm`` a :class:`~moeblocks.norms.RMSNorm`
+    with that weight, ``scale = D ** -0.5``). The norm's parameters are the router's
+    (``self.norm``); the wrapped scorer keeps its weights (``self.scorer``), and
+    ``weight_ED`` / ``bias_E`` read through to it.
+
+    Args:
+        scorer: Any scorer (``tokens [T, D] -> scores [T, E]``, with ``dim`` and
+            ``num_experts``).
+        norm: A module ``[T, D] -> [T, D]`` applied to the tokens.
+        scale: A constant multiplying the normalised tokens, finite and > 0.
+    """
+
+    def __init__(self, scorer: nn.Module, norm: nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
+            raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
+        if not isinstance(norm, nn.Module):
+            raise TypeError(f"norm must be an nn.Module, got {type(norm).__name__}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.scorer = scorer
+        self.norm = norm
+        self.scale = float(scale)
+
+    @property
+    def dim(self) -> int:
+        """Token dimension D."""
+        return self.scorer.dim
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts E."""
+        return self.scorer.num_experts
+
+    @property
+    def compute_dtype(self) -> str:
+        """The wrapped scorer's compute dtype (``"input"`` or ``"float32"``)."""
+        return getattr(self.scorer, "compute_dtype", "float32")
+
+    @property
+    def weight_ED(self) -> Tensor | None:
+        """The wrapped scorer's weight ``[E, D]``, if it has one."""
+        return getattr(self.scorer, "weight_ED", None)
+
+    @property
+    def bias_E(self) -> Tensor | None:
+        """The wrapped scorer's bias ``[E]``, if it has one."""
+        return getattr(self.scorer, "bias_E", None)
+
+    def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
+        """``scorer(norm(tokens) · scale)``."""
+        normed_TD = self.norm(tokens)
+        if self.scale != 1.0:
+            normed_TD = normed_TD * self.scale
+        return self.scorer(normed_TD)
+
+    def extra_repr(self) -> str:
+        """Shown in the module's repr."""
+        return f"scale={self.scale}"

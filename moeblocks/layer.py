@@ -85,6 +85,33 @@ def _check_latent(latent: object, dim: int) -> int:
     return latent.latent
 
 
+def _check_shared(shared: object, dim: int) -> None:
+    """``shared`` is None or SharedExperts of the router's dim."""
+    if shared is not None:
+        if not isinstance(shared, SharedExperts):
+            raise TypeError(f"shared must be SharedExperts, got {type(shared).__name__}")
+        if shared.dim != dim:
+            raise ValueError(f"shared experts have dim {shared.dim}, the router {dim}")
+
+
+def _check_norms(
+    latent: object, routed_input_norm: object, routed_norm: object, out_norm: object
+) -> None:
+    """The layer's norms are modules, and no branch norm comes with a latent space."""
+    norms = {"routed_input_norm": routed_input_norm, "routed_norm": routed_norm}
+    for name, norm in {**norms, "out_norm": out_norm}.items():
+        if norm is not None and not isinstance(norm, nn.Module):
+            raise TypeError(f"{name} must be None or an nn.Module, got {type(norm).__name__}")
+    branch_norms = [name for name, norm in norms.items() if norm is not None]
+    if latent is not None and branch_norms:
+        # Before or after the projection? Each reading is a different model.
+        raise ValueError(
+            f"{' and '.join(branch_norms)} cannot be combined with latent: it is ambiguous "
+            "whether the norm acts in the model dim or the latent dim; put a norm on the "
+            "projected tokens in the LatentProjection (norm=), or use out_norm"
+        )
+
+
 def _check_losses(losses: object) -> dict[str, AuxLoss]:
     """``losses`` as a dict, or a ``TypeError`` that shows the expected form."""
     if losses is not None and not isinstance(losses, Mapping):
@@ -141,6 +168,15 @@ class MoELayer(nn.Module):
             after routing and the combined output back (NemotronH, MuseSpark); the
             router and the shared experts see the model-dim tokens, the bank has
             ``dim == latent.latent``.
+        routed_input_norm: A module applied to the tokens ``[T, D]`` the routed experts
+            see (not the router, not the shared experts): Gemma-4's
+            ``pre_feedforward_layernorm_2``. Not with ``latent`` (whose own ``norm``
+            acts on the projected tokens).
+        routed_norm: A module applied to the combined routed output ``[T, D]`` before
+            the shared output is added (Gemma-4's norm on its routed branch). Not with
+            ``latent``.
+        out_norm: A module applied to the layer's output ``[T, D]``, after the shared
+            output is added (AXK-1's and Gemma-4's norm on the MoE output).
     """
 
     def __init__(
@@ -155,6 +191,9 @@ class MoELayer(nn.Module):
         capacity: Capacity | None = None,
         weight_inputs: bool = False,
         latent: nn.Module | None = None,
+        routed_norm: nn.Module | None = None,
+        out_norm: nn.Module | None = None,
+        routed_input_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if (
@@ -182,11 +221,8 @@ class MoELayer(nn.Module):
                 f"router (dim={router.dim}, num_experts={router.num_experts})"
                 + ("" if latent is None else f" with latent dim {routed_dim}")
             )
-        if shared is not None:
-            if not isinstance(shared, SharedExperts):
-                raise TypeError(f"shared must be SharedExperts, got {type(shared).__name__}")
-            if shared.dim != router.dim:
-                raise ValueError(f"shared experts have dim {shared.dim}, the router {router.dim}")
+        _check_shared(shared, router.dim)
+        _check_norms(latent, routed_input_norm, routed_norm, out_norm)
         if capacity is not None and not isinstance(capacity, Capacity):
             raise TypeError(f"capacity must be a Capacity, got {type(capacity).__name__}")
         losses = _check_losses(losses)
@@ -209,6 +245,9 @@ class MoELayer(nn.Module):
         self.capacity = capacity
         self.weight_inputs = bool(weight_inputs)
         self.latent = latent
+        self.routed_input_norm = routed_input_norm
+        self.routed_norm = routed_norm
+        self.out_norm = out_norm
         self.losses = nn.ModuleDict({n: f for n, f in losses.items() if isinstance(f, nn.Module)})
         # Losses that are plain callables are kept outside the module tree.
         self._plain_losses = {n: f for n, f in losses.items() if not isinstance(f, nn.Module)}
@@ -317,6 +356,22 @@ class MoELayer(nn.Module):
         out_TKD[slots_TK] = out_ND
         return out_TKD.sum(1)
 
+    def _routed_branch(self, tokens_TD: Tensor, routing: Routing) -> Tensor:
+        """The routed experts' output: the tokens into the experts' space, routed, back."""
+        if self.latent is not None:
+            routed_in = self.latent.down(tokens_TD)
+        elif self.routed_input_norm is not None:
+            routed_in = self.routed_input_norm(tokens_TD)
+        else:
+            routed_in = tokens_TD
+        if routing.slots is None:
+            out_TD = self._routed(routed_in, routing)
+        else:
+            out_TD = self._real_slots_only(routed_in, routing)
+        if self.latent is not None:
+            return self.latent.up(out_TD)
+        return out_TD if self.routed_norm is None else self.routed_norm(out_TD)
+
     def forward(
         self,
         x: Float[Tensor, "*batch D"],
@@ -358,15 +413,11 @@ class MoELayer(nn.Module):
             if routing.slots is not None:
                 raise ValueError("a capacity limit does not apply to a dynamic-k routing")
             routing = self.capacity(routing)
-        routed_in = tokens_TD if self.latent is None else self.latent.down(tokens_TD)
-        if routing.slots is None:
-            out_TD = self._routed(routed_in, routing)
-        else:
-            out_TD = self._real_slots_only(routed_in, routing)
-        if self.latent is not None:
-            out_TD = self.latent.up(out_TD)
+        out_TD = self._routed_branch(tokens_TD, routing)
         if self.shared is not None:
             out_TD = out_TD + self.shared(tokens_TD)
+        if self.out_norm is not None:
+            out_TD = self.out_norm(out_TD)
         all_losses = {**dict(self.losses.items()), **self._plain_losses}
         aux = {
             name: loss.weight

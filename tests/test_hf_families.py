@@ -431,6 +431,15 @@ SPECS = {
         # A latent space L = 12 < D around the relu² experts; a shared relu² MLP.
         {**DEEPSEEK, "moe_latent_size": 12, "moe_shared_expert_intermediate_size": 2 * F},
     ),
+    # j27b: their default first layer is dense; AXK-2's attention is indexed (sparse).
+    "axk1": Spec("axk1", "AXK1Config", {**DEEPSEEK, **HEADS}, model_kwargs=SPARSE2),
+    # Its selection bias is N(0, 0.1²): the zero fill rarely shows here (see test_group_fill.py).
+    "axk2": Spec(
+        "axk2",
+        "AXK2Config",
+        {**DEEPSEEK, **HEADS},
+        model_kwargs={**SPARSE2, "layer_types": ["indexed_attention"] * 2},
+    ),
 }
 # Rows whose blocks the Spec form cannot build, tested in their own files:
 # j27c: test_hf_families_fp32_kept.py (float32 parts in a float64 block) and
@@ -632,8 +641,10 @@ def test_every_new_row_has_a_spec() -> None:
 
     # j27d: rows whose router the Spec machinery cannot call: test_hf_families_structure.py
     structure = {"jetmoe", "ergo"}
+    # j27b: decoder-inline rows (Gemma-4, DiffusionGemma): test_hf_families_inline.py
+    inline = {f.name for f in FAMILIES if f.inline is not None}
     apart = set(SPECS) | set(TESTED_APART) | structure
-    assert set(ROWS) - first - wrong - set(ROUTING) - OWN_FILES == apart
+    assert set(ROWS) - first - wrong - set(ROUTING) - OWN_FILES - inline == apart
 
 
 def test_recorded_errors_cover_every_family() -> None:
@@ -836,11 +847,13 @@ def test_families_without_a_whole_model_say_why() -> None:
     print("\nno tiny whole model:", without)
     # Rows tested in their own files swap and capture a whole model there.
     from test_hf_families_fp32_kept import WHOLE as FP32_KEPT
+    from test_hf_families_inline import ROWS_OF_WHOLE as INLINE
     from test_hf_families_parameter_free import NAME as PARAMETER_FREE
 
+    inline = {row for rows in INLINE.values() for row in rows}
     assert set(MODEL_SPECS) | set(WHOLE) | set(FP32_KEPT) | {PARAMETER_FREE} | set(
         NO_WHOLE_MODEL
-    ) >= set(ROWS)
+    ) | inline >= set(ROWS)
 
 
 @pytest.mark.parametrize(

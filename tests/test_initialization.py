@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import moeblocks as mb
+from moeblocks.gating import NormedScorer
 from moeblocks.sra.config import PRESETS
 from moeblocks.sra.model import SRATransformer
 
@@ -97,6 +98,24 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
         mb.SwiGLUExperts(E, D, F), mb.IdentityExperts(2, D), mb.ZeroExperts(1, D)
     ),
     "scaled experts": lambda: mb.ScaledExperts(mb.SwiGLUExperts(E, D, F), init=0.5),
+    # j27b: the parts of a decoder-inline MoE (Gemma-4) and of AXK-1's output norm.
+    "rms norm, llama order, pow": lambda: mb.RMSNorm(D, weight_dtype="input", inverse_root="pow"),
+    "rms norm, no weight": lambda: mb.RMSNorm(D, elementwise_affine=False),
+    "scaled experts, per expert": lambda: mb.ScaledExperts(
+        mb.SwiGLUExperts(E, D, F), 0.5, per_expert=True
+    ),
+    "normed experts, input and output norms": lambda: mb.NormedExperts(
+        mb.SwiGLUExperts(1, D, F), mb.RMSNorm(D), input_norm=mb.RMSNorm(D, offset=1.0)
+    ),
+    "normed scorer": lambda: NormedScorer(mb.LinearScorer(D, E), mb.RMSNorm(D), D**-0.5),
+    "layer with norms": lambda: mb.MoELayer(
+        mb.Router(mb.LinearScorer(D, E), 2),
+        mb.TorchDispatcher(),
+        mb.SwiGLUExperts(E, D, F),
+        routed_norm=mb.RMSNorm(D),
+        out_norm=mb.RMSNorm(D, weight_dtype="input"),
+        routed_input_norm=mb.RMSNorm(D, inverse_root="pow"),
+    ),
 }
 
 

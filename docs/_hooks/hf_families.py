@@ -50,6 +50,10 @@ def render_families(errors: dict[str, dict[str, float]]) -> str:
         bank = f.bank.name
         if f.routed_scale is not None:  # ConstantScaledExperts around the bank
             bank += f"; output × `{f.routed_scale}`"
+        shared = f.shared.name
+        if f.structure.name != "—":  # norms around the parts
+            shared = f"{shared}; {f.structure.name}"
+        returns = "the MoE part of the decoder layer" if f.inline else _RETURNS[f.returns]
         if f.hf_block_is_wrong:
             err += " (vs the published routing, see below)"
             notes.append(f"- **{f.name}**: HF's block is wrong: {f.hf_block_is_wrong}.")
@@ -57,7 +61,7 @@ def render_families(errors: dict[str, dict[str, float]]) -> str:
                 notes.append(f"  `swap_moe_blocks` refuses it: {f.no_swap}.")
         lines.append(
             f"| {f.name} | `{f.block_class}` | {f.router.name} | {bank} "
-            f"| {f.shared.name} | {_RETURNS[f.returns]} | {err} |"
+            f"| {shared} | {returns} | {err} |"
         )
     if notes:
         lines += ["", "Where Hugging Face's block is not the oracle:", "", *notes]

@@ -16,6 +16,7 @@ from moeblocks.hf.convert import to_hf as to_hf
 from moeblocks.hf.families import FAMILIES as FAMILIES
 from moeblocks.hf.families import REFUSED as REFUSED
 from moeblocks.hf.families import Refusal as Refusal
+from moeblocks.hf.swap import HFInlineMoE as HFInlineMoE
 from moeblocks.hf.swap import HFMoEBlock as HFMoEBlock
 from moeblocks.hf.swap import swap_moe_blocks as swap_moe_blocks
 from moeblocks.hf.swap import unswap_moe_blocks as unswap_moe_blocks
@@ -25,6 +26,7 @@ __all__ = [
     "REFUSED",
     "SUPPORTED",
     "Family",
+    "HFInlineMoE",
     "HFMoEBlock",
     "Refusal",
     "RoutingRecorder",

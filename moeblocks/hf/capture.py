@@ -12,6 +12,9 @@ block's qualified module name, the same before and after a swap), in call order:
   router, built by :func:`~moeblocks.hf.from_hf` when the context opens (in eval mode,
   sharing no tensor with the model, under ``torch.no_grad``), so the record equals
   HF's own decision for the weights the block had then.
+- a decoder layer with its MoE part inline (Gemma-4): the same, with the hook on its
+  router module, whose input is the MoE part's (the residual after attention, ``[T, D]``);
+  swapped or not, it records under the decoder layer's name.
 
 Every hook is removed when the context closes, also after an error. A module that runs
 again in the backward pass (activation checkpointing) records again: capture in
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 
 from moeblocks.capacity import Capacity
 from moeblocks.hf.convert import SUPPORTED, family_of, from_hf
-from moeblocks.hf.swap import HFMoEBlock
+from moeblocks.hf.swap import HFInlineMoE, HFMoEBlock
 from moeblocks.layer import MoELayer
 from moeblocks.losses import LoadBalanceLoss, TokenStats
 from moeblocks.routing import MoEOutput, Routing
@@ -188,9 +191,14 @@ def capture_routing(model: nn.Module, detach: bool = True) -> Iterator[RoutingRe
     for name, m in model.named_modules():
         if isinstance(m, HFMoEBlock):
             inside.add(id(m.layer))
-            plans.append((name, m.layer, None))
-        elif family_of(m) is not None:
-            plans.append((name, m, _router_copy(m)))
+            # A decoder-inline adapter records under its decoder layer's name, as unswapped.
+            key = name.rpartition(".")[0] if isinstance(m, HFInlineMoE) else name
+            plans.append((key, m.layer, None))
+        elif (family := family_of(m)) is not None:
+            # Decoder-inline: the MoE part's input is its router's (the residual after
+            # attention), not the decoder layer's.
+            hooked = m if family.inline is None else getattr(m, family.router_attr)
+            plans.append((name, hooked, _router_copy(m)))
         elif isinstance(m, MoELayer) and id(m) not in inside:
             plans.append((name, m, None))
     if not plans:

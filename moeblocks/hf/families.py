@@ -24,6 +24,7 @@ from moeblocks.hf.layouts import (
     ALWAYS_ON_SIGMOID,
     BLOCK_BIAS_SIGMOID,
     BLOCK_MLP,
+    BRANCH_NORMS,
     CLASSIFIER_SOFTMAX_BIASED,
     COHERE2,
     COHERE2_SHARED,
@@ -40,6 +41,7 @@ from moeblocks.hf.layouts import (
     DEEPSEEK_SCALED_AFTER,
     DEEPSEEK_V2,
     DEEPSEEK_V4,
+    DEEPSEEK_ZERO_FILL,
     DOGE,
     ERGO,
     ERGO_EXPERTS,
@@ -48,6 +50,7 @@ from moeblocks.hf.layouts import (
     FUSED_CLAMPED_SWIGLU_SHARED,
     GATE_BIAS_SIGMOID,
     GATED_SHARED_EXPERT,
+    GEMMA_INLINE,
     GPT_OSS,
     HY_V3,
     INTERLEAVED,
@@ -60,11 +63,15 @@ from moeblocks.hf.layouts import (
     MISTRAL4,
     MISTRAL_LARGE4,
     NO_SHARED,
+    NORMED_DENSE_MLP,
+    NORMED_SOFTMAX,
     OPTIONAL_SHARED_EXPERTS,
+    OUT_NORM,
     OUTPUT_BIAS,
     PER_EXPERT,
     PER_EXPERT_FC,
     PHIMOE,
+    PLAIN,
     RANK_ONE,
     ROUTER_BIAS_SIGMOID,
     ROUTER_WEIGHTED_SHARED,
@@ -89,8 +96,10 @@ from moeblocks.hf.layouts import (
     TOP2_CAPACITY,
     WG_SOFTMAX,
     BankLayout,
+    InlineForm,
     RouterForm,
     SharedForm,
+    StructureForm,
     compose,
     scale_routed,
     unscale_routed,
@@ -140,6 +149,10 @@ class Family:
         routed_scale: Attribute of the block holding a factor that multiplies the summed
             routed output after the experts, in the model dtype (the layer's bank is then
             a :class:`~moeblocks.ConstantScaledExperts`); None when there is none.
+        structure: What the family adds around the router, bank and shared experts
+            (norms on the output, on the branches, on the experts' input).
+        inline: For a decoder layer holding its MoE part inline (Gemma-4), where that
+            part lives; None for a sparse-MoE block of its own.
     """
 
     name: str
@@ -156,6 +169,8 @@ class Family:
     no_swap: str = ""
     experts_attr: str = "experts"
     routed_scale: str | None = None
+    structure: StructureForm = PLAIN
+    inline: InlineForm | None = None
 
     def build(self, block: nn.Module, dispatcher: Dispatcher) -> MoELayer:
         """The equivalent layer, with the block's weights (what :func:`from_hf` calls)."""
@@ -170,10 +185,11 @@ class Family:
         )
         if self.routed_scale is not None:
             layer = scale_routed(layer, block, self.routed_scale)
-        return layer
+        return self.structure.read(layer, block)
 
     def write_back(self, layer: MoELayer, block: nn.Module) -> None:
         """Write a layer's weights into a block in place (what :func:`to_hf` calls)."""
+        layer = self.structure.write(layer, block)
         self.router.write(layer.router, getattr(block, self.router_attr), block)
         bank = layer.experts
         if self.routed_scale is not None:
@@ -211,6 +227,21 @@ def _granite(name: str, prefix: str) -> Family:
     # The shared MLP of GraniteMoeShared/Hybrid sits in the decoder layer, not the block.
     return Family(
         name, f"{prefix}MoE", f"{prefix}TopKRouter", SOFTMAX_TOPK, CONCAT, router_attr="router"
+    )
+
+
+def _gemma_inline(name: str, layer: str, router: str = "DiffusionGemmaTextRouter") -> Family:
+    # Gemma-4's decoder-inline MoE part, copied by DiffusionGemma's encoder and decoder.
+    return Family(
+        name,
+        layer,
+        router,
+        NORMED_SOFTMAX,
+        CONCAT,
+        NORMED_DENSE_MLP,
+        router_attr="router",
+        structure=BRANCH_NORMS,
+        inline=GEMMA_INLINE,
     )
 
 
@@ -540,6 +571,21 @@ FAMILIES: tuple[Family, ...] = (
         SHARED_EXPERTS_MLP,
     ),
     Family("ergo", "ErgoMoE", "ErgoTopkRouter", ERGO, ERGO_EXPERTS, ERGO_SHARED),
+    # j27b: AXK-1's norm on the output, AXK-2's group-limited top-k filled with 0
+    Family(
+        "axk1",
+        "AXK1MoE",
+        "AXK1TopkRouter",
+        DEEPSEEK,
+        CONCAT,
+        SHARED_EXPERTS,
+        structure=OUT_NORM,
+    ),
+    Family("axk2", "AXK2MoE", "AXK2TopkRouter", DEEPSEEK_ZERO_FILL, CONCAT, SHARED_EXPERTS),
+    # j27b: decoder-inline MoE (the MoE part of a decoder layer, see Family.inline)
+    _gemma_inline("gemma4", "Gemma4TextDecoderLayer", "Gemma4TextRouter"),
+    _gemma_inline("diffusion_gemma_encoder", "DiffusionGemmaEncoderTextLayer"),
+    _gemma_inline("diffusion_gemma_decoder", "DiffusionGemmaDecoderTextLayer"),
 )
 """Every converted block class, one row each."""
 
@@ -572,33 +618,6 @@ def _needs(*parts: str) -> str:
 _NOT_REVIEWED = "not reviewed yet: its router or experts differ from every converted row"
 
 REFUSED: tuple[Refusal, ...] = (
-    Refusal("axk1", "AXK1MoE", _needs("a norm on the MoE output")),
-    Refusal(
-        "axk2",
-        "AXK2MoE",
-        _needs(
-            "group-limited top-k that masks the dropped groups with 0, not −inf (with a "
-            "negative selection bias an expert outside the kept groups can win)"
-        ),
-    ),
-    Refusal(
-        "diffusion_gemma",
-        "DiffusionGemmaEncoderTextLayer",
-        _needs("a decoder-inline MoE with its own norms and a normalising router"),
-    ),
-    Refusal(
-        "diffusion_gemma",
-        "DiffusionGemmaDecoderTextLayer",
-        _needs("a decoder-inline MoE with its own norms and a normalising router"),
-    ),
-    Refusal(
-        "gemma4",
-        "Gemma4TextDecoderLayer",
-        _needs(
-            "a router that RMS-normalises its input",
-            "routed and shared experts fed different inputs, with a norm on each branch",
-        ),
-    ),
     Refusal(
         "jetmoe",
         "JetMoeAttention",
@@ -663,9 +682,22 @@ def family_of(block: nn.Module) -> Family | None:
     if getattr(block, "is_logits_tap", False):  # a swap's tap may derive from a block class
         return None
     for cls in type(block).__mro__:
-        if cls.__name__ in _BY_CLASS:
-            return _BY_CLASS[cls.__name__]
+        family = _BY_CLASS.get(cls.__name__)
+        if family is not None and _holds_its_moe(block, family):
+            return family
     return None
+
+
+def _holds_its_moe(block: nn.Module, family: Family) -> bool:
+    """Whether ``block`` holds the MoE part its row's class promises.
+
+    False for a decoder layer whose MoE is off (Gemma-4's ``enable_moe_block``) or
+    swapped (its router is a stub), which the class alone would match.
+    """
+    router = getattr(block, family.router_attr, None)
+    if router is None or family.inline is None:
+        return router is not None
+    return any(c.__name__ == family.router_class for c in type(router).__mro__)
 
 
 def refusal_of(block: nn.Module) -> Refusal | None:

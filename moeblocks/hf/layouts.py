@@ -18,6 +18,10 @@ Weight layouts (transformers 5.x):
 - ``STACKED`` (Llama-4): ``gate_up_proj`` ``[E, D, 2F]`` (gate first), ``down_proj``
   ``[E, F, D]``.
 - ``PER_EXPERT`` (Switch Transformers): one ``wi``/``wo`` ``nn.Linear`` pair per expert.
+
+A row may also name a :class:`StructureForm` (norms around the parts: AXK-1's on the
+output, Gemma-4's on both branches and on the routed experts' input) and an
+:class:`InlineForm` (a decoder layer that holds its MoE part inline, Gemma-4).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from moeblocks.gating import (
     AlwaysOnTopK,
     GroupLimitedTopK,
     HashSelection,
+    NormedScorer,
     Selection,
     SoftCappedScorer,
     SparseMixer,
@@ -70,6 +75,7 @@ __all__ = [
     "AFMOE",
     "ALWAYS_ON_SIGMOID",
     "BLOCK_BIAS_SIGMOID",
+    "BRANCH_NORMS",
     "CLASSIFIER_SOFTMAX_BIASED",
     "COHERE2",
     "COHERE2_SHARED",
@@ -86,12 +92,14 @@ __all__ = [
     "DEEPSEEK_SCALED_AFTER",
     "DEEPSEEK_V2",
     "DEEPSEEK_V4",
+    "DEEPSEEK_ZERO_FILL",
     "ERGO",
     "ERGO_EXPERTS",
     "ERGO_SHARED",
     "FUSED_CLAMPED_SWIGLU_SHARED",
     "GATED_SHARED_EXPERT",
     "GATE_BIAS_SIGMOID",
+    "GEMMA_INLINE",
     "GPT_OSS",
     "HY_V3",
     "INTERLEAVED",
@@ -103,10 +111,14 @@ __all__ = [
     "LOGIT_BIAS_SIGMOID",
     "MISTRAL4",
     "MISTRAL_LARGE4",
+    "NORMED_DENSE_MLP",
+    "NORMED_SOFTMAX",
     "NO_SHARED",
     "OUTPUT_BIAS",
+    "OUT_NORM",
     "PER_EXPERT",
     "PER_EXPERT_FC",
+    "PLAIN",
     "ROUTER_BIAS_SIGMOID",
     "ROUTER_WEIGHTED_SHARED",
     "SHARED_EXPERT",
@@ -129,8 +141,10 @@ __all__ = [
     "TOP2_CAPACITY",
     "WG_SOFTMAX",
     "BankLayout",
+    "InlineForm",
     "RouterForm",
     "SharedForm",
+    "StructureForm",
     "scale_routed",
     "unscale_routed",
 ]
@@ -1335,11 +1349,12 @@ def _router_weighted_shared_read(block: nn.Module) -> ScaledExperts:
 
 
 def _router_weighted_shared_write(bank: nn.Module, block: nn.Module) -> None:
-    inner = bank.bank if isinstance(bank, ScaledExperts) else None
+    scalar = isinstance(bank, ScaledExperts) and not bank.per_expert
+    inner = bank.bank if scalar else None
     if not (isinstance(inner, ConcatExperts) and len(inner.banks) == 2):
         raise TypeError(
             f"to_hf: a {type(block).__name__} needs ScaledExperts(ConcatExperts(routed, "
-            f"shared)), got {type(bank).__name__}"
+            f"shared)) with one scale, got {type(bank).__name__}"
         )
     routed, shared = inner.banks
     _concat_write(routed, block.experts)
@@ -1771,12 +1786,24 @@ def _ergo_write(router: Router, gate: nn.Module, block: nn.Module) -> None:
     copy_into(gate.e_score_correction_bias, router.balancer.bias)
 
 
-def _norm_of(hf_norm: nn.Module, float32_weight: bool = True) -> RMSNorm:
-    """An :class:`RMSNorm` with an HF norm's weight and eps (a ``[E, D]`` weight: per expert)."""
+def _norm_of(
+    hf_norm: nn.Module, weight_dtype: str = "compute", inverse_root: str = "rsqrt"
+) -> RMSNorm:
+    """An :class:`RMSNorm` with an HF norm's weight and eps (a ``[E, D]`` weight: per expert).
+
+    ``weight_dtype`` (see :class:`~moeblocks.norms.RMSNorm`): ``"input"`` for Llama-style
+    norms (``weight · x̂.to(dtype)``), ``"compute"`` for Gemma-style ones
+    (``(x̂ · weight.float()).to(dtype)``, with ``inverse_root="pow"``), ``"weight"`` for
+    Ergo's expert norms. The eps is ``variance_epsilon`` or ``eps``, whichever it has.
+    """
     w = hf_norm.weight
-    experts = w.shape[0] if w.ndim == 2 else None
+    eps = hf_norm.variance_epsilon if hasattr(hf_norm, "variance_epsilon") else hf_norm.eps
     norm = RMSNorm(
-        w.shape[-1], float(hf_norm.eps), num_experts=experts, float32_weight=float32_weight
+        w.shape[-1],
+        float(eps),
+        num_experts=w.shape[0] if w.ndim == 2 else None,
+        weight_dtype=weight_dtype,
+        inverse_root=inverse_root,
     )
     _like(norm, w)
     copy_into(norm.weight, w)
@@ -1799,7 +1826,7 @@ def _ergo_experts_read(ex: nn.Module) -> NormedExperts:
     copy_into(bank.w_in_EDF, ex.up_proj)
     copy_into(bank.w_out_EFD, ex.down_proj)
     # The normalised row (float32) times the weight in its own dtype.
-    return NormedExperts(bank, _norm_of(ex.post_expert_norm, float32_weight=False))
+    return NormedExperts(bank, _norm_of(ex.post_expert_norm, "weight"))
 
 
 def _ergo_experts_write(bank: nn.Module, ex: nn.Module) -> None:
@@ -1836,4 +1863,301 @@ ERGO_SHARED = SharedForm(
     "ungated relu² `shared_experts` MLP, its output RMS-normed",
     _ergo_shared_read,
     _ergo_shared_write,
+)
+
+
+# --- j27b: group-limited routing filled with 0, norms around the composition ------------
+
+
+def _zero_filled_groups_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """AXK-2: DeepSeek-V3's router whose dropped groups get key 0, not −inf.
+
+    Without ``n_group`` (AXK-2's light checkpoints) the top-k is plain.
+    """
+    E = gate.weight.shape[0]
+    selection: Selection = (
+        TopK()
+        if gate.num_group in (None, 1)  # one group keeps every expert: the fill never shows
+        else GroupLimitedTopK(int(gate.num_group), int(gate.topk_group), dropped_fill=0.0)
+    )
+    balancer = BiasBalancer(E, rate=0.0).to(gate.e_score_correction_bias.device)
+    copy_into(balancer.bias, gate.e_score_correction_bias.float())
+    router = Router(
+        _linear_scorer(gate.weight, None, "float32"),
+        gate.top_k,
+        scoring="sigmoid",
+        selection=selection,
+        weights=WeightPolicy(
+            "always" if gate.norm_topk_prob else "never",
+            scale=float(gate.routed_scaling_factor),
+            eps=1e-20 if gate.norm_topk_prob else 0.0,
+        ),
+        balancer=balancer,
+        routing_dtype=torch.float32,
+    )
+    return router, None
+
+
+DEEPSEEK_ZERO_FILL = RouterForm(
+    "sigmoid (float32), selection bias, group-limited top-k (dropped groups at 0), scaled",
+    _zero_filled_groups_read,
+    _deepseek_write,
+)
+
+
+@dataclass(frozen=True)
+class StructureForm:
+    """What a family adds around the stock router, bank and shared experts.
+
+    Most families add nothing (:data:`PLAIN`). Others put norms on the layer's output
+    (AXK-1) or on each branch and on the experts' input (Gemma-4), passed to
+    :class:`~moeblocks.MoELayer` as ``routed_norm`` / ``out_norm`` or wrapped around the
+    bank.
+
+    Attributes:
+        name: Short name shown in the docs (``"—"`` for none).
+        read: ``(layer from the row's forms, block) -> the family's layer``.
+        write: ``(layer, block) -> layer``: writes this form's parts back in place and
+            returns the layer the row's router, bank and shared forms write back.
+    """
+
+    name: str
+    read: Callable[[MoELayer, nn.Module], MoELayer]
+    write: Callable[[MoELayer, nn.Module], MoELayer]
+
+
+def _plain_read(layer: MoELayer, block: nn.Module) -> MoELayer:
+    return layer
+
+
+def _plain_write(layer: MoELayer, block: nn.Module) -> MoELayer:
+    for name in ("routed_input_norm", "routed_norm", "out_norm"):
+        if getattr(layer, name, None) is not None:
+            raise ValueError(f"to_hf: a {type(block).__name__} has no {name}")
+    return layer
+
+
+_KEEP: object = object()  # a _relayer argument left as the layer has it
+
+
+def _relayer(
+    layer: MoELayer,
+    *,
+    experts: object = _KEEP,
+    shared: object = _KEEP,
+    routed_norm: object = _KEEP,
+    out_norm: object = _KEEP,
+    routed_input_norm: object = _KEEP,
+) -> MoELayer:
+    """A layer of ``layer``'s parts (shared, not copied), the given ones replaced."""
+
+    def pick(new: object, old: object) -> object:
+        return old if new is _KEEP else new
+
+    return MoELayer(
+        layer.router,
+        layer.dispatcher,
+        pick(experts, layer.experts),
+        dict(layer.losses.items()) | dict(layer.plain_losses),
+        layer.check_finite,
+        shared=pick(shared, layer.shared),
+        capacity=layer.capacity,
+        weight_inputs=layer.weight_inputs,
+        latent=layer.latent,
+        routed_norm=pick(routed_norm, layer.routed_norm),
+        out_norm=pick(out_norm, layer.out_norm),
+        routed_input_norm=pick(routed_input_norm, layer.routed_input_norm),
+    ).train(layer.training)
+
+
+def _out_norm_read(layer: MoELayer, block: nn.Module, attr: str) -> MoELayer:
+    return _relayer(layer, out_norm=_norm_of(getattr(block, attr), "input"))
+
+
+def _out_norm_write(layer: MoELayer, block: nn.Module, attr: str) -> MoELayer:
+    norm = layer.out_norm
+    if not isinstance(norm, RMSNorm) or norm.weight is None:
+        raise ValueError(f"to_hf: a {type(block).__name__} needs a layer with an RMSNorm out_norm")
+    copy_into(getattr(block, attr).weight, norm.weight)
+    return _relayer(layer, out_norm=None)
+
+
+PLAIN = StructureForm("—", _plain_read, _plain_write)
+OUT_NORM = StructureForm(
+    "RMS norm on the output (`post_mlp_layernorm`)",
+    partial(_out_norm_read, attr="post_mlp_layernorm"),
+    partial(_out_norm_write, attr="post_mlp_layernorm"),
+)
+
+
+# --- j27b: decoder-inline MoE (Gemma-4): a normalising router, norms on both branches ---
+
+
+def _normed_softmax_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:
+    """Gemma-4: ``proj(rms(x) · scale · D^-½)``, softmax (float32), top-k, renormalised.
+
+    Its ``per_expert_scale`` multiplies the combine weights after the renormalisation:
+    :data:`BRANCH_NORMS` puts it on the bank (:class:`~moeblocks.experts.ScaledExperts`).
+    """
+    D = r.proj.weight.shape[1]
+    # Gemma's weightless norm (pow), then its scale in the model dtype (Llama's order).
+    norm = RMSNorm(D, float(r.norm.variance_epsilon), weight_dtype="input", inverse_root="pow")
+    _like(norm, r.scale)
+    copy_into(norm.weight, r.scale)
+    scorer = NormedScorer(
+        _linear_scorer(r.proj.weight, None, "input"), norm, float(r.scalar_root_size)
+    )
+    router = Router(
+        scorer,
+        int(r.config.top_k_experts),
+        weights=WeightPolicy("always"),
+        routing_dtype=torch.float32,  # its softmax runs in float32 in any model dtype
+    )
+    return router, None
+
+
+def _normed_softmax_write(router: Router, r: nn.Module, block: nn.Module) -> None:
+    # The router protocol names no input norm: find the part in the router's module tree.
+    scorer = next((m for m in router.modules() if isinstance(m, NormedScorer)), None)
+    if scorer is None or not isinstance(scorer.norm, RMSNorm):
+        raise ValueError(f"to_hf: a {type(r).__name__} needs a NormedScorer with an RMSNorm")
+    _check_router_bias(router, r, False)
+    copy_into(r.proj.weight, router.gate_weight)
+    copy_into(r.scale, scorer.norm.weight)
+
+
+NORMED_SOFTMAX = RouterForm(
+    "RMS-normalised input (own scale, × D^-½), softmax (float32), top-k, renormalised",
+    _normed_softmax_read,
+    _normed_softmax_write,
+)
+
+
+def _normed_dense_read(block: nn.Module, attr: str, pre: str, post: str) -> SharedExperts:
+    bank = NormedExperts(
+        _dense_glu(getattr(block, attr)),
+        _norm_of(getattr(block, post), "compute", "pow"),
+        input_norm=_norm_of(getattr(block, pre), "compute", "pow"),
+    )
+    return SharedExperts(bank)
+
+
+def _normed_dense_write(
+    shared: SharedExperts | None, block: nn.Module, attr: str, pre: str, post: str
+) -> None:
+    bank = None if shared is None else shared.experts
+    if not isinstance(bank, NormedExperts) or bank.input_norm is None or bank.norm is None:
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} needs shared experts of a NormedExperts "
+            "with an input and an output norm"
+        )
+    _dense_glu_back(SharedExperts(bank.experts), getattr(block, attr))
+    copy_into(getattr(block, pre).weight, bank.input_norm.weight)
+    copy_into(getattr(block, post).weight, bank.norm.weight)
+
+
+NORMED_DENSE_MLP = SharedForm(
+    "dense `mlp` between `pre_feedforward_layernorm` and `post_feedforward_layernorm_1`",
+    partial(
+        _normed_dense_read,
+        attr="mlp",
+        pre="pre_feedforward_layernorm",
+        post="post_feedforward_layernorm_1",
+    ),
+    partial(
+        _normed_dense_write,
+        attr="mlp",
+        pre="pre_feedforward_layernorm",
+        post="post_feedforward_layernorm_1",
+    ),
+)
+
+
+def _branch_norms_read(layer: MoELayer, block: nn.Module) -> MoELayer:
+    scaled = ScaledExperts(layer.experts, per_expert=True)
+    _like(scaled, block.router.per_expert_scale)
+    copy_into(scaled.scale, block.router.per_expert_scale)
+    return _relayer(
+        layer,
+        experts=scaled,
+        routed_input_norm=_norm_of(block.pre_feedforward_layernorm_2, "compute", "pow"),
+        routed_norm=_norm_of(block.post_feedforward_layernorm_2, "compute", "pow"),
+        out_norm=_norm_of(block.post_feedforward_layernorm, "compute", "pow"),
+    )
+
+
+def _branch_norms_write(layer: MoELayer, block: nn.Module) -> MoELayer:
+    bank, norms = layer.experts, (layer.routed_input_norm, layer.routed_norm, layer.out_norm)
+    per_expert = isinstance(bank, ScaledExperts) and bank.per_expert
+    if not (per_expert and all(isinstance(n, RMSNorm) for n in norms)):
+        raise ValueError(
+            f"to_hf: a {type(block).__name__} needs a ScaledExperts(per_expert=True) bank "
+            "and RMSNorms as "
+            "routed_input_norm, routed_norm and out_norm"
+        )
+    copy_into(block.router.per_expert_scale, bank.scale)
+    for name, norm in zip(
+        (
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_2",
+            "post_feedforward_layernorm",
+        ),
+        norms,
+        strict=True,
+    ):
+        copy_into(getattr(block, name).weight, norm.weight)
+    return _relayer(
+        layer, experts=bank.bank, routed_input_norm=None, routed_norm=None, out_norm=None
+    )
+
+
+BRANCH_NORMS = StructureForm(
+    "routed experts fed `pre_feedforward_layernorm_2(x)` (the router gets x) and scaled "
+    "per expert "
+    "(`per_expert_scale`), their sum normed by `post_feedforward_layernorm_2`, the output "
+    "by `post_feedforward_layernorm`",
+    _branch_norms_read,
+    _branch_norms_write,
+)
+
+
+@dataclass(frozen=True)
+class InlineForm:
+    """Where a decoder layer keeps its MoE part, and how a swap stands in for it.
+
+    The MoE part runs from the residual stream ``x`` to what the layer adds back to it.
+    :func:`~moeblocks.hf.swap_moe_blocks` keeps the decoder layer (its attention and its
+    forward) and replaces submodules of the MoE part: ``adapter`` becomes the adapter
+    that runs the whole converted layer on ``x``, the router becomes a stub, ``zero``
+    modules return zeros and ``identity`` modules pass their input through, so that the
+    layer's own forward computes ``x + moe(x)``.
+
+    Attributes:
+        adapter: The submodule called with the residual ``x`` (after ``identity``
+            modules) whose output the layer adds back (Gemma-4: ``experts``).
+        zero: Submodules whose output must vanish (the dense branch, now computed by the
+            adapter).
+        identity: Submodules that must pass their input through (the norms, now computed
+            by the adapter).
+        records: What the HF router returns for ``output_router_logits``: ``"scores"``
+            (the logits) or ``"probs"`` (Gemma-4's softmax).
+    """
+
+    adapter: str
+    zero: tuple[str, ...]
+    identity: tuple[str, ...]
+    records: str = "scores"
+
+
+GEMMA_INLINE = InlineForm(
+    "experts",
+    ("mlp",),
+    (
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm_1",
+        "pre_feedforward_layernorm_2",
+        "post_feedforward_layernorm_2",
+        "post_feedforward_layernorm",
+    ),
+    records="probs",
 )

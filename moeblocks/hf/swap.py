@@ -37,6 +37,14 @@ twice and none is missed, whenever transformers installed them. The tap sets
 ``_is_hf_initialized`` so transformers' weight initialisation skips it (it has no
 weights). Other hooks on the replaced block or its submodules are dropped.
 
+Decoder-inline MoE (Gemma-4, DiffusionGemma; rows with ``Family.inline``): the MoE part
+is not a module of its own but attributes of the decoder layer. The swap keeps the
+decoder layer and its forward, and replaces the part's submodules
+(:class:`~moeblocks.hf.layouts.InlineForm`): the experts by an :class:`HFInlineMoE`
+running the whole converted layer on the residual stream, the router by a stub, the dense
+MLP by a zero and the norms by identities, so the layer computes ``x + layer(x)``. Its
+tap returns what the HF router returned (Gemma-4: the float32 probabilities).
+
 The original block object is kept, with its tensors moved to the ``meta`` device (no
 memory), so :func:`unswap_moe_blocks` can rebuild it; a swapped model's ``state_dict``
 holds moeblocks' parameter names. Taps pickle and deep-copy (they are rebuilt from their
@@ -52,7 +60,7 @@ from moeblocks.dispatch import Dispatcher
 from moeblocks.hf.convert import SUPPORTED, Family, family_of, from_hf, to_hf
 from moeblocks.layer import MoELayer
 
-__all__ = ["HFMoEBlock", "swap_moe_blocks", "unswap_moe_blocks"]
+__all__ = ["HFInlineMoE", "HFMoEBlock", "swap_moe_blocks", "unswap_moe_blocks"]
 
 _RETURNS = (
     "tensor",
@@ -219,6 +227,79 @@ def _recorded(block: nn.Module, family: Family) -> nn.Module:
     return getattr(block, family.router_attr)
 
 
+class _NoRouter(nn.Module):
+    """Stands in for a decoder-inline MoE's HF router after a swap: the adapter routes."""
+
+    _is_hf_initialized = True  # no weights for transformers to initialise
+
+    def forward(self, hidden_states: Tensor) -> tuple[None, None, None]:
+        """Nothing: the adapter in place of the experts routes and computes the MoE part."""
+        return None, None, None
+
+
+class _Zero(nn.Module):
+    """Stands in for a branch the adapter now computes: returns zeros of its input's shape."""
+
+    _is_hf_initialized = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Zeros like ``x``."""
+        return torch.zeros_like(x)
+
+
+class _Identity(nn.Identity):
+    """Stands in for a norm the adapter now computes."""
+
+    _is_hf_initialized = True
+
+
+class HFInlineMoE(HFMoEBlock):
+    """The stand-in for a decoder layer's inline MoE part (Gemma-4), in place of its experts.
+
+    The decoder layer keeps its attention and its forward; :func:`swap_moe_blocks`
+    replaces the MoE part's submodules (see :class:`~moeblocks.hf.layouts.InlineForm`)
+    so that the layer calls this adapter with the residual stream ``x`` ``[T, D]`` and
+    adds its output back: ``x + layer(x)``. The router stub's outputs (None) arrive as
+    ``top_k_index`` and ``top_k_weights`` and are ignored. The logits tap returns what
+    the HF router returned at index 0 (Gemma-4: its float32 probabilities).
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: Tensor,
+        top_k_index: Tensor | None = None,
+        top_k_weights: Tensor | None = None,
+    ) -> Tensor:
+        """Run the layer on the residual ``hidden_states``; return the MoE part's output."""
+        moe = self.layer(hidden_states)
+        if self.family.inline.records == "probs":
+            self.logits_tap(moe.routing.probs)
+        else:
+            self.logits_tap(self._logits(moe.routing.scores, hidden_states))
+        return moe.out
+
+
+def _swap_inline(decoder: nn.Module, family: Family, dispatcher: Dispatcher | None) -> None:
+    """Put the adapter and the stubs of ``family.inline`` into ``decoder``, in place."""
+    form = family.inline
+    router = getattr(decoder, family.router_attr)
+    layer = from_hf(decoder, dispatcher)
+    names = (family.router_attr, form.adapter, *form.zero, *form.identity)
+    originals = {n: getattr(decoder, n) for n in names}
+    adapter = HFInlineMoE(layer, family, type(router), original=None)
+    adapter.__dict__["originals"] = originals  # outside the module tree, as `original`
+    adapter.train(decoder.training)
+    _move_forward_hooks(router, adapter.logits_tap)
+    setattr(decoder, family.router_attr, _NoRouter())
+    setattr(decoder, form.adapter, adapter)
+    for n in form.zero:
+        setattr(decoder, n, _Zero())
+    for n in form.identity:
+        setattr(decoder, n, _Identity())
+    for module in originals.values():
+        module.to("meta")  # kept for unswap_moe_blocks, weights freed
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, leaf = name.rpartition(".")
     return (model.get_submodule(path) if path else model), leaf
@@ -269,6 +350,9 @@ def swap_moe_blocks(model: nn.Module, dispatcher: Dispatcher | None = None) -> i
                 f"{family.no_swap}; convert its blocks one by one with from_hf"
             )
     for name, block, family in blocks:
+        if family.inline is not None:
+            _swap_inline(block, family, dispatcher)
+            continue
         router = _recorded(block, family)
         layer = from_hf(block, dispatcher)
         adapter = HFMoEBlock(layer, family, type(router), original=block)
@@ -299,6 +383,25 @@ def _restore(adapter: HFMoEBlock) -> nn.Module:
     return block.train(adapter.training)
 
 
+@torch.no_grad()
+def _restore_inline(adapter: HFInlineMoE, decoder: nn.Module) -> None:
+    """Put a decoder layer's MoE-part submodules back, with the adapter's weights."""
+    ref = next(adapter.layer.parameters())
+    originals = adapter.__dict__["originals"]
+    for name, module in originals.items():
+        setattr(decoder, name, module.to_empty(device=ref.device))
+    tensors = [t for m in originals.values() for t in (*m.parameters(), *m.buffers())]
+    for t in tensors:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    to_hf(adapter.layer, decoder)
+    if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in tensors):
+        raise RuntimeError(f"to_hf did not write every MoE weight of {type(decoder).__name__}")
+    _move_forward_hooks(adapter.logits_tap, getattr(decoder, adapter.family.router_attr))
+    for module in originals.values():
+        module.train(adapter.training)
+
+
 def unswap_moe_blocks(model: nn.Module) -> int:
     """Put the original HF blocks back in place of every :class:`HFMoEBlock` in ``model``.
 
@@ -319,5 +422,8 @@ def unswap_moe_blocks(model: nn.Module) -> int:
         raise ValueError(f"{type(model).__name__} contains no swapped block (HFMoEBlock)")
     for name, adapter in adapters:
         parent, leaf = _parent(model, name)
-        setattr(parent, leaf, _restore(adapter))
+        if isinstance(adapter, HFInlineMoE):
+            _restore_inline(adapter, parent)
+        else:
+            setattr(parent, leaf, _restore(adapter))
     return len(adapters)

@@ -303,6 +303,54 @@ MUTANTS: list[Mutant] = [
         "tests/test_hf_convert.py",
         "Qwen-MoE norm_topk_prob=False ignored",
     ),
+    _m(
+        "hf-group-fill-ignored",
+        G,
+        "key.masked_fill(~allowed_TE, self.dropped_fill)",
+        "key.masked_fill(~allowed_TE, -math.inf)",
+        "tests/test_group_fill.py",
+        "AXK-2's zero fill of the dropped groups treated as −inf",
+    ),
+    _m(
+        "hf-routed-input-norm-skipped",
+        Y,
+        "routed_in = self.routed_input_norm(tokens_TD)",
+        "routed_in = tokens_TD",
+        "tests/test_branch_parts.py",
+        "the routed experts see the raw tokens (Gemma-4's pre_feedforward_layernorm_2 lost)",
+    ),
+    _m(
+        "hf-norm-gemma-weight-order",
+        "moeblocks/norms.py",
+        'if self.weight_dtype == "input":',
+        'if self.weight_dtype != "weight":',  # the "compute" order takes the "input" one
+        "tests/test_rms_norm.py",
+        "Gemma's norm weight applied after the cast back (rounds apart in a float64 model)",
+    ),
+    _m(
+        "hf-norm-llama-weight-order",
+        "moeblocks/norms.py",
+        "return scale.to(x.dtype) * normed.to(x.dtype)",
+        "return (normed * scale.to(cdt)).to(x.dtype)",
+        "tests/test_rms_norm.py",
+        "AXK-1's (Llama's) norm weight applied before the cast back",
+    ),
+    _m(
+        "hf-normed-experts-input-norm-ids",
+        X,
+        "grouped = self.input_norm(grouped, expert_R)",
+        "grouped = self.input_norm(grouped, torch.zeros_like(expert_R))",
+        "tests/test_branch_parts.py",
+        "every row going in normalised with expert 0's scale",
+    ),
+    _m(
+        "hf-inline-tap-records-logits",
+        "moeblocks/hf/swap.py",
+        'if self.family.inline.records == "probs":',
+        'if self.family.inline.records == "logits":',
+        "tests/test_hf_families_inline.py -k whole",
+        "a swapped Gemma-4 reports logits where HF's router returned probabilities",
+    ),
     # --- the SRA trainer
     _m(
         "train-decay-norms",
@@ -464,7 +512,7 @@ MUTANTS: list[Mutant] = [
     _m(
         "structure-norm-weight-float32",
         "moeblocks/norms.py",
-        "(scale.to(cdt) if self.float32_weight else scale)",
+        '(scale.to(cdt) if self.weight_dtype == "compute" else scale)',
         "scale.to(cdt)",
         "tests/test_hf_families_structure.py -k ergo",
         "Ergo's per-expert norm weight rounded to float32 in a float64 model",
