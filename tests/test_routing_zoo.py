@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -186,6 +187,23 @@ def test_routing_zoo_end_to_end(tmp_path: Path) -> None:
     # The runs of other settings are refused, not mixed into the table.
     with pytest.raises(UsageError, match=r"other settings \(lr\)"):
         routing_zoo(tmp_path, BASE.replace(lr=1e-3), **kw)
+    # A run whose checkpoint no longer verifies is refused, not silently retrained.
+    (weights,) = (tmp_path / "dense-s1" / "checkpoints").glob("step-*/model.safetensors")
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(UsageError, match=r"verifies.*delete .*dense-s1 to retrain it"):
+        routing_zoo(tmp_path, BASE, **kw)
+
+    # A run without a checkpoint trains again and is measured again, not read back.
+    run1 = tmp_path / f"{REFERENCE}-s1"
+    measure = json.loads((run1 / MEASURE_FILE).read_text())
+    measured = (run1 / MEASURE_FILE).stat().st_mtime_ns
+    (ckpt,) = (run1 / "checkpoints").glob("step-*")
+    shutil.rmtree(ckpt)  # as if killed before its only save
+    again = routing_zoo(tmp_path, BASE, **{**kw, "families": [REFERENCE], "seeds": [1]})
+    assert (run1 / MEASURE_FILE).stat().st_mtime_ns != measured
+    assert again[0].ppl == measure["metrics"]["ppl"]  # one thread, same seed: same run
 
 
 def test_zoo_refuses_bad_input(tmp_path: Path) -> None:

@@ -221,7 +221,8 @@ def _state(job: _Job) -> str:
 
     Raises:
         UsageError: When the folder holds a run of other settings or other data (a
-            rerun must not mix them into one table).
+            rerun must not mix them into one table), or checkpoints none of which
+            verifies.
     """
     from moeblocks.sra.checkpoint import CheckpointError, find_checkpoint
 
@@ -229,9 +230,9 @@ def _state(job: _Job) -> str:
         return "fresh"
     try:
         ckpt = find_checkpoint(job.run)
-    except CheckpointError:
-        return "fresh"  # killed before its first checkpoint verified: start over
-    if ckpt is None:
+    except CheckpointError as err:
+        raise UsageError(f"{err}; delete {job.run} to retrain it") from None
+    if ckpt is None:  # stopped before its first checkpoint: nothing to keep
         return "fresh"
     changed = ckpt.config.differences(job.config)
     if ckpt.data != data_spec(job.data):
@@ -251,10 +252,11 @@ def _run_job(job: _Job, threads: int | None = None) -> None:
     if threads is not None:  # a --jobs worker: one process per run, `threads` each
         torch.set_num_threads(threads)
     state = _state(job)
+    path = job.run / MEASURE_FILE
     if state != "done":
+        path.unlink(missing_ok=True)  # it measured other weights
         train(job.config, job.data, job.run, device=job.device, progress=False,
               resume=state == "resume", overwrite=state == "fresh")  # fmt: skip
-    path = job.run / MEASURE_FILE
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("step") == job.config.steps and saved.get("max_tokens") == job.max_tokens:
