@@ -309,7 +309,7 @@ SPECS = {
         {**QWEN_SHARED, **HEADS, "index_num_heads": 1},
         model_kwargs={"mlp_only_layers": []},  # its default keeps layers 0 and 1 dense
     ),
-    # j27e
+    # (issue 27)
     "ernie4_5_moe": Spec(
         "ernie4_5_moe",
         "Ernie4_5_MoeConfig",
@@ -339,7 +339,7 @@ SPECS = {
         "lack; test_hf_families_routing.py swaps both modality blocks inside HF's own "
         "Ernie4_5_VLMoeMoeBlock instead",
     ),
-    # j27a
+    # (issue 27)
     "step3p7": Spec(
         "step3p7",
         "Step3p7TextConfig",
@@ -424,14 +424,14 @@ SPECS = {
         },
         model_kwargs=SPARSE2,
     ),
-    # j27d
+    # (issue 27)
     "nemotron_h": Spec(
         "nemotron_h",
         "NemotronHConfig",
         # A latent space L = 12 < D around the relu² experts; a shared relu² MLP.
         {**DEEPSEEK, "moe_latent_size": 12, "moe_shared_expert_intermediate_size": 2 * F},
     ),
-    # j27b: their default first layer is dense; AXK-2's attention is indexed (sparse).
+    # their default first layer is dense; AXK-2's attention is indexed (sparse).
     "axk1": Spec("axk1", "AXK1Config", {**DEEPSEEK, **HEADS}, model_kwargs=SPARSE2),
     # Its selection bias is N(0, 0.1²): the zero fill rarely shows here (see test_group_fill.py).
     "axk2": Spec(
@@ -442,10 +442,10 @@ SPECS = {
     ),
 }
 # Rows whose blocks the Spec form cannot build, tested in their own files:
-# j27c: test_hf_families_fp32_kept.py (float32 parts in a float64 block) and
+# test_hf_families_fp32_kept.py (float32 parts in a float64 block) and
 # test_hf_families_parameter_free.py (a router weight in an nn.Linear `classifier`).
 OWN_FILES = {"inkling", "inkling2", "inkling2_loop", "longcat_flash"}
-# j27a: rows whose router takes more than the hidden states, tested in their own file.
+# rows whose router takes more than the hidden states, tested in their own file.
 TESTED_APART = {"dots3_note_vision": "test_hf_families_router_inputs.py"}
 # Rows outside the Spec form with no tiny whole model, and why.
 NO_WHOLE_MODEL = {
@@ -639,9 +639,9 @@ def test_every_new_row_has_a_spec() -> None:
     wrong = {f.name for f in FAMILIES if f.hf_block_is_wrong}
     from test_hf_families_routing import NAMES as ROUTING
 
-    # j27d: rows whose router the Spec machinery cannot call: test_hf_families_structure.py
+    # rows whose router the Spec machinery cannot call: test_hf_families_structure.py
     structure = {"jetmoe", "ergo"}
-    # j27b: decoder-inline rows (Gemma-4, DiffusionGemma): test_hf_families_inline.py
+    # decoder-inline rows (Gemma-4, DiffusionGemma): test_hf_families_inline.py
     inline = {f.name for f in FAMILIES if f.inline is not None}
     apart = set(SPECS) | set(TESTED_APART) | structure
     assert set(ROWS) - first - wrong - set(ROUTING) - OWN_FILES - inline == apart
@@ -688,7 +688,7 @@ TINY = {
 # Whole models built outside the Spec form: name -> (config class, model class, config
 # kwargs on top of TINY). A family listed here is built from this entry, not its Spec.
 WHOLE: dict[str, tuple[str, str, dict]] = {
-    # j27d: relu² experts with per-expert output norms (block test: test_hf_families_structure)
+    # relu² experts with per-expert output norms (block test: test_hf_families_structure)
     "ergo": (
         "ErgoConfig",
         "ErgoForCausalLM",
@@ -702,7 +702,7 @@ WHOLE: dict[str, tuple[str, str, dict]] = {
             "sliding_window": 8,
         },
     ),
-    # j27d: an output bias; its attention has a router of the same class (unswapped).
+    # an output bias; its attention has a router of the same class (unswapped).
     "jetmoe": (
         "JetMoeConfig",
         "JetMoeForCausalLM",
@@ -713,13 +713,13 @@ WHOLE: dict[str, tuple[str, str, dict]] = {
             "kv_channels": 8,
         },
     ),
-    # j27e: the block itself is the recorded module, its logits are [2, T, n] key logits.
+    # the block itself is the recorded module, its logits are [2, T, n] key logits.
     "doge": (
         "DogeConfig",
         "DogeForCausalLM",
         {"intermediate_size": F, "is_moe": True, "num_experts": 16, "num_experts_per_tok": 4},
     ),
-    # j27e rows tested in test_hf_families_routing.py, swapped whole here.
+    # Rows tested in test_hf_families_routing.py, swapped whole here.
     "phimoe": (
         "PhimoeConfig",
         "PhimoeForCausalLM",

@@ -93,12 +93,12 @@ BLOCKS: dict[str, Callable[[], nn.Module]] = {
     ),
     "layer": _layer,
     "layer with balancer": lambda: _layer(balancer=mb.BiasBalancer(E)),
-    # j27c: a bank beside parameter-free experts (they have nothing to initialise).
+    # a bank beside parameter-free experts (they have nothing to initialise).
     "concat experts, identity, zero": lambda: mb.ConcatExperts(
         mb.SwiGLUExperts(E, D, F), mb.IdentityExperts(2, D), mb.ZeroExperts(1, D)
     ),
     "scaled experts": lambda: mb.ScaledExperts(mb.SwiGLUExperts(E, D, F), init=0.5),
-    # j27b: the parts of a decoder-inline MoE (Gemma-4) and of AXK-1's output norm.
+    # the parts of a decoder-inline MoE (Gemma-4) and of AXK-1's output norm.
     "rms norm, llama order, pow": lambda: mb.RMSNorm(D, weight_dtype="input", inverse_root="pow"),
     "rms norm, no weight": lambda: mb.RMSNorm(D, elementwise_affine=False),
     "scaled experts, per expert": lambda: mb.ScaledExperts(

@@ -422,7 +422,7 @@ FAMILIES: tuple[Family, ...] = (
         logits_index=2,
         batched_logits=True,
     ),
-    # j27f: NLLB-MoE, converted to the published top-2 routing (HF's block ignores it)
+    # NLLB-MoE, converted to the published top-2 routing (HF's block ignores it)
     Family(
         "nllb_moe",
         "NllbMoeSparseMLP",
@@ -442,7 +442,7 @@ FAMILIES: tuple[Family, ...] = (
             "routes padding to no expert), which the swap adapter does not take"
         ),
     ),
-    # j27e: exotic routing rules and split MoEs
+    # exotic routing rules and split MoEs
     Family(
         "ernie4_5_moe",
         "Ernie4_5_MoeSparseMoeBlock",
@@ -475,7 +475,7 @@ FAMILIES: tuple[Family, ...] = (
         CONCAT,
         returns="flat_and_flat_logits",
     ),
-    # j27c: soft-capped SwiGLU experts (Inkling2), parameter-free experts, router-weighted
+    # soft-capped SwiGLU experts (Inkling2), parameter-free experts, router-weighted
     # shared experts.
     Family(
         "inkling2",
@@ -500,7 +500,7 @@ FAMILIES: tuple[Family, ...] = (
         router_attr="router",
     ),
     Family("inkling", "InklingMoE", "InklingTopkRouter", ALWAYS_ON_SIGMOID, ROUTER_WEIGHTED_SHARED),
-    # j27a: router parts and block conventions
+    # router parts and block conventions
     Family(
         "step3p7",
         "Step3p7SparseMoeBlock",
@@ -551,7 +551,7 @@ FAMILIES: tuple[Family, ...] = (
         CONCAT_GLU_FP32,
         routed_scale="routed_scaling_factor",
     ),
-    # j27d: layer structure around the experts
+    # layer structure around the experts
     Family(
         "jetmoe",
         "JetMoeMoE",
@@ -571,7 +571,7 @@ FAMILIES: tuple[Family, ...] = (
         SHARED_EXPERTS_MLP,
     ),
     Family("ergo", "ErgoMoE", "ErgoTopkRouter", ERGO, ERGO_EXPERTS, ERGO_SHARED),
-    # j27b: AXK-1's norm on the output, AXK-2's group-limited top-k filled with 0
+    # AXK-1's norm on the output, AXK-2's group-limited top-k filled with 0
     Family(
         "axk1",
         "AXK1MoE",
@@ -582,7 +582,7 @@ FAMILIES: tuple[Family, ...] = (
         structure=OUT_NORM,
     ),
     Family("axk2", "AXK2MoE", "AXK2TopkRouter", DEEPSEEK_ZERO_FILL, CONCAT, SHARED_EXPERTS),
-    # j27b: decoder-inline MoE (the MoE part of a decoder layer, see Family.inline)
+    # decoder-inline MoE (the MoE part of a decoder layer, see Family.inline)
     _gemma_inline("gemma4", "Gemma4TextDecoderLayer", "Gemma4TextRouter"),
     _gemma_inline("diffusion_gemma_encoder", "DiffusionGemmaEncoderTextLayer"),
     _gemma_inline("diffusion_gemma_decoder", "DiffusionGemmaDecoderTextLayer"),

@@ -1011,7 +1011,7 @@ def _fc_write(bank: nn.Module, ex: nn.Module) -> None:
 PER_EXPERT_FC = BankLayout("per-expert `fc1`/`fc2` Linear, biases", _fc_read, _fc_write)
 
 
-# --- j27e: ERNIE-4.5, DBRX --------------------------------------------------------------
+# --- ERNIE-4.5, DBRX --------------------------------------------------------------
 
 __all__ += ["DBRX", "ERNIE", "OPTIONAL_SHARED_EXPERTS", "PHIMOE", "SPLIT_ROWS"]
 
@@ -1226,7 +1226,7 @@ BLOCK_MLP = SharedForm(
 __all__ += ["BLOCK_MLP", "DOGE", "RANK_ONE"]
 
 
-# --- j27c: soft-capped SwiGLU experts, a router with its own selection bias --------------
+# --- soft-capped SwiGLU experts, a router with its own selection bias --------------
 
 
 def _soft_capped_glu(experts: nn.Module) -> GatedActivation:
@@ -1269,7 +1269,7 @@ ROUTER_BIAS_SIGMOID = RouterForm(
 )
 
 
-# --- j27c: parameter-free (identity) experts beside the FFN experts ---------------------
+# --- parameter-free (identity) experts beside the FFN experts ---------------------
 
 
 def _concat_identity_read(experts: nn.Module) -> nn.Module:
@@ -1330,7 +1330,7 @@ CLASSIFIER_SOFTMAX_BIASED = RouterForm(
 )
 
 
-# --- j27c: shared experts weighted by the router together with the routed ones -----------
+# --- shared experts weighted by the router together with the routed ones -----------
 
 
 def _router_weighted_shared_read(block: nn.Module) -> ScaledExperts:
@@ -1410,7 +1410,7 @@ ALWAYS_ON_SIGMOID = RouterForm(
 )
 
 
-# --- j27a: the routed output scaled after the experts; more router, bank, shared forms --
+# --- the routed output scaled after the experts; more router, bank, shared forms --
 
 
 def scale_routed(layer: MoELayer, block: nn.Module, attr: str) -> MoELayer:
@@ -1591,7 +1591,7 @@ CONCAT_GLU_FP32 = BankLayout(
 )
 
 
-# --- j27d: layer structure around the experts (JetMoE, NemotronH) -----------------------
+# --- layer structure around the experts (JetMoE, NemotronH) -----------------------
 
 
 def _jetmoe_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
@@ -1752,7 +1752,7 @@ SHARED_EXPERTS_MLP = SharedForm(
 OUTPUT_BIAS = SharedForm("a bias on the output (`bias`)", _out_bias_read, _out_bias_write)
 
 
-# --- j27d: norms around the experts (Ergo) -------------------------------------------
+# --- norms around the experts (Ergo) -------------------------------------------
 
 
 def _biased_sigmoid_router(
@@ -1866,7 +1866,7 @@ ERGO_SHARED = SharedForm(
 )
 
 
-# --- j27b: group-limited routing filled with 0, norms around the composition ------------
+# --- group-limited routing filled with 0, norms around the composition ------------
 
 
 def _zero_filled_groups_read(gate: nn.Module, block: nn.Module) -> tuple[Router, None]:
@@ -1990,7 +1990,7 @@ OUT_NORM = StructureForm(
 )
 
 
-# --- j27b: decoder-inline MoE (Gemma-4): a normalising router, norms on both branches ---
+# --- decoder-inline MoE (Gemma-4): a normalising router, norms on both branches ---
 
 
 def _normed_softmax_read(r: nn.Module, block: nn.Module) -> tuple[Router, None]:

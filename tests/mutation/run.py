@@ -459,7 +459,7 @@ MUTANTS: list[Mutant] = [
         "tests/test_sra_faults.py -k 'damage or verifies_names'",
         "a truncated file is reported only by its hash",
     ),
-    # --- j27c: soft-capped SwiGLU, parameter-free and router-weighted shared experts
+    # --- soft-capped SwiGLU, parameter-free and router-weighted shared experts
     _m(
         "activations-soft-cap-sigmoid-of-capped",
         "moeblocks/activations.py",
@@ -500,7 +500,7 @@ MUTANTS: list[Mutant] = [
         "tests/test_hf_families_parameter_free.py",
         "LongCat-Flash's routed scaling factor is dropped",
     ),
-    # --- layer structure of issue 27 (j27d): latent space, expert norms, routed maps
+    # --- layer structure of issue 27 : latent space, expert norms, routed maps
     _m(
         "structure-latent-down-bias",
         "moeblocks/latent.py",
