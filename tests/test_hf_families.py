@@ -309,7 +309,6 @@ SPECS = {
         {**QWEN_SHARED, **HEADS, "index_num_heads": 1},
         model_kwargs={"mlp_only_layers": []},  # its default keeps layers 0 and 1 dense
     ),
-    # (issue 27)
     "ernie4_5_moe": Spec(
         "ernie4_5_moe",
         "Ernie4_5_MoeConfig",
@@ -339,7 +338,6 @@ SPECS = {
         "lack; test_hf_families_routing.py swaps both modality blocks inside HF's own "
         "Ernie4_5_VLMoeMoeBlock instead",
     ),
-    # (issue 27)
     "step3p7": Spec(
         "step3p7",
         "Step3p7TextConfig",
@@ -424,7 +422,6 @@ SPECS = {
         },
         model_kwargs=SPARSE2,
     ),
-    # (issue 27)
     "nemotron_h": Spec(
         "nemotron_h",
         "NemotronHConfig",
