@@ -22,6 +22,7 @@ from moeblocks.sra.routing_zoo import (
     DENSE,
     MEASURE_FILE,
     REFERENCE,
+    TINY_STEPS,
     ZOO_METRICS,
     ZooRun,
     compare_to_reference,
@@ -259,16 +260,18 @@ def test_experiment_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "routing_zoo_cpu.md"
 
 
-def test_published_results_are_computed_from_their_runs() -> None:
+@pytest.mark.parametrize("name", ["routing_zoo_cpu", "routing_zoo_400_cpu"])
+def test_published_results_are_computed_from_their_runs(name: str) -> None:
     # The measured table, the differences and the docs page come from the runs' JSON.
-    runs, _, _, command = load_zoo(RESULTS.with_suffix(".json"))
+    results = ROOT / "benchmarks" / "results" / f"{name}.md"
+    runs, base, _, command = load_zoo(results.with_suffix(".json"))
     assert command.startswith("moeblocks experiment routing-zoo --preset tiny --seeds 0 1 2")
+    assert base.steps == (400 if "400" in name else TINY_STEPS)
     assert sorted({r.family for r in runs}) == sorted(zoo_families())
     assert {r.seed for r in runs} == {0, 1, 2}
-    text = RESULTS.read_text(encoding="utf-8")
+    text = results.read_text(encoding="utf-8")
     page = (ROOT / "docs" / "routing-zoo.md").read_text(encoding="utf-8")
     table = format_ablation(runs, ZOO_METRICS, key="family")
     differences = format_differences(runs)
