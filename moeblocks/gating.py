@@ -450,29 +450,19 @@ class WeightPolicy:
         return torch.where(slots.sum(-1, keepdim=True) > 1, normed, gates)
 
 
-class SoftCappedScorer(nn.Module):
-    """Logit soft-capping around any scorer: ``cap · tanh(scores / cap)`` (Laguna).
+class _WrappedScorer(nn.Module):
+    """What a scorer wrapped around another passes through; not public.
 
-    The capped scores are what the router records and routes on. The cap runs in
-    ``dtype`` (float32 as Laguna's router, whatever the model dtype). No parameters of its
-    own: the wrapped scorer keeps its weights (``self.scorer``).
-
-    Args:
-        scorer: Any scorer (``tokens [T, D] -> scores [T, E]``, with ``dim`` and
-            ``num_experts``).
-        cap: The soft cap, finite and > 0.
-        dtype: Dtype of the capping (None: the scores' dtype).
+    It holds the wrapped scorer (``self.scorer``, which keeps its weights) and reads its
+    ``dim``, ``num_experts``, ``weight_ED`` and ``bias_E`` (so a router reads them as its
+    ``gate_weight`` / ``gate_bias``).
     """
 
-    def __init__(self, scorer: nn.Module, cap: float, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, scorer: nn.Module) -> None:
         super().__init__()
         if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
             raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
-        if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
-            raise ValueError(f"cap must be a finite number > 0, got {cap!r}")
         self.scorer = scorer
-        self.cap = float(cap)
-        self.dtype = dtype
 
     @property
     def dim(self) -> int:
@@ -493,6 +483,28 @@ class SoftCappedScorer(nn.Module):
     def bias_E(self) -> Tensor | None:
         """The wrapped scorer's bias ``[E]`` if it has one (``Router.gate_bias``)."""
         return getattr(self.scorer, "bias_E", None)
+
+
+class SoftCappedScorer(_WrappedScorer):
+    """Logit soft-capping around any scorer: ``cap · tanh(scores / cap)`` (Laguna).
+
+    The capped scores are what the router records and routes on. The cap runs in
+    ``dtype`` (float32 as Laguna's router, whatever the model dtype). No parameters of its
+    own: the wrapped scorer keeps its weights (``self.scorer``).
+
+    Args:
+        scorer: Any scorer (``tokens [T, D] -> scores [T, E]``, with ``dim`` and
+            ``num_experts``).
+        cap: The soft cap, finite and > 0.
+        dtype: Dtype of the capping (None: the scores' dtype).
+    """
+
+    def __init__(self, scorer: nn.Module, cap: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__(scorer)
+        if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            raise ValueError(f"cap must be a finite number > 0, got {cap!r}")
+        self.cap = float(cap)
+        self.dtype = dtype
 
     @property
     def compute_dtype(self) -> str:
@@ -743,7 +755,7 @@ class HashSelection(nn.Module):
         return f"vocab_size={V}, k={K}, num_experts={self.num_experts}"
 
 
-class ScaledScorer(nn.Module):
+class ScaledScorer(_WrappedScorer):
     """A constant factor on any scorer's logits: ``scale · scorer(tokens)`` (MuseSpark).
 
     The scaled scores are what the router records and routes on. The product runs in
@@ -759,40 +771,17 @@ class ScaledScorer(nn.Module):
     """
 
     def __init__(self, scorer: nn.Module, scale: float, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
-            raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
+        super().__init__(scorer)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
             raise ValueError(f"scale must be a finite non-zero number, got {scale!r}")
-        self.scorer = scorer
         self.scale = float(scale)
         self.dtype = dtype
-
-    @property
-    def dim(self) -> int:
-        """Token dimension D."""
-        return self.scorer.dim
-
-    @property
-    def num_experts(self) -> int:
-        """Number of experts E."""
-        return self.scorer.num_experts
 
     @property
     def compute_dtype(self) -> str:
         """The wrapped scorer's, or ``"float32"`` when the product runs in float32."""
         inner = getattr(self.scorer, "compute_dtype", "float32")
         return "float32" if self.dtype == torch.float32 else inner
-
-    @property
-    def weight_ED(self) -> Tensor | None:
-        """The wrapped scorer's weight ``[E, D]``, if it has one."""
-        return getattr(self.scorer, "weight_ED", None)
-
-    @property
-    def bias_E(self) -> Tensor | None:
-        """The wrapped scorer's bias ``[E]``, if it has one."""
-        return getattr(self.scorer, "bias_E", None)
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """``scale · scorer(tokens)``."""
@@ -806,7 +795,7 @@ class ScaledScorer(nn.Module):
         return f"scale={self.scale}, dtype={self.dtype}"
 
 
-class NormedScorer(nn.Module):
+class NormedScorer(_WrappedScorer):
     """A scorer that normalises its input first: ``scorer(norm(tokens) · scale)``.
 
     Gemma-4's router RMS-normalises the tokens with its own learnable scale and multiplies
@@ -823,41 +812,18 @@ class NormedScorer(nn.Module):
     """
 
     def __init__(self, scorer: nn.Module, norm: nn.Module, scale: float = 1.0) -> None:
-        super().__init__()
-        if not isinstance(scorer, nn.Module) or not hasattr(scorer, "num_experts"):
-            raise TypeError(f"scorer must be a scorer module, got {type(scorer).__name__}")
+        super().__init__(scorer)
         if not isinstance(norm, nn.Module):
             raise TypeError(f"norm must be an nn.Module, got {type(norm).__name__}")
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-        self.scorer = scorer
         self.norm = norm
         self.scale = float(scale)
-
-    @property
-    def dim(self) -> int:
-        """Token dimension D."""
-        return self.scorer.dim
-
-    @property
-    def num_experts(self) -> int:
-        """Number of experts E."""
-        return self.scorer.num_experts
 
     @property
     def compute_dtype(self) -> str:
         """The wrapped scorer's compute dtype (``"input"`` or ``"float32"``)."""
         return getattr(self.scorer, "compute_dtype", "float32")
-
-    @property
-    def weight_ED(self) -> Tensor | None:
-        """The wrapped scorer's weight ``[E, D]``, if it has one."""
-        return getattr(self.scorer, "weight_ED", None)
-
-    @property
-    def bias_E(self) -> Tensor | None:
-        """The wrapped scorer's bias ``[E]``, if it has one."""
-        return getattr(self.scorer, "bias_E", None)
 
     def forward(self, tokens: Float[Tensor, "T D"]) -> Float[Tensor, "T E"]:
         """``scorer(norm(tokens) · scale)``."""
