@@ -28,6 +28,7 @@ import hf_errors
 import pytest
 import torch
 import transformers
+from hf_round_trip import assert_round_trip_bitwise
 from torch import Tensor, nn
 
 from moeblocks.hf import FAMILIES, REFUSED, family_of, from_hf, to_hf
@@ -607,15 +608,7 @@ def test_family_matches_hf_in_training_mode(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_family_round_trip_is_bitwise(name: str) -> None:
     block = _block(name)
-    target = _fresh(name, torch.float32)
-    with torch.no_grad():
-        for t in [*target.parameters(), *target.buffers()]:
-            t.add_(1.0)  # different values everywhere
-    to_hf(from_hf(block), target)
-    for (key, a), (_, b) in zip(
-        block.state_dict().items(), target.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
+    assert_round_trip_bitwise(name, block, _fresh(name, torch.float32))
 
 
 def test_every_new_row_has_a_spec() -> None:

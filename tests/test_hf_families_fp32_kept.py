@@ -34,11 +34,12 @@ import hf_errors
 import pytest
 import torch
 import transformers
+from hf_round_trip import assert_round_trip_bitwise
 from test_hf_families import TINY, D, E, F, _compare, _inputs, _rel, _route
 from torch import Tensor, nn
 
 from moeblocks.gating import AlwaysOnTopK
-from moeblocks.hf import FAMILIES, from_hf, to_hf
+from moeblocks.hf import FAMILIES, from_hf
 from moeblocks.layer import MoELayer
 
 # Caps the N(0, 0.5²) weights cross often (gate and up have std ≈ 2), so both soft caps bend.
@@ -196,15 +197,7 @@ def test_hf_untouched_float64_block_is_float32_precise(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_family_round_trip_is_bitwise(name: str) -> None:
     block = _block(name)
-    target = copy.deepcopy(block)
-    with torch.no_grad():
-        for t in [*target.parameters(), *target.buffers()]:
-            t.add_(1.0)  # different values everywhere
-    to_hf(from_hf(block), target)
-    for (key, a), (_, b) in zip(
-        block.state_dict().items(), target.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
+    assert_round_trip_bitwise(name, block, copy.deepcopy(block))
 
 
 # Inkling's router logits differ in shape from HF's (E + S columns): the test compares the

@@ -29,12 +29,13 @@ import hf_errors
 import pytest
 import torch
 import transformers
+from hf_round_trip import assert_round_trip_bitwise
 from test_hf_families import TOL, _grads_as_hf, _rel
 from torch import Tensor, nn
 from torch.nn import functional as F_
 from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
 
-from moeblocks.hf import family_of, from_hf, to_hf
+from moeblocks.hf import family_of, from_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,15 +187,7 @@ def test_hf_block_still_ignores_the_router() -> None:
 
 def test_nllb_round_trip_is_bitwise() -> None:
     block = _block(1.0)
-    target = copy.deepcopy(block)
-    with torch.no_grad():
-        for t in target.parameters():
-            t.add_(1.0)
-    to_hf(from_hf(block), target)
-    for (key, a), (_, b) in zip(
-        block.state_dict().items(), target.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), f"{key} not restored bit for bit"
+    assert_round_trip_bitwise("nllb_moe", block, copy.deepcopy(block), buffers=False)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import hf_errors
 import pytest
 import torch
 import transformers
+from hf_round_trip import assert_round_trip_bitwise
 from test_hf_families import TINY, D, E, F, _compare, _rel, _route
 from torch import Tensor, nn
 
@@ -130,15 +131,7 @@ def test_several_identity_experts(dtype: torch.dtype) -> None:
 
 def test_family_round_trip_is_bitwise() -> None:
     block = _block()
-    target = copy.deepcopy(block)
-    with torch.no_grad():
-        for t in [*target.parameters(), *target.buffers()]:
-            t.add_(1.0)  # different values everywhere
-    to_hf(from_hf(block), target)
-    for (key, a), (_, b) in zip(
-        block.state_dict().items(), target.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), f"{NAME}: {key} not restored bit for bit"
+    assert_round_trip_bitwise(NAME, block, copy.deepcopy(block))
 
 
 def test_to_hf_refuses_a_bank_without_the_identity_experts() -> None:

@@ -21,11 +21,12 @@ import hf_errors
 import pytest
 import torch
 import transformers
+from hf_round_trip import assert_round_trip_bitwise
 from test_hf_families import HEADS, TINY, TOL, D, E, F, _grads_as_hf, _rel
 from torch import Tensor, nn
 
 from moeblocks import HashSelection
-from moeblocks.hf import HFMoEBlock, family_of, from_hf, to_hf
+from moeblocks.hf import HFMoEBlock, family_of, from_hf
 from moeblocks.hf.families import FAMILIES
 from moeblocks.layer import MoELayer
 from moeblocks.routing import MoEOutput
@@ -178,15 +179,7 @@ def test_block_matches_hf_in_training_mode(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_round_trip_is_bitwise(name: str) -> None:
     block = BLOCKS[name]()
-    target = copy.deepcopy(block)
-    with torch.no_grad():
-        for t in [*target.parameters(), *target.buffers()]:
-            t.add_(1)  # different values everywhere (the hash table too)
-    to_hf(from_hf(block), target)
-    for (key, a), (_, b) in zip(
-        block.state_dict().items(), target.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
+    assert_round_trip_bitwise(name, block, copy.deepcopy(block))
 
 
 def test_the_hash_layer_is_a_hash_selection_and_needs_the_ids() -> None:

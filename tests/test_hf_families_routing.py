@@ -25,10 +25,11 @@ import hf_errors
 import pytest
 import torch
 import transformers
+from hf_round_trip import assert_round_trip_bitwise
 from test_hf_families import TOL, _compare, _rel
 from torch import Tensor, nn
 
-from moeblocks.hf import FAMILIES, from_hf, to_hf
+from moeblocks.hf import FAMILIES, from_hf
 
 D, F, E = 16, 8, 8
 ROWS = {f.name: f for f in FAMILIES}
@@ -203,15 +204,7 @@ def test_family_matches_hf_in_training_mode(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_family_round_trip_is_bitwise(name: str) -> None:
     block = _block(name)
-    target = _fresh(name, torch.float32)
-    with torch.no_grad():
-        for t in [*target.parameters(), *target.buffers()]:
-            t.add_(1.0)  # different values everywhere
-    to_hf(from_hf(block), target)
-    for (key, a), (_, b) in zip(
-        block.state_dict().items(), target.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), f"{name}: {key} not restored bit for bit"
+    assert_round_trip_bitwise(name, block, _fresh(name, torch.float32))
 
 
 def test_ernie_vl_modality_split_keeps_its_outputs_when_swapped() -> None:
