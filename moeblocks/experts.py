@@ -164,16 +164,7 @@ class _StackedMLP(nn.Module):
                     b.zero_()
 
     def _check(self, grouped: Tensor, group_sizes: Tensor) -> None:
-        check_float(grouped, "grouped")
-        check_index(group_sizes, "group_sizes")
-        if grouped.ndim != 2 or grouped.shape[1] != self.dim:
-            raise ValueError(
-                f"grouped must have shape [rows, {self.dim}], got {tuple(grouped.shape)}"
-            )
-        if group_sizes.shape != (self.num_experts,):
-            raise ValueError(
-                f"group_sizes must have shape [{self.num_experts}], got {tuple(group_sizes.shape)}"
-            )
+        _check_row_shapes(grouped, group_sizes, self.dim, self.num_experts)
         w_out = self.w_out_EFD
         if grouped.dtype != w_out.dtype:
             raise TypeError(
@@ -390,10 +381,8 @@ class GELUExperts(MLPExperts):
 # --- parameter-free experts, and banks side by side -------------------------------------
 
 
-def _check_rows(
-    grouped: Tensor, group_sizes: Tensor, num_experts: int, dim: int, sync_checks: bool
-) -> None:
-    """The bank input checks of :class:`_StackedMLP`, for banks without weights."""
+def _check_row_shapes(grouped: Tensor, group_sizes: Tensor, dim: int, num_experts: int) -> None:
+    """The dtypes and shapes of a bank's input ``grouped`` [R, D] and ``group_sizes`` [E]."""
     check_float(grouped, "grouped")
     check_index(group_sizes, "group_sizes")
     if grouped.ndim != 2 or grouped.shape[1] != dim:
@@ -402,6 +391,13 @@ def _check_rows(
         raise ValueError(
             f"group_sizes must have shape [{num_experts}], got {tuple(group_sizes.shape)}"
         )
+
+
+def _check_rows(
+    grouped: Tensor, group_sizes: Tensor, num_experts: int, dim: int, sync_checks: bool
+) -> None:
+    """The bank input checks of :class:`_StackedMLP`, for banks without weights."""
+    _check_row_shapes(grouped, group_sizes, dim, num_experts)
     check_same_device(group_sizes, "group_sizes", grouped, "grouped")
     if value_checks(group_sizes, sync_checks):
         R, sizes = grouped.shape[0], group_sizes.long()
@@ -624,18 +620,6 @@ class ConstantScaledExperts(nn.Module):
 
 
 # --- banks around the stacked MLPs (issue 27: the layer structure of HF families) --------
-
-
-def _check_row_shapes(grouped: Tensor, group_sizes: Tensor, dim: int, num_experts: int) -> None:
-    """Shapes of a bank's input (the inner bank checks dtype, device and values)."""
-    check_float(grouped, "grouped")
-    check_index(group_sizes, "group_sizes")
-    if grouped.ndim != 2 or grouped.shape[1] != dim:
-        raise ValueError(f"grouped must have shape [rows, {dim}], got {tuple(grouped.shape)}")
-    if group_sizes.shape != (num_experts,):
-        raise ValueError(
-            f"group_sizes must have shape [{num_experts}], got {tuple(group_sizes.shape)}"
-        )
 
 
 def _expert_of_row(group_sizes_E: Tensor, rows: int) -> Tensor:

@@ -68,8 +68,8 @@ MUTANTS: list[Mutant] = [
     _m(
         "gating-renorm-detached",
         G,
-        "gates = gates / (gates.sum(dim=-1, keepdim=True) + self.eps)",
-        "gates = gates / (gates.sum(dim=-1, keepdim=True).detach() + self.eps)",
+        "total_T1 = gates.sum(dim=-1, keepdim=True)",
+        "total_T1 = gates.sum(dim=-1, keepdim=True).detach()",
         f"tests/test_routers.py {REF}",
         "renormalisation without gradient through the sum",
     ),
